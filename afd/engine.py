@@ -1,0 +1,250 @@
+"""The engine: request state, detokenization and stop strings around scheduler + executor."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from afd.builtin import resolve_model
+from afd.config import ModelConfig
+from afd.outputs import CompletionOutput, RequestOutput
+from afd.sampling_params import SamplingParams
+from afd.scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from afd.scheduler.sequence import Sequence, SequenceStatus
+from afd.tokenizer import IncrementalDetokenizer, Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """Everything needed to build an engine; topology fields pick the executor."""
+
+    model: str = "tiny-qwen3-moe"
+    dtype: str = "auto"
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # default: kv_cache_memory_mb worth of blocks
+    kv_cache_memory_mb: int = 256
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    kernel_backend: str = "auto"
+    # Disaggregated decode (0 attention workers = everything in this process).
+    num_attention_workers: int = 0
+    num_expert_workers: int = 0
+    num_micro_batches: int = 1
+    comm_backend: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def torch_dtype(self, model_config: ModelConfig) -> torch.dtype:
+        if self.dtype == "auto":
+            name = model_config.torch_dtype or "float32"
+            if self.device == "cpu" and name == "float16":
+                name = "float32"  # fp16 matmuls on CPU are slow and inexact
+            return DTYPES.get(name, torch.float32)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from auto, {', '.join(DTYPES)}")
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class RequestState:
+    """A request's prompt and its n sequences with their streaming text state."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[
+                CompletionOutput(
+                    index=s.index,
+                    text=d.text,
+                    token_ids=list(s.output_token_ids),
+                    logprobs=list(s.output_logprobs) if self.params.logprobs is not None else None,
+                    finish_reason=s.finish_reason,
+                )
+                for s, d in zip(self.seqs, self.detokenizers, strict=True)
+            ],
+            finished=self.finished,
+        )
+
+
+class LLMEngine:
+    """Owns request state; each step schedules, executes and detokenizes."""
+
+    def __init__(self, config: EngineConfig):
+        from afd.executor import build_executor
+
+        self.config = config
+        self.model_path: Path = resolve_model(config.model)
+        self.model_config = ModelConfig.from_pretrained(self.model_path)
+        self.tokenizer = Tokenizer.from_pretrained(self.model_path)
+        self.eos_token_ids: set[int] = set(self.tokenizer.eos_token_ids) | set(
+            self.model_config.eos_token_ids
+        )
+        max_len = self.model_config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or max_len, max_len)
+        self.executor = build_executor(config, self.model_path, self.model_config)
+        num_blocks = self.executor.num_kv_blocks
+        self.schedulers = [
+            Scheduler(
+                SchedulerConfig(
+                    max_num_seqs=config.max_num_seqs,
+                    max_num_batched_tokens=config.max_num_batched_tokens,
+                    num_blocks=num_blocks,
+                    block_size=config.block_size,
+                    enable_prefix_caching=config.enable_prefix_caching,
+                    max_model_len=self.max_model_len,
+                )
+            )
+            for _ in range(self.executor.num_replicas)
+        ]
+        self.requests: dict[str, RequestState] = {}
+        self._seq_owner: dict[int, RequestState] = {}
+        self._replica_of: dict[str, int] = {}
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Tokenize (if needed) and queue a request; raises ValueError on invalid input."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        self.validate_prompt(token_ids)
+        seqs = [Sequence(request_id, i, token_ids, params) for i in range(params.n)]
+        state = RequestState(
+            request_id,
+            text,
+            token_ids,
+            params,
+            seqs,
+            [IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in seqs],
+        )
+        replica = self._pick_replica(token_ids)
+        for seq in seqs:
+            self.schedulers[replica].add(seq)
+        self.requests[request_id] = state
+        self._replica_of[request_id] = replica
+        for seq in seqs:
+            self._seq_owner[seq.seq_id] = state
+        return request_id
+
+    def validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if t < 0 or t >= vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range for vocabulary size {vocab}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens, but this model allows at most "
+                f"{self.max_model_len - 1} prompt tokens (max_model_len={self.max_model_len})"
+            )
+
+    def _pick_replica(self, token_ids: list[int]) -> int:
+        """Least loaded attention replica by free KV blocks (ties: fewest running)."""
+        if len(self.schedulers) == 1:
+            return 0
+        return max(
+            range(len(self.schedulers)),
+            key=lambda i: (
+                self.schedulers[i].block_manager.num_free_blocks,
+                -self.schedulers[i].num_running - self.schedulers[i].num_waiting,
+            ),
+        )
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks; unknown ids are ignored."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return
+        replica = self._replica_of.pop(request_id)
+        self.schedulers[replica].abort_request(request_id)
+        for seq in state.seqs:
+            self._seq_owner.pop(seq.seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return any(s.has_unfinished for s in self.schedulers)
+
+    # ---- stepping -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step on every replica; return outputs of requests that changed."""
+        batches: list[ScheduledBatch] = [s.schedule() for s in self.schedulers]
+        if all(b.is_empty for b in batches):
+            return []
+        sampled = self.executor.execute(batches)
+        now = time.monotonic()
+        touched: dict[str, RequestState] = {}
+        for scheduler, batch in zip(self.schedulers, batches, strict=True):
+            if batch.is_empty:
+                continue
+            scheduler.update(batch, sampled, self.eos_token_ids)
+            for seq in batch.seqs:
+                if seq.seq_id not in sampled:
+                    continue
+                state = self._seq_owner.get(seq.seq_id)
+                if state is None:
+                    continue
+                state.first_token_time = state.first_token_time or now
+                detok = state.detokenizers[seq.index]
+                if detok.add_token(sampled[seq.seq_id][0], final=seq.is_finished):
+                    # a stop string ended the text; the scheduler must stop the sequence
+                    scheduler.finish(seq.seq_id, SequenceStatus.FINISHED_STOPPED)
+                    seq.stop_reason = detok.stop_reason
+                touched[state.request_id] = state
+        outputs = [state.output() for state in touched.values()]
+        for out in outputs:
+            if out.finished:
+                self._drop(out.request_id)
+        return outputs
+
+    def _drop(self, request_id: str) -> None:
+        state = self.requests.pop(request_id, None)
+        self._replica_of.pop(request_id, None)
+        if state is not None:
+            for seq in state.seqs:
+                self._seq_owner.pop(seq.seq_id, None)
+
+    def stats(self) -> dict[str, float]:
+        """Gauges for /metrics: running/waiting requests and KV usage (mean over replicas)."""
+        n = len(self.schedulers)
+        return {
+            "num_requests_running": float(sum(s.num_running for s in self.schedulers)),
+            "num_requests_waiting": float(sum(s.num_waiting for s in self.schedulers)),
+            "kv_cache_usage_perc": sum(s.block_manager.usage for s in self.schedulers) / n,
+            **self.executor.stage_times(),
+        }
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,75 @@
+"""Executors run scheduled batches: in this process, or across attention and expert workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from afd.config import ModelConfig
+from afd.scheduler.scheduler import ScheduledBatch
+
+Sampled = dict[int, tuple[int, dict[int, float] | None]]
+
+
+class Executor(Protocol):
+    """What the engine needs from whatever runs the model."""
+
+    num_replicas: int  # attention replicas, each with its own KV cache and scheduler
+    num_kv_blocks: int  # blocks per replica
+
+    def execute(self, batches: list[ScheduledBatch]) -> Sampled: ...
+
+    def stage_times(self) -> dict[str, float]: ...
+
+    def shutdown(self) -> None: ...
+
+
+def num_kv_blocks_for(config, model_config: ModelConfig, dtype) -> int:
+    """Blocks that fit in kv_cache_memory_mb unless num_kv_blocks is given."""
+    from afd.models import kv_cache_bytes_per_block
+
+    if config.num_kv_blocks is not None:
+        if config.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be at least 1")
+        return config.num_kv_blocks
+    per_block = kv_cache_bytes_per_block(model_config, config.block_size, dtype)
+    return max(1, config.kv_cache_memory_mb * 2**20 // per_block)
+
+
+class LocalExecutor:
+    """The whole model in this process (the single-process engine)."""
+
+    num_replicas = 1
+
+    def __init__(self, config, model_path: Path, model_config: ModelConfig):
+        from afd.kernels.ops import set_kernel_backend
+        from afd.loader import load_model
+        from afd.model_runner import ModelRunner
+        from afd.models import allocate_kv_cache
+
+        set_kernel_backend(config.kernel_backend)
+        dtype = config.torch_dtype(model_config)
+        model = load_model(model_path, dtype=dtype, device=config.device)
+        self.num_kv_blocks = num_kv_blocks_for(config, model_config, dtype)
+        kv_caches = allocate_kv_cache(
+            model_config, self.num_kv_blocks, config.block_size, dtype, config.device
+        )
+        self.runner = ModelRunner(model, kv_caches, config.block_size, config.device)
+
+    def execute(self, batches: list[ScheduledBatch]) -> Sampled:
+        return self.runner.execute(batches[0])
+
+    def stage_times(self) -> dict[str, float]:
+        return {}
+
+    def shutdown(self) -> None:
+        pass
+
+
+def build_executor(config, model_path: Path, model_config: ModelConfig) -> Executor:
+    """Single process when no attention workers are asked for, else the disaggregated one."""
+    if config.num_attention_workers <= 0 and config.num_expert_workers <= 0:
+        return LocalExecutor(config, model_path, model_config)
+    from afd.attention_nodes.cluster import AFDExecutor
+
+    return AFDExecutor(config, model_path, model_config)

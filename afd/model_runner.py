@@ -1,0 +1,85 @@
+"""Model runner: turns a scheduled batch into model inputs, runs the forward, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from afd.models.metadata import AttentionMetadata
+from afd.sampler import Sampler, SamplerOutput
+from afd.scheduler.scheduler import ScheduledBatch
+
+
+@dataclass
+class ModelInputs:
+    """Flattened inputs of one forward; `sample_rows` index the rows of `hidden` to sample from."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # [S] int64, last token of every sequence that samples
+    sample_seq_index: list[int]  # batch index of each sampled row
+
+
+def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device | str) -> ModelInputs:
+    """Gather the tokens each sequence computes this step, their positions and cache slots."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    query_lens: list[int] = []
+    seq_lens: list[int] = []
+    tables: list[list[int]] = []
+    sample_rows: list[int] = []
+    sample_seq_index: list[int] = []
+    for i, (seq, n, sample) in enumerate(zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True)):
+        start = seq.num_computed_tokens
+        input_ids.extend(seq.token_ids[start : start + n])
+        positions.extend(range(start, start + n))
+        query_lens.append(n)
+        seq_lens.append(start + n)
+        tables.append(seq.block_table)
+        if sample:
+            sample_rows.append(len(input_ids) - 1)
+            sample_seq_index.append(i)
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, device)
+    return ModelInputs(
+        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        meta=meta,
+        sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=device),
+        sample_seq_index=sample_seq_index,
+    )
+
+
+def sample_batch(
+    sampler: Sampler, logits: torch.Tensor, batch: ScheduledBatch, inputs: ModelInputs
+) -> dict[int, tuple[int, dict[int, float] | None]]:
+    """Sample one token for every sequence whose chunk reached its end; keyed by seq_id."""
+    if not inputs.sample_seq_index:
+        return {}
+    seqs = [batch.seqs[i] for i in inputs.sample_seq_index]
+    out: SamplerOutput = sampler(
+        logits, [s.sampling_params for s in seqs], [s.generator for s in seqs]
+    )
+    return {
+        s.seq_id: (tok, out.logprobs[j] if out.logprobs is not None else None)
+        for j, (s, tok) in enumerate(zip(seqs, out.token_ids, strict=True))
+    }
+
+
+class ModelRunner:
+    """Single-process runner: the whole model and its paged KV cache in this process."""
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list, block_size: int, device: str):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> dict[int, tuple[int, dict[int, float] | None]]:
+        inputs = prepare_inputs(batch, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)  # [T, H]
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [S, V]
+        return sample_batch(self.sampler, logits, batch, inputs)
