@@ -25,8 +25,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--num-attention-workers", type=int, default=0,
-                   help="0 runs the whole model in this process")
+    p.add_argument(
+        "--num-attention-workers",
+        type=int,
+        default=0,
+        help="0 runs the whole model in this process",
+    )
     p.add_argument("--num-expert-workers", type=int, default=0)
     p.add_argument("--num-micro-batches", type=int, default=1)
     p.add_argument("--comm-backend", default="auto", choices=["auto", "torch", "deepep"])

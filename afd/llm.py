@@ -47,7 +47,9 @@ class LLM:
             raise
         return [done[rid] for rid in ids]
 
-    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+    def chat(
+        self, messages: list[dict], sampling_params: SamplingParams | None = None
+    ) -> RequestOutput:
         """One chat conversation through the model's chat template."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)

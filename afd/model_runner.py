@@ -22,7 +22,9 @@ class ModelInputs:
     sample_seq_index: list[int]  # batch index of each sampled row
 
 
-def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device | str) -> ModelInputs:
+def prepare_inputs(
+    batch: ScheduledBatch, block_size: int, device: torch.device | str
+) -> ModelInputs:
     """Gather the tokens each sequence computes this step, their positions and cache slots."""
     input_ids: list[int] = []
     positions: list[int] = []
@@ -31,7 +33,9 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device 
     tables: list[list[int]] = []
     sample_rows: list[int] = []
     sample_seq_index: list[int] = []
-    for i, (seq, n, sample) in enumerate(zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True)):
+    for i, (seq, n, sample) in enumerate(
+        zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True)
+    ):
         start = seq.num_computed_tokens
         input_ids.extend(seq.token_ids[start : start + n])
         positions.extend(range(start, start + n))
@@ -80,6 +84,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[int, tuple[int, dict[int, float] | None]]:
         inputs = prepare_inputs(batch, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)  # [T, H]
+        hidden = self.model(
+            inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches
+        )  # [T, H]
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [S, V]
         return sample_batch(self.sampler, logits, batch, inputs)

@@ -6,7 +6,6 @@ import os
 from collections.abc import Callable
 
 import torch
-
 from afd.kernels import torch_ops
 
 KERNEL_BACKENDS = ("auto", "torch", "triton")
@@ -20,7 +19,9 @@ def set_kernel_backend(name: str) -> None:
     """Force 'torch' or 'triton' kernels, or 'auto' (triton on CUDA, torch on CPU)."""
     global _backend
     if name not in KERNEL_BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; choose from {', '.join(KERNEL_BACKENDS)}")
+        raise ValueError(
+            f"unknown kernel backend {name!r}; choose from {', '.join(KERNEL_BACKENDS)}"
+        )
     _backend = name
 
 

@@ -75,7 +75,7 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Causal varlen attention over the paged cache (new tokens must already be stored)."""
-    if meta.is_decode:
+    if meta.is_decode and q.shape[0] == meta.num_seqs:
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
     starts = meta.query_start_loc.tolist()

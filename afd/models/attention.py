@@ -1,0 +1,124 @@
+"""Attention over the paged KV cache: GQA/MHA (Qwen) and absorbed MLA (DeepSeek)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from afd.config import ModelConfig
+from afd.kernels import ops
+from afd.models.layers import RMSNorm, RotaryEmbedding
+from afd.models.metadata import AttentionMetadata
+
+
+class GQAAttention(nn.Module):
+    """Grouped-query attention with optional qkv bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, config: ModelConfig, qkv_bias: bool, qk_norm: bool, o_bias: bool = False):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            d,
+        )
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=o_bias)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(d, config.rms_norm_eps) if qk_norm else None
+        self.rotary = RotaryEmbedding(config.hf, d, interleaved=False)
+        self.scale = d**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, H]
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        k_cache, v_cache = kv_cache
+        ops.store_kv(k, k_cache, meta.slot_mapping, v, v_cache)
+        o = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
+        return self.o_proj(o.reshape(t, -1))
+
+
+class MLAAttention(nn.Module):
+    """Multi-head latent attention in the absorbed form: the cache holds the normalised latent and
+    the roped key; queries are projected into latent space through kv_b_proj's key half."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hf = config.hf
+        h = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.nope, self.rope = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.latent = config.v_head_dim, config.kv_lora_rank
+        qk_dim = self.nope + self.rope
+        bias = bool(getattr(hf, "attention_bias", False))
+        self.q_lora_rank = config.q_lora_rank
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.num_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.latent + self.rope, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.latent, 1e-6)
+        self.kv_b_proj = nn.Linear(
+            self.latent, self.num_heads * (self.nope + self.v_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=bias)
+        interleaved = config.model_type == "deepseek_v2" or bool(
+            getattr(hf, "rope_interleave", False)
+        )
+        self.rotary = RotaryEmbedding(hf, self.rope, interleaved=interleaved)
+        self.scale = _mla_softmax_scale(hf, qk_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, H]
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,  # [N, bs, L + R]
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, self.num_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [T, L]
+        q_pe, k_pe = self.rotary(positions, q_pe, k_pe[:, None, :])
+        ops.store_kv(torch.cat([latent, k_pe[:, 0]], dim=-1), kv_cache, meta.slot_mapping)
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.latent)
+        w_uk, w_uv = w_kv.split([self.nope, self.v_dim], dim=1)  # [Hq, nope, L], [Hq, v, L]
+        q_latent = torch.einsum("thd,hdl->thl", q_nope, w_uk)  # [T, Hq, L]
+        o_latent = ops.mla_attention(q_latent, q_pe, kv_cache, meta, self.scale)  # [T, Hq, L]
+        o = torch.einsum("thl,hvl->thv", o_latent, w_uv)  # [T, Hq, v]
+        return self.o_proj(o.reshape(t, -1))
+
+
+def _mla_softmax_scale(hf, qk_dim: int) -> float:
+    """qk_dim^-0.5, times YaRN's mscale(mscale_all_dim)^2 as transformers does."""
+    import math
+
+    scale = qk_dim**-0.5
+    params = getattr(hf, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "default":
+        mscale_all_dim = params.get("mscale_all_dim", 0)
+        factor = params.get("factor", 1.0)
+        if mscale_all_dim and factor > 1:
+            m = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+            scale = scale * m * m
+    return scale
