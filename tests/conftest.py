@@ -1,7 +1,49 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Must be set before any @triton.jit is defined (Triton reads it at decoration time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Built-in models are generated once per test session, never into the user's cache.
+os.environ.setdefault("AFD_CACHE_DIR", tempfile.mkdtemp(prefix="afd-test-cache-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def hf_greedy(model_dir, prompts: list[list[int]], new_tokens: int):
+    """transformers' greedy tokens and raw log-softmax rows, one prompt at a time."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokens, logprobs = [], []
+    for p in prompts:
+        with torch.no_grad():
+            r = hf.generate(
+                torch.tensor([p]),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+        tokens.append(r.sequences[0, len(p) :].tolist())
+        logprobs.append([torch.log_softmax(s[0].float(), -1) for s in r.logits])
+    return tokens, logprobs
+
+
+def mixed_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (3 + (7 * i) % 23,), generator=g).tolist() for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def builtin_path():
+    from afd.builtin import resolve_model
+
+    return resolve_model

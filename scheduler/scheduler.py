@@ -1,0 +1,179 @@
+"""Continuous batching: FCFS admission, chunked prefill under a token budget, preemption."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from afd.scheduler.block_manager import BlockManager
+from afd.scheduler.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    max_model_len: int = 4096
+
+
+@dataclass
+class ScheduledBatch:
+    """What one step computes: `num_new_tokens[i]` tokens of `seqs[i]` from its computed prefix."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)  # the chunk reaches the end: sample a token
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(n)
+        self.sample.append(seq.num_computed_tokens + n == seq.num_tokens)
+
+
+class Scheduler:
+    """Owns the waiting and running queues of one KV cache (one attention replica)."""
+
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.block_manager = BlockManager(
+            config.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[int, Sequence] = {}
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; a prompt that can never fit raises ValueError."""
+        if seq.num_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt of {seq.num_tokens} tokens does not fit max_model_len "
+                f"{self.config.max_model_len}"
+            )
+        blocks = (seq.num_tokens + self.config.block_size) // self.config.block_size
+        if blocks > self.config.num_blocks:
+            raise ValueError(
+                f"prompt of {seq.num_tokens} tokens needs {blocks} KV blocks, "
+                f"the cache has {self.config.num_blocks}"
+            )
+        self.waiting.append(seq)
+        self.seqs[seq.seq_id] = seq
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+        # Running sequences first: decodes and unfinished chunked prefills, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.can_append(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                break
+            bm.append_slots(seq, n)
+            batch.add(seq, n)
+            budget -= n
+            i += 1
+        # Then admit waiting sequences while budget, seats and blocks allow.
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if batch.preempted and seq in batch.preempted:
+                break  # do not readmit in the step that preempted it
+            if not bm.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            batch.add(seq, n)
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute-style preemption: drop its KV, requeue at the front with its tokens."""
+        self.running.remove(seq)
+        self.block_manager.free_seq(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def update(
+        self,
+        batch: ScheduledBatch,
+        sampled: dict[int, tuple[int, dict[int, float] | None]],
+        eos_token_ids: set[int],
+    ) -> list[Sequence]:
+        """Advance computed counts, append sampled tokens, stop what must stop."""
+        finished = []
+        for seq, n, do_sample in zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True):
+            if seq.is_finished or seq.status != SequenceStatus.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed_tokens += n
+            self.block_manager.mark_computed(seq)
+            if not do_sample or seq.seq_id not in sampled:
+                continue
+            token, logprobs = sampled[seq.seq_id]
+            seq.append_token(token, logprobs)
+            status = self._stop_status(seq, token, eos_token_ids)
+            if status is not None:
+                self.finish(seq.seq_id, status)
+                finished.append(seq)
+        return finished
+
+    def _stop_status(
+        self, seq: Sequence, token: int, eos_token_ids: set[int]
+    ) -> SequenceStatus | None:
+        p = seq.sampling_params
+        if not p.ignore_eos and token in eos_token_ids:
+            seq.stop_reason = None
+            return SequenceStatus.FINISHED_STOPPED
+        if token in p.stop_token_ids:
+            seq.stop_reason = token
+            return SequenceStatus.FINISHED_STOPPED
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return SequenceStatus.FINISHED_LENGTH
+        if seq.num_tokens >= self.config.max_model_len:
+            return SequenceStatus.FINISHED_LENGTH
+        return None
+
+    def finish(self, seq_id: int, status: SequenceStatus) -> None:
+        """Stop a sequence (stop string, abort, ...) and free its blocks; idempotent."""
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free_seq(seq)
+        seq.status = status
+
+    def abort_request(self, request_id: str) -> None:
+        for seq in [s for s in self.seqs.values() if s.request_id == request_id]:
+            self.finish(seq.seq_id, SequenceStatus.FINISHED_ABORTED)
