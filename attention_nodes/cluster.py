@@ -1,0 +1,212 @@
+"""The disaggregated executor: spawns attention and expert workers in one torch.distributed
+world, sends them step plans, and gathers sampled tokens. Runs in the scheduler's process."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import zmq
+
+from afd.comm import wire
+from afd.comm.control import driver_inbox, ipc_dir, worker_inbox
+from afd.config import ModelConfig
+from afd.procs import Supervisor, WorkerDiedError
+from afd.scheduler.scheduler import ScheduledBatch
+
+STARTUP_TIMEOUT_S = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def split_micro_batches(batch: ScheduledBatch, m: int) -> list[list[int]]:
+    """Indices of batch.seqs per micro-batch: contiguous, balanced by token count."""
+    total = sum(batch.num_new_tokens)
+    groups: list[list[int]] = [[] for _ in range(m)]
+    acc, g = 0, 0
+    for i, n in enumerate(batch.num_new_tokens):
+        remaining_seqs = len(batch.num_new_tokens) - i
+        if groups[g] and (acc >= total * (g + 1) / m or remaining_seqs <= m - 1 - g) and g < m - 1:
+            g += 1
+        groups[g].append(i)
+        acc += n
+    return groups
+
+
+def plan_entry(seq, n: int, sample: bool) -> list:
+    start = seq.num_computed_tokens
+    params = None
+    if sample:
+        p = seq.sampling_params
+        params = {
+            "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "min_p": p.min_p,
+            "seed": p.seed, "logprobs": p.logprobs, "index": seq.index,
+        }  # fmt: skip
+    return [
+        seq.seq_id,
+        seq.token_ids[start : start + n],
+        start,
+        list(seq.block_table),
+        sample,
+        params,
+    ]
+
+
+class AFDExecutor:
+    """A attention workers (data-parallel replicas, one KV cache each) and F expert workers."""
+
+    def __init__(self, config, model_path: Path, model_config: ModelConfig):
+        from afd.attention_nodes.worker import run_attention_worker
+        from afd.executor import num_kv_blocks_for
+        from afd.expert_nodes.worker import run_expert_worker
+
+        a, f = config.num_attention_workers, config.num_expert_workers
+        if a < 1 or f < 1:
+            raise ValueError(
+                "a disaggregated cluster needs at least 1 attention and 1 expert worker"
+            )
+        if f > model_config.n_routed_experts:
+            raise ValueError(f"{f} expert workers but only {model_config.n_routed_experts} experts")
+        self.config = config
+        self.num_replicas = a
+        self.num_micro_batches = config.num_micro_batches
+        dtype = config.torch_dtype(model_config)
+        self.num_kv_blocks = num_kv_blocks_for(config, model_config, dtype)
+        self.trace = False
+        self.last_events: list = []
+        self.last_times: dict[str, float] = {}
+        self.last_load: list[list[int]] = []
+        self.param_bytes: dict[tuple[str, int], int] = {}
+        self._stage_totals: dict[str, float] = {}
+        self._released: list[int] = []
+        self._step = 0
+        self.ipc = ipc_dir()
+        self.zctx = zmq.Context()
+        self.inbox = self.zctx.socket(zmq.PULL)
+        self.inbox.bind(driver_inbox(self.ipc))
+        self.outboxes: dict[tuple[str, int], zmq.Socket] = {}
+        self.supervisor = Supervisor()
+        spec = {
+            "model_path": str(model_path), "dtype": str(dtype).removeprefix("torch."),
+            "device": config.device, "block_size": config.block_size,
+            "num_kv_blocks": self.num_kv_blocks, "world_size": a + f, "port": free_port(),
+            "ipc": self.ipc, "num_attention_workers": a, "num_expert_workers": f,
+            "expert_ranks": list(range(a, a + f)), "comm_backend": config.comm_backend,
+            "threads": int(config.extra.get("worker_threads", 1)),
+        }  # fmt: skip
+        self.attention_ranks = list(range(a))
+        self.expert_ranks = list(range(a, a + f))
+        try:
+            for rank in range(a + f):
+                role = "attention" if rank < a else "expert"
+                sock = self.zctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.bind(worker_inbox(self.ipc, role, rank))
+                self.outboxes[(role, rank)] = sock
+                target = run_attention_worker if rank < a else run_expert_worker
+                self.supervisor.spawn(role, rank, target, {**spec, "rank": rank})
+            ready = 0
+            while ready < a + f:
+                msg = self._recv(STARTUP_TIMEOUT_S, "worker start-up")
+                if msg["type"] == "ready":
+                    self.param_bytes[(msg["role"], msg["rank"])] = msg["param_bytes"]
+                    ready += 1
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- messaging -----------------------------------------------------------------------
+    def _send(self, role: str, rank: int, msg_type: str, **fields) -> None:
+        self.outboxes[(role, rank)].send(wire.encode(msg_type, **fields))
+
+    def _recv(self, timeout_s: float, what: str) -> dict:
+        """Next worker message; a dead worker or a reported error raises within ~0.1 s."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.inbox.poll(100):
+                msg = wire.decode(self.inbox.recv())
+                if msg["type"] == "error":
+                    raise RuntimeError(
+                        f"{msg['role']} worker {msg['rank']} failed: {msg['message']}"
+                    )
+                return msg
+            self.supervisor.check()
+        raise TimeoutError(f"no answer from the workers within {timeout_s:.0f} s during {what}")
+
+    # ---- executor API --------------------------------------------------------------------
+    def release(self, seq_ids: list[int]) -> None:
+        self._released.extend(seq_ids)
+
+    def execute(self, batches: list[ScheduledBatch]) -> dict:
+        try:
+            return self._execute(batches)
+        except (WorkerDiedError, RuntimeError, TimeoutError):
+            self.shutdown()
+            raise
+
+    def _execute(self, batches: list[ScheduledBatch]) -> dict:
+        self._step += 1
+        active = [r for r, b in enumerate(batches) if not b.is_empty]
+        m = max(1, min(self.num_micro_batches, max(len(batches[r].seqs) for r in active)))
+        release, self._released = self._released, []
+        for r in active:
+            b = batches[r]
+            groups = split_micro_batches(b, m)
+            mbs = [
+                [plan_entry(b.seqs[i], b.num_new_tokens[i], b.sample[i]) for i in g] for g in groups
+            ]
+            self._send("attention", r, "attn_step", step=self._step, micro_batches=mbs,
+                       release=release, trace=self.trace)  # fmt: skip
+        for r in self.attention_ranks:
+            if r not in active and release:
+                pass  # generators of other replicas' sequences are never created there
+        for rank in self.expert_ranks:
+            self._send("expert", rank, "expert_step", step=self._step, sources=active,
+                       num_micro_batches=m, trace=self.trace)  # fmt: skip
+        sampled: dict = {}
+        times: dict[str, float] = {}
+        events: list = []
+        load: list[list[int]] = []
+        waiting = len(active) + len(self.expert_ranks)
+        while waiting:
+            msg = self._recv(600.0, f"decode step {self._step}")
+            if msg.get("step") != self._step:
+                continue
+            waiting -= 1
+            for k, v in msg["times"].items():
+                times[k] = times.get(k, 0.0) + v
+            events += [[*e, msg["rank"]] for e in msg["events"]]
+            if msg["type"] == "attn_result":
+                for seq_id, tok, lps in msg["sampled"]:
+                    sampled[seq_id] = (tok, lps)
+            else:
+                load.append(msg["load"])
+        for k, v in times.items():
+            self._stage_totals[k] = self._stage_totals.get(k, 0.0) + v
+        self.last_times, self.last_events, self.last_load, self.last_m = times, events, load, m
+        return sampled
+
+    def stage_times(self) -> dict[str, float]:
+        return {f"afd_stage_{k}_seconds": v for k, v in self._stage_totals.items()}
+
+    def shutdown(self) -> None:
+        if getattr(self, "_shut", False):
+            return
+        self._shut = True
+        for (role, rank), sock in self.outboxes.items():
+            try:
+                sock.send(wire.encode("shutdown"), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self.supervisor.shutdown()
+        for sock in self.outboxes.values():
+            sock.close(linger=0)
+        self.inbox.close(linger=0)
+        self.zctx.term()
+        shutil.rmtree(self.ipc, ignore_errors=True)

@@ -1,0 +1,198 @@
+"""Attention worker: KV cache, attention, gate, shared experts, dense layers, lm_head, sampling,
+and the ping-pong loop that overlaps attention of micro-batch i+1 with experts on micro-batch i."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from afd.comm.control import WorkerChannel, dist_backend, init_world
+from afd.comm.transport import get_transport
+from afd.loader import count_parameter_bytes, load_model
+from afd.models import AttentionMetadata, allocate_kv_cache, expert_split
+from afd.sampler import Sampler
+from afd.sampling_params import SamplingParams
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata | None  # None for an empty micro-batch
+    sample_rows: torch.Tensor  # [S]
+    sample_entries: list  # plan entries of sampled sequences, in row order
+
+
+def build_micro_batch(entries: list, block_size: int, device) -> MicroBatch:
+    """entries: [seq_id, new_token_ids, start, block_table, sample, params|None]."""
+    ids, pos, q_lens, seq_lens, tables, rows, sampled = [], [], [], [], [], [], []
+    for e in entries:
+        _, tokens, start, table, sample, _ = e
+        ids += tokens
+        pos += range(start, start + len(tokens))
+        q_lens.append(len(tokens))
+        seq_lens.append(start + len(tokens))
+        tables.append(table)
+        if sample:
+            rows.append(len(ids) - 1)
+            sampled.append(e)
+    meta = (
+        AttentionMetadata.build(q_lens, seq_lens, tables, block_size, device) if entries else None
+    )
+    return MicroBatch(
+        torch.tensor(ids, dtype=torch.int64, device=device),
+        torch.tensor(pos, dtype=torch.int64, device=device),
+        meta,
+        torch.tensor(rows, dtype=torch.int64, device=device),
+        sampled,
+    )
+
+
+class StageClock:
+    """Accumulates per-stage seconds and, when tracing, (lane, name, start_ns, end_ns) events."""
+
+    def __init__(self, trace: bool):
+        self.trace = trace
+        self.times: dict[str, float] = {}
+        self.events: list[list] = []
+
+    def record(self, stage: str, lane: str, start: int, end: int, label: str = "") -> None:
+        self.times[stage] = self.times.get(stage, 0.0) + (end - start) / 1e9
+        if self.trace:
+            self.events.append([lane, label or stage, start, end])
+
+
+def run_attention_worker(spec: dict) -> None:
+    rank = spec["rank"]
+    channel = WorkerChannel(spec["ipc"], "attention", rank)
+    try:
+        torch.set_num_threads(spec.get("threads", 1))
+        device = torch.device(spec["device"])
+        init_world(rank, spec["world_size"], spec["port"], dist_backend(spec["device"]))
+        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="attention")
+        cfg = model.config
+        dtype = next(model.parameters()).dtype
+        kv_caches = allocate_kv_cache(cfg, spec["num_kv_blocks"], spec["block_size"], dtype, device)
+        ranges = expert_split(cfg.n_routed_experts, spec["num_expert_workers"])
+        transport = get_transport(spec["comm_backend"], spec["expert_ranks"], ranges, device)
+        worker = AttentionWorker(model, kv_caches, transport, spec["block_size"], device)
+        channel.send("ready", role="attention", param_bytes=count_parameter_bytes(model))
+        while True:
+            msg = channel.recv()
+            if msg["type"] == "shutdown":
+                break
+            sampled, clock = worker.step(msg)
+            channel.send(
+                "attn_result",
+                step=msg["step"],
+                sampled=sampled,
+                times=clock.times,
+                events=clock.events,
+            )
+    except BaseException as e:  # report anything, then die: the driver turns it into an error
+        channel.report_error(e)
+        raise SystemExit(1) from None
+    finally:
+        channel.close()
+
+
+class AttentionWorker:
+    """Runs one step plan: m micro-batches through every layer, MoE layers via the transport."""
+
+    def __init__(self, model, kv_caches, transport, block_size: int, device):
+        self.model, self.kv_caches, self.transport = model, kv_caches, transport
+        self.block_size, self.device = block_size, device
+        self.sampler = Sampler()
+        self.generators: dict[int, torch.Generator] = {}
+
+    @torch.inference_mode()
+    def step(self, plan: dict) -> tuple[list, StageClock]:
+        clock = StageClock(plan["trace"])
+        for seq_id in plan["release"]:
+            self.generators.pop(seq_id, None)
+        mbs = [build_micro_batch(e, self.block_size, self.device) for e in plan["micro_batches"]]
+        hidden = self.ping_pong(mbs, clock)
+        t0 = time.monotonic_ns()
+        sampled = self.sample(mbs, hidden)
+        clock.record("attention", "attention", t0, time.monotonic_ns(), "sample")
+        return sampled, clock
+
+    def ping_pong(self, mbs: list[MicroBatch], clock: StageClock) -> list[torch.Tensor | None]:
+        model = self.model
+        m = len(mbs)
+        hs: list = [None] * m
+        res: list = [None] * m
+        pending: list = [None] * m  # (dispatch handle, shared-expert output) per micro-batch
+        for i, mb in enumerate(mbs):
+            if mb.meta is not None:
+                hs[i] = model.embed(mb.input_ids)
+        for layer, kv in zip(model.layers, self.kv_caches, strict=True):
+            for i, mb in enumerate(mbs):
+                if pending[i] is not None:
+                    hs[i] = self._finish_moe(pending[i], clock, layer.idx - 1, i)
+                    pending[i] = None
+                t0 = time.monotonic_ns()
+                if mb.meta is None:
+                    x = torch.empty(0, model.config.hidden_size, device=self.device)
+                else:
+                    x, res[i] = layer.attention_part(hs[i], res[i], mb.positions, mb.meta, kv)
+                if not layer.is_moe:
+                    hs[i] = layer.ffn_part(x) if mb.meta is not None else None
+                    clock.record(
+                        "attention",
+                        "attention",
+                        t0,
+                        time.monotonic_ns(),
+                        f"attn L{layer.idx} mb{i}",
+                    )
+                    continue
+                weights, ids = layer.mlp.gate(x)
+                t1 = time.monotonic_ns()
+                clock.record("attention", "attention", t0, t1, f"attn L{layer.idx} mb{i}")
+                handle = self.transport.dispatch(x, ids, weights, layer.idx, i)
+                t2 = time.monotonic_ns()
+                clock.record("dispatch", "comm", t1, t2, f"dispatch L{layer.idx} mb{i}")
+                # shared experts run here, while the routed experts work on the other side
+                shared = layer.mlp.shared(x) if mb.meta is not None else None
+                clock.record(
+                    "attention", "attention", t2, time.monotonic_ns(), f"shared L{layer.idx} mb{i}"
+                )
+                pending[i] = (handle, shared)
+        for i in range(m):
+            if pending[i] is not None:
+                hs[i] = self._finish_moe(pending[i], clock, len(model.layers) - 1, i)
+        out = []
+        for i, mb in enumerate(mbs):
+            out.append(None if mb.meta is None else model.final_norm(hs[i], res[i]))
+        return out
+
+    def _finish_moe(self, pending, clock: StageClock, layer: int, i: int) -> torch.Tensor:
+        handle, shared = pending
+        t0 = time.monotonic_ns()
+        routed = self.transport.combine(handle)
+        clock.record("combine_wait", "comm", t0, time.monotonic_ns(), f"combine L{layer} mb{i}")
+        return routed if shared is None else routed + shared
+
+    def sample(self, mbs: list[MicroBatch], hidden: list) -> list:
+        rows, entries = [], []
+        for mb, h in zip(mbs, hidden, strict=True):
+            if h is not None and mb.sample_entries:
+                rows.append(h[mb.sample_rows])
+                entries += mb.sample_entries
+        if not entries:
+            return []
+        logits = self.model.compute_logits(torch.cat(rows))
+        params, gens = [], []
+        for seq_id, _, _, _, _, p in entries:
+            sp = SamplingParams(**{k: v for k, v in p.items() if k != "index"})
+            params.append(sp)
+            if sp.seed is not None and seq_id not in self.generators:
+                self.generators[seq_id] = torch.Generator().manual_seed(sp.seed + p["index"])
+            gens.append(self.generators.get(seq_id))
+        out = self.sampler(logits, params, gens)
+        return [
+            [e[0], tok, out.logprobs[j] if out.logprobs is not None else None]
+            for j, (e, tok) in enumerate(zip(entries, out.token_ids, strict=True))
+        ]

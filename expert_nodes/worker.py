@@ -1,0 +1,81 @@
+"""Expert worker: holds a shard of routed experts, no KV cache and no request state. Each step
+it receives every (MoE layer, micro-batch) from the participating attention ranks in order,
+computes them grouped by expert, and returns weighted partial sums."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from afd.comm.control import WorkerChannel, dist_backend, init_world
+from afd.comm.transport import get_transport
+from afd.loader import count_parameter_bytes, load_model
+from afd.models import expert_split
+
+
+def run_expert_worker(spec: dict) -> None:
+    rank = spec["rank"]
+    index = rank - spec["num_attention_workers"]
+    channel = WorkerChannel(spec["ipc"], "expert", rank)
+    try:
+        torch.set_num_threads(spec.get("threads", 1))
+        device = torch.device(spec["device"])
+        init_world(rank, spec["world_size"], spec["port"], dist_backend(spec["device"]))
+        from afd.config import ModelConfig
+
+        cfg = ModelConfig.from_pretrained(spec["model_path"])
+        ranges = expert_split(cfg.n_routed_experts, spec["num_expert_workers"])
+        shard = load_model(
+            spec["model_path"],
+            dtype=spec["dtype"],
+            device=device,
+            part="experts",
+            expert_range=ranges[index],
+        )
+        dtype = next(shard.parameters()).dtype
+        transport = get_transport(spec["comm_backend"], spec["expert_ranks"], ranges, device)
+        channel.send("ready", role="expert", param_bytes=count_parameter_bytes(shard))
+        start, end = ranges[index]
+        while True:
+            msg = channel.recv()
+            if msg["type"] == "shutdown":
+                break
+            times: dict[str, float] = {"expert_recv_wait": 0.0, "expert": 0.0, "expert_send": 0.0}
+            events: list[list] = []
+            load = torch.zeros(end - start, dtype=torch.int64)
+            with torch.inference_mode():
+                for layer in shard.moe_layers:
+                    for mb in range(msg["num_micro_batches"]):
+                        t0 = time.monotonic_ns()
+                        batch = transport.receive(
+                            msg["sources"],
+                            layer,
+                            mb,
+                            cfg.hidden_size,
+                            cfg.num_experts_per_tok,
+                            dtype,
+                        )
+                        t1 = time.monotonic_ns()
+                        out = shard.forward_layer(
+                            layer, batch.x, batch.topk_weights, batch.topk_ids
+                        )
+                        t2 = time.monotonic_ns()
+                        transport.send_back(batch, out, layer, mb)
+                        t3 = time.monotonic_ns()
+                        ids = batch.topk_ids[batch.topk_ids >= 0] - start
+                        load += torch.bincount(ids, minlength=end - start)
+                        times["expert_recv_wait"] += (t1 - t0) / 1e9
+                        times["expert"] += (t2 - t1) / 1e9
+                        times["expert_send"] += (t3 - t2) / 1e9
+                        if msg["trace"]:
+                            events.append(["expert", f"experts L{layer} mb{mb}", t1, t2])
+                transport.flush()
+            channel.send(
+                "expert_result", step=msg["step"], times=times, events=events, load=load.tolist()
+            )
+    except BaseException as e:
+        channel.report_error(e)
+        raise SystemExit(1) from None
+    finally:
+        channel.close()
