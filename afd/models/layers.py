@@ -152,11 +152,11 @@ class Router(nn.Module):
 
     def _grouped_topk(self, scores: torch.Tensor, by_top2: bool) -> torch.Tensor:
         t = scores.shape[0]
-        grouped = scores.view(t, self.n_group, -1)
+        grouped = scores.view(t, self.n_group, self.num_experts // self.n_group)
         group_scores = grouped.topk(2, dim=-1)[0].sum(-1) if by_top2 else grouped.max(-1).values
         group_idx = torch.topk(group_scores, self.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-        keep = group_mask[:, :, None].expand_as(grouped).reshape(t, -1).bool()
+        keep = group_mask[:, :, None].expand_as(grouped).reshape(t, self.num_experts).bool()
         fill = float("-inf") if by_top2 else 0.0
         return torch.topk(scores.masked_fill(~keep, fill), self.top_k, dim=-1, sorted=False)[1]
 

@@ -1,0 +1,100 @@
+"""Disaggregated decode across real processes (gloo): same tokens as the single-process engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from conftest import mixed_prompts
+
+from afd import LLM, SamplingParams
+from afd.procs import WorkerDiedError
+
+pytestmark = pytest.mark.slow
+
+TOPOLOGIES = {
+    "tiny-qwen3-moe": [(1, 1), (2, 1), (1, 2), (2, 2), (3, 2)],
+    "tiny-deepseek-v3": [(1, 1), (2, 2), (3, 2)],
+}
+CASES = [(model, a, f) for model, topos in TOPOLOGIES.items() for a, f in topos]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    cache = {}
+
+    def get(model):
+        if model not in cache:
+            prompts = mixed_prompts(6, 512, seed=1)
+            llm = LLM(model, dtype="float32", block_size=4)
+            cache[model] = (prompts, run_continuous(llm, prompts))
+        return cache[model]
+
+    return get
+
+
+def run_continuous(llm, prompts):
+    """Requests join while others decode and finish at different lengths."""
+    eng = llm.engine
+    ids, done = {}, {}
+    params = [
+        SamplingParams(temperature=0, max_tokens=6 + 3 * i, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    for i in range(2):
+        ids[eng.add_request(prompts[i], params[i])] = i
+    step = 0
+    while eng.has_unfinished_requests() or len(ids) < len(prompts):
+        if step % 3 == 2 and len(ids) < len(prompts):
+            i = len(ids)
+            ids[eng.add_request(prompts[i], params[i])] = i
+        for out in eng.step():
+            if out.finished:
+                done[ids[out.request_id]] = out.outputs[0].token_ids
+        step += 1
+    return [done[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("model,a,f", CASES)
+def test_topology_matches_single_process(reference, model, a, f):
+    prompts, expected = reference(model)
+    llm = LLM(model, dtype="float32", block_size=4, num_attention_workers=a, num_expert_workers=f)
+    try:
+        for m in (1, 2, 3):
+            llm.engine.executor.num_micro_batches = m
+            assert run_continuous(llm, prompts) == expected, f"m={m}"
+        # An attention worker holds no routed expert; expert shards add up to all experts once.
+        ex = llm.engine.executor
+        cfg = llm.engine.model_config
+        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4 * len(cfg.moe_layers)
+        expert_bytes = [v for (role, _), v in ex.param_bytes.items() if role == "expert"]
+        assert sum(expert_bytes) == per_expert * cfg.n_routed_experts
+        assert max(expert_bytes) - min(expert_bytes) <= per_expert
+    finally:
+        llm.shutdown()
+    for w in ex.supervisor.workers:
+        assert not w.process.is_alive()
+
+
+def test_killed_expert_worker_is_a_clear_error():
+    llm = LLM("tiny-qwen3-moe", dtype="float32", num_attention_workers=1, num_expert_workers=2)
+    ex = llm.engine.executor
+    pids = [w.process.pid for w in ex.supervisor.workers]
+    eng = llm.engine
+    eng.add_request([5, 6, 7], SamplingParams(max_tokens=1000, ignore_eos=True))
+    eng.step()
+    victim = next(w for w in ex.supervisor.workers if w.role == "expert")
+    os.kill(victim.process.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises((WorkerDiedError, RuntimeError)) as err:
+        for _ in range(10_000):
+            eng.step()
+    assert time.monotonic() - t0 < 10
+    assert "worker" in str(err.value)
+    llm.shutdown()
+    time.sleep(0.5)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
