@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
 
 from afd.engine import DTYPES, EngineConfig
@@ -111,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     for name, module in _BENCHES.items():
+        if importlib.util.find_spec(f"afd.benchmarks.{module}") is None:
+            continue
         b = bench_sub.add_parser(name, help=f"{name} benchmark")
         _bench_module(module).add_arguments(b)
         b.set_defaults(func=_bench_module(module).run)
@@ -123,8 +127,6 @@ _BENCHES = {"kernels": "kernels", "pipeline": "pipeline", "serve": "serve"}
 
 
 def _bench_module(name: str):
-    import importlib
-
     return importlib.import_module(f"afd.benchmarks.{name}")
 
 

@@ -1,0 +1,109 @@
+"""The engine behind the HTTP server: one thread steps the engine; asyncio callers await outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from afd.engine import EngineConfig, LLMEngine
+from afd.outputs import RequestOutput
+from afd.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (a worker died or a step failed)."""
+
+
+class AsyncEngine:
+    """Thread-safe front of LLMEngine: `generate` yields cumulative outputs, `abort` frees."""
+
+    def __init__(self, config: EngineConfig):
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.model_name = config.model
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="afd-engine", daemon=True)
+        self._thread.start()
+
+    def health(self) -> tuple[bool, str]:
+        return (self.error is None, self.error or "ok")
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        if self.error is not None:
+            raise EngineDeadError(self.error)
+        self.engine.validate_prompt(prompt_token_ids)
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._commands.put(("add", request_id, prompt_token_ids, params))
+        self._wake.set()
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if self._streams.pop(request_id, None) is not None:
+                self._commands.put(("abort", request_id))
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _loop(self) -> None:
+        eng = self.engine
+        while not self._stop:
+            while True:
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd[0] == "add":
+                    _, rid, ids, params = cmd
+                    try:
+                        eng.add_request(ids, params, request_id=rid)
+                    except ValueError as e:
+                        self._deliver(rid, e)
+                else:
+                    eng.abort_request(cmd[1])
+            if not eng.has_unfinished_requests():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs = eng.step()
+            except Exception as e:  # the engine is unusable now: fail every open request
+                self.error = f"engine step failed: {e}"
+                for rid in list(self._streams):
+                    self._deliver(rid, EngineDeadError(self.error))
+                return
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self.engine.shutdown()

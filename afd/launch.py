@@ -1,0 +1,57 @@
+"""`afd launch`: start a local AFD cluster and serve the OpenAI API over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from afd.cli import add_engine_args
+
+    add_engine_args(p)
+    p.set_defaults(num_attention_workers=1, num_expert_workers=1)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from afd.async_engine import AsyncEngine
+    from afd.cli import engine_config_from_args
+    from afd.server import build_app
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be 1..65535, got {args.port}")
+    config = engine_config_from_args(args)
+    if config.num_attention_workers:
+        print(
+            f"afd: plan: {config.num_attention_workers} attention worker(s) "
+            f"(ranks 0..{config.num_attention_workers - 1}) + {config.num_expert_workers} expert "
+            f"worker(s) (ranks {config.num_attention_workers}.."
+            f"{config.num_attention_workers + config.num_expert_workers - 1}), "
+            f"m={config.num_micro_batches}, device={config.device}, model={config.model}",
+            flush=True,
+        )
+    else:
+        print(
+            f"afd: plan: single process, device={config.device}, model={config.model}", flush=True
+        )
+    print("afd: loading model and starting workers ...", flush=True)
+    engine = AsyncEngine(config)
+    app = build_app(engine, api_key=args.api_key)
+    url = f"http://{args.host}:{args.port}/v1"
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    )
+    print(
+        f"afd: ready: OpenAI API at {url} (model '{engine.model_name}'); Ctrl-C stops", flush=True
+    )
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+        print("afd: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,130 @@
+"""`afd launch` end to end: the official openai client against a real cluster process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from afd import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "afd", "launch", "--port", str(port), "--dtype", "float32",
+         "--num-micro-batches", "2", "--max-model-len", "256", "--api-key", "sk-test"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield base, proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_openai_client_matches_offline(server):
+    import openai
+
+    base, _ = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-test")
+    offline = LLM("tiny-qwen3-moe", dtype="float32")
+    want = offline.generate(
+        ["Hello there"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )
+    r = client.completions.create(model="tiny-qwen3-moe", prompt="Hello there", max_tokens=12,
+                                  temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.choices[0].text == want[0].outputs[0].text
+    assert r.usage.completion_tokens == 12
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="tiny-qwen3-moe", prompt="Hello there", max_tokens=12,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+    )  # fmt: skip
+    assert streamed == want[0].outputs[0].text
+    msgs = [{"role": "user", "content": "Hi!"}]
+    chat_want = offline.chat(msgs, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    c = client.chat.completions.create(model="tiny-qwen3-moe", messages=msgs, max_tokens=10,
+                                       temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    assert c.choices[0].message.content == chat_want.outputs[0].text
+    parts = client.chat.completions.create(
+        model="tiny-qwen3-moe",
+        messages=msgs,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert (
+        "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
+        == chat_want.outputs[0].text
+    )
+    assert client.models.list().data[0].id == "tiny-qwen3-moe"
+
+
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ("{not json", 400),
+        ({"prompt": "hi", "max_tokens": -3}, 400),
+        ({"prompt": "hi", "max_tokens": "ten"}, 400),
+        ({"prompt": 5}, 400),
+        ({"prompt": "hi", "model": "nope"}, 404),
+        ({"prompt": [7] * 300}, 400),
+        ({"prompt": "hi", "temperature": -1}, 400),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status):
+    base, _ = server
+    headers = {"Authorization": "Bearer sk-test", "Content-Type": "application/json"}
+    content = body if isinstance(body, str) else None
+    r = httpx.post(f"{base}/v1/completions", headers=headers, content=content,
+                   json=None if content else body, timeout=30)  # fmt: skip
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+def test_wrong_api_key_and_metrics(server):
+    base, _ = server
+    r = httpx.post(
+        f"{base}/v1/completions", json={"prompt": "hi"}, headers={"Authorization": "Bearer x"}
+    )
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    text = httpx.get(f"{base}/metrics").text
+    for name in (
+        "afd:time_to_first_token_seconds",
+        "afd:num_requests_running",
+        "afd:kv_cache_usage_perc",
+        "afd:e2e_request_latency_seconds",
+        'afd:stage_seconds_total{stage="expert"}',
+    ):
+        assert name in text, name
