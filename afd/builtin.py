@@ -66,7 +66,12 @@ def build_builtin(name: str, out_dir: Path) -> None:
     tok = Tokenizer.from_pretrained(out_dir)
     eos = [tok._tok.token_to_id("<|endoftext|>"), tok._tok.token_to_id("<|im_end|>")]
     build_tiny_checkpoint(
-        BUILTIN_MODELS[name], out_dir, seed=0, vocab_size=VOCAB_SIZE,
-        eos_token_id=eos, bos_token_id=None, pad_token_id=eos[0],
-    )  # fmt: skip
+        BUILTIN_MODELS[name],
+        out_dir,
+        seed=0,
+        vocab_size=VOCAB_SIZE,
+        eos_token_id=eos,
+        bos_token_id=None,
+        pad_token_id=eos[0],
+    )
     (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))

@@ -63,7 +63,8 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"unsupported model_type {model_type!r}; AFD supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"unsupported model_type {model_type!r}; "
+                f"AFD supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         fields = {k: v for k, v in raw.items() if k != "model_type"}
         return cls.from_hf(AutoConfig.for_model(model_type, **fields))

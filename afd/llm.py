@@ -10,7 +10,7 @@ from afd.sampling_params import SamplingParams
 
 
 class LLM:
-    """`LLM(model=...).generate(prompts, sampling_params)`; keyword arguments are EngineConfig fields."""
+    """`LLM(model=...).generate(prompts, sampling_params)`; keywords are EngineConfig fields."""
 
     def __init__(self, model: str = "tiny-qwen3-moe", **kwargs):
         unknown = set(kwargs) - set(EngineConfig.__dataclass_fields__)

@@ -15,8 +15,14 @@ from afd.sampling_params import SamplingParams
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
             status,
@@ -32,10 +38,19 @@ def error_body(message: str, type_: str, param=None, code=None) -> dict:
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "min_p": (int, float),
-    "max_tokens": (int,), "max_completion_tokens": (int,), "n": (int,), "seed": (int,),
-    "stream": (bool,), "ignore_eos": (bool,), "stop_token_ids": (list,), "model": (str,),
-}  # fmt: skip
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "top_k": (int,),
+    "min_p": (int, float),
+    "max_tokens": (int,),
+    "max_completion_tokens": (int,),
+    "n": (int,),
+    "seed": (int,),
+    "stream": (bool,),
+    "ignore_eos": (bool,),
+    "stop_token_ids": (list,),
+    "model": (str,),
+}
 
 
 def _check_types(body: dict) -> None:
@@ -110,8 +125,9 @@ def build_app(engine, api_key: str | None = None) -> FastAPI:
             raise APIError(400, "request body must be a JSON object")
         model = body.get("model")
         if model is not None and model != engine.model_name:
-            raise APIError(404, f"the model '{model}' does not exist", param="model",
-                           code="model_not_found")  # fmt: skip
+            raise APIError(
+                404, f"the model '{model}' does not exist", param="model", code="model_not_found"
+            )
         return body
 
     @app.get("/health")
@@ -121,8 +137,10 @@ def build_app(engine, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": engine.model_name, "object": "model",
-                                            "created": 0, "owned_by": "afd"}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [{"id": engine.model_name, "object": "model", "created": 0, "owned_by": "afd"}],
+        }
 
     @app.get("/metrics")
     async def metrics_endpoint():
@@ -161,8 +179,11 @@ def build_app(engine, api_key: str | None = None) -> FastAPI:
                 for m in messages
             )
         ):
-            raise APIError(400, "'messages' must be a non-empty list of {role, content} objects",
-                           param="messages")  # fmt: skip
+            raise APIError(
+                400,
+                "'messages' must be a non-empty list of {role, content} objects",
+                param="messages",
+            )
         try:
             text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as e:
@@ -177,7 +198,8 @@ def build_app(engine, api_key: str | None = None) -> FastAPI:
         if len(ids) + (params.max_tokens or 0) > engine.max_model_len:
             raise APIError(
                 400,
-                f"this model's maximum context length is {engine.max_model_len} tokens; the request "
+                f"this model's maximum context length is {engine.max_model_len} tokens; "
+                f"the request "
                 f"has {len(ids)} prompt tokens and asks for {params.max_tokens} more",
                 param="max_tokens" if len(ids) < engine.max_model_len else "prompt",
                 code="context_length_exceeded",
@@ -246,12 +268,29 @@ def build_app(engine, api_key: str | None = None) -> FastAPI:
                         sent_tokens[c.index] = len(c.token_ids)
                         finished[c.index] = finished[c.index] or done
                         payload = {"content": delta} if chat else delta
-                        yield sse(chunk(engine, rid, created, chat, c.index, payload,
-                                        c.finish_reason if done else None, lp))  # fmt: skip
+                        yield sse(
+                            chunk(
+                                engine,
+                                rid,
+                                created,
+                                chat,
+                                c.index,
+                                payload,
+                                c.finish_reason if done else None,
+                                lp,
+                            )
+                        )
                 if include_usage and final is not None:
-                    yield sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                               "created": created, "model": engine.model_name, "choices": [],
-                               "usage": usage(final, len(ids))})  # fmt: skip
+                    yield sse(
+                        {
+                            "id": rid,
+                            "object": "chat.completion.chunk" if chat else "text_completion",
+                            "created": created,
+                            "model": engine.model_name,
+                            "choices": [],
+                            "usage": usage(final, len(ids)),
+                        }
+                    )
                 metrics.observe_request(final, start, time.monotonic())
                 yield "data: [DONE]\n\n"
             except (ValueError, RuntimeError) as e:
@@ -271,14 +310,22 @@ def sse(obj: Any) -> str:
 def chunk(engine, rid, created, chat, index, delta, finish, logprobs=None) -> dict:
     choice = {"index": index, "finish_reason": finish, "logprobs": logprobs}
     choice["delta" if chat else "text"] = delta
-    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created, "model": engine.model_name, "choices": [choice]}  # fmt: skip
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": engine.model_name,
+        "choices": [choice],
+    }
 
 
 def usage(out, prompt_tokens: int) -> dict:
     completion = sum(len(c.token_ids) for c in out.outputs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
 
 
 def logprobs_json(engine, entries: list[dict], tokens: list[int], chat: bool):
@@ -288,12 +335,21 @@ def logprobs_json(engine, entries: list[dict], tokens: list[int], chat: bool):
         return tok.decode([t], skip_special_tokens=False)
 
     if chat:
-        return {"content": [
-            {"token": text(t), "logprob": e.get(t, float("-inf")), "bytes": list(text(t).encode()),
-             "top_logprobs": [{"token": text(i), "logprob": v, "bytes": list(text(i).encode())}
-                              for i, v in e.items() if i != t or len(e) == 1][: max(0, len(e) - 1)]}
-            for t, e in zip(tokens, entries, strict=False)
-        ]}  # fmt: skip
+        return {
+            "content": [
+                {
+                    "token": text(t),
+                    "logprob": e.get(t, float("-inf")),
+                    "bytes": list(text(t).encode()),
+                    "top_logprobs": [
+                        {"token": text(i), "logprob": v, "bytes": list(text(i).encode())}
+                        for i, v in e.items()
+                        if i != t or len(e) == 1
+                    ][: max(0, len(e) - 1)],
+                }
+                for t, e in zip(tokens, entries, strict=False)
+            ]
+        }
     return {
         "tokens": [text(t) for t in tokens],
         "token_logprobs": [e.get(t) for t, e in zip(tokens, entries, strict=False)],
@@ -314,9 +370,14 @@ def full_response(engine, rid, created, out, prompt_tokens: int, chat: bool) -> 
         else:
             choice["text"] = c.text
         choices.append(choice)
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion",
-            "created": created, "model": engine.model_name, "choices": choices,
-            "usage": usage(out, prompt_tokens)}  # fmt: skip
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": engine.model_name,
+        "choices": choices,
+        "usage": usage(out, prompt_tokens),
+    }
 
 
 class ServerMetrics:

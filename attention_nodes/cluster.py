@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import zmq
-
 from afd.comm import wire
 from afd.comm.control import driver_inbox, ipc_dir, worker_inbox
+from afd.scheduler.scheduler import ScheduledBatch
+
 from afd.config import ModelConfig
 from afd.procs import Supervisor, WorkerDiedError
-from afd.scheduler.scheduler import ScheduledBatch
 
 STARTUP_TIMEOUT_S = 300.0
 
@@ -45,9 +45,14 @@ def plan_entry(seq, n: int, sample: bool) -> list:
     if sample:
         p = seq.sampling_params
         params = {
-            "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "min_p": p.min_p,
-            "seed": p.seed, "logprobs": p.logprobs, "index": seq.index,
-        }  # fmt: skip
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": p.top_k,
+            "min_p": p.min_p,
+            "seed": p.seed,
+            "logprobs": p.logprobs,
+            "index": seq.index,
+        }
     return [
         seq.seq_id,
         seq.token_ids[start : start + n],
@@ -63,8 +68,9 @@ class AFDExecutor:
 
     def __init__(self, config, model_path: Path, model_config: ModelConfig):
         from afd.attention_nodes.worker import run_attention_worker
-        from afd.executor import num_kv_blocks_for
         from afd.expert_nodes.worker import run_expert_worker
+
+        from afd.executor import num_kv_blocks_for
 
         a, f = config.num_attention_workers, config.num_expert_workers
         if a < 1 or f < 1:
@@ -93,13 +99,20 @@ class AFDExecutor:
         self.outboxes: dict[tuple[str, int], zmq.Socket] = {}
         self.supervisor = Supervisor()
         spec = {
-            "model_path": str(model_path), "dtype": str(dtype).removeprefix("torch."),
-            "device": config.device, "block_size": config.block_size,
-            "num_kv_blocks": self.num_kv_blocks, "world_size": a + f, "port": free_port(),
-            "ipc": self.ipc, "num_attention_workers": a, "num_expert_workers": f,
-            "expert_ranks": list(range(a, a + f)), "comm_backend": config.comm_backend,
+            "model_path": str(model_path),
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": config.device,
+            "block_size": config.block_size,
+            "num_kv_blocks": self.num_kv_blocks,
+            "world_size": a + f,
+            "port": free_port(),
+            "ipc": self.ipc,
+            "num_attention_workers": a,
+            "num_expert_workers": f,
+            "expert_ranks": list(range(a, a + f)),
+            "comm_backend": config.comm_backend,
             "threads": int(config.extra.get("worker_threads", 1)),
-        }  # fmt: skip
+        }
         self.attention_ranks = list(range(a))
         self.expert_ranks = list(range(a, a + f))
         try:
@@ -161,14 +174,28 @@ class AFDExecutor:
             mbs = [
                 [plan_entry(b.seqs[i], b.num_new_tokens[i], b.sample[i]) for i in g] for g in groups
             ]
-            self._send("attention", r, "attn_step", step=self._step, micro_batches=mbs,
-                       release=release, trace=self.trace)  # fmt: skip
+            self._send(
+                "attention",
+                r,
+                "attn_step",
+                step=self._step,
+                micro_batches=mbs,
+                release=release,
+                trace=self.trace,
+            )
         for r in self.attention_ranks:
             if r not in active and release:
                 pass  # generators of other replicas' sequences are never created there
         for rank in self.expert_ranks:
-            self._send("expert", rank, "expert_step", step=self._step, sources=active,
-                       num_micro_batches=m, trace=self.trace)  # fmt: skip
+            self._send(
+                "expert",
+                rank,
+                "expert_step",
+                step=self._step,
+                sources=active,
+                num_micro_batches=m,
+                trace=self.trace,
+            )
         sampled: dict = {}
         times: dict[str, float] = {}
         events: list = []
@@ -199,7 +226,7 @@ class AFDExecutor:
         if getattr(self, "_shut", False):
             return
         self._shut = True
-        for (role, rank), sock in self.outboxes.items():
+        for (_role, _rank), sock in self.outboxes.items():
             try:
                 sock.send(wire.encode("shutdown"), flags=zmq.NOBLOCK)
             except zmq.ZMQError:

@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-
 from afd.comm.control import WorkerChannel, dist_backend, init_world
 from afd.comm.transport import get_transport
+
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import AttentionMetadata, allocate_kv_cache, expert_split
 from afd.sampler import Sampler

@@ -13,14 +13,23 @@ BENCH_MODEL = "bench-balanced-moe"
 # Shaped so that on CPU the attention side (projections + attention) and the expert side
 # (top-2 of 8 experts) take similar time per token.
 BENCH_SHAPE = dict(
-    hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-    num_hidden_layers=4, mlp_only_layers=[], num_experts=4, num_experts_per_tok=2,
-    moe_intermediate_size=768, intermediate_size=512,
-)  # fmt: skip
+    hidden_size=256,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    num_hidden_layers=4,
+    mlp_only_layers=[],
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=768,
+    intermediate_size=512,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=BENCH_MODEL, help=f"model dir, built-in name or {BENCH_MODEL}")
+    p.add_argument(
+        "--model", default=BENCH_MODEL, help=f"model dir, built-in name or {BENCH_MODEL}"
+    )
     p.add_argument("--num-attention-workers", type=int, default=1)
     p.add_argument("--num-expert-workers", type=int, default=1)
     p.add_argument("--max-micro-batches", type=int, default=2, help="measure m = 1..this")
@@ -51,17 +60,27 @@ def bench_model_path():
 def run(args: argparse.Namespace) -> int:
     from afd import LLM, SamplingParams
 
-    for name in ("num_attention_workers", "num_expert_workers", "max_micro_batches", "batch_size",
-                 "context_len", "steps"):  # fmt: skip
+    for name in (
+        "num_attention_workers",
+        "num_expert_workers",
+        "max_micro_batches",
+        "batch_size",
+        "context_len",
+        "steps",
+    ):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     model = str(bench_model_path()) if args.model == BENCH_MODEL else args.model
     llm = LLM(
-        model, dtype=args.dtype, device=args.device, num_attention_workers=args.num_attention_workers,
-        num_expert_workers=args.num_expert_workers, comm_backend=args.comm_backend,
+        model,
+        dtype=args.dtype,
+        device=args.device,
+        num_attention_workers=args.num_attention_workers,
+        num_expert_workers=args.num_expert_workers,
+        comm_backend=args.comm_backend,
         max_num_seqs=args.batch_size * args.num_attention_workers,
         max_num_batched_tokens=max(512, args.batch_size * args.context_len),
-    )  # fmt: skip
+    )
     try:
         result = measure(llm, args, SamplingParams)
     finally:
@@ -72,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
     write_chrome_trace(result, out / "pipeline_trace.json")
     write_timeline_png(result, out / "pipeline_timeline.png")
     print_table(result)
-    print(f"wrote {out / 'pipeline.json'}, {out / 'pipeline_timeline.png'}, {out / 'pipeline_trace.json'}")
+    print(
+        f"wrote {out / 'pipeline.json'}, {out / 'pipeline_timeline.png'}, "
+        f"{out / 'pipeline_trace.json'}"
+    )
     return 0
 
 
@@ -113,12 +135,17 @@ def measure(llm, args, SamplingParams) -> dict:
     for r in runs:
         r["speedup_vs_m1"] = r["decode_tokens_per_s"] / base
     return {
-        "topology": {"attention_workers": args.num_attention_workers,
-                     "expert_workers": args.num_expert_workers},
-        "batch_size_per_attention_worker": args.batch_size, "context_len": args.context_len,
-        "steps": args.steps, "device": device_name(args.device), "model": args.model,
+        "topology": {
+            "attention_workers": args.num_attention_workers,
+            "expert_workers": args.num_expert_workers,
+        },
+        "batch_size_per_attention_worker": args.batch_size,
+        "context_len": args.context_len,
+        "steps": args.steps,
+        "device": device_name(args.device),
+        "model": args.model,
         "runs": runs,
-    }  # fmt: skip
+    }
 
 
 def summarise(m, walls, stage_sums, events, loads, total, args) -> dict:
@@ -130,15 +157,22 @@ def summarise(m, walls, stage_sums, events, loads, total, args) -> dict:
     combine_wait = per_step.get("combine_wait", 0.0) / a
     expert = per_step.get("expert", 0.0) / f
     expert_idle = per_step.get("expert_recv_wait", 0.0) / f
-    per_expert = [sum(col) for col in zip(*[x for step in loads for x in step], strict=False)] if loads else []
+    per_expert = (
+        [sum(col) for col in zip(*[x for step in loads for x in step], strict=False)]
+        if loads
+        else []
+    )
     flat = [c for step in loads for shard in step for c in shard]
     return {
         "m": m,
         "step_time_s": step_s,
         "decode_tokens_per_s": total / step_s,
         "stage_time_per_step_s": {
-            "attention": attn, "dispatch": per_step.get("dispatch", 0.0) / a,
-            "combine_wait": combine_wait, "expert": expert, "expert_recv_wait": expert_idle,
+            "attention": attn,
+            "dispatch": per_step.get("dispatch", 0.0) / a,
+            "combine_wait": combine_wait,
+            "expert": expert,
+            "expert_recv_wait": expert_idle,
             "expert_send": per_step.get("expert_send", 0.0) / f,
         },
         "bubble_fraction": {"attention": combine_wait / step_s, "expert": expert_idle / step_s},
@@ -150,7 +184,7 @@ def summarise(m, walls, stage_sums, events, loads, total, args) -> dict:
             "total_per_expert": per_expert,
         },
         "events": events or [],
-    }  # fmt: skip
+    }
 
 
 def device_name(device: str) -> str:
@@ -164,15 +198,18 @@ def device_name(device: str) -> str:
 
 
 def print_table(result: dict) -> None:
-    head = f"{'m':>2} {'tok/s':>9} {'speedup':>8} {'step ms':>8} {'attn ms':>8} {'expert ms':>9} " \
-           f"{'wait ms':>8} {'bubble A':>8} {'bubble F':>8} {'A/F':>5}"  # fmt: skip
+    head = (
+        f"{'m':>2} {'tok/s':>9} {'speedup':>8} {'step ms':>8} {'attn ms':>8} {'expert ms':>9} "
+        f"{'wait ms':>8} {'bubble A':>8} {'bubble F':>8} {'A/F':>5}"
+    )
     print(head)
     for r in result["runs"]:
         s = r["stage_time_per_step_s"]
         bal = r["attention_expert_balance"] or 0
         print(
             f"{r['m']:>2} {r['decode_tokens_per_s']:>9.1f} {r['speedup_vs_m1']:>7.2f}x "
-            f"{r['step_time_s'] * 1e3:>8.1f} {s['attention'] * 1e3:>8.1f} {s['expert'] * 1e3:>9.1f} "
+            f"{r['step_time_s'] * 1e3:>8.1f} {s['attention'] * 1e3:>8.1f} "
+            f"{s['expert'] * 1e3:>9.1f} "
             f"{s['combine_wait'] * 1e3:>8.1f} {r['bubble_fraction']['attention']:>8.2f} "
             f"{r['bubble_fraction']['expert']:>8.2f} {bal:>5.2f}"
         )
@@ -180,13 +217,21 @@ def print_table(result: dict) -> None:
 
 def write_chrome_trace(result: dict, path: Path) -> None:
     trace = []
-    for pid, r in enumerate(result["runs"]):
+    for _pid, r in enumerate(result["runs"]):
         if not r["events"]:
             continue
         t0 = min(e[2] for e in r["events"])
         for lane, name, start, end, rank in r["events"]:
-            trace.append({"name": name, "ph": "X", "pid": f"m={r['m']}", "tid": f"{lane} rank {rank}",
-                          "ts": (start - t0) / 1e3, "dur": (end - start) / 1e3})  # fmt: skip
+            trace.append(
+                {
+                    "name": name,
+                    "ph": "X",
+                    "pid": f"m={r['m']}",
+                    "tid": f"{lane} rank {rank}",
+                    "ts": (start - t0) / 1e3,
+                    "dur": (end - start) / 1e3,
+                }
+            )
     path.write_text(json.dumps({"traceEvents": trace}))
 
 
@@ -203,7 +248,11 @@ def write_timeline_png(result: dict, path: Path) -> None:
         t0 = min(e[2] for e in r["events"])
         lanes = sorted({(e[0], e[4]) for e in r["events"]}, key=lambda x: (x[0] != "attention", x))
         for y, (lane, rank) in enumerate(lanes):
-            spans = [((e[2] - t0) / 1e6, (e[3] - e[2]) / 1e6) for e in r["events"] if (e[0], e[4]) == (lane, rank)]
+            spans = [
+                ((e[2] - t0) / 1e6, (e[3] - e[2]) / 1e6)
+                for e in r["events"]
+                if (e[0], e[4]) == (lane, rank)
+            ]
             ax.broken_barh(spans, (y - 0.4, 0.8), color=colors.get(lane, "gray"))
         ax.set_yticks(range(len(lanes)), [f"{lane} r{rank}" for lane, rank in lanes])
         ax.set_title(f"m = {r['m']}: one decode step, {r['decode_tokens_per_s']:.0f} tok/s")

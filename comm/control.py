@@ -9,7 +9,6 @@ from datetime import timedelta
 
 import torch.distributed as dist
 import zmq
-
 from afd.comm import wire
 
 

@@ -100,8 +100,15 @@ class TorchTransport:
         return out
 
     # ---- expert side ----------------------------------------------------------------------
-    def receive(self, sources: list[int], layer: int, micro_batch: int, hidden: int, top_k: int,
-                dtype: torch.dtype) -> ExpertBatch:  # fmt: skip
+    def receive(
+        self,
+        sources: list[int],
+        layer: int,
+        micro_batch: int,
+        hidden: int,
+        top_k: int,
+        dtype: torch.dtype,
+    ) -> ExpertBatch:
         tag = message_tag(layer, micro_batch, False)
         headers = [torch.empty(1, dtype=torch.int64, device=self.device) for _ in sources]
         for w in [dist.irecv(hd, src, tag=tag) for hd, src in zip(headers, sources, strict=True)]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import time
 
 import torch
-
 from afd.comm.control import WorkerChannel, dist_backend, init_world
 from afd.comm.transport import get_transport
+
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import expert_split
 

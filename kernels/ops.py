@@ -1,4 +1,4 @@
-"""Kernel entry points the engine calls; the backend (torch or triton) is picked here and only here."""
+"""Kernel entry points the engine calls; the backend (torch or triton) is picked only here."""
 
 from __future__ import annotations
 
@@ -43,6 +43,12 @@ def _pick(name: str, x: torch.Tensor) -> Callable:
 
 
 def _load_triton() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("afd.kernels.triton_ops") is None:
+        if _backend == "triton":
+            raise RuntimeError("Triton kernels are not implemented yet; use --kernel-backend torch")
+        return
     try:
         from afd.kernels import triton_ops  # noqa: F401  (registers into _TRITON_IMPLS)
     except ImportError as e:

@@ -11,7 +11,7 @@ from afd.models.metadata import AttentionMetadata
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm in float32 like transformers; with `residual`, normalises x + residual and returns it."""
+    """RMSNorm in float32 like transformers; with `residual`, normalises x + residual too."""
     if residual is not None:
         x = x + residual
         residual = x

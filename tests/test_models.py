@@ -75,9 +75,14 @@ def _hf_greedy(path, prompts, new_tokens):
     for p in prompts:
         with torch.no_grad():
             r = hf.generate(
-                torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
-                output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-            )  # fmt: skip
+                torch.tensor([p]),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                min_new_tokens=new_tokens,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
         outs.append(r.sequences[0, len(p) :].tolist())
         lps.append([torch.log_softmax(s[0].float(), -1) for s in r.logits])
     return outs, lps

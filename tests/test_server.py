@@ -27,10 +27,27 @@ def free_port() -> int:
 def server():
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "afd", "launch", "--port", str(port), "--dtype", "float32",
-         "--num-micro-batches", "2", "--max-model-len", "256", "--api-key", "sk-test"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "afd",
+            "launch",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--num-micro-batches",
+            "2",
+            "--max-model-len",
+            "256",
+            "--api-key",
+            "sk-test",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -60,20 +77,36 @@ def test_openai_client_matches_offline(server):
     want = offline.generate(
         ["Hello there"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     )
-    r = client.completions.create(model="tiny-qwen3-moe", prompt="Hello there", max_tokens=12,
-                                  temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    r = client.completions.create(
+        model="tiny-qwen3-moe",
+        prompt="Hello there",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].text == want[0].outputs[0].text
     assert r.usage.completion_tokens == 12
     streamed = "".join(
         c.choices[0].text
-        for c in client.completions.create(model="tiny-qwen3-moe", prompt="Hello there", max_tokens=12,
-                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
-    )  # fmt: skip
+        for c in client.completions.create(
+            model="tiny-qwen3-moe",
+            prompt="Hello there",
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert streamed == want[0].outputs[0].text
     msgs = [{"role": "user", "content": "Hi!"}]
     chat_want = offline.chat(msgs, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
-    c = client.chat.completions.create(model="tiny-qwen3-moe", messages=msgs, max_tokens=10,
-                                       temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    c = client.chat.completions.create(
+        model="tiny-qwen3-moe",
+        messages=msgs,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert c.choices[0].message.content == chat_want.outputs[0].text
     parts = client.chat.completions.create(
         model="tiny-qwen3-moe",
@@ -106,8 +139,13 @@ def test_bad_requests_get_openai_errors(server, body, status):
     base, _ = server
     headers = {"Authorization": "Bearer sk-test", "Content-Type": "application/json"}
     content = body if isinstance(body, str) else None
-    r = httpx.post(f"{base}/v1/completions", headers=headers, content=content,
-                   json=None if content else body, timeout=30)  # fmt: skip
+    r = httpx.post(
+        f"{base}/v1/completions",
+        headers=headers,
+        content=content,
+        json=None if content else body,
+        timeout=30,
+    )
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]

@@ -64,7 +64,7 @@ class RotaryEmbedding(nn.Module):
         return cos[:, None, :], sin[:, None, :]  # [T, 1, d/2]
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, d] -> rotated; interleaved input comes out de-interleaved (dot products agree)."""
+        """x [T, heads, d] -> rotated; interleaved pairs come out de-interleaved (dots agree)."""
         if self.interleaved:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:

@@ -19,19 +19,33 @@ def build_router(config: ModelConfig) -> Router:
     h, e, k = config.hidden_size, config.n_routed_experts, config.num_experts_per_tok
     if config.model_type == "deepseek_v3":
         return Router(
-            h, e, k, scoring="sigmoid", method="noaux_tc",
-            norm_topk_prob=bool(hf.norm_topk_prob), n_group=hf.n_group, topk_group=hf.topk_group,
-            routed_scaling_factor=hf.routed_scaling_factor, fp32_logits=True, correction_bias=True,
-        )  # fmt: skip
+            h,
+            e,
+            k,
+            scoring="sigmoid",
+            method="noaux_tc",
+            norm_topk_prob=bool(hf.norm_topk_prob),
+            n_group=hf.n_group,
+            topk_group=hf.topk_group,
+            routed_scaling_factor=hf.routed_scaling_factor,
+            fp32_logits=True,
+            correction_bias=True,
+        )
     if config.model_type == "deepseek_v2":
         method = getattr(hf, "topk_method", "greedy")
         if method not in ("greedy", "group_limited_greedy"):
             raise ValueError(f"unsupported DeepSeek-V2 topk_method {method!r}")
         return Router(
-            h, e, k, scoring="softmax", method=method, n_group=hf.n_group or 1,
-            topk_group=hf.topk_group or 1, routed_scaling_factor=hf.routed_scaling_factor,
+            h,
+            e,
+            k,
+            scoring="softmax",
+            method=method,
+            n_group=hf.n_group or 1,
+            topk_group=hf.topk_group or 1,
+            routed_scaling_factor=hf.routed_scaling_factor,
             fp32_logits=True,
-        )  # fmt: skip
+        )
     return Router(h, e, k, norm_topk_prob=bool(getattr(hf, "norm_topk_prob", False)))
 
 
