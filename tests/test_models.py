@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import hf_greedy
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import AttentionMetadata, allocate_kv_cache
@@ -67,27 +68,6 @@ def _run_paged(model, prompts, new_tokens, chunk=None):
     return outs, lps
 
 
-def _hf_greedy(path, prompts, new_tokens):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    outs, lps = [], []
-    for p in prompts:
-        with torch.no_grad():
-            r = hf.generate(
-                torch.tensor([p]),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                min_new_tokens=new_tokens,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=0,
-            )
-        outs.append(r.sequences[0, len(p) :].tolist())
-        lps.append([torch.log_softmax(s[0].float(), -1) for s in r.logits])
-    return outs, lps
-
-
 def _assert_same(ours, theirs):
     (o_tok, o_lp), (h_tok, h_lp) = ours, theirs
     for i, (a, b) in enumerate(zip(o_tok, h_tok, strict=True)):
@@ -99,7 +79,7 @@ def _assert_same(ours, theirs):
 def test_greedy_matches_transformers(checkpoint):
     model = load_model(checkpoint, dtype=torch.float32)
     prompts = _prompts(8, model.config.vocab_size)
-    ref = _hf_greedy(checkpoint, prompts, 32)
+    ref = hf_greedy(checkpoint, prompts, 32)
     _assert_same(_run_paged(model, prompts, 32), ref)
     _assert_same(_run_paged(model, prompts, 32, chunk=5), ref)
 
