@@ -34,6 +34,7 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     eos_token_ids: list[int]
+    bos_token_id: int | None
     torch_dtype: str | None
     n_routed_experts: int
     num_experts_per_tok: int
@@ -45,6 +46,15 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # rotary: rope_scaling is None for plain RoPE, else transformers' rope_parameters (e.g. YaRN)
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rope_interleave: bool = False
+    # which layers are MoE (the family's own rule reads these, see is_moe_layer)
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
@@ -67,16 +77,31 @@ class ModelConfig:
                 f"AFD supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         fields = {k: v for k, v in raw.items() if k != "model_type"}
+        if "torch_dtype" in fields:  # the pre-transformers-5 name
+            fields.setdefault("dtype", fields.pop("torch_dtype"))
         return cls.from_hf(AutoConfig.for_model(model_type, **fields))
 
     @classmethod
     def from_hf(cls, hf: Any) -> ModelConfig:
+        """From a config.json dict or a transformers `PretrainedConfig`."""
+        if isinstance(hf, dict):
+            return cls.from_hf_dict(hf)
         model_type = hf.model_type
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}; "
+                f"AFD supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         is_mla = model_type.startswith("deepseek")
         eos = getattr(hf, "eos_token_id", None)
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         num_heads = hf.num_attention_heads
-        dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
+        # transformers 5 reads config.json's torch_dtype into `dtype` (the old attribute warns)
+        dtype = getattr(hf, "dtype", None)
+        # transformers 5 folds old-style rope_theta / rope_scaling into rope_parameters
+        rope = dict(getattr(hf, "rope_parameters", None) or {})
+        rope_theta = float(rope.get("rope_theta", getattr(hf, "rope_theta", None) or 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
         return cls(
             hf=hf,
             model_type=model_type,
@@ -90,6 +115,7 @@ class ModelConfig:
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             eos_token_ids=eos_ids,
+            bos_token_id=getattr(hf, "bos_token_id", None),
             torch_dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
             n_routed_experts=_first(hf, "n_routed_experts", "num_local_experts", "num_experts"),
             num_experts_per_tok=hf.num_experts_per_tok,
@@ -100,16 +126,26 @@ class ModelConfig:
             qk_nope_head_dim=getattr(hf, "qk_nope_head_dim", 0) if is_mla else 0,
             qk_rope_head_dim=getattr(hf, "qk_rope_head_dim", 0) if is_mla else 0,
             v_head_dim=getattr(hf, "v_head_dim", 0) if is_mla else 0,
+            rope_theta=rope_theta,
+            rope_scaling=rope if rope_type != "default" else None,
+            # DeepSeek-V2 always pairs adjacent dims; V3 only when rope_interleave is set
+            rope_interleave=model_type == "deepseek_v2"
+            or (model_type == "deepseek_v3" and bool(getattr(hf, "rope_interleave", False))),
+            decoder_sparse_step=getattr(hf, "decoder_sparse_step", None) or 1,
+            mlp_only_layers=tuple(getattr(hf, "mlp_only_layers", None) or ()),
+            first_k_dense_replace=getattr(hf, "first_k_dense_replace", None) or 0,
+            moe_layer_freq=getattr(hf, "moe_layer_freq", None) or 1,
         )
 
     def is_moe_layer(self, i: int) -> bool:
         """Same rule as transformers' decoder layer for the family."""
-        hf = self.hf
+        if self.n_routed_experts <= 0:
+            return False
         if self.is_mla:
-            return i >= (getattr(hf, "first_k_dense_replace", 0) or 0)
-        mlp_only = getattr(hf, "mlp_only_layers", None) or []
-        step = getattr(hf, "decoder_sparse_step", 1) or 1
-        return i not in mlp_only and self.n_routed_experts > 0 and (i + 1) % step == 0
+            # transformers ignores moe_layer_freq; every published checkpoint has it at 1
+            return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+        step = self.decoder_sparse_step
+        return i not in self.mlp_only_layers and (i + 1) % step == 0
 
     @property
     def moe_layers(self) -> list[int]:
@@ -120,3 +156,8 @@ class ModelConfig:
         if self.is_mla:
             return (block_size, self.kv_lora_rank + self.qk_rope_head_dim), 1
         return (block_size, self.num_key_value_heads, self.head_dim), 2
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> list[tuple[int, ...]]:
+        """Shapes of one layer's cache tensors: GQA [k, v] [N, bs, Hkv, D]; MLA [N, bs, L + R]."""
+        shape, n = self.kv_cache_block_shape(block_size)
+        return [(num_blocks, *shape)] * n

@@ -53,22 +53,26 @@ def load_model(
     dtype = _resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = build_model(config, part, expert_range)
-    model = model.to_empty(device=device).to(dtype)
+    # cast on meta first so only the target dtype is ever allocated
+    model = model.to(dtype).to_empty(device=device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     _keep_router_bias_fp32(model)
     targets = dict(model.named_parameters())
     targets.update(
         {k: v for k, v in model.named_buffers() if k.endswith("e_score_correction_bias")}
     )
-    expected = set(targets)
     loaded: set[str] = set()
     files = safetensors_files(model_dir)
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
     for f, names in by_file.items():
+        if not f.is_file():
+            raise FileNotFoundError(f"weight file {f} named in the checkpoint index is missing")
         with safe_open(str(f), framework="pt") as st:
             for name in names:
-                dest = _destination(name, model, part)
+                dest = _destination(name, model, part, targets)
                 if dest is None:
                     continue
                 target_name, param, index = dest
@@ -84,7 +88,7 @@ def load_model(
                         )
                     view.copy_(tensor.to(param.dtype))
                 loaded.add(target_name if index is None else f"{target_name}[{index}]")
-    _check_complete(model, expected, loaded, part)
+    _check_complete(model, targets, loaded, part)
     return model.eval()
 
 
@@ -106,12 +110,14 @@ def _keep_router_bias_fp32(model: nn.Module) -> None:
             buf.data = buf.data.float()
 
 
-def _destination(name: str, model: nn.Module, part: str):
+def _destination(name: str, model: nn.Module, part: str, targets: dict[str, torch.Tensor]):
     """(our parameter name, tensor, index into a stacked expert tensor or None), or None to skip."""
     m = _EXPERT_KEY.match(name)
     if m is not None:
         layer, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
-        if part == "attention":
+        # layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction layer) are unused
+        cfg = model.config
+        if part == "attention" or layer >= cfg.num_hidden_layers or not cfg.is_moe_layer(layer):
             return None
         shard = (
             model.experts[str(layer)]
@@ -127,25 +133,24 @@ def _destination(name: str, model: nn.Module, part: str):
             return f"{prefix}.w2", shard.w2, local
         rows = slice(0, inter) if proj == "gate" else slice(inter, 2 * inter)
         return f"{prefix}.w13", shard.w13, (local, rows)
-    if part == "experts":
+    if part == "experts" or name not in targets:
         return None
-    params = dict(model.named_parameters())
-    if name in params:
-        return name, params[name], None
-    buffers = dict(model.named_buffers())
-    if name in buffers:
-        return name, buffers[name], None
-    return None
+    return name, targets[name], None
 
 
-def _check_complete(model: nn.Module, expected: set[str], loaded: set[str], part: str) -> None:
+def _check_complete(
+    model: nn.Module, targets: dict[str, torch.Tensor], loaded: set[str], part: str
+) -> None:
+    stacked: dict[str, int] = {}
+    for item in loaded:
+        if "[" in item:
+            base = item.split("[", 1)[0]
+            stacked[base] = stacked.get(base, 0) + 1
     missing = []
-    for name in sorted(expected):
+    for name in sorted(targets):
         if name.endswith(".w13") or name.endswith(".w2"):
-            param = dict(model.named_parameters())[name]
             per = 2 if name.endswith(".w13") else 1
-            got = sum(1 for item in loaded if item.startswith(name + "["))
-            if got != per * param.shape[0]:
+            if stacked.get(name, 0) != per * targets[name].shape[0]:
                 missing.append(name)
         elif name not in loaded:
             if name == "lm_head.weight" and model.config.tie_word_embeddings:

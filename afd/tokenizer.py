@@ -4,35 +4,103 @@ chat templates, and incremental detokenization with stop strings."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-
-from afd.sampling_params import SamplingParams
+from typing import Any
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Qwen's ChatML layout; list-of-parts content (OpenAI style) is joined from its text parts.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% if message['content'] is string %}{% set content = message['content'] %}"
+    "{% else %}{% set content = message['content'] | map(attribute='text') | join('') %}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_CORPUS = """
+_CORPUS = """\
 The quick brown fox jumps over the lazy dog. A mixture of experts model routes every token to a
-few experts. Attention workers hold the key value cache while expert workers hold the weights of
-the experts. Micro batches ping pong between the two sides so that both stay busy. Hello, my name
-is Ada and I like to write programs in Python. What is the capital of France? Paris is the capital
-of France. Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Once upon a time there was a small model that
-generated random text. User: how are you today? Assistant: I am fine, thank you for asking.
+few experts, and only those experts run for that token. Attention workers hold the key value cache
+while expert workers hold the weights of the experts. Micro batches ping pong between the two
+sides so that both of them stay busy, and the time spent sending hidden states is hidden behind
+the time spent computing.
+
+Hello, my name is Ada and I like to write programs in Python. What is the capital of France?
+Paris is the capital of France. Berlin is the capital of Germany, Rome is the capital of Italy,
+and Madrid is the capital of Spain. Tokyo, Beijing, Seoul and Delhi are large cities in Asia.
+
+Once upon a time there was a small model that generated random text. It lived on a server in a
+cold room full of humming machines. Every morning the operators asked it questions, and every
+morning it answered with words that nobody could understand. Still, they were proud of it.
+
+User: How are you today?
+Assistant: I am fine, thank you for asking. How can I help you?
+User: Please summarise the following paragraph in one sentence.
+Assistant: Sure! Here is a short summary of the paragraph you sent me.
+
+def fibonacci(n: int) -> int:
+    if n < 2:
+        return n
+    return fibonacci(n - 1) + fibonacci(n - 2)
+
+for i in range(10):
+    print(i, fibonacci(i))
+
+{"name": "weather", "arguments": {"city": "London", "unit": "celsius"}}
+<html><body><p>Welcome to the home page.</p></body></html>
+SELECT name, price FROM products WHERE price > 100 ORDER BY price DESC;
+
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 12 25 42 64 100 128 256 512 1000 1024 2048 4096 65536.
+Dates and times: 2024-01-15, 12:30:45, Monday, Tuesday, Wednesday, Thursday, Friday.
+Punctuation: commas, periods. Questions? Exclamations! Quotes "like this" and 'like that';
+parentheses (round) [square] {curly} <angle>; dashes - and -- and slashes / \\ | ~ ^ * & % $ # @.
+
+Some words from other languages: café, naïve, résumé, über, Straße, señor, smörgåsbord,
+日本語, 中文, 한국어, русский язык, ελληνικά, العربية, हिन्दी, and a few emoji: 🙂 🚀 ✨.
+
+Science: water boils at one hundred degrees Celsius at sea level. The speed of light is about
+three hundred thousand kilometres per second. Energy equals mass times the speed of light squared.
+The mitochondria is the powerhouse of the cell. Plants turn sunlight, water and carbon dioxide
+into sugar and oxygen.
 """
+
+_SUBJECTS = ["The model", "A worker", "The scheduler", "Each expert", "My friend", "The cat"]
+_VERBS = ["reads", "writes", "sends", "computes", "finds", "keeps", "likes", "moves"]
+_OBJECTS = ["the cache", "a token", "many numbers", "the answer", "some data", "a long story"]
+_ENDINGS = [".", "!", "?", " quickly.", " again.", " every day."]
+
+
+def builtin_corpus() -> str:
+    """A few KB of varied English (plus code, numbers, non-ASCII), the same on every call."""
+    lines = []
+    # Deterministic walk over subject/verb/object combinations: varied, reproducible text.
+    for i in range(120):
+        s = _SUBJECTS[i % len(_SUBJECTS)]
+        v = _VERBS[(i * 3) % len(_VERBS)]
+        o = _OBJECTS[(i * 5) % len(_OBJECTS)]
+        e = _ENDINGS[(i * 7) % len(_ENDINGS)]
+        lines.append(f"{s} {v} {o}{e} ({i * 37 % 1000})")
+    return _CORPUS + "\n".join(lines) + "\n"
 
 
 def train_bytelevel_bpe(
-    out_dir: str | Path, vocab_size: int, chat_template: str = CHATML_TEMPLATE
+    out_dir: str | Path,
+    vocab_size: int,
+    seed_text: str | None = None,
+    *,
+    chat_template: str = CHATML_TEMPLATE,
 ) -> None:
-    """Train a byte-level BPE tokenizer of exactly `vocab_size` ids on a built-in corpus."""
+    """Train a byte-level BPE tokenizer of exactly `vocab_size` ids on a built-in corpus (plus
+    `seed_text`); writes tokenizer.json and tokenizer_config.json, byte-identical per input."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
+    minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size must be at least {minimum} for byte-level BPE")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -42,9 +110,15 @@ def train_bytelevel_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    if tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"trained vocabulary {tok.get_vocab_size()} exceeds {vocab_size}")
+    corpus = builtin_corpus() + (seed_text or "")
+    tok.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
+    # A small corpus runs out of merges before a large vocab is full; reserved special tokens fill
+    # the rest so every id a model of this vocab size can emit decodes.
+    missing = vocab_size - tok.get_vocab_size()
+    if missing > 0:
+        tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(missing)])
+    if tok.get_vocab_size() != vocab_size:
+        raise ValueError(f"trained vocabulary has {tok.get_vocab_size()} ids, not {vocab_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
@@ -53,134 +127,302 @@ def train_bytelevel_bpe(
         "bos_token": None,
         "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>",
+        "unk_token": None,
         "add_bos_token": False,
+        "add_eos_token": False,
         "chat_template": chat_template,
         "model_max_length": 2048,
+        "clean_up_tokenization_spaces": False,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _token_text(token: Any) -> str | None:
+    """tokenizer_config stores special tokens as strings or AddedToken dicts."""
+    if isinstance(token, dict):
+        return token.get("content")
+    return token if isinstance(token, str) else None
+
+
+def _as_id_set(value: Any) -> set[int]:
+    if isinstance(value, int):
+        return {value}
+    if isinstance(value, list):
+        return {int(v) for v in value if isinstance(v, int)}
+    return set()
+
+
+_SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 class Tokenizer:
-    """encode / decode / chat template over a `tokenizers` tokenizer.json."""
+    """encode / decode / chat template over a Hugging Face tokenizer.json, without transformers."""
 
-    def __init__(self, hf_tokenizer, config: dict, eos_ids: set[int]):
+    def __init__(self, hf_tokenizer: Any, config: dict, eos_ids: Iterable[int] = ()):
         self._tok = hf_tokenizer
         self.config = config
-        self.chat_template = config.get("chat_template")
-        bos = _token_text(config.get("bos_token"))
-        self.bos_token_id = hf_tokenizer.token_to_id(bos) if bos else None
-        self.add_bos = bool(config.get("add_bos_token", False)) and self.bos_token_id is not None
-        eos = _token_text(config.get("eos_token"))
-        self.eos_token_ids = set(eos_ids)
-        if eos and hf_tokenizer.token_to_id(eos) is not None:
-            self.eos_token_ids.add(hf_tokenizer.token_to_id(eos))
-        self.vocab_size = hf_tokenizer.get_vocab_size()
+        self.chat_template: str | None = _select_template(config.get("chat_template"))
+        self.special_tokens: dict[str, str] = {
+            key: text for key in _SPECIAL_TOKEN_KEYS if (text := _token_text(config.get(key)))
+        }
+        bos = self.special_tokens.get("bos_token")
+        self.bos_token_id: int | None = hf_tokenizer.token_to_id(bos) if bos else None
+        eos = self.special_tokens.get("eos_token")
+        self.eos_token_id: int | None = hf_tokenizer.token_to_id(eos) if eos else None
+        self.eos_token_ids: set[int] = set(eos_ids)
+        if self.eos_token_id is not None:
+            self.eos_token_ids.add(self.eos_token_id)
+        # HF semantics: an explicit add_bos_token/add_eos_token replaces the tokenizer.json
+        # post-processor; without them the post-processor decides (e.g. Llama 3 adds BOS there).
+        self._explicit_specials = "add_bos_token" in config or "add_eos_token" in config
+        self.add_bos = bool(config.get("add_bos_token")) and self.bos_token_id is not None
+        self.add_eos = bool(config.get("add_eos_token")) and self.eos_token_id is not None
+        self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        self._template = None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> Tokenizer:
+        """Load tokenizer.json, tokenizer_config.json and eos ids (generation_config / config)."""
         from tokenizers import Tokenizer as HFTokenizer
 
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json in model directory {model_dir}")
-        config_path = model_dir / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = _read_json(model_dir / "tokenizer_config.json")
         template_file = model_dir / "chat_template.jinja"
         if not config.get("chat_template") and template_file.is_file():
             config["chat_template"] = template_file.read_text()
-        eos_ids: set[int] = set()
-        gen = model_dir / "generation_config.json"
-        if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            eos_ids |= set([eos] if isinstance(eos, int) else (eos or []))
+        eos_ids = _as_id_set(_read_json(model_dir / "generation_config.json").get("eos_token_id"))
+        eos_ids |= _as_id_set(_read_json(model_dir / "config.json").get("eos_token_id"))
         return cls(HFTokenizer.from_file(str(path)), config, eos_ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; BOS/EOS added as the tokenizer's config says."""
+        if not self._explicit_specials:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos:
             ids = [self.bos_token_id, *ids]
+        if add_special_tokens and self.add_eos:
+            ids = [*ids, self.eos_token_id]
         return ids
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        """Render `messages` with the model's chat template (HF's jinja environment)."""
         if not self.chat_template:
-            raise ValueError("this model's tokenizer has no chat template")
+            raise ValueError(
+                "this model's tokenizer has no chat template; use the completions API "
+                "or a model whose tokenizer_config.json has a chat_template"
+            )
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message: str):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
         try:
-            return env.from_string(self.chat_template).render(
+            return self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
-                bos_token=_token_text(self.config.get("bos_token")) or "",
-                eos_token=_token_text(self.config.get("eos_token")) or "",
+                **{**self.special_tokens, **kwargs},
             )
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"chat template failed: {e}") from e
 
 
-def _token_text(tok) -> str | None:
-    if isinstance(tok, dict):
-        return tok.get("content")
-    return tok
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _select_template(template: Any) -> str | None:
+    """A template string, or the 'default' one of HF's list-of-named-templates form."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        return named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _compile_template(source: str):
+    """Compile with the environment transformers uses, so Hub templates render the same."""
+    from datetime import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters; HF's does not
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    # Some templates wrap assistant turns in {% generation %}: rendered as a plain block here.
+    source = source.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    source = source.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    return env.from_string(source)
+
+
+# ---- stop strings ------------------------------------------------------------------------------
+
+
+class StopChecker:
+    """Finds the earliest stop string in a growing text and how much of its tail to hold back."""
+
+    def __init__(self, stop: Iterable[str] | str | None):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        self.stop = stops
+        self.max_len = max((len(s) for s in stops), default=0)
+
+    def find(self, text: str, start: int = 0) -> tuple[int, str] | None:
+        """(position, stop string) of the earliest stop string starting at or after `start`."""
+        best: tuple[int, str] | None = None
+        for s in self.stop:
+            pos = text.find(s, start)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, s)
+        return best
+
+    def check(self, text: str, prev_len: int = 0) -> tuple[str, str] | None:
+        """(text cut before the stop string, stop string) if one occurs; `prev_len` is the length
+        of a prefix already checked, so only the region a new match could touch is searched."""
+        if not self.stop:
+            return None
+        hit = self.find(text, max(0, prev_len - self.max_len + 1))
+        return None if hit is None else (text[: hit[0]], hit[1])
+
+    def holdback(self, text: str) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+def truncate_at_stop(text: str, stop: Iterable[str] | str | None) -> tuple[str, str | None]:
+    """`text` cut before its earliest stop string (excluded), and that string (or None)."""
+    hit = StopChecker(stop).check(text)
+    return (text, None) if hit is None else hit
+
+
+# ---- incremental detokenization ----------------------------------------------------------------
 
 
 class IncrementalDetokenizer:
-    """Text of one sequence's output so far; holds back broken UTF-8 and possible stop-string
-    prefixes from `text`, and reports when a stop string ends the output."""
+    """Streaming text of one sequence's output tokens.
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams):
+    `text` only grows, never ends in a broken UTF-8 character or in a tail that could start a stop
+    string, and equals `decode(all ids)` (cut before the first stop string) once finished.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: list[int] | None = None,
+        params: Any = None,
+        *,
+        stop: Iterable[str] | str | None = None,
+        skip_special_tokens: bool = True,
+    ):
+        # prompt_ids are accepted for API symmetry but unused: the output is decoded on its own,
+        # exactly as decode(output ids) would.
         self.tokenizer = tokenizer
-        self.stop: list[str] = list(params.stop or [])
+        self.skip_special_tokens = skip_special_tokens
+        self.stop_checker = StopChecker(stop if params is None else params.stop)
         self.ids: list[int] = []
-        self.full_text = ""
+        self.decoded = ""  # all complete text so far (cut at a stop string once one is found)
         self.text = ""  # what may be shown now
         self.stop_reason: str | None = None
+        self.finished = False
+        # Decode windows: text for ids[prefix:read] was already emitted; decoding from `prefix`
+        # keeps tokenizers that strip a leading space or merge bytes across tokens consistent.
+        self._prefix_offset = 0
+        self._read_offset = 0
 
     def add_token(self, token_id: int, final: bool = False) -> bool:
-        """Add a token; True when a stop string was found (the text is cut before it)."""
+        """Add one token; True when a stop string was found (the text is cut before it)."""
         if self.stop_reason is not None:
             return True
-        self.ids.append(token_id)
-        # Full re-decode keeps merges across tokens exact; outputs here are short.
-        self.full_text = self.tokenizer.decode(self.ids)
-        for s in self.stop:
-            pos = self.full_text.find(s)
-            if pos != -1:
-                self.full_text = self.full_text[:pos]
-                self.text = self.full_text
-                self.stop_reason = s
+        if self.finished:
+            raise RuntimeError("add_token after the detokenizer was finished")
+        self.ids.append(int(token_id))
+        prev_len = len(self.decoded)
+        if final:
+            self.decoded = self.tokenizer.decode(self.ids, self.skip_special_tokens)
+        else:
+            self.decoded += self._new_text()
+        hit = self.stop_checker.check(self.decoded, prev_len)
+        if hit is not None:
+            self.decoded, self.stop_reason = hit
+            self.text = self.decoded
+            self.finished = True
+            return True
+        if final:
+            self.text = self.decoded
+            self.finished = True
+        else:
+            visible = self.decoded[: len(self.decoded) - self.stop_checker.holdback(self.decoded)]
+            if len(visible) > len(self.text):
+                self.text = visible
+        return False
+
+    def add_tokens(self, token_ids: Iterable[int], final: bool = False) -> bool:
+        """Add several tokens (e.g. a speculative or batched step); True on a stop string."""
+        ids = list(token_ids)
+        for i, t in enumerate(ids):
+            if self.add_token(t, final=final and i == len(ids) - 1):
                 return True
-        visible = self.full_text
-        if not final:
-            if visible.endswith("\ufffd"):
-                visible = visible.rstrip("\ufffd")
-            hold = max((_overlap(visible, s) for s in self.stop), default=0)
-            visible = visible[: len(visible) - hold]
-        if len(visible) >= len(self.text) or final:
-            self.text = visible
         return False
 
     def finalize(self) -> None:
-        if self.stop_reason is None:
-            self.text = self.full_text
+        """Flush held-back text: the sequence ended for a reason other than a stop string."""
+        if self.stop_reason is None and not self.finished:
+            decoded = self.tokenizer.decode(self.ids, self.skip_special_tokens)
+            hit = self.stop_checker.check(decoded, len(self.decoded))
+            if hit is not None:
+                decoded, self.stop_reason = hit
+            self.decoded = self.text = decoded
+            self.finished = True
 
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of stop."""
-    for n in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
+    def _new_text(self) -> str:
+        decode = self.tokenizer.decode
+        ids, skip = self.ids, self.skip_special_tokens
+        prefix_text = decode(ids[self._prefix_offset : self._read_offset], skip)
+        full_text = decode(ids[self._prefix_offset :], skip)
+        # A trailing U+FFFD means the last token ends inside a multi-byte character: wait.
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(ids)
+            return full_text[len(prefix_text) :]
+        return ""

@@ -8,11 +8,16 @@ from collections.abc import Callable
 import torch
 from afd.kernels import torch_ops
 
+from afd.models.metadata import AttentionMetadata
+
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+# "triton" on CPU tensors needs TRITON_INTERPRET=1 (how CI runs the kernels); "auto" picks
+# triton only for CUDA tensors.
 _backend = os.environ.get("AFD_KERNEL_BACKEND", "auto")
 
 # name -> triton implementation, filled by afd.kernels.triton_ops when triton imports
 _TRITON_IMPLS: dict[str, Callable] = {}
+_triton_import_error: ImportError | None = None
 
 
 def set_kernel_backend(name: str) -> None:
@@ -26,53 +31,94 @@ def set_kernel_backend(name: str) -> None:
 
 
 def get_kernel_backend() -> str:
+    """The backend name set by set_kernel_backend (or AFD_KERNEL_BACKEND)."""
     return _backend
 
 
 def _pick(name: str, x: torch.Tensor) -> Callable:
+    """The implementation of `name` for tensor `x` under the current backend."""
     if _backend == "torch" or (_backend == "auto" and not x.is_cuda):
         return getattr(torch_ops, name)
-    if not _TRITON_IMPLS:
-        _load_triton()
-    impl = _TRITON_IMPLS.get(name)
-    if impl is None:
-        if _backend == "triton":
-            raise RuntimeError(f"kernel {name!r} has no triton implementation")
-        return getattr(torch_ops, name)
-    return impl
-
-
-def _load_triton() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("afd.kernels.triton_ops") is None:
-        if _backend == "triton":
-            raise RuntimeError("Triton kernels are not implemented yet; use --kernel-backend torch")
-        return
-    try:
-        from afd.kernels import triton_ops  # noqa: F401  (registers into _TRITON_IMPLS)
-    except ImportError as e:
-        if _backend == "triton":
+    impl = _TRITON_IMPLS.get(name) if triton_available() else None
+    if impl is not None:
+        return impl
+    if _backend == "triton":
+        if _triton_import_error is not None:
             raise RuntimeError(
                 "--kernel-backend triton needs the 'triton' package: pip install 'afd[triton]'"
-            ) from e
+            ) from _triton_import_error
+        raise RuntimeError(f"kernel {name!r} has no triton implementation")
+    return getattr(torch_ops, name)
 
 
-def rms_norm(x, weight, eps, residual=None):
+def triton_available() -> bool:
+    """True when the Triton kernels import (tried once; the error is kept for the message)."""
+    global _triton_import_error
+    if not _TRITON_IMPLS and _triton_import_error is None:
+        try:
+            from afd.kernels import triton_ops  # noqa: F401  (registers into _TRITON_IMPLS)
+        except ImportError as e:
+            _triton_import_error = e
+    return bool(_TRITON_IMPLS)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim; with `residual` returns (norm(x + residual), x + residual)."""
     return _pick("rms_norm", x)(x, weight, eps, residual)
 
 
-def fused_moe(x, w13, w2, topk_weights, topk_ids):
+def fused_moe(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k] shard-local; ids < 0 or >= E are skipped
+) -> torch.Tensor:
+    """Routed experts: sum_j w_j * down(silu(gate(x)) * up(x)) over each token's top-k -> [T, H]."""
     return _pick("fused_moe", x)(x, w13, w2, topk_weights, topk_ids)
 
 
-def store_kv(k, k_cache, slot_mapping, v=None, v_cache=None):
-    return torch_ops.store_kv(k, k_cache, slot_mapping, v, v_cache)
+def store_kv(
+    k: torch.Tensor,
+    k_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    v: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+) -> None:
+    """Write new keys (and values) into their paged cache slots (an indexed copy on any device)."""
+    torch_ops.store_kv(k, k_cache, slot_mapping, v, v_cache)
 
 
-def paged_attention(q, k_cache, v_cache, meta, scale):
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+    v_cache: torch.Tensor,  # [N, bs, Hkv, Dv]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal varlen attention over the paged cache -> [T, Hq, Dv]."""
     return _pick("paged_attention", q)(q, k_cache, v_cache, meta, scale)
 
 
-def mla_attention(q_latent, q_rope, kv_cache, meta, scale):
+def mla_attention(
+    q_latent: torch.Tensor,  # [T, Hq, L]
+    q_rope: torch.Tensor,  # [T, Hq, R]
+    kv_cache: torch.Tensor,  # [N, bs, L + R]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Absorbed MLA over the paged latent cache -> [T, Hq, L]."""
     return _pick("mla_attention", q_latent)(q_latent, q_rope, kv_cache, meta, scale)
+
+
+def rotary_embedding(
+    q: torch.Tensor,  # [T, Hq, d]
+    k: torch.Tensor,  # [T, Hk, d]
+    cos: torch.Tensor,  # [T, d/2], attention scaling folded in
+    sin: torch.Tensor,  # [T, d/2]
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q and k (NeoX halves, or DeepSeek's interleaved pairs de-interleaved)."""
+    return _pick("rotary_embedding", q)(q, k, cos, sin, interleaved)

@@ -128,3 +128,23 @@ def mla_attention(
     k_cache = kv_cache.unsqueeze(2)  # [N, bs, 1, L + R]
     v_cache = kv_cache[..., :latent].unsqueeze(2)  # [N, bs, 1, L]
     return paged_attention(q, k_cache, v_cache, meta, scale)
+
+
+def rotary_embedding(
+    q: torch.Tensor,  # [T, Hq, d]
+    k: torch.Tensor,  # [T, Hk, d]
+    cos: torch.Tensor,  # [T, d/2] (any YaRN attention factor already folded in)
+    sin: torch.Tensor,  # [T, d/2]
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k; interleaved pairs (x0, x1), (x2, x3) come out de-interleaved (dots agree)."""
+    cos, sin = cos.reshape(cos.shape[0], 1, -1), sin.reshape(sin.shape[0], 1, -1)  # [T, 1, d/2]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        if interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    return rotate(q), rotate(k)

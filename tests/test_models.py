@@ -99,3 +99,42 @@ def test_weight_subsets(checkpoint):
     torch.testing.assert_close(
         shard.experts[str(layer)].w13, full.model.layers[layer].mlp.experts.w13[lo:hi]
     )
+
+
+_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "original_max_position_embeddings": 256,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
+VARIANTS = {
+    # every other layer is MoE, the rest dense
+    "qwen3-sparse-step": (
+        "qwen3-moe",
+        dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[]),
+    ),
+    "qwen2-tied-normtopk": ("qwen2-moe", dict(tie_word_embeddings=True, norm_topk_prob=True)),
+    # rotate-half rope (not interleaved) with YaRN, and MLA without q_lora_rank
+    "deepseek-v3-yarn-halfrope": (
+        "deepseek-v3",
+        dict(rope_interleave=False, q_lora_rank=None, rope_parameters=_YARN),
+    ),
+    "deepseek-v2-greedy": (
+        "deepseek-v2",
+        dict(topk_method="greedy", n_group=1, topk_group=1, q_lora_rank=16),
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_config_variants_match_transformers(variant, tmp_path):
+    family, overrides = VARIANTS[variant]
+    path = build_tiny_checkpoint(family, tmp_path / variant, seed=5, **overrides)
+    model = load_model(path, dtype=torch.float32)
+    prompts = _prompts(4, model.config.vocab_size)
+    ref = hf_greedy(path, prompts, 16)
+    _assert_same(_run_paged(model, prompts, 16, chunk=3), ref)

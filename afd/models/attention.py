@@ -77,11 +77,8 @@ class MLAAttention(nn.Module):
             self.latent, self.num_heads * (self.nope + self.v_dim), bias=False
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=bias)
-        interleaved = config.model_type == "deepseek_v2" or bool(
-            getattr(hf, "rope_interleave", False)
-        )
-        self.rotary = RotaryEmbedding(hf, self.rope, interleaved=interleaved)
-        self.scale = _mla_softmax_scale(hf, qk_dim)
+        self.rotary = RotaryEmbedding(hf, self.rope, interleaved=config.rope_interleave)
+        self.scale = _mla_softmax_scale(config.rope_scaling, qk_dim)
 
     def forward(
         self,
@@ -109,15 +106,14 @@ class MLAAttention(nn.Module):
         return self.o_proj(o.reshape(t, -1))
 
 
-def _mla_softmax_scale(hf, qk_dim: int) -> float:
+def _mla_softmax_scale(rope_scaling: dict | None, qk_dim: int) -> float:
     """qk_dim^-0.5, times YaRN's mscale(mscale_all_dim)^2 as transformers does."""
     import math
 
     scale = qk_dim**-0.5
-    params = getattr(hf, "rope_parameters", None) or {}
-    if params.get("rope_type", "default") != "default":
-        mscale_all_dim = params.get("mscale_all_dim", 0)
-        factor = params.get("factor", 1.0)
+    if rope_scaling is not None:
+        mscale_all_dim = rope_scaling.get("mscale_all_dim", 0)
+        factor = rope_scaling.get("factor", 1.0)
         if mscale_all_dim and factor > 1:
             m = 0.1 * mscale_all_dim * math.log(factor) + 1.0
             scale = scale * m * m

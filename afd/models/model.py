@@ -144,7 +144,11 @@ class MoEForCausalLM(nn.Module):
         self.part = part
         self.model = Backbone(config, with_experts=(part == "full"))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share lm_head with the embedding; again after `to_empty`, which unties them."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @property

@@ -1,0 +1,289 @@
+"""Fused MoE in Triton: align routed (token, slot) pairs to experts in blocks of BLOCK_M, grouped
+GEMM for gate/up with SiLU-and-multiply fused, grouped GEMM for down scaled by the router weight,
+then a top-k combine. Same semantics as torch_ops.fused_moe (out-of-range ids contribute zero)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from afd.kernels.triton_utils import INTERPRET, cast_to, check_tensor, next_pow2
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor,  # [T, k]
+    num_experts: int,
+    block_m: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group the flat (token, slot) indices by expert, each group padded to a multiple of block_m.
+
+    Returns `sorted_ids` [P] int32 (padding holds T * k) and `block_experts` [P / block_m] int32
+    (the expert of each block, -1 for unused tail blocks). P is an upper bound known from shapes
+    alone, so nothing here waits on the device.
+    """
+    flat = topk_ids.reshape(-1)
+    n = flat.numel()
+    device = flat.device
+    valid = (flat >= 0) & (flat < num_experts)
+    key = torch.where(valid, flat, num_experts).long()  # invalid ids sort last
+    counts = torch.bincount(key, minlength=num_experts + 1)  # [E + 1]
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m  # [E]
+    padded_end = padded.cumsum(0)
+    padded_start = padded_end - padded
+    order = torch.argsort(key, stable=True)  # [n]
+    sorted_key = key[order]
+    group_start = counts.cumsum(0) - counts  # [E + 1]
+    rank = torch.arange(n, device=device) - group_start[sorted_key]
+    max_padded = n + min(n, num_experts) * (block_m - 1)
+    max_padded = max(block_m, (max_padded + block_m - 1) // block_m * block_m)
+    sorted_ids = torch.full((max_padded,), n, dtype=torch.int32, device=device)
+    keep = sorted_key < num_experts
+    dest = padded_start[sorted_key[keep]] + rank[keep]
+    sorted_ids[dest] = order[keep].to(torch.int32)
+    block_start = torch.arange(0, max_padded, block_m, device=device)
+    block_experts = torch.searchsorted(padded_end, block_start, right=True)
+    block_experts = torch.where(block_experts < num_experts, block_experts, -1).to(torch.int32)
+    return sorted_ids, block_experts
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr,
+    w13_ptr,
+    inter_ptr,
+    sorted_ids_ptr,
+    block_experts_ptr,
+    num_slots,
+    top_k,
+    hidden,
+    inter_size,
+    stride_xt,
+    stride_xh,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_it,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    slot = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_mask = slot < num_slots
+    token = slot // top_k
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < inter_size
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xh  # [BM, BK]
+    w_ptrs = w13_ptr + expert * stride_we
+    g_ptrs = w_ptrs + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
+    u_ptrs = g_ptrs + inter_size * stride_wn  # up rows follow the gate rows in w13
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_mask = offs_k < hidden - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        wg = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        wu = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:
+            a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+        if IEEE:
+            acc_g = tl.dot(a, wg, acc_g, input_precision="ieee")
+            acc_u = tl.dot(a, wu, acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(a, wg, acc_g)
+            acc_u = tl.dot(a, wu, acc_u)
+        a_ptrs += BLOCK_K * stride_xh
+        g_ptrs += BLOCK_K * stride_wk
+        u_ptrs += BLOCK_K * stride_wk
+    dtype = inter_ptr.dtype.element_ty
+    # Round like the torch path: the projections come out in the activation dtype.
+    g = cast_to(acc_g, dtype).to(tl.float32)
+    u = cast_to(acc_u, dtype).to(tl.float32)
+    act = cast_to(g * tl.sigmoid(g), dtype).to(tl.float32) * u
+    out_ptrs = inter_ptr + slot[:, None] * stride_it + offs_n[None, :]
+    tl.store(out_ptrs, cast_to(act, dtype), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(
+    inter_ptr,
+    w2_ptr,
+    out_ptr,
+    weights_ptr,
+    sorted_ids_ptr,
+    block_experts_ptr,
+    num_slots,
+    hidden,
+    inter_size,
+    stride_it,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_ot,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    slot = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_mask = slot < num_slots
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = inter_ptr + slot[:, None] * stride_it + offs_k[None, :]  # [BM, BK]
+    b_ptrs = w2_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, inter_size, BLOCK_K):
+        k_mask = offs_k < inter_size - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_wk
+    dtype = out_ptr.dtype.element_ty
+    w = tl.load(weights_ptr + slot, mask=row_mask, other=0.0)  # [BM] router weights
+    w = cast_to(w, dtype).to(tl.float32)
+    h = cast_to(acc, dtype).to(tl.float32) * w[:, None]
+    out_ptrs = out_ptr + slot[:, None] * stride_ot + offs_n[None, :]
+    tl.store(out_ptrs, cast_to(h, dtype), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _moe_combine_kernel(
+    partial_ptr,
+    ids_ptr,
+    out_ptr,
+    hidden,
+    num_experts,
+    stride_pt,
+    stride_ot,
+    TOP_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hidden
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        slot = token * TOP_K + j
+        e = tl.load(ids_ptr + slot) + tl.zeros((BLOCK_N,), dtype=tl.int64)  # broadcast
+        # Skipped slots were never written: mask them instead of zero-filling the buffer.
+        valid = (e >= 0) & (e < num_experts)
+        acc += tl.load(partial_ptr + slot * stride_pt + offs_n, mask=n_mask & valid, other=0.0).to(
+            tl.float32
+        )
+    out = cast_to(acc, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + token * stride_ot + offs_n, out, mask=n_mask)
+
+
+def _pick_block_m(num_slots: int, num_experts: int) -> int:
+    """Small blocks when experts see few tokens (decode), larger when they see many."""
+    per_expert = max(1, num_slots // max(1, num_experts))
+    return min(64, max(16, next_pow2(per_expert)))
+
+
+def fused_moe(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k], shard-local; out-of-range ids are skipped
+    block_m: int | None = None,
+) -> torch.Tensor:
+    """Triton fused MoE with the contract of torch_ops.fused_moe."""
+    check_tensor(x, "fused_moe")
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w13.shape
+    inter_size = two_inter // 2
+    top_k = topk_ids.shape[1]
+    num_slots = num_tokens * top_k
+    out = torch.empty_like(x)
+    if num_slots == 0:
+        return out.zero_()
+    block_m = block_m or _pick_block_m(num_slots, num_experts)
+    sorted_ids, block_experts = moe_align_block_size(topk_ids, num_experts, block_m)
+    ids = topk_ids.reshape(-1).contiguous()
+    weights = topk_weights.reshape(-1).contiguous()
+    inter = torch.empty(num_slots, inter_size, dtype=x.dtype, device=x.device)  # [T*k, I]
+    partial = torch.empty(num_slots, hidden, dtype=x.dtype, device=x.device)  # [T*k, H]
+    upcast = INTERPRET  # the interpreter gets bf16 arithmetic wrong; compute in fp32 there
+    ieee = x.dtype == torch.float32 and not INTERPRET
+    block_n, block_k = 64, 64
+    num_blocks = block_experts.shape[0]
+    gpu_opts = {} if INTERPRET else {"num_warps": 4, "num_stages": 3}
+    _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter_size, block_n))](
+        x,
+        w13,
+        inter,
+        sorted_ids,
+        block_experts,
+        num_slots,
+        top_k,
+        hidden,
+        inter_size,
+        x.stride(0),
+        x.stride(1),
+        w13.stride(0),
+        w13.stride(1),
+        w13.stride(2),
+        inter.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        UPCAST=upcast,
+        IEEE=ieee,
+        **gpu_opts,
+    )
+    _moe_down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
+        inter,
+        w2,
+        partial,
+        weights,
+        sorted_ids,
+        block_experts,
+        num_slots,
+        hidden,
+        inter_size,
+        inter.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        w2.stride(2),
+        partial.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        UPCAST=upcast,
+        IEEE=ieee,
+        **gpu_opts,
+    )
+    combine_n = min(1024, next_pow2(hidden))
+    _moe_combine_kernel[(num_tokens, triton.cdiv(hidden, combine_n))](
+        partial,
+        ids,
+        out,
+        hidden,
+        num_experts,
+        partial.stride(0),
+        out.stride(0),
+        TOP_K=top_k,
+        BLOCK_N=combine_n,
+    )
+    return out
