@@ -171,3 +171,21 @@ def test_invalid_input_is_a_clear_error():
     with pytest.raises(ValueError, match="neither a directory"):
         LLM("no-such-model")
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen3-moe", "tiny-deepseek-v3"])
+def test_triton_kernels_give_the_same_greedy_tokens(model):
+    """Triton kernels (interpreted on CPU) against the torch kernels through the whole engine."""
+    from afd.kernels import ops
+
+    pytest.importorskip("triton")
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13], [20] * 9]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    tokens = {}
+    try:
+        for backend in ("torch", "triton"):
+            llm = LLM(model, dtype="float32", block_size=4, kernel_backend=backend)
+            tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    finally:
+        ops.set_kernel_backend("auto")
+    assert tokens["torch"] == tokens["triton"]

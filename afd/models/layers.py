@@ -63,18 +63,9 @@ class RotaryEmbedding(nn.Module):
         sin = (freqs.sin() * self.attention_scaling).to(dtype)
         return cos[:, None, :], sin[:, None, :]  # [T, 1, d/2]
 
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, d] -> rotated; interleaved pairs come out de-interleaved (dots agree)."""
-        if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            half = x.shape[-1] // 2
-            x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos, sin = self.cos_sin(positions, q.dtype)
-        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        return ops.rotary_embedding(q, k, cos[:, 0], sin[:, 0], self.interleaved)
 
 
 class DenseMLP(nn.Module):
