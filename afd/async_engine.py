@@ -33,6 +33,12 @@ class AsyncEngine:
         self._thread.start()
 
     def health(self) -> tuple[bool, str]:
+        """(healthy, reason); a dead worker is noticed here even while no request runs."""
+        if self.error is None:
+            try:
+                self.engine.executor.check_alive()
+            except RuntimeError as e:
+                self.error = str(e)
         return (self.error is None, self.error or "ok")
 
     def stats(self) -> dict[str, float]:

@@ -21,6 +21,8 @@ class Executor(Protocol):
 
     def stage_times(self) -> dict[str, float]: ...
 
+    def check_alive(self) -> None: ...
+
     def shutdown(self) -> None: ...
 
 
@@ -61,6 +63,9 @@ class LocalExecutor:
 
     def stage_times(self) -> dict[str, float]:
         return {}
+
+    def check_alive(self) -> None:
+        pass
 
     def shutdown(self) -> None:
         pass

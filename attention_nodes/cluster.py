@@ -219,6 +219,10 @@ class AFDExecutor:
         self.last_times, self.last_events, self.last_load, self.last_m = times, events, load, m
         return sampled
 
+    def check_alive(self) -> None:
+        """Raise WorkerDiedError if any worker is gone."""
+        self.supervisor.check()
+
     def stage_times(self) -> dict[str, float]:
         return {f"afd_stage_{k}_seconds": v for k, v in self._stage_totals.items()}
 

@@ -166,3 +166,100 @@ def test_wrong_api_key_and_metrics(server):
         'afd:stage_seconds_total{stage="expert"}',
     ):
         assert name in text, name
+
+
+def _metric(base: str, name: str) -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith(f"afd:{name} "):
+            return float(line.split()[-1])
+    raise AssertionError(f"afd:{name} missing")
+
+
+def test_64_concurrent_streams_half_disconnect_leak_nothing(server):
+    import asyncio
+
+    base, _ = server
+    idle = _metric(base, "kv_cache_usage_perc")
+    headers = {"Authorization": "Bearer sk-test"}
+
+    async def one(client: httpx.AsyncClient, i: int) -> int:
+        body = {"prompt": f"request number {i}", "max_tokens": 24, "temperature": 0,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+        chunks = 0
+        async with client.stream("POST", f"{base}/v1/completions", json=body, headers=headers) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    chunks += 1
+                    if i % 2 and chunks == 2:
+                        return -1  # hang up mid-stream
+                    if line == "data: [DONE]":
+                        return chunks
+        return chunks
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(main())
+    assert all(r > 1 for r in results[0::2]) and all(r == -1 for r in results[1::2])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if (
+            _metric(base, "num_requests_running") == 0
+            and _metric(base, "num_requests_waiting") == 0
+        ):
+            break
+        time.sleep(0.2)
+    assert _metric(base, "num_requests_running") == 0
+    assert _metric(base, "kv_cache_usage_perc") == idle
+
+
+def test_killed_worker_makes_health_503_and_requests_fail():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "afd", "launch", "--port", str(port), "--dtype", "float32"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        workers = [int(p) for p in children.stdout.split()]
+        assert len(workers) >= 2
+        import threading
+
+        in_flight = {}
+
+        def long_request():
+            body = {"prompt": "hi", "max_tokens": 1500, "ignore_eos": True}
+            in_flight["r"] = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(1.0)
+        os.kill(workers[-1], signal.SIGKILL)
+        t.join(timeout=15)
+        assert not t.is_alive(), "in-flight request hangs after a worker died"
+        assert in_flight["r"].status_code >= 500 and in_flight["r"].json()["error"]["message"]
+        time.sleep(0.5)
+        r = httpx.get(f"{base}/health", timeout=5)
+        assert r.status_code == 503 and "worker" in r.text
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=15)
+        assert r.status_code == 503 and r.json()["error"]["message"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    left = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
