@@ -28,6 +28,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument(
+        "--num-prefill-workers",
+        type=int,
+        default=0,
+        help="prefill pool size (0: attention workers prefill too)",
+    )
+    p.add_argument(
         "--num-attention-workers",
         type=int,
         default=0,
@@ -42,8 +48,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_micro_batches"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.num_attention_workers < 0 or args.num_expert_workers < 0:
+    if min(args.num_attention_workers, args.num_expert_workers, args.num_prefill_workers) < 0:
         raise CLIError("worker counts must be >= 0")
+    if args.num_prefill_workers and not args.num_attention_workers:
+        raise CLIError("--num-prefill-workers needs attention and expert workers")
     if (args.num_attention_workers > 0) != (args.num_expert_workers > 0):
         raise CLIError("--num-attention-workers and --num-expert-workers go together (both > 0)")
     return EngineConfig(
@@ -58,6 +66,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         kernel_backend=args.kernel_backend,
+        num_prefill_workers=args.num_prefill_workers,
         num_attention_workers=args.num_attention_workers,
         num_expert_workers=args.num_expert_workers,
         num_micro_batches=args.num_micro_batches,

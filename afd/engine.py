@@ -36,6 +36,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kernel_backend: str = "auto"
     # Disaggregated decode (0 attention workers = everything in this process).
+    num_prefill_workers: int = 0  # 0: attention workers prefill too
     num_attention_workers: int = 0
     num_expert_workers: int = 0
     num_micro_batches: int = 1
@@ -51,6 +52,24 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from auto, {', '.join(DTYPES)}")
         return DTYPES[self.dtype]
+
+
+@dataclass
+class Handoff:
+    """A prefilled sequence on its way from a prefill worker to an attention replica."""
+
+    seq: Sequence
+    prefill: int
+    replica: int
+    prefill_table: list[int]
+    first_block: int = 0  # blocks [first_block, num_blocks) are copied
+    num_blocks: int = 0
+
+    @property
+    def blocks(self) -> tuple[list[int], list[int]]:
+        """(source blocks on the prefill worker, destination blocks on the replica)."""
+        sl = slice(self.first_block, self.num_blocks)
+        return self.prefill_table[sl], self.seq.block_table[sl]
 
 
 @dataclass
@@ -105,23 +124,24 @@ class LLMEngine:
         max_len = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or max_len, max_len)
         self.executor = build_executor(config, self.model_path, self.model_config)
-        num_blocks = self.executor.num_kv_blocks
-        self.schedulers = [
-            Scheduler(
-                SchedulerConfig(
-                    max_num_seqs=config.max_num_seqs,
-                    max_num_batched_tokens=config.max_num_batched_tokens,
-                    num_blocks=num_blocks,
-                    block_size=config.block_size,
-                    enable_prefix_caching=config.enable_prefix_caching,
-                    max_model_len=self.max_model_len,
-                )
-            )
-            for _ in range(self.executor.num_replicas)
+        sched_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            num_blocks=self.executor.num_kv_blocks,
+            block_size=config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+            max_model_len=self.max_model_len,
+        )
+        self.schedulers = [Scheduler(sched_config) for _ in range(self.executor.num_replicas)]
+        # P/D: prompts run on prefill workers, then their KV moves to an attention replica.
+        self.prefill_schedulers = [
+            Scheduler(sched_config)
+            for _ in range(getattr(self.executor, "num_prefill_replicas", 0))
         ]
+        self._handoff: list[Handoff] = []
         self.requests: dict[str, RequestState] = {}
         self._seq_owner: dict[int, RequestState] = {}
-        self._replica_of: dict[str, int] = {}
+        self._replica_of: dict[str, tuple[int, int | None]] = {}  # (decode, prefill)
         self._ids = itertools.count()
 
     # ---- requests -------------------------------------------------------------------------
@@ -150,11 +170,14 @@ class LLMEngine:
             seqs,
             [IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in seqs],
         )
-        replica = self._pick_replica(token_ids)
+        replica = self._pick_replica(self.schedulers)
+        prefill = self._pick_replica(self.prefill_schedulers) if self.prefill_schedulers else None
         for seq in seqs:
-            self.schedulers[replica].add(seq)
+            (self.schedulers[replica] if prefill is None else self.prefill_schedulers[prefill]).add(
+                seq
+            )
         self.requests[request_id] = state
-        self._replica_of[request_id] = replica
+        self._replica_of[request_id] = (replica, prefill)
         for seq in seqs:
             self._seq_owner[seq.seq_id] = state
         return request_id
@@ -172,15 +195,14 @@ class LLMEngine:
                 f"{self.max_model_len - 1} prompt tokens (max_model_len={self.max_model_len})"
             )
 
-    def _pick_replica(self, token_ids: list[int]) -> int:
-        """Least loaded attention replica by free KV blocks (ties: fewest running)."""
-        if len(self.schedulers) == 1:
-            return 0
+    @staticmethod
+    def _pick_replica(schedulers: list[Scheduler]) -> int:
+        """Least loaded replica by free KV blocks (ties: fewest requests)."""
         return max(
-            range(len(self.schedulers)),
+            range(len(schedulers)),
             key=lambda i: (
-                self.schedulers[i].block_manager.num_free_blocks,
-                -self.schedulers[i].num_running - self.schedulers[i].num_waiting,
+                schedulers[i].block_manager.num_free_blocks,
+                -schedulers[i].num_running - schedulers[i].num_waiting,
             ),
         )
 
@@ -189,24 +211,43 @@ class LLMEngine:
         state = self.requests.pop(request_id, None)
         if state is None:
             return
-        replica = self._replica_of.pop(request_id)
+        replica, prefill = self._replica_of.pop(request_id)
         self.schedulers[replica].abort_request(request_id)
+        if hasattr(self.executor, "release"):
+            self.executor.release(replica, [s.seq_id for s in state.seqs])
+        if prefill is not None:
+            self.prefill_schedulers[prefill].abort_request(request_id)
+            for h in [h for h in self._handoff if h.seq.request_id == request_id]:
+                self._handoff.remove(h)
+                self.prefill_schedulers[h.prefill].block_manager.free_table(h.prefill_table)
+                h.seq.status = SequenceStatus.FINISHED_ABORTED
         for seq in state.seqs:
             self._seq_owner.pop(seq.seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return any(s.has_unfinished for s in self.schedulers)
+        return bool(self._handoff) or any(
+            s.has_unfinished for s in self.schedulers + self.prefill_schedulers
+        )
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step on every replica; return outputs of requests that changed."""
+        transfers = self._place_handoffs()
         batches: list[ScheduledBatch] = [s.schedule() for s in self.schedulers]
-        if all(b.is_empty for b in batches):
+        prefill_batches = [s.schedule() for s in self.prefill_schedulers]
+        if all(b.is_empty for b in batches + prefill_batches) and not transfers:
             return []
-        sampled = self.executor.execute(batches)
+        if self.prefill_schedulers:
+            sampled = self.executor.execute(batches, prefill_batches, transfers)
+        else:
+            sampled = self.executor.execute(batches)
+        for t in transfers:
+            self.prefill_schedulers[t.prefill].block_manager.free_table(t.prefill_table)
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
-        for scheduler, batch in zip(self.schedulers, batches, strict=True):
+        pairs = list(zip(self.schedulers, batches, strict=True))
+        pairs += list(zip(self.prefill_schedulers, prefill_batches, strict=True))
+        for scheduler, batch in pairs:
             if batch.is_empty:
                 continue
             scheduler.update(batch, sampled, self.eos_token_ids)
@@ -223,15 +264,42 @@ class LLMEngine:
                     scheduler.finish(seq.seq_id, SequenceStatus.FINISHED_STOPPED)
                     seq.stop_reason = detok.stop_reason
                 touched[state.request_id] = state
+        for p, (scheduler, batch) in enumerate(
+            zip(self.prefill_schedulers, prefill_batches, strict=True)
+        ):
+            for seq in batch.seqs:
+                if seq.seq_id in sampled and seq.status == SequenceStatus.RUNNING:
+                    replica = self._replica_of[seq.request_id][0]
+                    self._handoff.append(Handoff(seq, p, replica, scheduler.detach(seq)))
         outputs = [state.output() for state in touched.values()]
         for out in outputs:
             if out.finished:
                 self._drop(out.request_id)
         return outputs
 
+    def _place_handoffs(self) -> list[Handoff]:
+        """Give prefilled sequences KV blocks on their attention replica; the KV copy of each
+        runs at the start of this step, before the replica computes."""
+        placed = []
+        for h in list(self._handoff):
+            bm = self.schedulers[h.replica].block_manager
+            if not bm.can_allocate(h.seq):
+                continue  # stays on the prefill worker until the replica has room
+            self._handoff.remove(h)
+            bm.allocate(h.seq)  # may reuse cached prefix blocks: those need no copy
+            bs = self.config.block_size
+            h.first_block = h.seq.num_computed_tokens // bs
+            h.num_blocks = (h.seq.num_tokens - 1 + bs - 1) // bs
+            h.seq.num_computed_tokens = h.seq.num_tokens - 1
+            self.schedulers[h.replica].adopt(h.seq)
+            placed.append(h)
+        return placed
+
     def _drop(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
-        self._replica_of.pop(request_id, None)
+        where = self._replica_of.pop(request_id, None)
+        if state is not None and where is not None and hasattr(self.executor, "release"):
+            self.executor.release(where[0], [s.seq_id for s in state.seqs])
         if state is not None:
             for seq in state.seqs:
                 self._seq_owner.pop(seq.seq_id, None)
@@ -239,9 +307,10 @@ class LLMEngine:
     def stats(self) -> dict[str, float]:
         """Gauges for /metrics: running/waiting requests and KV usage (mean over replicas)."""
         n = len(self.schedulers)
+        every = self.schedulers + self.prefill_schedulers
         return {
-            "num_requests_running": float(sum(s.num_running for s in self.schedulers)),
-            "num_requests_waiting": float(sum(s.num_waiting for s in self.schedulers)),
+            "num_requests_running": float(sum(s.num_running for s in every) + len(self._handoff)),
+            "num_requests_waiting": float(sum(s.num_waiting for s in every)),
             "kv_cache_usage_perc": sum(s.block_manager.usage for s in self.schedulers) / n,
             **self.executor.stage_times(),
         }

@@ -10,7 +10,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from afd.cli import add_engine_args
 
     add_engine_args(p)
-    p.set_defaults(num_attention_workers=1, num_expert_workers=1)
+    p.set_defaults(num_prefill_workers=1, num_attention_workers=1, num_expert_workers=1)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
@@ -27,12 +27,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be 1..65535, got {args.port}")
     config = engine_config_from_args(args)
     if config.num_attention_workers:
+        a, f, p = (
+            config.num_attention_workers,
+            config.num_expert_workers,
+            config.num_prefill_workers,
+        )
         print(
-            f"afd: plan: {config.num_attention_workers} attention worker(s) "
-            f"(ranks 0..{config.num_attention_workers - 1}) + {config.num_expert_workers} expert "
-            f"worker(s) (ranks {config.num_attention_workers}.."
-            f"{config.num_attention_workers + config.num_expert_workers - 1}), "
-            f"m={config.num_micro_batches}, device={config.device}, model={config.model}",
+            f"afd: plan: {a} attention worker(s) (ranks 0..{a - 1}), {f} expert worker(s) "
+            f"(ranks {a}..{a + f - 1}), {p} prefill worker(s)"
+            + (f" (ranks {a + f}..{a + f + p - 1})" if p else "")
+            + f"; m={config.num_micro_batches}, device={config.device}, model={config.model}",
             flush=True,
         )
     else:

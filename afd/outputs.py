@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class CompletionOutput:
+    """One sequence of a request so far: cumulative text and token ids, per-token logprobs
+    ({token_id: logprob}, the sampled token and the top-k) when asked for."""
+
     index: int
     text: str
     token_ids: list[int]
@@ -17,6 +20,8 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """A cumulative snapshot of one request; the last one has finished=True."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]

@@ -1,325 +1,162 @@
-"""OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health,
-/metrics. Errors use OpenAI's shape; invalid requests are 400, never FastAPI's 422."""
+"""OpenAI-compatible HTTP API over an EngineClient: /v1/completions, /v1/chat/completions,
+/v1/models, /health, /metrics. Errors have OpenAI's shape (never FastAPI's 422), and a request
+whose client went away is aborted in the engine so its KV blocks are freed."""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
+import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from afd.sampling_params import SamplingParams
+from afd.metrics import ServerMetrics
+from afd.outputs import CompletionOutput, RequestOutput
+from afd.protocol import (
+    APIError,
+    EngineClient,
+    GenerateRequest,
+    error_body,
+    parse_chat_request,
+    parse_completion_request,
+)
+
+logger = logging.getLogger("afd.server")
+
+# nginx's "client closed request": nobody reads it, but access logs should not say 200
+STATUS_CLIENT_CLOSED = 499
 
 
-class APIError(Exception):
+class ClientDisconnected(Exception):
+    """The HTTP client hung up before the request finished."""
+
+
+class Generation:
+    """One engine request seen from the server: pulls snapshots while watching the client,
+    records latency metrics, and always leaves the engine clean (abort unless finished)."""
+
     def __init__(
         self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
+        engine: EngineClient,
+        request: Request,
+        req: GenerateRequest,
+        metrics: ServerMetrics,
+        poll_s: float,
     ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type_,
-            param,
-            code,
-        )
+        self.engine = engine
+        self.request = request
+        self.req = req
+        self.metrics = metrics
+        self.poll_s = poll_s
+        self.request_id = f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.start = time.monotonic()
+        self._last_token_at = self.start
+        self._num_tokens = 0
+        self._stream = engine.generate(self.request_id, req.prompt_token_ids, req.params)
+        self._pending: asyncio.Future | None = None
+        self.finished = False
+        self.closed = False
 
-
-def error_body(message: str, type_: str, param=None, code=None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "temperature": (int, float),
-    "top_p": (int, float),
-    "top_k": (int,),
-    "min_p": (int, float),
-    "max_tokens": (int,),
-    "max_completion_tokens": (int,),
-    "n": (int,),
-    "seed": (int,),
-    "stream": (bool,),
-    "ignore_eos": (bool,),
-    "stop_token_ids": (list,),
-    "model": (str,),
-}
-
-
-def _check_types(body: dict) -> None:
-    for name, kinds in _FIELD_TYPES.items():
-        v = body.get(name)
-        if v is None:
-            continue
-        if isinstance(v, bool) and bool not in kinds:
-            raise APIError(400, f"'{name}' must be a number, got {json.dumps(v)}", param=name)
-        if not isinstance(v, kinds):
-            raise APIError(400, f"'{name}' has the wrong type: {json.dumps(v)[:40]}", param=name)
-
-
-def sampling_params(body: dict, default_max: int, chat: bool) -> SamplingParams:
-    _check_types(body)
-    max_tokens = body.get("max_completion_tokens") if chat else None
-    max_tokens = max_tokens if max_tokens is not None else body.get("max_tokens")
-    logprobs = None
-    if chat:
-        if body.get("logprobs"):
-            logprobs = int(body.get("top_logprobs") or 0)
-    elif body.get("logprobs") is not None:
-        logprobs = body["logprobs"]
-    stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str | list):
-        raise APIError(400, "'stop' must be a string or a list of strings", param="stop")
-    try:
-        return SamplingParams(
-            n=body.get("n", 1),
-            temperature=body.get("temperature", 1.0),
-            top_p=body.get("top_p", 1.0),
-            top_k=body.get("top_k", 0),
-            min_p=body.get("min_p", 0.0),
-            seed=body.get("seed"),
-            stop=stop,
-            stop_token_ids=body.get("stop_token_ids"),
-            max_tokens=max_tokens if max_tokens is not None else default_max,
-            ignore_eos=body.get("ignore_eos", False),
-            logprobs=logprobs,
-        )
-    except (ValueError, TypeError) as e:
-        raise APIError(400, str(e)) from e
-
-
-def build_app(engine, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="AFD", docs_url=None, redoc_url=None)
-    metrics = ServerMetrics()
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError):
-        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
-
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception):
-        return JSONResponse(error_body(f"internal error: {e}", "internal_error"), status_code=500)
-
-    async def parse(request: Request) -> dict:
-        if api_key is not None:
-            auth = request.headers.get("authorization", "")
-            if auth != f"Bearer {api_key}":
-                raise APIError(
-                    401, "invalid API key", "authentication_error", code="invalid_api_key"
-                )
-        ok, reason = engine.health()
-        if not ok:
-            raise APIError(503, f"engine is not healthy: {reason}", "service_unavailable")
+    async def next(self) -> RequestOutput | None:
+        """The next snapshot, or None once the engine stream ended. Raises ClientDisconnected,
+        APIError(400) for ValueError from the engine, APIError(500) for any other failure."""
+        task = asyncio.ensure_future(self._stream.__anext__())
+        self._pending = task
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON: {e}") from e
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object")
-        model = body.get("model")
-        if model is not None and model != engine.model_name:
-            raise APIError(
-                404, f"the model '{model}' does not exist", param="model", code="model_not_found"
-            )
-        return body
-
-    @app.get("/health")
-    async def health():
-        ok, reason = engine.health()
-        return JSONResponse({"status": "ok" if ok else reason}, status_code=200 if ok else 503)
-
-    @app.get("/v1/models")
-    async def models():
-        return {
-            "object": "list",
-            "data": [{"id": engine.model_name, "object": "model", "created": 0, "owned_by": "afd"}],
-        }
-
-    @app.get("/metrics")
-    async def metrics_endpoint():
-        return PlainTextResponse(metrics.render(engine.stats()))
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await parse(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            if not prompt:
-                raise APIError(400, "the prompt is empty", param="prompt")
-            ids = engine.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
-            ids = prompt
-        else:
-            raise APIError(
-                400, "'prompt' must be a non-empty string or list of token ids", param="prompt"
-            )
-        params = sampling_params(body, 16, chat=False)
-        return await respond(request, body, ids, params, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await parse(request)
-        messages = body.get("messages")
-        if (
-            not isinstance(messages, list)
-            or not messages
-            or not all(
-                isinstance(m, dict)
-                and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)
-                for m in messages
-            )
-        ):
-            raise APIError(
-                400,
-                "'messages' must be a non-empty list of {role, content} objects",
-                param="messages",
-            )
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.poll_s)
+                if done:
+                    break
+                if await self.request.is_disconnected():
+                    raise ClientDisconnected
+        except BaseException:
+            task.cancel()  # throws into the engine stream, whose cleanup aborts the request
+            task.add_done_callback(_consume_result)
+            raise
+        self._pending = None
         try:
-            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            out = task.result()
+        except StopAsyncIteration:
+            return None
         except ValueError as e:
-            raise APIError(400, str(e), param="messages") from e
-        ids = engine.tokenizer.encode(text, add_special_tokens=False)
-        params = sampling_params(body, max(1, engine.max_model_len - len(ids)), chat=True)
-        return await respond(request, body, ids, params, chat=True)
+            raise APIError(400, str(e), "invalid_request_error") from e
+        except Exception as e:
+            logger.warning("request %s failed in the engine: %r", self.request_id, e)
+            raise APIError(500, f"the engine failed on this request: {e}", "server_error") from e
+        self._record(out)
+        return out
 
-    async def respond(
-        request: Request, body: dict, ids: list[int], params: SamplingParams, chat: bool
-    ):
-        if len(ids) + (params.max_tokens or 0) > engine.max_model_len:
-            raise APIError(
-                400,
-                f"this model's maximum context length is {engine.max_model_len} tokens; "
-                f"the request "
-                f"has {len(ids)} prompt tokens and asks for {params.max_tokens} more",
-                param="max_tokens" if len(ids) < engine.max_model_len else "prompt",
-                code="context_length_exceeded",
-            )
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        stream = bool(body.get("stream", False))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
-        created = int(time.time())
-        gen = engine.generate(rid, ids, params)
-        start = time.monotonic()
-        if not stream:
-            final = None
-            try:
-                async for out in gen:
-                    final = out
-                    if await request.is_disconnected():
-                        await engine.abort(rid)
-                        return JSONResponse(
-                            error_body("client disconnected", "aborted"), status_code=499
-                        )
-            except ValueError as e:
-                raise APIError(400, str(e)) from e
-            except RuntimeError as e:
-                raise APIError(500, str(e), "internal_error") from e
-            metrics.observe_request(final, start, time.monotonic())
-            return full_response(engine, rid, created, final, len(ids), chat)
+    def _record(self, out: RequestOutput) -> None:
+        now = time.monotonic()
+        # n > 1 sequences advance in lockstep: a step adds one token to each
+        num_tokens = max((len(c.token_ids) for c in out.outputs), default=0)
+        new = num_tokens - self._num_tokens
+        if new > 0:
+            if self._num_tokens == 0:
+                self.metrics.observe_first_token(
+                    now - self.start, len(self.req.prompt_token_ids), new
+                )
+                if new > 1:
+                    self.metrics.observe_tokens(0.0, new - 1)
+            else:
+                self.metrics.observe_tokens(now - self._last_token_at, new)
+            self._num_tokens, self._last_token_at = num_tokens, now
+        if out.finished and not self.finished:
+            self.finished = True
+            self.metrics.observe_finished(now - self.start, [c.finish_reason for c in out.outputs])
 
-        async def events():
-            sent_text = ["" for _ in range(params.n)]
-            sent_tokens = [0] * params.n
-            finished = [False] * params.n
-            last_t = time.monotonic()
-            first = True
-            final = None
-            try:
-                if chat:
-                    for i in range(params.n):
-                        yield sse(
-                            chunk(
-                                engine,
-                                rid,
-                                created,
-                                chat,
-                                i,
-                                {"role": "assistant", "content": ""},
-                                None,
-                            )
-                        )
-                async for out in gen:
-                    final = out
-                    now = time.monotonic()
-                    metrics.observe_token(first, now - (start if first else last_t))
-                    first, last_t = False, now
-                    for c in out.outputs:
-                        delta = c.text[len(sent_text[c.index]) :]
-                        new_tokens = c.token_ids[sent_tokens[c.index] :]
-                        done = c.finish_reason is not None and not finished[c.index]
-                        if not delta and not done:
-                            continue
-                        lp = None
-                        if c.logprobs is not None and new_tokens:
-                            lp = logprobs_json(
-                                engine, c.logprobs[sent_tokens[c.index] :], new_tokens, chat
-                            )
-                        sent_text[c.index] = c.text
-                        sent_tokens[c.index] = len(c.token_ids)
-                        finished[c.index] = finished[c.index] or done
-                        payload = {"content": delta} if chat else delta
-                        yield sse(
-                            chunk(
-                                engine,
-                                rid,
-                                created,
-                                chat,
-                                c.index,
-                                payload,
-                                c.finish_reason if done else None,
-                                lp,
-                            )
-                        )
-                if include_usage and final is not None:
-                    yield sse(
-                        {
-                            "id": rid,
-                            "object": "chat.completion.chunk" if chat else "text_completion",
-                            "created": created,
-                            "model": engine.model_name,
-                            "choices": [],
-                            "usage": usage(final, len(ids)),
-                        }
-                    )
-                metrics.observe_request(final, start, time.monotonic())
-                yield "data: [DONE]\n\n"
-            except (ValueError, RuntimeError) as e:
-                yield sse(error_body(str(e), "internal_error"))
-            finally:
-                await gen.aclose()
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    return app
+    async def close(self) -> None:
+        """Abort in the engine unless the request finished; safe to call twice and under
+        cancellation."""
+        if self.closed:
+            return
+        self.closed = True
+        with anyio.CancelScope(shield=True):
+            if not self.finished:
+                self.metrics.request_aborted.inc()
+                try:
+                    await self.engine.abort(self.request_id)
+                except Exception as e:
+                    logger.warning("abort of %s failed: %r", self.request_id, e)
+            # a cancelled __anext__ still in flight closes the stream itself; aclose() now
+            # would fail with "already running"
+            if self._pending is None or self._pending.done():
+                try:
+                    await self._stream.aclose()
+                except Exception as e:  # a failing engine stream has already said so
+                    logger.debug("closing the stream of %s: %r", self.request_id, e)
 
 
-def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
+def _consume_result(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
-def chunk(engine, rid, created, chat, index, delta, finish, logprobs=None) -> dict:
-    choice = {"index": index, "finish_reason": finish, "logprobs": logprobs}
-    choice["delta" if chat else "text"] = delta
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": created,
-        "model": engine.model_name,
-        "choices": [choice],
-    }
+class _ClosingStreamingResponse(StreamingResponse):
+    # Starlette leaves the body generator suspended when the send fails (client gone); closing
+    # it here runs its `finally` now instead of at garbage collection, so the abort is prompt.
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[union-attr]
 
 
-def usage(out, prompt_tokens: int) -> dict:
+# -- response bodies ------------------------------------------------------------------------
+
+
+def usage_json(prompt_tokens: int, out: RequestOutput) -> dict[str, int]:
     completion = sum(len(c.token_ids) for c in out.outputs)
     return {
         "prompt_tokens": prompt_tokens,
@@ -328,112 +165,355 @@ def usage(out, prompt_tokens: int) -> dict:
     }
 
 
-def logprobs_json(engine, entries: list[dict], tokens: list[int], chat: bool):
-    tok = engine.tokenizer
+def _token_text(engine: EngineClient, token_id: int) -> str:
+    return engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def text(t: int) -> str:
-        return tok.decode([t], skip_special_tokens=False)
 
-    if chat:
-        return {
-            "content": [
-                {
-                    "token": text(t),
-                    "logprob": e.get(t, float("-inf")),
-                    "bytes": list(text(t).encode()),
-                    "top_logprobs": [
-                        {"token": text(i), "logprob": v, "bytes": list(text(i).encode())}
-                        for i, v in e.items()
-                        if i != t or len(e) == 1
-                    ][: max(0, len(e) - 1)],
-                }
-                for t, e in zip(tokens, entries, strict=False)
-            ]
-        }
+def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+    # the engine's dict holds the top-k plus the sampled token when it is not among them
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+
+
+def completion_logprobs_json(
+    engine: EngineClient,
+    token_ids: list[int],
+    entries: list[dict[int, float]],
+    k: int,
+    text_offset: int,
+) -> dict[str, Any]:
+    """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens = [_token_text(engine, t) for t in token_ids]
+    offsets = []
+    for text in tokens:
+        offsets.append(text_offset)
+        text_offset += len(text)
     return {
-        "tokens": [text(t) for t in tokens],
-        "token_logprobs": [e.get(t) for t, e in zip(tokens, entries, strict=False)],
-        "top_logprobs": [{text(i): v for i, v in e.items()} for e in entries],
-        "text_offset": [],
+        "tokens": tokens,
+        "token_logprobs": [e.get(t) for t, e in zip(token_ids, entries, strict=False)],
+        "top_logprobs": [{_token_text(engine, i): v for i, v in _top(e, k)} for e in entries],
+        "text_offset": offsets,
     }
 
 
-def full_response(engine, rid, created, out, prompt_tokens: int, chat: bool) -> dict:
+def chat_logprobs_json(
+    engine: EngineClient, token_ids: list[int], entries: list[dict[int, float]], k: int
+) -> dict[str, Any]:
+    """Chat logprobs: content[{token, logprob, bytes, top_logprobs[{token, logprob, bytes}]}]."""
+
+    def item(token_id: int, logprob: float | None) -> dict[str, Any]:
+        text = _token_text(engine, token_id)
+        return {
+            "token": text,
+            "logprob": logprob if logprob is not None else -9999.0,
+            "bytes": list(text.encode("utf-8")),
+        }
+
+    return {
+        "content": [
+            {**item(t, e.get(t)), "top_logprobs": [item(i, v) for i, v in _top(e, k)]}
+            for t, e in zip(token_ids, entries, strict=False)
+        ]
+    }
+
+
+def _logprobs_json(
+    engine: EngineClient,
+    req: GenerateRequest,
+    token_ids: list[int],
+    entries: list[dict[int, float]] | None,
+    text_offset: int,
+) -> dict[str, Any] | None:
+    if req.top_logprobs is None or entries is None:
+        return None
+    if req.chat:
+        return chat_logprobs_json(engine, token_ids, entries, req.top_logprobs)
+    return completion_logprobs_json(engine, token_ids, entries, req.top_logprobs, text_offset)
+
+
+def full_response_json(engine: EngineClient, gen: Generation, out: RequestOutput) -> dict[str, Any]:
     choices = []
-    for c in out.outputs:
-        lp = (
-            logprobs_json(engine, c.logprobs, c.token_ids, chat) if c.logprobs is not None else None
-        )
-        choice = {"index": c.index, "finish_reason": c.finish_reason, "logprobs": lp}
-        if chat:
+    for c in sorted(out.outputs, key=lambda c: c.index):
+        choice: dict[str, Any] = {"index": c.index}
+        if gen.req.chat:
             choice["message"] = {"role": "assistant", "content": c.text}
         else:
             choice["text"] = c.text
+        choice["logprobs"] = _logprobs_json(engine, gen.req, c.token_ids, c.logprobs, 0)
+        choice["finish_reason"] = c.finish_reason
         choices.append(choice)
     return {
-        "id": rid,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": created,
+        "id": gen.request_id,
+        "object": "chat.completion" if gen.req.chat else "text_completion",
+        "created": gen.created,
         "model": engine.model_name,
         "choices": choices,
-        "usage": usage(out, prompt_tokens),
+        "usage": usage_json(len(gen.req.prompt_token_ids), out),
     }
 
 
-class ServerMetrics:
-    """Prometheus text: afd:-prefixed twins of vLLM's metric names."""
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-    def __init__(self):
-        self.hist = {
-            n: [0] * (len(self.BUCKETS) + 1) + [0.0]
-            for n in (
-                "time_to_first_token_seconds",
-                "inter_token_latency_seconds",
-                "e2e_request_latency_seconds",
-            )
-        }
-        self.counters = {
-            "prompt_tokens_total": 0,
-            "generation_tokens_total": 0,
-            "request_success_total": 0,
-        }
+class _StreamState:
+    """What has been sent for each choice, so each chunk carries only the new part."""
 
-    def _observe(self, name: str, v: float) -> None:
-        h = self.hist[name]
-        for i, b in enumerate(self.BUCKETS):
-            if v <= b:
-                h[i] += 1
-        h[len(self.BUCKETS)] += 1
-        h[-1] += v
+    def __init__(self, n: int):
+        self.text_len = [0] * n
+        self.num_tokens = [0] * n
+        self.finished = [False] * n
 
-    def observe_token(self, first: bool, dt: float) -> None:
-        self._observe("time_to_first_token_seconds" if first else "inter_token_latency_seconds", dt)
+    def deltas(
+        self, engine: EngineClient, gen: Generation, out: RequestOutput
+    ) -> list[dict[str, Any]]:
+        chunks = []
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            chunk = self._delta(engine, gen, c)
+            if chunk is not None:
+                chunks.append(chunk)
+        return chunks
 
-    def observe_request(self, out, start: float, end: float) -> None:
-        if out is None:
+    def _delta(
+        self, engine: EngineClient, gen: Generation, c: CompletionOutput
+    ) -> dict[str, Any] | None:
+        i = c.index
+        text = c.text[self.text_len[i] :]
+        new_ids = c.token_ids[self.num_tokens[i] :]
+        finish = c.finish_reason if not self.finished[i] else None
+        if not text and finish is None:
+            return None  # e.g. bytes of a partial UTF-8 character or a possible stop string
+        entries = c.logprobs[self.num_tokens[i] :] if c.logprobs is not None else None
+        logprobs = _logprobs_json(engine, gen.req, new_ids, entries, self.text_len[i])
+        self.text_len[i] = len(c.text)
+        self.num_tokens[i] = len(c.token_ids)
+        self.finished[i] = self.finished[i] or finish is not None
+        choice: dict[str, Any] = {"index": i}
+        if gen.req.chat:
+            choice["delta"] = {"content": text} if text else {}
+        else:
+            choice["text"] = text
+        choice["logprobs"] = logprobs
+        choice["finish_reason"] = finish
+        return _chunk(engine, gen, [choice])
+
+
+def _chunk(engine: EngineClient, gen: Generation, choices: list[dict]) -> dict[str, Any]:
+    return {
+        "id": gen.request_id,
+        "object": "chat.completion.chunk" if gen.req.chat else "text_completion",
+        "created": gen.created,
+        "model": engine.model_name,
+        "choices": choices,
+    }
+
+
+# -- the app ----------------------------------------------------------------------------------
+
+
+def build_app(
+    engine: EngineClient, api_key: str | None = None, *, disconnect_poll_s: float = 0.1
+) -> FastAPI:
+    """The FastAPI app; `api_key` guards /v1/* with 'Authorization: Bearer KEY'."""
+    app = FastAPI(title="AFD", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = ServerMetrics()
+    app.state.metrics = metrics
+    app.state.engine = engine
+
+    def error_response(e: APIError) -> JSONResponse:
+        metrics.request_errors.inc(status=e.status)
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError):
+        errors = e.errors()
+        where = ".".join(str(x) for x in errors[0].get("loc", ())) if errors else None
+        message = errors[0].get("msg", "invalid request") if errors else "invalid request"
+        return error_response(APIError(400, f"{where}: {message}" if where else message))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return error_response(APIError(e.status_code, str(e.detail), code=code))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, e: Exception):
+        logger.exception("unhandled error in a request")
+        return error_response(APIError(500, f"internal server error: {e}", "server_error"))
+
+    def check_api_key(request: Request) -> None:
+        if api_key is None:
             return
-        self._observe("e2e_request_latency_seconds", end - start)
-        self.counters["prompt_tokens_total"] += len(out.prompt_token_ids)
-        self.counters["generation_tokens_total"] += sum(len(c.token_ids) for c in out.outputs)
-        self.counters["request_success_total"] += 1
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), api_key.encode()
+        ):
+            raise APIError(
+                401,
+                "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                "authentication_error",
+                None,
+                "invalid_api_key",
+            )
 
-    def render(self, stats: dict[str, float]) -> str:
-        lines = []
-        for name, h in self.hist.items():
-            lines.append(f"# TYPE afd:{name} histogram")
-            for i, b in enumerate(self.BUCKETS):
-                lines.append(f'afd:{name}_bucket{{le="{b}"}} {h[i]}')
-            lines.append(f'afd:{name}_bucket{{le="+Inf"}} {h[len(self.BUCKETS)]}')
-            lines.append(f"afd:{name}_count {h[len(self.BUCKETS)]}")
-            lines.append(f"afd:{name}_sum {h[-1]}")
-        for name, v in self.counters.items():
-            lines += [f"# TYPE afd:{name} counter", f"afd:{name} {v}"]
-        for name, v in stats.items():
-            if name.startswith("afd_stage_"):
-                stage = name.removeprefix("afd_stage_").removesuffix("_seconds")
-                lines.append(f'afd:stage_seconds_total{{stage="{stage}"}} {v}')
-            else:
-                lines += [f"# TYPE afd:{name} gauge", f"afd:{name} {v}"]
-        return "\n".join(lines) + "\n"
+    def check_healthy() -> None:
+        ok, reason = engine.health()
+        if not ok:
+            raise APIError(503, f"the engine is not healthy: {reason}", "service_unavailable")
+
+    async def read_json(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        return body
+
+    @app.get("/health")
+    async def health():
+        ok, reason = engine.health()
+        if ok:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics_page():
+        try:
+            stats = engine.stats()
+        except Exception as e:  # a scrape must still show the server's own metrics
+            logger.warning("engine.stats() failed: %r", e)
+            stats = {}
+        return PlainTextResponse(
+            metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": engine.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "afd",
+            "max_model_len": engine.max_model_len,
+        }
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        check_api_key(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(request: Request, model: str):
+        check_api_key(request)
+        if model != engine.model_name:
+            raise APIError(
+                404, f"the model '{model}' does not exist", param="model", code="model_not_found"
+            )
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_api_key(request)
+        check_healthy()
+        req = parse_completion_request(await read_json(request), engine)
+        return await respond(request, req)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_api_key(request)
+        check_healthy()
+        req = parse_chat_request(await read_json(request), engine)
+        return await respond(request, req)
+
+    async def respond(request: Request, req: GenerateRequest) -> Response:
+        gen = Generation(engine, request, req, metrics, disconnect_poll_s)
+        handed_over = False
+        try:
+            # the first snapshot is awaited before any byte is sent, so prompt errors the
+            # engine finds still get a proper status code, also for streams
+            first = await gen.next()
+            if first is None:
+                raise APIError(500, "the engine returned no output", "server_error")
+            if req.stream:
+                handed_over = True
+                return _ClosingStreamingResponse(
+                    stream_events(gen, first),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            final = first
+            while not final.finished:
+                out = await gen.next()
+                if out is None:
+                    raise APIError(500, "the engine stream ended unfinished", "server_error")
+                final = out
+            return JSONResponse(full_response_json(engine, gen, final))
+        except ClientDisconnected:
+            return JSONResponse(
+                error_body("the client closed the connection", "client_closed"),
+                status_code=STATUS_CLIENT_CLOSED,
+            )
+        finally:
+            if not handed_over:
+                await gen.close()
+
+    async def stream_events(gen: Generation, first: RequestOutput) -> AsyncIterator[str]:
+        state = _StreamState(gen.req.params.n)
+        out: RequestOutput | None = first
+        final = first
+        try:
+            if gen.req.chat:
+                role = {"role": "assistant", "content": ""}
+                yield sse(
+                    _chunk(
+                        engine,
+                        gen,
+                        [
+                            {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
+                            for i in range(gen.req.params.n)
+                        ],
+                    )
+                )
+            while out is not None:
+                final = out
+                for chunk in state.deltas(engine, gen, out):
+                    yield sse(chunk)
+                if out.finished:
+                    break
+                out = await gen.next()
+            if not final.finished:
+                raise APIError(500, "the engine stream ended unfinished", "server_error")
+            if gen.req.include_usage:
+                usage_chunk = _chunk(engine, gen, [])
+                usage_chunk["usage"] = usage_json(len(gen.req.prompt_token_ids), final)
+                yield sse(usage_chunk)
+            yield "data: [DONE]\n\n"
+        except ClientDisconnected:
+            return
+        except APIError as e:  # headers are out: the error travels as an event
+            metrics.request_errors.inc(status=e.status)
+            yield sse(e.body())
+            yield "data: [DONE]\n\n"
+        finally:
+            await gen.close()
+
+    return app
+
+
+def serve(
+    engine: EngineClient,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    log_level: str = "warning",
+) -> None:
+    """Serve the API with uvicorn until interrupted."""
+    import uvicorn
+
+    app = build_app(engine, api_key=api_key)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()

@@ -67,12 +67,16 @@ class AFDExecutor:
     """A attention workers (data-parallel replicas, one KV cache each) and F expert workers."""
 
     def __init__(self, config, model_path: Path, model_config: ModelConfig):
+        from afd.attention_nodes.prefill_worker import run_prefill_worker
         from afd.attention_nodes.worker import run_attention_worker
         from afd.expert_nodes.worker import run_expert_worker
 
         from afd.executor import num_kv_blocks_for
 
         a, f = config.num_attention_workers, config.num_expert_workers
+        p = config.num_prefill_workers
+        if p < 0:
+            raise ValueError("num_prefill_workers must be >= 0")
         if a < 1 or f < 1:
             raise ValueError(
                 "a disaggregated cluster needs at least 1 attention and 1 expert worker"
@@ -81,6 +85,7 @@ class AFDExecutor:
             raise ValueError(f"{f} expert workers but only {model_config.n_routed_experts} experts")
         self.config = config
         self.num_replicas = a
+        self.num_prefill_replicas = p
         self.num_micro_batches = config.num_micro_batches
         dtype = config.torch_dtype(model_config)
         self.num_kv_blocks = num_kv_blocks_for(config, model_config, dtype)
@@ -90,7 +95,7 @@ class AFDExecutor:
         self.last_load: list[list[int]] = []
         self.param_bytes: dict[tuple[str, int], int] = {}
         self._stage_totals: dict[str, float] = {}
-        self._released: list[int] = []
+        self._released: dict[int, list[int]] = {}
         self._step = 0
         self.ipc = ipc_dir()
         self.zctx = zmq.Context()
@@ -104,7 +109,7 @@ class AFDExecutor:
             "device": config.device,
             "block_size": config.block_size,
             "num_kv_blocks": self.num_kv_blocks,
-            "world_size": a + f,
+            "world_size": a + f + p,
             "port": free_port(),
             "ipc": self.ipc,
             "num_attention_workers": a,
@@ -115,17 +120,19 @@ class AFDExecutor:
         }
         self.attention_ranks = list(range(a))
         self.expert_ranks = list(range(a, a + f))
+        self.prefill_ranks = list(range(a + f, a + f + p))
+        roles = {"attention": run_attention_worker, "expert": run_expert_worker,
+                 "prefill": run_prefill_worker}  # fmt: skip
         try:
-            for rank in range(a + f):
-                role = "attention" if rank < a else "expert"
+            for rank in range(a + f + p):
+                role = "attention" if rank < a else "expert" if rank < a + f else "prefill"
                 sock = self.zctx.socket(zmq.PUSH)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.bind(worker_inbox(self.ipc, role, rank))
                 self.outboxes[(role, rank)] = sock
-                target = run_attention_worker if rank < a else run_expert_worker
-                self.supervisor.spawn(role, rank, target, {**spec, "rank": rank})
+                self.supervisor.spawn(role, rank, roles[role], {**spec, "rank": rank})
             ready = 0
-            while ready < a + f:
+            while ready < a + f + p:
                 msg = self._recv(STARTUP_TIMEOUT_S, "worker start-up")
                 if msg["type"] == "ready":
                     self.param_bytes[(msg["role"], msg["rank"])] = msg["param_bytes"]
@@ -153,54 +160,82 @@ class AFDExecutor:
         raise TimeoutError(f"no answer from the workers within {timeout_s:.0f} s during {what}")
 
     # ---- executor API --------------------------------------------------------------------
-    def release(self, seq_ids: list[int]) -> None:
-        self._released.extend(seq_ids)
+    def release(self, replica: int, seq_ids: list[int]) -> None:
+        """Finished sequences whose sampler state the replica may drop (sent with its next plan)."""
+        self._released.setdefault(replica, []).extend(seq_ids)
 
-    def execute(self, batches: list[ScheduledBatch]) -> dict:
+    def execute(self, batches: list[ScheduledBatch], prefill_batches=(), transfers=()) -> dict:
         try:
-            return self._execute(batches)
+            return self._execute(batches, list(prefill_batches), list(transfers))
         except (WorkerDiedError, RuntimeError, TimeoutError):
             self.shutdown()
             raise
 
-    def _execute(self, batches: list[ScheduledBatch]) -> dict:
+    def _execute(self, batches: list[ScheduledBatch], prefill_batches, transfers) -> dict:
         self._step += 1
+        self.supervisor.check()  # any dead worker fails the step, even one this step skips
         active = [r for r, b in enumerate(batches) if not b.is_empty]
-        m = max(1, min(self.num_micro_batches, max(len(batches[r].seqs) for r in active)))
-        release, self._released = self._released, []
-        for r in active:
-            b = batches[r]
-            groups = split_micro_batches(b, m)
-            mbs = [
-                [plan_entry(b.seqs[i], b.num_new_tokens[i], b.sample[i]) for i in g] for g in groups
-            ]
+        m = max(
+            1, min(self.num_micro_batches, max((len(batches[r].seqs) for r in active), default=1))
+        )
+        imports: dict[int, list] = {}
+        exports: dict[int, list] = {}
+        for t in transfers:
+            src_blocks, dst_blocks = t.blocks
+            prefill_rank, attn_rank = self.prefill_ranks[t.prefill], self.attention_ranks[t.replica]
+            imports.setdefault(t.replica, []).append([t.seq.seq_id, prefill_rank, dst_blocks])
+            exports.setdefault(t.prefill, []).append([t.seq.seq_id, attn_rank, src_blocks])
+        planned = sorted(set(active) | set(imports))
+        for r in planned:
+            mbs = []
+            if r in active:
+                b = batches[r]
+                mbs = [
+                    [plan_entry(b.seqs[i], b.num_new_tokens[i], b.sample[i]) for i in g]
+                    for g in split_micro_batches(b, m)
+                ]
             self._send(
                 "attention",
                 r,
                 "attn_step",
                 step=self._step,
                 micro_batches=mbs,
-                release=release,
+                release=self._released.pop(r, []),
+                imports=imports.get(r, []),
                 trace=self.trace,
             )
-        for r in self.attention_ranks:
-            if r not in active and release:
-                pass  # generators of other replicas' sequences are never created there
-        for rank in self.expert_ranks:
+        if active:
+            for rank in self.expert_ranks:
+                self._send(
+                    "expert",
+                    rank,
+                    "expert_step",
+                    step=self._step,
+                    sources=active,
+                    num_micro_batches=m,
+                    trace=self.trace,
+                )
+        prefilling = [p for p, b in enumerate(prefill_batches) if not b.is_empty or p in exports]
+        for p in prefilling:
+            b = prefill_batches[p]
+            entries = [
+                plan_entry(seq, n, smp)
+                for seq, n, smp in zip(b.seqs, b.num_new_tokens, b.sample, strict=True)
+            ]
             self._send(
-                "expert",
-                rank,
-                "expert_step",
+                "prefill",
+                self.prefill_ranks[p],
+                "prefill_step",
                 step=self._step,
-                sources=active,
-                num_micro_batches=m,
+                micro_batches=[entries] if entries else [],
+                exports=exports.get(p, []),
                 trace=self.trace,
             )
         sampled: dict = {}
         times: dict[str, float] = {}
         events: list = []
         load: list[list[int]] = []
-        waiting = len(active) + len(self.expert_ranks)
+        waiting = len(planned) + (len(self.expert_ranks) if active else 0) + len(prefilling)
         while waiting:
             msg = self._recv(600.0, f"decode step {self._step}")
             if msg.get("step") != self._step:
@@ -209,7 +244,7 @@ class AFDExecutor:
             for k, v in msg["times"].items():
                 times[k] = times.get(k, 0.0) + v
             events += [[*e, msg["rank"]] for e in msg["events"]]
-            if msg["type"] == "attn_result":
+            if msg["type"] in ("attn_result", "prefill_result"):
                 for seq_id, tok, lps in msg["sampled"]:
                     sampled[seq_id] = (tok, lps)
             else:

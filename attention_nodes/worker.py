@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from afd.attention_nodes.kv_transfer import recv_kv
 from afd.comm.control import WorkerChannel, dist_backend, init_world
 from afd.comm.transport import get_transport
 
@@ -112,6 +113,13 @@ class AttentionWorker:
         clock = StageClock(plan["trace"])
         for seq_id in plan["release"]:
             self.generators.pop(seq_id, None)
+        t0 = time.monotonic_ns()
+        for seq_id, src, blocks in plan["imports"]:
+            recv_kv(self.kv_caches, blocks, src, seq_id)
+        if plan["imports"]:
+            clock.record("kv_import", "comm", t0, time.monotonic_ns(), "kv import")
+        if not plan["micro_batches"]:
+            return [], clock
         mbs = [build_micro_batch(e, self.block_size, self.device) for e in plan["micro_batches"]]
         hidden = self.ping_pong(mbs, clock)
         t0 = time.monotonic_ns()
@@ -183,16 +191,22 @@ class AttentionWorker:
                 entries += mb.sample_entries
         if not entries:
             return []
-        logits = self.model.compute_logits(torch.cat(rows))
-        params, gens = [], []
-        for seq_id, _, _, _, _, p in entries:
-            sp = SamplingParams(**{k: v for k, v in p.items() if k != "index"})
-            params.append(sp)
-            if sp.seed is not None and seq_id not in self.generators:
-                self.generators[seq_id] = torch.Generator().manual_seed(sp.seed + p["index"])
-            gens.append(self.generators.get(seq_id))
-        out = self.sampler(logits, params, gens)
-        return [
-            [e[0], tok, out.logprobs[j] if out.logprobs is not None else None]
-            for j, (e, tok) in enumerate(zip(entries, out.token_ids, strict=True))
-        ]
+        return sample_entries(self.model, self.sampler, self.generators, entries, torch.cat(rows))
+
+
+def sample_entries(model, sampler: Sampler, generators: dict, entries: list, hidden) -> list:
+    """Sample one token per plan entry from its final hidden row; [[seq_id, token, logprobs]].
+    Seeded sequences keep one generator per seq_id in `generators`."""
+    logits = model.compute_logits(hidden)
+    params, gens = [], []
+    for seq_id, _, _, _, _, p in entries:
+        sp = SamplingParams(**{k: v for k, v in p.items() if k != "index"})
+        params.append(sp)
+        if sp.seed is not None and seq_id not in generators:
+            generators[seq_id] = torch.Generator().manual_seed(sp.seed + p["index"])
+        gens.append(generators.get(seq_id))
+    out = sampler(logits, params, gens)
+    return [
+        [e[0], tok, out.logprobs[j] if out.logprobs is not None else None]
+        for j, (e, tok) in enumerate(zip(entries, out.token_ids, strict=True))
+    ]

@@ -21,7 +21,15 @@ _DTYPES = {
 SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "ready": {"rank": int, "role": str, "param_bytes": int},
     "error": {"rank": int, "role": str, "message": str},
-    "attn_step": {"step": int, "micro_batches": list, "release": list, "trace": bool},
+    "attn_step": {
+        "step": int,
+        "micro_batches": list,
+        "release": list,
+        "imports": list,
+        "trace": bool,
+    },
+    "prefill_step": {"step": int, "micro_batches": list, "exports": list, "trace": bool},
+    "prefill_result": {"rank": int, "step": int, "sampled": list, "times": dict, "events": list},
     "expert_step": {"step": int, "sources": list, "num_micro_batches": int, "trace": bool},
     "attn_result": {"rank": int, "step": int, "sampled": list, "times": dict, "events": list},
     "expert_result": {"rank": int, "step": int, "times": dict, "events": list, "load": list},

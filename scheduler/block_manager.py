@@ -108,14 +108,19 @@ class BlockManager:
 
     def free_seq(self, seq: Sequence) -> None:
         """Drop the sequence's references; cached blocks stay reusable until evicted."""
-        for b in reversed(seq.block_table):
+        self.free_table(seq.block_table)
+        seq.block_table = []
+        self._seq_hashes.pop(seq.seq_id, None)
+
+    def free_table(self, table: list[int]) -> None:
+        """Drop one reference to each block of a table (e.g. one detached from its sequence)."""
+        for b in reversed(table):
             self.ref_count[b] -= 1
             if self.ref_count[b] == 0:
                 if b in self.block_to_hash:
                     self.evictable[b] = None
                 else:
                     self.free.append(b)
-        seq.block_table = []
-        self._seq_hashes.pop(seq.seq_id, None)
 
-    free_blocks = free_seq
+    def forget_hashes(self, seq: Sequence) -> None:
+        self._seq_hashes.pop(seq.seq_id, None)

@@ -174,6 +174,21 @@ class Scheduler:
         self.block_manager.free_seq(seq)
         seq.status = status
 
+    def detach(self, seq: Sequence) -> list[int]:
+        """Hand a running sequence to another scheduler: returns its block table, which stays
+        referenced until `block_manager.free_table` (after its KV was copied out)."""
+        self.seqs.pop(seq.seq_id, None)
+        self.running.remove(seq)
+        table, seq.block_table = seq.block_table, []
+        self.block_manager.forget_hashes(seq)
+        return table
+
+    def adopt(self, seq: Sequence) -> None:
+        """Take over a sequence whose blocks were just allocated here (P/D handoff)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        self.seqs[seq.seq_id] = seq
+
     def abort_request(self, request_id: str) -> None:
         for seq in [s for s in self.seqs.values() if s.request_id == request_id]:
             self.finish(seq.seq_id, SequenceStatus.FINISHED_ABORTED)

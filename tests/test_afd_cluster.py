@@ -18,7 +18,9 @@ TOPOLOGIES = {
     "tiny-qwen3-moe": [(1, 1), (2, 1), (1, 2), (2, 2), (3, 2)],
     "tiny-deepseek-v3": [(1, 1), (2, 2), (3, 2)],
 }
-CASES = [(model, a, f) for model, topos in TOPOLOGIES.items() for a, f in topos]
+CASES = [(model, 0, a, f) for model, topos in TOPOLOGIES.items() for a, f in topos]
+# P/D: a prefill pool runs the prompts and ships their KV to the attention workers.
+CASES += [("tiny-qwen3-moe", 1, 1, 1), ("tiny-deepseek-v3", 2, 2, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +59,25 @@ def run_continuous(llm, prompts):
     return [done[i] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("model,a,f", CASES)
-def test_topology_matches_single_process(reference, model, a, f):
+@pytest.mark.parametrize("model,p,a,f", CASES)
+def test_topology_matches_single_process(reference, model, p, a, f):
     prompts, expected = reference(model)
-    llm = LLM(model, dtype="float32", block_size=4, num_attention_workers=a, num_expert_workers=f)
+    llm = LLM(
+        model,
+        dtype="float32",
+        block_size=4,
+        num_prefill_workers=p,
+        num_attention_workers=a,
+        num_expert_workers=f,
+    )
     try:
         for m in (1, 2, 3):
             llm.engine.executor.num_micro_batches = m
             assert run_continuous(llm, prompts) == expected, f"m={m}"
+            blocks = [
+                s.block_manager for s in llm.engine.schedulers + llm.engine.prefill_schedulers
+            ]
+            assert all(bm.num_free_blocks == bm.num_blocks for bm in blocks), "leaked KV blocks"
         # An attention worker holds no routed expert; expert shards add up to all experts once.
         ex = llm.engine.executor
         cfg = llm.engine.model_config

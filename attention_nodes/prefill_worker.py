@@ -1,0 +1,57 @@
+"""Prefill worker: the full model and its own KV cache; runs prompts (chunked, prefix-cached by
+the scheduler), samples the first token, and ships the prompt's KV to an attention worker."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from afd.attention_nodes.kv_transfer import send_kv
+from afd.attention_nodes.worker import StageClock, build_micro_batch, sample_entries
+from afd.comm.control import WorkerChannel, dist_backend, init_world
+
+from afd.loader import count_parameter_bytes, load_model
+from afd.models import allocate_kv_cache
+from afd.sampler import Sampler
+
+
+def run_prefill_worker(spec: dict) -> None:
+    rank = spec["rank"]
+    channel = WorkerChannel(spec["ipc"], "prefill", rank)
+    try:
+        torch.set_num_threads(spec.get("threads", 1))
+        device = torch.device(spec["device"])
+        init_world(rank, spec["world_size"], spec["port"], dist_backend(spec["device"]))
+        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="full")
+        dtype = next(model.parameters()).dtype
+        caches = allocate_kv_cache(
+            model.config, spec["num_kv_blocks"], spec["block_size"], dtype, device
+        )
+        sampler = Sampler()
+        channel.send("ready", role="prefill", param_bytes=count_parameter_bytes(model))
+        while True:
+            msg = channel.recv()
+            if msg["type"] == "shutdown":
+                break
+            clock = StageClock(msg["trace"])
+            t0 = time.monotonic_ns()
+            sends = [send_kv(caches, blocks, dst, seq_id) for seq_id, dst, blocks in msg["exports"]]
+            sampled = []
+            if msg["micro_batches"]:
+                mb = build_micro_batch(msg["micro_batches"][0], spec["block_size"], device)
+                with torch.inference_mode():
+                    hidden = model(mb.input_ids, mb.positions, mb.meta, caches)
+                    if mb.sample_entries:
+                        sampled = sample_entries(
+                            model, sampler, {}, mb.sample_entries, hidden[mb.sample_rows]
+                        )
+            for work, _ in sends:
+                work.wait()
+            clock.record("prefill", "prefill", t0, time.monotonic_ns())
+            channel.send("prefill_result", step=msg["step"], sampled=sampled, times=clock.times,
+                         events=clock.events)  # fmt: skip
+    except BaseException as e:
+        channel.report_error(e)
+        raise SystemExit(1) from None
+    finally:
+        channel.close()
