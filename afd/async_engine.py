@@ -12,6 +12,12 @@ from afd.outputs import RequestOutput
 from afd.sampling_params import SamplingParams
 
 
+class EngineOverloadedError(RuntimeError):
+    """Admission refused: the bounded queue is full."""
+
+    http_status = 503
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop stopped (a worker died or a step failed)."""
 
@@ -19,8 +25,9 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     """Thread-safe front of LLMEngine: `generate` yields cumulative outputs, `abort` frees."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, max_queue_len: int = 1024):
         self.engine = LLMEngine(config)
+        self.max_queue_len = max_queue_len
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.model_name = config.model
@@ -50,6 +57,10 @@ class AsyncEngine:
         if self.error is not None:
             raise EngineDeadError(self.error)
         self.engine.validate_prompt(prompt_token_ids)
+        if len(self._streams) >= self.max_queue_len + self.engine.config.max_num_seqs:
+            raise EngineOverloadedError(
+                f"the server is at capacity ({len(self._streams)} requests in flight); retry later"
+            )
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._commands.put(("add", request_id, prompt_token_ids, params))

@@ -151,8 +151,14 @@ def _add_launch(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv and argv[0] == "launch":
+            from afd.launch import apply_config_file
+
+            launch = parser._subparsers._group_actions[0].choices["launch"]
+            apply_config_file(launch, argv[1:])
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError) as e:
         print(f"afd: error: {e}", file=sys.stderr)

@@ -170,8 +170,12 @@ class LLMEngine:
             seqs,
             [IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in seqs],
         )
-        replica = self._pick_replica(self.schedulers)
-        prefill = self._pick_replica(self.prefill_schedulers) if self.prefill_schedulers else None
+        replica = self._pick_replica(self.schedulers, seqs[0])
+        prefill = (
+            self._pick_replica(self.prefill_schedulers, seqs[0])
+            if self.prefill_schedulers
+            else None
+        )
         for seq in seqs:
             (self.schedulers[replica] if prefill is None else self.prefill_schedulers[prefill]).add(
                 seq
@@ -196,11 +200,15 @@ class LLMEngine:
             )
 
     @staticmethod
-    def _pick_replica(schedulers: list[Scheduler]) -> int:
-        """Least loaded replica by free KV blocks (ties: fewest requests)."""
+    def _pick_replica(schedulers: list[Scheduler], seq: Sequence) -> int:
+        """The replica that already caches the longest prefix of the prompt, else the least
+        loaded by free KV blocks (ties: fewest requests)."""
+        if len(schedulers) == 1:
+            return 0
         return max(
             range(len(schedulers)),
             key=lambda i: (
+                schedulers[i].block_manager.cached_prefix_blocks(seq),
                 schedulers[i].block_manager.num_free_blocks,
                 -schedulers[i].num_running - schedulers[i].num_waiting,
             ),

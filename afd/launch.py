@@ -14,6 +14,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument(
+        "--max-queue-len",
+        type=int,
+        default=1024,
+        help="requests waiting beyond this are refused with HTTP 503",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="cluster.yaml whose keys are these flags' names; flags given here override it",
+    )
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Use a --config YAML's values as defaults, so explicit flags still win."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    import yaml
+
+    try:
+        with open(known.config) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"cannot read --config {known.config}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {known.config} is not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {known.config} must be a mapping of flag names to values")
+    dests = {a.dest for a in parser._actions}
+    settings = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in dests or dest in ("config", "help"):
+            raise ValueError(f"--config {known.config}: unknown setting {key!r}")
+        settings[dest] = value
+    parser.set_defaults(**settings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
             f"afd: plan: single process, device={config.device}, model={config.model}", flush=True
         )
     print("afd: loading model and starting workers ...", flush=True)
-    engine = AsyncEngine(config)
+    if args.max_queue_len < 1:
+        raise ValueError("--max-queue-len must be at least 1")
+    engine = AsyncEngine(config, max_queue_len=args.max_queue_len)
     app = build_app(engine, api_key=args.api_key)
     url = f"http://{args.host}:{args.port}/v1"
     server = uvicorn.Server(

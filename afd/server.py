@@ -91,6 +91,9 @@ class Generation:
         except ValueError as e:
             raise APIError(400, str(e), "invalid_request_error") from e
         except Exception as e:
+            status = getattr(e, "http_status", None)
+            if status is not None:  # e.g. the engine's admission queue is full: 503
+                raise APIError(status, str(e), "service_unavailable") from e
             logger.warning("request %s failed in the engine: %r", self.request_id, e)
             raise APIError(500, f"the engine failed on this request: {e}", "server_error") from e
         self._record(out)

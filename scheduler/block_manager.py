@@ -51,6 +51,10 @@ class BlockManager:
             parent = h
         return blocks
 
+    def cached_prefix_blocks(self, seq: Sequence) -> int:
+        """How many of the sequence's leading blocks this cache already holds."""
+        return len(self._cached_prefix(seq))
+
     def can_allocate(self, seq: Sequence) -> bool:
         hit = self._cached_prefix(seq)
         reusable_free = sum(1 for b in hit if self.ref_count[b] == 0)

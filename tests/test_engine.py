@@ -189,3 +189,20 @@ def test_triton_kernels_give_the_same_greedy_tokens(model):
     finally:
         ops.set_kernel_backend("auto")
     assert tokens["torch"] == tokens["triton"]
+
+
+def test_routing_prefers_the_replica_with_the_cached_prefix():
+    from afd.scheduler.scheduler import Scheduler, SchedulerConfig
+    from afd.scheduler.sequence import Sequence
+
+    from afd.engine import LLMEngine
+
+    replicas = [Scheduler(SchedulerConfig(num_blocks=16, block_size=4)) for _ in range(3)]
+    warm = Sequence("warm", 0, list(range(10, 22)), greedy())
+    replicas[2].add(warm)
+    batch = replicas[2].schedule()
+    replicas[2].update(batch, {}, set())  # prompt computed, its full blocks published
+    fresh = Sequence("new", 0, list(range(10, 22)) + [5, 6], greedy())
+    assert LLMEngine._pick_replica(replicas, fresh) == 2
+    other = Sequence("other", 0, [7] * 14, greedy())
+    assert LLMEngine._pick_replica(replicas, other) in (0, 1)  # more free blocks there

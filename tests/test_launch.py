@@ -263,3 +263,21 @@ def test_killed_worker_makes_health_503_and_requests_fail():
             proc.wait()
     left = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
     assert left.stdout.strip() == ""
+
+
+def test_config_file_sets_defaults_and_flags_win(tmp_path, capsys):
+    from afd.cli import build_parser, main
+    from afd.launch import apply_config_file
+
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text("num-attention-workers: 2\nnum_expert_workers: 3\nport: 9001\n")
+    parser = build_parser()
+    launch = parser._subparsers._group_actions[0].choices["launch"]
+    argv = ["--config", str(cfg), "--port", "9002"]
+    apply_config_file(launch, argv)
+    args = parser.parse_args(["launch", *argv])
+    assert (args.num_attention_workers, args.num_expert_workers, args.port) == (2, 3, 9002)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("no_such_flag: 1\n")
+    assert main(["launch", "--config", str(bad)]) == 2
+    assert "unknown setting 'no_such_flag'" in capsys.readouterr().err
