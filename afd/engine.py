@@ -139,6 +139,7 @@ class LLMEngine:
             for _ in range(getattr(self.executor, "num_prefill_replicas", 0))
         ]
         self._handoff: list[Handoff] = []
+        self._prefill_inflight: dict[int, ScheduledBatch] = {}  # prefill replica -> its batch
         self.requests: dict[str, RequestState] = {}
         self._seq_owner: dict[int, RequestState] = {}
         self._replica_of: dict[str, tuple[int, int | None]] = {}  # (decode, prefill)
@@ -233,7 +234,7 @@ class LLMEngine:
             self._seq_owner.pop(seq.seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._handoff) or any(
+        return bool(self._handoff or self._prefill_inflight) or any(
             s.has_unfinished for s in self.schedulers + self.prefill_schedulers
         )
 
@@ -242,15 +243,29 @@ class LLMEngine:
         """Run one scheduling step on every replica; return outputs of requests that changed."""
         transfers = self._place_handoffs()
         batches: list[ScheduledBatch] = [s.schedule() for s in self.schedulers]
-        prefill_batches = [s.schedule() for s in self.prefill_schedulers]
-        if all(b.is_empty for b in batches + prefill_batches) and not transfers:
-            return []
+        # A prefill worker busy with a long prompt gets no new plan; decode steps go on without
+        # waiting for it (its result is picked up by a later step).
+        empty = ScheduledBatch()
+        new_prefill = [
+            empty if p in self._prefill_inflight else s.schedule()
+            for p, s in enumerate(self.prefill_schedulers)
+        ]
+        if all(b.is_empty for b in batches + new_prefill) and not transfers:
+            if not self._prefill_inflight:
+                return []
         if self.prefill_schedulers:
-            sampled = self.executor.execute(batches, prefill_batches, transfers)
+            for p, b in enumerate(new_prefill):
+                if not b.is_empty:
+                    self._prefill_inflight[p] = b
+            sampled, done = self.executor.execute(batches, new_prefill, transfers)
         else:
-            sampled = self.executor.execute(batches)
+            sampled, done = self.executor.execute(batches), []
         for t in transfers:
             self.prefill_schedulers[t.prefill].block_manager.free_table(t.prefill_table)
+        prefill_batches = [
+            self._prefill_inflight.pop(p, empty) if p in done else empty
+            for p in range(len(self.prefill_schedulers))
+        ]
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
         pairs = list(zip(self.schedulers, batches, strict=True))
@@ -290,6 +305,8 @@ class LLMEngine:
         runs at the start of this step, before the replica computes."""
         placed = []
         for h in list(self._handoff):
+            if h.prefill in self._prefill_inflight:
+                continue  # its worker is busy; the copy goes with that worker's next plan
             bm = self.schedulers[h.replica].block_manager
             if not bm.can_allocate(h.seq):
                 continue  # stays on the prefill worker until the replica has room

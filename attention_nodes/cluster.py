@@ -96,6 +96,7 @@ class AFDExecutor:
         self.param_bytes: dict[tuple[str, int], int] = {}
         self._stage_totals: dict[str, float] = {}
         self._released: dict[int, list[int]] = {}
+        self._prefill_busy: set[int] = set()
         self._step = 0
         self.ipc = ipc_dir()
         self.zctx = zmq.Context()
@@ -164,9 +165,12 @@ class AFDExecutor:
         """Finished sequences whose sampler state the replica may drop (sent with its next plan)."""
         self._released.setdefault(replica, []).extend(seq_ids)
 
-    def execute(self, batches: list[ScheduledBatch], prefill_batches=(), transfers=()) -> dict:
+    def execute(self, batches: list[ScheduledBatch], prefill_batches=None, transfers=()):
+        """Run one step. Without a prefill pool: sampled tokens. With one: (sampled, prefill
+        replicas whose earlier plan finished); a busy prefill worker is not waited for."""
         try:
-            return self._execute(batches, list(prefill_batches), list(transfers))
+            sampled, done = self._execute(batches, list(prefill_batches or []), list(transfers))
+            return sampled if prefill_batches is None else (sampled, done)
         except (WorkerDiedError, RuntimeError, TimeoutError):
             self.shutdown()
             raise
@@ -235,12 +239,27 @@ class AFDExecutor:
         times: dict[str, float] = {}
         events: list = []
         load: list[list[int]] = []
-        waiting = len(planned) + (len(self.expert_ranks) if active else 0) + len(prefilling)
-        while waiting:
-            msg = self._recv(600.0, f"decode step {self._step}")
-            if msg.get("step") != self._step:
+        self._prefill_busy |= set(prefilling)
+        waiting = len(planned) + (len(self.expert_ranks) if active else 0)
+        exports_only = {p for p in prefilling if prefill_batches[p].is_empty}
+        done: list[int] = []
+        # Wait for the decode side and for export-only prefill plans; long prefills only when
+        # nothing else is running (otherwise their results are collected when they arrive).
+        while (
+            waiting
+            or exports_only
+            or (not waiting and not done and not active and self._prefill_busy)
+        ):
+            msg = self._recv(600.0, f"step {self._step}")
+            if msg["type"] == "prefill_result":
+                p = self.prefill_ranks.index(msg["rank"])
+                self._prefill_busy.discard(p)
+                exports_only.discard(p)
+                done.append(p)
+            elif msg.get("step") != self._step:
                 continue
-            waiting -= 1
+            else:
+                waiting -= 1
             for k, v in msg["times"].items():
                 times[k] = times.get(k, 0.0) + v
             events += [[*e, msg["rank"]] for e in msg["events"]]
@@ -251,8 +270,16 @@ class AFDExecutor:
                 load.append(msg["load"])
         for k, v in times.items():
             self._stage_totals[k] = self._stage_totals.get(k, 0.0) + v
+        while self.inbox.poll(0):  # prefill results that are already here
+            msg = self._recv(1.0, f"step {self._step}")
+            if msg["type"] == "prefill_result":
+                p = self.prefill_ranks.index(msg["rank"])
+                self._prefill_busy.discard(p)
+                done.append(p)
+                for seq_id, tok, lps in msg["sampled"]:
+                    sampled[seq_id] = (tok, lps)
         self.last_times, self.last_events, self.last_load, self.last_m = times, events, load, m
-        return sampled
+        return sampled, done
 
     def check_alive(self) -> None:
         """Raise WorkerDiedError if any worker is gone."""

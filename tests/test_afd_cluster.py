@@ -111,3 +111,28 @@ def test_killed_expert_worker_is_a_clear_error():
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_decode_keeps_going_while_a_long_prompt_prefills():
+    llm = LLM("tiny-qwen3-moe", dtype="float32", num_prefill_workers=1, num_attention_workers=1,
+              num_expert_workers=1, max_num_batched_tokens=2048)  # fmt: skip
+    eng = llm.engine
+    try:
+        short = eng.add_request(
+            [5, 6, 7], SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        )
+        while not any(s.running for s in eng.schedulers):
+            eng.step()
+        long_prompt = [(7 * i) % 500 + 3 for i in range(2000)]
+        eng.add_request(long_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        progressed_during_prefill = 0
+        for _ in range(2000):
+            busy = bool(eng._prefill_inflight)
+            outs = eng.step()
+            if busy and any(o.request_id == short for o in outs):
+                progressed_during_prefill += 1
+            if not eng._prefill_inflight and not eng.prefill_schedulers[0].has_unfinished and busy:
+                break
+        assert progressed_during_prefill >= 3, "decode waited for the long prefill"
+    finally:
+        llm.shutdown()
