@@ -41,6 +41,10 @@ class EngineConfig:
     num_expert_workers: int = 0
     num_micro_batches: int = 1
     comm_backend: str = "auto"
+    # Several nodes: node 0 runs the scheduler and HTTP server (see `afd launch --nnodes`).
+    nnodes: int = 1
+    dist_init_addr: str | None = None
+    node_roles: str | None = None
     extra: dict = field(default_factory=dict)
 
     def torch_dtype(self, model_config: ModelConfig) -> torch.dtype:

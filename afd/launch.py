@@ -20,6 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1024,
         help="requests waiting beyond this are refused with HTTP 503",
     )
+    p.add_argument("--nnodes", type=int, default=1, help="nodes in the cluster")
+    p.add_argument("--node-rank", type=int, default=0, help="this node (0 serves HTTP)")
+    p.add_argument("--dist-init-addr", default=None, help="HOST:PORT of node 0 (nnodes > 1)")
+    p.add_argument(
+        "--node-roles",
+        default=None,
+        help="which roles run where, e.g. '0=prefill,attention;1=expert' (the default)",
+    )
     p.add_argument(
         "--config",
         default=None,
@@ -65,6 +73,15 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be 1..65535, got {args.port}")
     config = engine_config_from_args(args)
+    config.nnodes, config.dist_init_addr, config.node_roles = (
+        args.nnodes,
+        args.dist_init_addr,
+        args.node_roles,
+    )
+    if not 0 <= args.node_rank < args.nnodes:
+        raise ValueError(f"--node-rank must be in 0..{args.nnodes - 1}")
+    if args.node_rank > 0:
+        return run_worker_node(config, args.node_rank)
     if config.num_attention_workers:
         a, f, p = (
             config.num_attention_workers,
@@ -100,3 +117,45 @@ def run(args: argparse.Namespace) -> int:
         engine.shutdown()
         print("afd: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def run_worker_node(config, node_rank: int) -> int:
+    """Node > 0: start this node's workers and keep them until node 0 shuts the cluster down."""
+    import signal
+    import time
+
+    from afd.attention_nodes.cluster import layout_for, spawn_node_workers, worker_spec
+    from afd.builtin import resolve_model
+    from afd.config import ModelConfig
+    from afd.procs import Supervisor, WorkerDiedError
+
+    if config.nnodes < 2 or not config.num_attention_workers:
+        raise ValueError("--node-rank > 0 needs --nnodes > 1 and a disaggregated cluster")
+    path = resolve_model(config.model)
+    model_config = ModelConfig.from_pretrained(path)
+    layout = layout_for(config, model_config)
+    spec = worker_spec(config, path, model_config, layout)
+    supervisor = Supervisor()
+    spawn_node_workers(supervisor, spec, layout, node_rank)
+    roles = [f"{w.role} {w.rank}" for w in supervisor.workers]
+    print(f"afd: node {node_rank}: workers {', '.join(roles) or 'none'}; "
+          f"cluster at {config.dist_init_addr}", flush=True)  # fmt: skip
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    code = 0
+    try:
+        while True:
+            try:
+                supervisor.check()
+            except WorkerDiedError as e:
+                supervisor.shutdown(grace=5.0)  # node 0 said shutdown: the rest follow
+                if any(w.process.exitcode != 0 for w in supervisor.workers):
+                    print(f"afd: node {node_rank}: {e}", file=sys.stderr, flush=True)
+                    code = 1
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        supervisor.shutdown()
+    print(f"afd: node {node_rank}: stopped", file=sys.stderr, flush=True)
+    return code

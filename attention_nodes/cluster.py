@@ -3,14 +3,16 @@ world, sends them step plans, and gathers sampled tokens. Runs in the scheduler'
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 from afd.comm import wire
-from afd.comm.control import driver_inbox, ipc_dir, worker_inbox
+from afd.comm.control import ipc_dir
 from afd.scheduler.scheduler import ScheduledBatch
 
 from afd.config import ModelConfig
@@ -63,32 +65,152 @@ def plan_entry(seq, n: int, sample: bool) -> list:
     ]
 
 
+@dataclass
+class ClusterLayout:
+    """Ranks, roles, nodes and addresses of one cluster, computed the same way on every node."""
+
+    num_attention: int
+    num_expert: int
+    num_prefill: int
+    nnodes: int = 1
+    node_roles: dict[int, list[str]] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 0
+    ipc: str | None = None  # single node: control sockets are IPC files in this folder
+
+    @property
+    def world_size(self) -> int:
+        return self.num_attention + self.num_expert + self.num_prefill
+
+    def role(self, rank: int) -> str:
+        a, f = self.num_attention, self.num_expert
+        return "attention" if rank < a else "expert" if rank < a + f else "prefill"
+
+    def node_of(self, rank: int) -> int:
+        """Workers of a role are spread round-robin over the nodes that list that role."""
+        if self.nnodes == 1:
+            return 0
+        role = self.role(rank)
+        nodes = [n for n in range(self.nnodes) if role in self.node_roles.get(n, [])]
+        if not nodes:
+            raise ValueError(f"no node runs {role} workers (see --node-roles)")
+        first = {"attention": 0, "expert": self.num_attention,
+                 "prefill": self.num_attention + self.num_expert}[role]  # fmt: skip
+        return nodes[(rank - first) % len(nodes)]
+
+    def driver_addr(self) -> str:
+        if self.ipc:
+            return f"ipc://{os.path.join(self.ipc, 'driver')}"
+        return f"tcp://{self.host}:{self.port + 1}"
+
+    def inbox_addr(self, rank: int) -> str:
+        if self.ipc:
+            return f"ipc://{os.path.join(self.ipc, f'{self.role(rank)}-{rank}')}"
+        return f"tcp://{self.host}:{self.port + 2 + rank}"
+
+
+def parse_node_roles(text: str | None, nnodes: int) -> dict[int, list[str]]:
+    """'0=prefill,attention;1=expert' -> {0: [...], 1: [...]}; default: node 0 prefill and
+    attention, the other nodes experts (node 0 too when it is the only node)."""
+    if not text:
+        roles = {0: ["prefill", "attention"]}
+        for n in range(1, nnodes):
+            roles[n] = ["expert"]
+        if nnodes == 1:
+            roles[0].append("expert")
+        return roles
+    out: dict[int, list[str]] = {}
+    for part in text.split(";"):
+        node, _, names = part.partition("=")
+        try:
+            n = int(node)
+        except ValueError:
+            raise ValueError(f"--node-roles: bad node {node!r} in {text!r}") from None
+        if not 0 <= n < nnodes:
+            raise ValueError(f"--node-roles: node {n} is outside 0..{nnodes - 1}")
+        bad = [r for r in names.split(",") if r not in ("prefill", "attention", "expert")]
+        if bad or not names:
+            raise ValueError(f"--node-roles: unknown role {bad[0] if bad else ''!r} for node {n}")
+        out[n] = names.split(",")
+    return out
+
+
+def layout_for(config, model_config: ModelConfig) -> ClusterLayout:
+    a, f, p = config.num_attention_workers, config.num_expert_workers, config.num_prefill_workers
+    if p < 0:
+        raise ValueError("num_prefill_workers must be >= 0")
+    if a < 1 or f < 1:
+        raise ValueError("a disaggregated cluster needs at least 1 attention and 1 expert worker")
+    if f > model_config.n_routed_experts:
+        raise ValueError(f"{f} expert workers but only {model_config.n_routed_experts} experts")
+    nnodes = config.nnodes
+    if nnodes < 1:
+        raise ValueError("--nnodes must be at least 1")
+    if nnodes == 1:
+        return ClusterLayout(a, f, p, port=free_port(), ipc=ipc_dir())
+    if not config.dist_init_addr or ":" not in config.dist_init_addr:
+        raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+    host, _, port = config.dist_init_addr.rpartition(":")
+    roles = parse_node_roles(config.node_roles, nnodes)
+    layout = ClusterLayout(a, f, p, nnodes, roles, host, int(port))
+    for rank in range(layout.world_size):
+        layout.node_of(rank)  # every role must have a node
+    if "attention" not in roles.get(0, []) and nnodes > 1:
+        pass  # the scheduler on node 0 reaches attention workers anywhere
+    return layout
+
+
+def worker_spec(config, model_path, model_config: ModelConfig, layout: ClusterLayout) -> dict:
+    """What every worker process is started with (same on every node)."""
+    from afd.executor import num_kv_blocks_for
+
+    dtype = config.torch_dtype(model_config)
+    a, f = layout.num_attention, layout.num_expert
+    return {
+        "model_path": str(model_path),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": config.device,
+        "block_size": config.block_size,
+        "num_kv_blocks": num_kv_blocks_for(config, model_config, dtype),
+        "world_size": layout.world_size,
+        "init_addr": f"{layout.host}:{layout.port}",
+        "driver_addr": layout.driver_addr(),
+        "inbox_addrs": {r: layout.inbox_addr(r) for r in range(layout.world_size)},
+        "num_attention_workers": a,
+        "num_expert_workers": f,
+        "expert_ranks": list(range(a, a + f)),
+        "comm_backend": config.comm_backend,
+        "threads": int(config.extra.get("worker_threads", 1)),
+    }
+
+
+def spawn_node_workers(supervisor: Supervisor, spec: dict, layout: ClusterLayout, node: int):
+    from afd.attention_nodes.prefill_worker import run_prefill_worker
+    from afd.attention_nodes.worker import run_attention_worker
+    from afd.expert_nodes.worker import run_expert_worker
+
+    roles = {"attention": run_attention_worker, "expert": run_expert_worker,
+             "prefill": run_prefill_worker}  # fmt: skip
+    for rank in range(layout.world_size):
+        if layout.node_of(rank) == node:
+            role = layout.role(rank)
+            supervisor.spawn(role, rank, roles[role], {**spec, "rank": rank})
+
+
 class AFDExecutor:
-    """A attention workers (data-parallel replicas, one KV cache each) and F expert workers."""
+    """A attention workers (data-parallel replicas, one KV cache each), F expert workers and P
+    prefill workers; on one node or several (this process is node 0)."""
 
     def __init__(self, config, model_path: Path, model_config: ModelConfig):
-        from afd.attention_nodes.prefill_worker import run_prefill_worker
-        from afd.attention_nodes.worker import run_attention_worker
-        from afd.expert_nodes.worker import run_expert_worker
-
-        from afd.executor import num_kv_blocks_for
-
-        a, f = config.num_attention_workers, config.num_expert_workers
-        p = config.num_prefill_workers
-        if p < 0:
-            raise ValueError("num_prefill_workers must be >= 0")
-        if a < 1 or f < 1:
-            raise ValueError(
-                "a disaggregated cluster needs at least 1 attention and 1 expert worker"
-            )
-        if f > model_config.n_routed_experts:
-            raise ValueError(f"{f} expert workers but only {model_config.n_routed_experts} experts")
+        layout = layout_for(config, model_config)
+        a, f, p = layout.num_attention, layout.num_expert, layout.num_prefill
         self.config = config
+        self.layout = layout
         self.num_replicas = a
         self.num_prefill_replicas = p
         self.num_micro_batches = config.num_micro_batches
-        dtype = config.torch_dtype(model_config)
-        self.num_kv_blocks = num_kv_blocks_for(config, model_config, dtype)
+        spec = worker_spec(config, model_path, model_config, layout)
+        self.num_kv_blocks = spec["num_kv_blocks"]
         self.trace = False
         self.last_events: list = []
         self.last_times: dict[str, float] = {}
@@ -98,42 +220,24 @@ class AFDExecutor:
         self._released: dict[int, list[int]] = {}
         self._prefill_busy: set[int] = set()
         self._step = 0
-        self.ipc = ipc_dir()
+        self.ipc = layout.ipc
         self.zctx = zmq.Context()
         self.inbox = self.zctx.socket(zmq.PULL)
-        self.inbox.bind(driver_inbox(self.ipc))
+        self.inbox.bind(layout.driver_addr())
         self.outboxes: dict[tuple[str, int], zmq.Socket] = {}
         self.supervisor = Supervisor()
-        spec = {
-            "model_path": str(model_path),
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": config.device,
-            "block_size": config.block_size,
-            "num_kv_blocks": self.num_kv_blocks,
-            "world_size": a + f + p,
-            "port": free_port(),
-            "ipc": self.ipc,
-            "num_attention_workers": a,
-            "num_expert_workers": f,
-            "expert_ranks": list(range(a, a + f)),
-            "comm_backend": config.comm_backend,
-            "threads": int(config.extra.get("worker_threads", 1)),
-        }
         self.attention_ranks = list(range(a))
         self.expert_ranks = list(range(a, a + f))
         self.prefill_ranks = list(range(a + f, a + f + p))
-        roles = {"attention": run_attention_worker, "expert": run_expert_worker,
-                 "prefill": run_prefill_worker}  # fmt: skip
         try:
-            for rank in range(a + f + p):
-                role = "attention" if rank < a else "expert" if rank < a + f else "prefill"
+            for rank in range(layout.world_size):
                 sock = self.zctx.socket(zmq.PUSH)
                 sock.setsockopt(zmq.LINGER, 0)
-                sock.bind(worker_inbox(self.ipc, role, rank))
-                self.outboxes[(role, rank)] = sock
-                self.supervisor.spawn(role, rank, roles[role], {**spec, "rank": rank})
+                sock.bind(layout.inbox_addr(rank))
+                self.outboxes[(layout.role(rank), rank)] = sock
+            spawn_node_workers(self.supervisor, spec, layout, node=0)
             ready = 0
-            while ready < a + f + p:
+            while ready < layout.world_size:
                 msg = self._recv(STARTUP_TIMEOUT_S, "worker start-up")
                 if msg["type"] == "ready":
                     self.param_bytes[(msg["role"], msg["rank"])] = msg["param_bytes"]
@@ -302,4 +406,5 @@ class AFDExecutor:
             sock.close(linger=0)
         self.inbox.close(linger=0)
         self.zctx.term()
-        shutil.rmtree(self.ipc, ignore_errors=True)
+        if self.ipc:
+            shutil.rmtree(self.ipc, ignore_errors=True)

@@ -8,7 +8,7 @@ import time
 import torch
 from afd.attention_nodes.kv_transfer import send_kv
 from afd.attention_nodes.worker import StageClock, build_micro_batch, sample_entries
-from afd.comm.control import WorkerChannel, dist_backend, init_world
+from afd.comm.control import WorkerChannel, init_world
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import allocate_kv_cache
@@ -16,12 +16,11 @@ from afd.sampler import Sampler
 
 
 def run_prefill_worker(spec: dict) -> None:
-    rank = spec["rank"]
-    channel = WorkerChannel(spec["ipc"], "prefill", rank)
+    channel = WorkerChannel(spec, "prefill")
     try:
         torch.set_num_threads(spec.get("threads", 1))
         device = torch.device(spec["device"])
-        init_world(rank, spec["world_size"], spec["port"], dist_backend(spec["device"]))
+        init_world(spec)
         model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="full")
         dtype = next(model.parameters()).dtype
         caches = allocate_kv_cache(

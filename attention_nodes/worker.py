@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from afd.attention_nodes.kv_transfer import recv_kv
-from afd.comm.control import WorkerChannel, dist_backend, init_world
+from afd.comm.control import WorkerChannel, init_world
 from afd.comm.transport import get_transport
 
 from afd.loader import count_parameter_bytes, load_model
@@ -66,12 +66,11 @@ class StageClock:
 
 
 def run_attention_worker(spec: dict) -> None:
-    rank = spec["rank"]
-    channel = WorkerChannel(spec["ipc"], "attention", rank)
+    channel = WorkerChannel(spec, "attention")
     try:
         torch.set_num_threads(spec.get("threads", 1))
         device = torch.device(spec["device"])
-        init_world(rank, spec["world_size"], spec["port"], dist_backend(spec["device"]))
+        init_world(spec)
         model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="attention")
         cfg = model.config
         dtype = next(model.parameters()).dtype

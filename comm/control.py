@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 import traceback
 from datetime import timedelta
@@ -16,25 +15,17 @@ def ipc_dir() -> str:
     return tempfile.mkdtemp(prefix="afd-ipc-")
 
 
-def worker_inbox(base: str, role: str, rank: int) -> str:
-    return f"ipc://{os.path.join(base, f'{role}-{rank}')}"
-
-
-def driver_inbox(base: str) -> str:
-    return f"ipc://{os.path.join(base, 'driver')}"
-
-
 class WorkerChannel:
     """A worker's two sockets: plans in from the driver, results out to it."""
 
-    def __init__(self, base: str, role: str, rank: int):
-        self.role, self.rank = role, rank
+    def __init__(self, spec: dict, role: str):
+        self.role, self.rank = role, spec["rank"]
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
-        self.inbox.connect(worker_inbox(base, role, rank))
+        self.inbox.connect(spec["inbox_addrs"][self.rank])
         self.outbox = self.ctx.socket(zmq.PUSH)
         self.outbox.setsockopt(zmq.LINGER, 2000)
-        self.outbox.connect(driver_inbox(base))
+        self.outbox.connect(spec["driver_addr"])
 
     def recv(self) -> dict:
         return wire.decode(self.inbox.recv())
@@ -55,15 +46,13 @@ class WorkerChannel:
         self.ctx.term()
 
 
-def init_world(
-    rank: int, world_size: int, port: int, backend: str, timeout_s: float = 120.0
-) -> None:
-    """Join the cluster's torch.distributed world over a TCP store rendezvous."""
+def init_world(spec: dict, timeout_s: float = 300.0) -> None:
+    """Join the cluster's torch.distributed world over a TCP store rendezvous at init_addr."""
     dist.init_process_group(
-        backend=backend,
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
+        backend=dist_backend(spec["device"]),
+        init_method=f"tcp://{spec['init_addr']}",
+        rank=spec["rank"],
+        world_size=spec["world_size"],
         timeout=timedelta(seconds=timeout_s),
     )
 

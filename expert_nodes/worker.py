@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import torch
-from afd.comm.control import WorkerChannel, dist_backend, init_world
+from afd.comm.control import WorkerChannel, init_world
 from afd.comm.transport import get_transport
 
 from afd.loader import count_parameter_bytes, load_model
@@ -17,11 +17,11 @@ from afd.models import expert_split
 def run_expert_worker(spec: dict) -> None:
     rank = spec["rank"]
     index = rank - spec["num_attention_workers"]
-    channel = WorkerChannel(spec["ipc"], "expert", rank)
+    channel = WorkerChannel(spec, "expert")
     try:
         torch.set_num_threads(spec.get("threads", 1))
         device = torch.device(spec["device"])
-        init_world(rank, spec["world_size"], spec["port"], dist_backend(spec["device"]))
+        init_world(spec)
         from afd.config import ModelConfig
 
         cfg = ModelConfig.from_pretrained(spec["model_path"])

@@ -281,3 +281,42 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path, capsys):
     bad.write_text("no_such_flag: 1\n")
     assert main(["launch", "--config", str(bad)]) == 2
     assert "unknown setting 'no_such_flag'" in capsys.readouterr().err
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    """Node 1 hosts the expert worker, node 0 the rest and the API; one torch.distributed world."""
+    init = f"127.0.0.1:{free_port()}"
+    port = free_port()
+    common = ["--nnodes", "2", "--dist-init-addr", init, "--dtype", "float32"]
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "afd", "launch", "--node-rank", "1", *common],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    node0 = subprocess.Popen(
+        [sys.executable, "-m", "afd", "launch", "--node-rank", "0", "--port", str(port), *common],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert node0.poll() is None and node1.poll() is None
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        body = {"prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        got = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
+        want = LLM("tiny-qwen3-moe", dtype="float32").generate(
+            [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        )
+        assert got["choices"][0]["text"] == want[0].outputs[0].text
+        node0.send_signal(signal.SIGINT)
+        assert node0.wait(timeout=30) in (0, 130)  # 130: stopped by Ctrl-C
+        assert node1.wait(timeout=30) == 0  # node 1 follows node 0 down
+    finally:
+        for proc in (node0, node1):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
