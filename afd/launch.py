@@ -63,7 +63,13 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     parser.set_defaults(**settings)
 
 
+DEATH_GRACE_S = 10.0
+
+
 def run(args: argparse.Namespace) -> int:
+    import threading
+    import time
+
     import uvicorn
 
     from afd.async_engine import AsyncEngine
@@ -102,7 +108,12 @@ def run(args: argparse.Namespace) -> int:
     print("afd: loading model and starting workers ...", flush=True)
     if args.max_queue_len < 1:
         raise ValueError("--max-queue-len must be at least 1")
-    engine = AsyncEngine(config, max_queue_len=args.max_queue_len)
+    config.extra["progress"] = True
+    try:
+        engine = AsyncEngine(config, max_queue_len=args.max_queue_len)
+    except (RuntimeError, TimeoutError) as e:  # a worker failed to start: say which, exit 1
+        print(f"afd: error: {e}", file=sys.stderr, flush=True)
+        return 1
     app = build_app(engine, api_key=args.api_key)
     url = f"http://{args.host}:{args.port}/v1"
     server = uvicorn.Server(
@@ -111,12 +122,29 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"afd: ready: OpenAI API at {url} (model '{engine.model_name}'); Ctrl-C stops", flush=True
     )
+    failure: list[str] = []
+
+    def watchdog() -> None:
+        # A dead worker: /health says 503 and requests fail at once; after a grace period in
+        # which clients can see that, the launcher stops everything and exits non-zero.
+        while not server.should_exit:
+            ok, reason = engine.health()
+            if not ok:
+                failure.append(reason)
+                print(f"afd: error: {reason}; stopping in {DEATH_GRACE_S:.0f} s", file=sys.stderr,
+                      flush=True)  # fmt: skip
+                time.sleep(DEATH_GRACE_S)
+                server.should_exit = True
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=watchdog, name="afd-watchdog", daemon=True).start()
     try:
         server.run()
     finally:
         engine.shutdown()
         print("afd: stopped", file=sys.stderr, flush=True)
-    return 0
+    return 1 if failure else 0
 
 
 def run_worker_node(config, node_rank: int) -> int:

@@ -242,6 +242,13 @@ class AFDExecutor:
                 if msg["type"] == "ready":
                     self.param_bytes[(msg["role"], msg["rank"])] = msg["param_bytes"]
                     ready += 1
+                    if config.extra.get("progress"):
+                        print(
+                            f"afd: {msg['role']} worker {msg['rank']} ready "
+                            f"({msg['param_bytes'] / 2**20:.1f} MiB of weights; "
+                            f"{ready}/{layout.world_size})",
+                            flush=True,
+                        )
         except BaseException:
             self.shutdown()
             raise

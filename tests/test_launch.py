@@ -320,3 +320,20 @@ def test_two_nodes_on_loopback(tmp_path):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def test_bench_serve_against_the_cluster(server, tmp_path, capsys):
+    from afd.cli import main
+
+    base, _ = server
+    out = tmp_path / "serve.json"
+    code = main(["bench", "serve", "--base-url", base, "--api-key", "sk-test", "--num-prompts", "8",
+                 "--request-rate", "inf", "--random-input-len", "8", "--random-output-len", "6",
+                 "--result-file", str(out)])  # fmt: skip
+    assert code == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["completed"] == 8 and result["total_output_tokens"] == 48
+    assert result["mean_ttft_ms"] <= result["mean_e2el_ms"]
+    assert "Time to First Token" in capsys.readouterr().out
