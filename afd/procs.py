@@ -1,15 +1,34 @@
-"""Worker processes: spawn, watch, report deaths, and shut everything down (no orphans)."""
+"""Worker processes: spawn, watch, report deaths (with the child's exception text), and shut
+everything down with no orphans, also when the parent is signalled or dies.
+
+* Children start with the "spawn" context and run `_child_entry`, which reports an uncaught
+  exception to the parent as msgpack bytes over a one-way pipe (never a pickled object).
+* A monitor thread waits on every child's sentinel and error pipe; the first failure is
+  recorded (and `on_failure` called) within a fraction of a second.
+* Children leave when the parent goes: they hold the read end of a lifeline pipe whose only
+  writer is the parent, so EOF means the parent is gone (SIGKILL included); getppid() is checked
+  too.
+* The parent shuts its children down on shutdown(), at exit, and on SIGTERM/SIGINT (handlers
+  chain to the previous ones).
+"""
 
 from __future__ import annotations
 
 import atexit
 import multiprocessing as mp
+import multiprocessing.connection as mpc
 import os
 import signal
 import threading
 import time
+import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import msgpack
+
+MAX_ERROR_CHARS = 8000
 
 
 @dataclass
@@ -17,10 +36,27 @@ class WorkerProcess:
     role: str
     rank: int
     process: mp.process.BaseProcess
+    errors: mpc.Connection | None = None  # parent's read end of the child's error pipe
 
     @property
     def label(self) -> str:
         return f"{self.role} worker {self.rank} (pid {self.process.pid})"
+
+
+@dataclass
+class WorkerFailure:
+    """Why a worker stopped: exit description plus the child's exception text, if it sent one."""
+
+    role: str
+    rank: int
+    pid: int | None
+    exitcode: int | None
+    error: str | None
+
+    def describe(self) -> str:
+        text = f"{self.role} worker {self.rank} (pid {self.pid}) {exit_description(self.exitcode)}"
+        lines = [line for line in (self.error or "").splitlines() if line.strip()]
+        return f"{text}: {lines[-1].strip()}" if lines else text  # the exception line
 
 
 class WorkerDiedError(RuntimeError):
@@ -38,58 +74,221 @@ def exit_description(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+_live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+_previous_handlers: dict[int, object] = {}
+
+
+def _on_signal(signum: int, frame) -> None:
+    for sup in list(_live):
+        sup.shutdown(grace=0.0)
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _install_signal_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread; atexit still applies
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        current = signal.getsignal(signum)
+        if current is _on_signal:
+            continue
+        _previous_handlers[signum] = current
+        signal.signal(signum, _on_signal)
+
+
 class Supervisor:
     """Owns the worker processes of one cluster."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        on_failure: Callable[[WorkerFailure], None] | None = None,
+        handle_signals: bool = True,
+    ) -> None:
         self.ctx = mp.get_context("spawn")
         self.workers: list[WorkerProcess] = []
+        self.on_failure = on_failure
+        self.failures: list[WorkerFailure] = []
         self._closed = False
+        self._lock = threading.RLock()  # RLock: shutdown may run from a signal handler
+        self._read_lock = threading.Lock()
+        self._failed = threading.Event()
+        self._stop = threading.Event()
+        self._errors: dict[int, str] = {}  # pid -> exception text sent by the child
+        self._reported: set[int] = set()  # pids whose death was recorded
+        self._lifeline_read, self._lifeline_write = self.ctx.Pipe(duplex=False)
+        self._wake_read, self._wake_write = self.ctx.Pipe(duplex=False)
+        self._monitor = threading.Thread(target=self._watch, name="afd-supervisor", daemon=True)
+        self._monitor.start()
+        _live.add(self)
         atexit.register(self.shutdown)
+        if handle_signals:
+            _install_signal_handlers()
 
     def spawn(self, role: str, rank: int, target: Callable, *args) -> WorkerProcess:
+        """Start target(*args) in a new process (spawn context; target and args must pickle)."""
+        if self._closed:
+            raise RuntimeError("supervisor is shut down")
+        err_read, err_write = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(
             target=_child_entry,
-            args=(os.getpid(), target, *args),
+            args=(os.getpid(), self._lifeline_read, err_write, target, *args),
             name=f"afd-{role}-{rank}",
             daemon=True,
         )
         proc.start()
-        worker = WorkerProcess(role, rank, proc)
-        self.workers.append(worker)
+        err_write.close()  # the child holds the only writer: EOF on exit
+        worker = WorkerProcess(role, rank, proc, err_read)
+        with self._lock:
+            self.workers.append(worker)
+        self._wake_write.send_bytes(b"w")  # the monitor picks up the new sentinel
         return worker
 
+    # ---- watching --------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                watched = {
+                    w.process.sentinel: w
+                    for w in self.workers
+                    if w.process.pid not in self._reported
+                }
+                pipes = {w.errors: w for w in self.workers if w.errors is not None}
+            try:
+                ready = mpc.wait([self._wake_read, *watched, *pipes], timeout=1.0)
+            except OSError:
+                continue  # a handle was closed under us during shutdown
+            for obj in ready:
+                if obj is self._wake_read:
+                    try:
+                        self._wake_read.recv_bytes()
+                    except (EOFError, OSError):
+                        return
+                elif obj in pipes:
+                    self._read_error(pipes[obj])
+                elif obj in watched:
+                    self._record_death(watched[obj])
+
+    def _read_error(self, worker: WorkerProcess) -> None:
+        with self._read_lock:
+            if worker.errors is not None:
+                self._read_error_locked(worker)
+
+    def _read_error_locked(self, worker: WorkerProcess) -> None:
+        try:
+            raw = worker.errors.recv_bytes(maxlength=1 << 20)
+            msg = msgpack.unpackb(raw, raw=False)
+            text = str(msg.get("error", ""))[:MAX_ERROR_CHARS] if isinstance(msg, dict) else ""
+            if text:
+                self._errors[worker.process.pid] = text
+        except (EOFError, OSError, ValueError, msgpack.UnpackException):
+            with self._lock:
+                conn, worker.errors = worker.errors, None
+            conn.close()
+
+    def _record_death(self, worker: WorkerProcess) -> None:
+        worker.process.join(timeout=1.0)
+        if worker.errors is not None:  # the child wrote its error before exiting: drain it
+            while worker.errors is not None and worker.errors.poll(0):
+                self._read_error(worker)
+        failure = WorkerFailure(
+            worker.role,
+            worker.rank,
+            worker.process.pid,
+            worker.process.exitcode,
+            self._errors.get(worker.process.pid),
+        )
+        with self._lock:
+            self._reported.add(worker.process.pid)
+            if self._closed:
+                return
+            self.failures.append(failure)
+        self._failed.set()
+        if self.on_failure is not None:
+            try:
+                self.on_failure(failure)
+            except Exception:
+                traceback.print_exc()
+
+    def wait_for_failure(self, timeout: float | None = None) -> WorkerFailure | None:
+        """Block until some worker died (returns the first failure) or the timeout passed."""
+        self._failed.wait(timeout)
+        return self.failures[0] if self.failures else None
+
     def check(self) -> None:
-        """Raise WorkerDiedError naming the first worker that is gone."""
+        """Raise WorkerDiedError naming the first worker that is gone (with its error text)."""
         for w in self.workers:
             if not w.process.is_alive():
-                raise WorkerDiedError(f"{w.label} {exit_description(w.process.exitcode)}")
+                pid = w.process.pid
+                if w.errors is not None and pid not in self._errors:
+                    while w.errors is not None and w.errors.poll(0):
+                        self._read_error(w)
+                failure = WorkerFailure(
+                    w.role, w.rank, pid, w.process.exitcode, self._errors.get(pid)
+                )
+                raise WorkerDiedError(failure.describe())
 
+    # ---- teardown --------------------------------------------------------------------------
     def shutdown(self, grace: float = 3.0) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Give workers `grace` seconds to exit, then SIGTERM, then SIGKILL; reaps them all."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         deadline = time.monotonic() + grace
         for w in self.workers:
             w.process.join(timeout=max(0.0, deadline - time.monotonic()))
         for w in self.workers:
             if w.process.is_alive():
                 w.process.terminate()
+        deadline = time.monotonic() + 2.0
         for w in self.workers:
-            w.process.join(timeout=2.0)
+            w.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(timeout=2.0)
+        self._stop.set()
+        try:
+            self._wake_write.send_bytes(b"s")
+        except OSError:
+            pass
+        self._monitor.join(timeout=2.0)
+        for conn in (self._lifeline_write, self._lifeline_read, self._wake_write):
+            conn.close()
+        for w in self.workers:
+            if w.errors is not None:
+                w.errors.close()
+                w.errors = None
+        _live.discard(self)
 
 
-def _child_entry(parent_pid: int, target: Callable, *args) -> None:
+def _child_entry(parent_pid: int, lifeline, errors, target: Callable, *args) -> None:
     # A worker must never outlive the process that started it (SIGKILL of the parent included).
     def watch_parent() -> None:
         while True:
+            try:
+                if lifeline.poll(0.5):
+                    lifeline.recv_bytes()  # the parent never writes: this raises EOFError
+            except (EOFError, OSError):
+                os._exit(1)
             if os.getppid() != parent_pid:
                 os._exit(1)
-            time.sleep(0.5)
 
-    threading.Thread(target=watch_parent, daemon=True).start()
+    threading.Thread(target=watch_parent, name="afd-parent-watch", daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the launcher, which stops us
-    target(*args)
+    try:
+        target(*args)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        text = "".join(traceback.format_exception(e))[-MAX_ERROR_CHARS:]
+        try:
+            errors.send_bytes(msgpack.packb({"error": text}, use_bin_type=True))
+        except OSError:
+            pass
+        raise SystemExit(1) from None
+    finally:
+        errors.close()

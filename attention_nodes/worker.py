@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from afd.attention_nodes.kv_transfer import recv_kv
 from afd.comm.control import WorkerChannel, init_world
-from afd.comm.transport import get_transport
+from afd.comm.dispatch import exchange_tag, get_transport
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import AttentionMetadata, allocate_kv_cache, expert_split
@@ -158,7 +158,7 @@ class AttentionWorker:
                 weights, ids = layer.mlp.gate(x)
                 t1 = time.monotonic_ns()
                 clock.record("attention", "attention", t0, t1, f"attn L{layer.idx} mb{i}")
-                handle = self.transport.dispatch(x, ids, weights, layer.idx, i)
+                handle = self.transport.dispatch(x, ids, weights, exchange_tag(layer.idx, i))
                 t2 = time.monotonic_ns()
                 clock.record("dispatch", "comm", t1, t2, f"dispatch L{layer.idx} mb{i}")
                 # shared experts run here, while the routed experts work on the other side

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import tempfile
 import traceback
-from datetime import timedelta
 
-import torch.distributed as dist
 import zmq
+from afd.comm import dist as afd_dist
 from afd.comm import wire
 
 
@@ -48,14 +47,11 @@ class WorkerChannel:
 
 def init_world(spec: dict, timeout_s: float = 300.0) -> None:
     """Join the cluster's torch.distributed world over a TCP store rendezvous at init_addr."""
-    dist.init_process_group(
-        backend=dist_backend(spec["device"]),
-        init_method=f"tcp://{spec['init_addr']}",
-        rank=spec["rank"],
-        world_size=spec["world_size"],
-        timeout=timedelta(seconds=timeout_s),
+    host, _, port = spec["init_addr"].rpartition(":")
+    afd_dist.init_world(
+        spec["rank"], spec["world_size"], host, int(port), "auto", spec["device"], timeout_s
     )
 
 
 def dist_backend(device: str) -> str:
-    return "nccl" if str(device).startswith("cuda") else "gloo"
+    return afd_dist.resolve_backend("auto", device)

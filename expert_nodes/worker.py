@@ -8,7 +8,7 @@ import time
 
 import torch
 from afd.comm.control import WorkerChannel, init_world
-from afd.comm.transport import get_transport
+from afd.comm.dispatch import exchange_tag, get_transport
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import expert_split
@@ -33,7 +33,6 @@ def run_expert_worker(spec: dict) -> None:
             part="experts",
             expert_range=ranges[index],
         )
-        dtype = next(shard.parameters()).dtype
         transport = get_transport(spec["comm_backend"], spec["expert_ranks"], ranges, device)
         channel.send("ready", role="expert", param_bytes=count_parameter_bytes(shard))
         start, end = ranges[index]
@@ -48,22 +47,17 @@ def run_expert_worker(spec: dict) -> None:
                 for layer in shard.moe_layers:
                     for mb in range(msg["num_micro_batches"]):
                         t0 = time.monotonic_ns()
-                        batch = transport.receive(
-                            msg["sources"],
-                            layer,
-                            mb,
-                            cfg.hidden_size,
-                            cfg.num_experts_per_tok,
-                            dtype,
-                        )
+                        tag = exchange_tag(layer, mb)
+                        batch = transport.receive(msg["sources"], tag)
                         t1 = time.monotonic_ns()
+                        # the wire carries shard-local ids; ExpertShard takes global ones
                         out = shard.forward_layer(
-                            layer, batch.x, batch.topk_weights, batch.topk_ids
+                            layer, batch.x, batch.topk_weights, batch.global_ids(start)
                         )
                         t2 = time.monotonic_ns()
-                        transport.send_back(batch, out, layer, mb)
+                        transport.send_back(batch, out, tag)
                         t3 = time.monotonic_ns()
-                        ids = batch.topk_ids[batch.topk_ids >= 0] - start
+                        ids = batch.topk_ids[batch.topk_ids >= 0]
                         load += torch.bincount(ids, minlength=end - start)
                         times["expert_recv_wait"] += (t1 - t0) / 1e9
                         times["expert"] += (t2 - t1) / 1e9

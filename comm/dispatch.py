@@ -1,0 +1,193 @@
+"""A->F dispatch and F->A combine: one interface, transports chosen by name from a registry.
+
+Attention side, per (layer, micro-batch):
+    handle = transport.dispatch(x [T, H], topk_ids [T, k] global, topk_weights [T, k], tag)
+    ...                                   # attention of the next micro-batch runs meanwhile
+    routed = transport.combine(handle)    # [T, H], sum of every expert rank's partial sums
+Expert side, in the same (layer, micro-batch) order:
+    batch = transport.receive(sources, tag)   # rows from every source, ids local to this shard
+    out = fused_moe(batch.x, w13, w2, batch.topk_weights, batch.topk_ids)
+    transport.send_back(batch, out)           # non-blocking; flush() before tearing down
+
+A token crosses the wire once per destination expert rank (not once per expert); its k ids are
+rewritten to that rank's local expert ids, -1 where the expert lives elsewhere. A rank with no
+rows for a destination still sends a header with a zero count, so every exchange completes.
+
+`tag` names one exchange (see exchange_tag); a transport may derive several wire tags from it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_MICRO_BATCHES = 64
+# KV handoffs use tags from 2^24 (docs/structures.md); exchange tags x2 + direction stay below.
+MAX_EXCHANGE_TAG = 2**23
+
+
+def exchange_tag(layer: int, micro_batch: int) -> int:
+    """The tag of one (layer, micro-batch) exchange; wire tags are tag * 2 + direction."""
+    if not 0 <= micro_batch < MAX_MICRO_BATCHES:
+        raise ValueError(f"micro_batch {micro_batch} outside [0, {MAX_MICRO_BATCHES})")
+    tag = layer * MAX_MICRO_BATCHES + micro_batch
+    if not 0 <= tag < MAX_EXCHANGE_TAG:
+        raise ValueError(f"layer {layer} gives tag {tag} outside [0, {MAX_EXCHANGE_TAG})")
+    return tag
+
+
+def local_ids(topk_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Global expert ids -> ids local to the shard [start, end); -1 for experts elsewhere."""
+    on_shard = (topk_ids >= start) & (topk_ids < end)
+    return torch.where(on_shard, topk_ids - start, torch.full_like(topk_ids, -1))
+
+
+@dataclass
+class DispatchHandle:
+    """One in-flight exchange on the attention side: sends and combine receives posted."""
+
+    tag: int
+    num_tokens: int
+    hidden: int
+    dtype: torch.dtype
+    rows: list[torch.Tensor]  # per expert rank: indices of the token rows sent there
+    outs: list[torch.Tensor]  # per expert rank: [rows, H] buffer for its partial sums
+    works: list = field(default_factory=list)
+    keep: list = field(default_factory=list)  # send buffers must outlive their sends
+    bytes_sent: int = 0
+    state: object = None  # transport-private (e.g. DeepEP's handle)
+
+    @property
+    def rows_per_rank(self) -> list[int]:
+        return [int(r.numel()) for r in self.rows]
+
+
+@dataclass
+class ExpertBatch:
+    """Rows received from every source for one exchange, concatenated in source order."""
+
+    tag: int
+    x: torch.Tensor  # [R, H]
+    topk_ids: torch.Tensor  # [R, k] shard-local ids, -1 = expert not on this rank
+    topk_weights: torch.Tensor  # [R, k] float32
+    counts: list[int]  # rows per source, in source order
+    sources: list[int]
+    bytes_received: int = 0
+    state: object = None  # transport-private
+
+    def global_ids(self, start: int) -> torch.Tensor:
+        """topk_ids as global expert ids of a shard starting at `start` (-1 kept)."""
+        return torch.where(self.topk_ids >= 0, self.topk_ids + start, self.topk_ids)
+
+
+class Transport(ABC):
+    """Dispatch/combine between attention ranks and expert ranks holding expert ranges."""
+
+    name = "abstract"
+
+    def __init__(
+        self,
+        expert_ranks: list[int],
+        expert_ranges: list[tuple[int, int]],
+        device: str | torch.device,
+    ):
+        if len(expert_ranks) != len(expert_ranges):
+            raise ValueError("one expert range per expert rank")
+        prev_end = 0
+        for start, end in expert_ranges:
+            if start != prev_end or end < start:
+                raise ValueError(f"expert ranges must be contiguous and ordered: {expert_ranges}")
+            prev_end = end
+        self.expert_ranks = list(expert_ranks)
+        self.expert_ranges = [(int(s), int(e)) for s, e in expert_ranges]
+        self.num_experts = prev_end
+        self.device = torch.device(device)
+        self.stats = {"bytes_sent": 0, "bytes_received": 0, "rows_sent": 0}
+
+    # attention side
+    @abstractmethod
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        tag: int,
+    ) -> DispatchHandle:
+        """Post the sends of x's rows and the combine receives; returns without waiting."""
+
+    @abstractmethod
+    def combine(self, handle: DispatchHandle) -> torch.Tensor:
+        """Wait for every expert rank's partial sums and add them, in expert-rank order."""
+
+    # expert side
+    @abstractmethod
+    def receive(self, sources: list[int], tag: int) -> ExpertBatch:
+        """Block until every source's rows for `tag` arrived (a source may send zero rows)."""
+
+    @abstractmethod
+    def send_back(self, batch: ExpertBatch, out: torch.Tensor, tag: int | None = None) -> None:
+        """Return each source its rows of out [R, H] without waiting."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Wait until every posted send has completed."""
+
+    def close(self) -> None:
+        self.flush()
+
+
+# name -> "module:Class" (imported on first use, so optional backends cost nothing) or a factory
+_REGISTRY: dict[str, str | Callable[..., Transport]] = {
+    "torch": "afd.comm.torch_transport:TorchTransport",
+    "deepep": "afd.comm.deepep_transport:DeepEPTransport",
+}
+
+
+def register_transport(name: str, factory: str | Callable[..., Transport]) -> None:
+    """Add a transport: a factory(expert_ranks, expert_ranges, device, **options) or its path."""
+    if name == "auto":
+        raise ValueError("'auto' is reserved")
+    _REGISTRY[name] = factory
+
+
+def transport_names() -> list[str]:
+    return ["auto", *sorted(_REGISTRY)]
+
+
+def deep_ep_available() -> bool:
+    try:
+        import deep_ep  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_transport_name(name: str, device: str | torch.device) -> str:
+    """'auto' -> deepep when deep_ep imports and the device is CUDA, else torch."""
+    if name == "auto":
+        cuda = torch.device(device).type == "cuda"
+        return "deepep" if cuda and "deepep" in _REGISTRY and deep_ep_available() else "torch"
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown comm backend {name!r}; choose from {', '.join(transport_names())}"
+        )
+    return name
+
+
+def get_transport(
+    name: str,
+    expert_ranks: list[int],
+    expert_ranges: list[tuple[int, int]],
+    device: str | torch.device,
+    **options,
+) -> Transport:
+    """Build the transport registered as `name` ('auto' picks one for the device)."""
+    factory = _REGISTRY[resolve_transport_name(name, device)]
+    if isinstance(factory, str):
+        module, cls = factory.split(":")
+        factory = getattr(importlib.import_module(module), cls)
+    return factory(expert_ranks, expert_ranges, device, **options)

@@ -1,0 +1,74 @@
+"""The cluster's torch.distributed world: one process group over a TCP store rendezvous
+(gloo on CPU, NCCL on GPU), sub-groups, and teardown."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+def resolve_backend(backend: str, device: str | torch.device) -> str:
+    """'auto' -> nccl for CUDA devices, gloo otherwise; checks the name and NCCL's presence."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown dist backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    is_cuda = torch.device(device).type == "cuda"
+    if backend == "auto":
+        backend = "nccl" if is_cuda else "gloo"
+    if backend == "nccl":
+        if not is_cuda:
+            raise ValueError("the nccl backend needs a CUDA device")
+        if not dist.is_nccl_available():
+            raise RuntimeError("this torch build has no NCCL; use backend 'gloo'")
+    return backend
+
+
+def init_world(
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+    timeout_s: float = 300.0,
+) -> str:
+    """Join the world at tcp://master_addr:master_port (rank 0 hosts the store); returns the
+    backend used. Raises after `timeout_s` if some rank never shows up."""
+    backend = resolve_backend(backend, device)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{master_addr}:{int(master_port)}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return backend
+
+
+def new_group(ranks: list[int] | None = None, timeout_s: float | None = None):
+    """A sub-group of the world (None = all ranks). Collective: EVERY rank of the world must call
+    it, with the same arguments and in the same order, members or not."""
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+    return dist.new_group(ranks=sorted(ranks) if ranks is not None else None, timeout=timeout)
+
+
+def role_groups(role_ranks: dict[str, list[int]]) -> dict[str, object]:
+    """One sub-group per role (e.g. {"attention": [0, 1], "expert": [2, 3]}), created in sorted
+    role order so every rank builds them identically. Collective, like new_group."""
+    return {role: new_group(role_ranks[role]) for role in sorted(role_ranks)}
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def destroy_world() -> None:
+    """Leave the world (idempotent)."""
+    if is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,171 @@
+"""Dispatch/combine over torch.distributed point-to-point (gloo on CPU, NCCL on GPU).
+
+Wire format per (attention rank a, expert rank f, exchange tag t):
+    a -> f, wire tag 2t:     header int64 [4] = (rows, hidden, top_k, dtype code)
+                             then, if rows > 0: x [rows, H] (x's dtype),
+                             meta int32 [rows, 2k] = (local expert ids | float32 weight bits)
+    f -> a, wire tag 2t + 1: partial sums [rows, H] (x's dtype), if rows > 0
+
+Matching: gloo matches by (peer, tag), so any interleaving of exchanges is safe there. NCCL
+ignores tags and matches point-to-point messages between a pair of ranks in posting order, so
+this transport keeps a strict order: both sides post a->f messages in (layer, micro-batch)
+order (dispatch vs receive) and f->a messages in the same order (dispatch's combine receives vs
+send_back). Expert ranks must therefore process exchanges in the order attention ranks dispatch
+them, which the step plan fixes. On NCCL pass a separate `combine_group` (dist.new_group over the
+same ranks): otherwise the combine receive of micro-batch i sits in front of the dispatch of
+micro-batch i + 1 on the pair's one NCCL stream and the ping-pong overlap is lost.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from afd.comm.dispatch import DispatchHandle, ExpertBatch, Transport, local_ids
+
+HEADER_LEN = 4
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class TorchTransport(Transport):
+    """isend/irecv with a small size header per destination; see the module doc for ordering."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        expert_ranks: list[int],
+        expert_ranges: list[tuple[int, int]],
+        device: str | torch.device,
+        group=None,
+        combine_group=None,
+    ):
+        super().__init__(expert_ranks, expert_ranges, device)
+        self.group = group
+        self.combine_group = combine_group if combine_group is not None else group
+        self._pending_sends: list[tuple[object, torch.Tensor]] = []
+
+    # ---- attention side -------------------------------------------------------------------
+    def dispatch(
+        self,
+        x: torch.Tensor,  # [T, H]
+        topk_ids: torch.Tensor,  # [T, k] global expert ids
+        topk_weights: torch.Tensor,  # [T, k]
+        tag: int,
+    ) -> DispatchHandle:
+        if x.dtype not in _DTYPE_CODES:
+            raise TypeError(f"dispatch of {x.dtype} hidden states is not supported")
+        num_tokens, hidden = x.shape
+        top_k = topk_ids.shape[1]
+        handle = DispatchHandle(tag, num_tokens, hidden, x.dtype, [], [])
+        ids = topk_ids.to(self.device, torch.int64)
+        weight_bits = topk_weights.to(self.device, torch.float32).contiguous().view(torch.int32)
+        x = x.to(self.device)
+        for dst, (start, end) in zip(self.expert_ranks, self.expert_ranges, strict=True):
+            local = local_ids(ids, start, end)  # [T, k]
+            rows = (local >= 0).any(dim=1).nonzero().flatten()  # each token crosses once
+            n = int(rows.numel())
+            header = torch.tensor(
+                [n, hidden, top_k, _DTYPE_CODES[x.dtype]], dtype=torch.int64, device=self.device
+            )
+            sends = [header]
+            out = torch.empty(n, hidden, dtype=x.dtype, device=self.device)
+            if n:
+                meta = torch.cat([local[rows].to(torch.int32), weight_bits[rows]], dim=1)
+                sends += [x[rows].contiguous(), meta]  # [n, H], [n, 2k]
+            for buf in sends:
+                handle.works.append(dist.isend(buf, dst, group=self.group, tag=2 * tag))
+                handle.bytes_sent += _nbytes(buf)
+            if n:
+                recv = dist.irecv(out, dst, group=self.combine_group, tag=2 * tag + 1)
+                handle.works.append(recv)
+            handle.keep.extend(sends)
+            handle.rows.append(rows)
+            handle.outs.append(out)
+            self.stats["rows_sent"] += n
+        self.stats["bytes_sent"] += handle.bytes_sent
+        return handle
+
+    def combine(self, handle: DispatchHandle) -> torch.Tensor:
+        for work in handle.works:
+            work.wait()
+        handle.works.clear()
+        handle.keep.clear()
+        # fixed order (expert ranks ascending) and a float32 sum for 16-bit inputs: deterministic
+        acc_dtype = torch.float32 if handle.dtype in (torch.bfloat16, torch.float16) else None
+        acc = torch.zeros(
+            handle.num_tokens, handle.hidden, dtype=acc_dtype or handle.dtype, device=self.device
+        )
+        for rows, part in zip(handle.rows, handle.outs, strict=True):
+            if rows.numel():
+                acc.index_add_(0, rows, part.to(acc.dtype))
+                self.stats["bytes_received"] += _nbytes(part)
+        return acc.to(handle.dtype)
+
+    # ---- expert side ----------------------------------------------------------------------
+    def receive(self, sources: list[int], tag: int) -> ExpertBatch:
+        headers = [torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device) for _ in sources]
+        works = [
+            dist.irecv(hd, src, group=self.group, tag=2 * tag)
+            for hd, src in zip(headers, sources, strict=True)
+        ]
+        for work in works:
+            work.wait()
+        shapes = [tuple(int(v) for v in hd.tolist()) for hd in headers]
+        if shapes:
+            _, hidden, top_k, code = shapes[0]
+        else:
+            hidden, top_k, code = 0, 0, _DTYPE_CODES[torch.float32]
+        for src, (n, h, k, c) in zip(sources, shapes, strict=True):
+            if n < 0 or (h, k, c) != (hidden, top_k, code) or c not in _CODE_DTYPES:
+                raise RuntimeError(
+                    f"exchange {tag}: rank {src} sent header {(n, h, k, c)}, "
+                    f"expected (rows >= 0, {hidden}, {top_k}, {code})"
+                )
+        dtype = _CODE_DTYPES[code]
+        counts = [s[0] for s in shapes]
+        xs, metas, works = [], [], []
+        for src, n in zip(sources, counts, strict=True):
+            if n == 0:
+                continue
+            x = torch.empty(n, hidden, dtype=dtype, device=self.device)
+            meta = torch.empty(n, 2 * top_k, dtype=torch.int32, device=self.device)
+            works += [dist.irecv(buf, src, group=self.group, tag=2 * tag) for buf in (x, meta)]
+            xs.append(x)
+            metas.append(meta)
+        for work in works:
+            work.wait()
+        if xs:
+            x, meta = torch.cat(xs), torch.cat(metas)
+        else:
+            x = torch.empty(0, hidden, dtype=dtype, device=self.device)
+            meta = torch.empty(0, 2 * top_k, dtype=torch.int32, device=self.device)
+        ids = meta[:, :top_k].to(torch.int64)  # [R, k]
+        weights = meta[:, top_k:].contiguous().view(torch.float32)  # [R, k]
+        received = sum(_nbytes(h) for h in headers) + _nbytes(x) + _nbytes(meta)
+        self.stats["bytes_received"] += received
+        return ExpertBatch(tag, x, ids, weights, counts, list(sources), received)
+
+    def send_back(self, batch: ExpertBatch, out: torch.Tensor, tag: int | None = None) -> None:
+        tag = batch.tag if tag is None else tag
+        if out.shape[0] != sum(batch.counts):
+            raise ValueError(f"send_back: {out.shape[0]} rows for {sum(batch.counts)} received")
+        self._pending_sends = [(w, b) for w, b in self._pending_sends if not w.is_completed()]
+        offset = 0
+        for src, n in zip(batch.sources, batch.counts, strict=True):
+            if n == 0:
+                continue  # the source posted no receive for an empty share
+            part = out[offset : offset + n].contiguous()
+            work = dist.isend(part, src, group=self.combine_group, tag=2 * tag + 1)
+            self._pending_sends.append((work, part))
+            self.stats["bytes_sent"] += _nbytes(part)
+            offset += n
+
+    def flush(self) -> None:
+        for work, _ in self._pending_sends:
+            work.wait()
+        self._pending_sends.clear()

@@ -1,0 +1,181 @@
+"""Dispatch/combine over gloo with real spawned processes: M attention ranks, N expert ranks."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+from afd.comm.dispatch import exchange_tag, get_transport, local_ids
+from afd.kernels.torch_ops import fused_moe
+
+from afd.models.model import expert_split
+
+HIDDEN, INTER, NUM_EXPERTS, TOP_K = 16, 8, 7, 3
+NUM_LAYERS, NUM_MICRO_BATCHES = 2, 3
+BF16_LAYER = NUM_LAYERS  # one extra exchange in bfloat16
+BYTES_LAYER = NUM_LAYERS + 1  # every token routed to 2 experts of expert rank 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weights(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + layer)
+    w13 = torch.randn(NUM_EXPERTS, 2 * INTER, HIDDEN, generator=g) * 0.3  # [E, 2I, H]
+    w2 = torch.randn(NUM_EXPERTS, HIDDEN, INTER, generator=g) * 0.3  # [E, H, I]
+    return w13, w2
+
+
+def _batch(attn: int, layer: int, mb: int, num_experts_hi: int = NUM_EXPERTS):
+    """Inputs of one attention rank's micro-batch; identical in every process (seeded)."""
+    g = torch.Generator().manual_seed(attn * 10_000 + layer * 100 + mb)
+    # attention rank 0's micro-batch 1 is empty; sizes differ per rank
+    num_tokens = 0 if (attn == 0 and mb == 1) else 3 + (attn * 5 + mb * 3 + layer) % 7
+    x = torch.randn(num_tokens, HIDDEN, generator=g)
+    scores = torch.rand(num_tokens, num_experts_hi, generator=g)
+    ids = scores.topk(TOP_K, dim=1).indices  # distinct experts per token
+    if layer == 1 and mb == 2:
+        # experts 4..6 only (the last shard when N = 2): expert rank 0 gets zero rows
+        ids = scores[:, 4:].argsort(dim=1) + 4
+    weights = torch.rand(num_tokens, TOP_K, generator=g)
+    return x, ids, weights
+
+
+def _attention_rank(rank: int, expert_ranks: list[int], ranges, num_attn: int) -> None:
+    transport = get_transport("torch", expert_ranks, ranges, "cpu")
+    weights = [_weights(layer) for layer in range(NUM_LAYERS + 1)]
+    handles = {}
+    # every exchange of every layer and micro-batch in flight before any combine
+    for layer in range(NUM_LAYERS):
+        for mb in range(NUM_MICRO_BATCHES):
+            x, ids, w = _batch(rank, layer, mb)
+            handles[layer, mb] = transport.dispatch(x, ids, w, exchange_tag(layer, mb))
+    x16, ids16, w16 = _batch(rank, BF16_LAYER, 0)
+    x16 = x16.to(torch.bfloat16)
+    h16 = transport.dispatch(x16, ids16, w16, exchange_tag(BF16_LAYER, 0))
+    # two experts of shard 0 per token (k = 2): each token must cross the wire once
+    xb = torch.randn(5, HIDDEN)
+    idsb = torch.tensor([[0, 1], [1, 3], [3, 0], [2, 0], [1, 2]])
+    wb = torch.rand(5, 2)
+    hb = transport.dispatch(xb, idsb, wb, exchange_tag(BYTES_LAYER, 0))
+
+    for (layer, mb), handle in reversed(handles.items()):
+        x, ids, w = _batch(rank, layer, mb)
+        out = transport.combine(handle)
+        ref = fused_moe(x, *weights[layer], w, ids)
+        assert out.shape == (x.shape[0], HIDDEN) and out.dtype == x.dtype
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        expected_rows = [
+            int((local_ids(ids, s, e) >= 0).any(1).sum()) for s, e in ranges
+        ]  # a token crosses once per destination rank
+        assert handle.rows_per_rank == expected_rows, (handle.rows_per_rank, expected_rows)
+        if layer == 1 and mb == 2 and len(ranges) == 2:
+            assert handle.rows_per_rank[0] == 0 and handle.rows_per_rank[1] == x.shape[0]
+
+    out16 = transport.combine(h16)
+    ref16 = fused_moe(x16.float(), *weights[BF16_LAYER], w16, ids16)
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.float(), ref16, atol=3e-2, rtol=3e-2)
+
+    outb = transport.combine(hb)
+    assert ranges[0][1] >= 4  # experts 0..3 all live on expert rank 0
+    assert hb.rows_per_rank == [5] + [0] * (len(ranges) - 1)  # 5 tokens, 10 routes
+    header, row_bytes = 4 * 8, HIDDEN * 4 + 2 * 2 * 4  # x fp32 + (ids | weight bits) int32
+    expected_bytes = header * len(ranges) + 5 * row_bytes
+    assert hb.bytes_sent == expected_bytes, (hb.bytes_sent, expected_bytes)
+    refb = fused_moe(xb, *_weights(BYTES_LAYER), wb, idsb)
+    torch.testing.assert_close(outb, refb, atol=1e-5, rtol=1e-5)
+
+
+def _expert_rank(rank: int, expert_ranks: list[int], ranges, num_attn: int) -> None:
+    transport = get_transport("torch", expert_ranks, ranges, "cpu")
+    start, end = ranges[expert_ranks.index(rank)]
+    sources = list(range(num_attn))
+    exchanges = [(layer, mb) for layer in range(NUM_LAYERS) for mb in range(NUM_MICRO_BATCHES)]
+    exchanges += [(BF16_LAYER, 0), (BYTES_LAYER, 0)]
+    for layer, mb in exchanges:
+        w13, w2 = _weights(layer)
+        batch = transport.receive(sources, exchange_tag(layer, mb))
+        assert batch.sources == sources and len(batch.counts) == num_attn
+        assert batch.x.shape[0] == sum(batch.counts) == batch.topk_ids.shape[0]
+        assert bool(((batch.topk_ids >= -1) & (batch.topk_ids < end - start)).all())
+        assert bool((batch.topk_ids >= 0).any(1).all()), "a row with no expert here was sent"
+        x = batch.x.float()
+        out = fused_moe(x, w13[start:end], w2[start:end], batch.topk_weights, batch.topk_ids)
+        transport.send_back(batch, out.to(batch.x.dtype))
+    transport.flush()
+
+
+TOPOLOGIES = [(1, 1), (2, 1), (1, 2), (2, 2), (3, 2)]  # (attention ranks M, expert ranks N)
+MAX_ATTN, MAX_EXPERT = 3, 2  # one world serves every topology: process startup dominates
+
+
+def _run_rank(rank: int, port: int, err_dir: str) -> None:
+    import torch.distributed as dist
+    from afd.comm.dist import destroy_world, init_world
+
+    torch.set_num_threads(1)
+    topology = None
+    try:
+        init_world(rank, MAX_ATTN + MAX_EXPERT, "127.0.0.1", port, "gloo", "cpu", timeout_s=60)
+        for topology in TOPOLOGIES:
+            num_attn, num_expert = topology
+            # attention ranks 0..M-1, expert ranks MAX_ATTN..MAX_ATTN+N-1; the rest sit out
+            expert_ranks = list(range(MAX_ATTN, MAX_ATTN + num_expert))
+            ranges = expert_split(NUM_EXPERTS, num_expert)
+            if rank < num_attn:
+                _attention_rank(rank, expert_ranks, ranges, num_attn)
+            elif rank in expert_ranks:
+                _expert_rank(rank, expert_ranks, ranges, num_attn)
+            dist.barrier()
+        destroy_world()
+    except BaseException:
+        with open(os.path.join(err_dir, f"rank{rank}.err"), "w") as f:
+            f.write(f"topology (M, N) = {topology}, rank {rank}\n{traceback.format_exc()}")
+        raise SystemExit(1) from None
+
+
+@pytest.mark.slow
+def test_dispatch_combine_matches_reference(tmp_path):
+    """Every topology in TOPOLOGIES: combine == single-process fused_moe over all experts."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_run_rank, args=(r, port, str(tmp_path)))
+        for r in range(MAX_ATTN + MAX_EXPERT)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    errors = [f.read_text() for f in sorted(tmp_path.glob("*.err"))]
+    assert not errors, "\n".join(errors)
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+
+
+def test_local_ids_and_tags():
+    ids = torch.tensor([[0, 3, 6], [2, 4, 5]])
+    assert local_ids(ids, 3, 5).tolist() == [[-1, 0, -1], [-1, 1, -1]]
+    assert exchange_tag(0, 0) == 0 and exchange_tag(2, 5) == 2 * 64 + 5
+    with pytest.raises(ValueError):
+        exchange_tag(0, 64)
+    with pytest.raises(ValueError):
+        get_transport("nope", [1], [(0, 4)], "cpu")
+    assert get_transport("auto", [1], [(0, 4)], "cpu").name == "torch"
+    with pytest.raises(ValueError, match="CUDA"):
+        get_transport("deepep", [1], [(0, 4)], "cpu", hidden_size=16, top_k=2)
+    with pytest.raises(ValueError, match="contiguous"):
+        get_transport("torch", [1, 2], [(0, 4), (5, 7)], "cpu")

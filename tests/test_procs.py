@@ -1,0 +1,145 @@
+"""Process supervision: failures reported with their cause, no orphans on any exit path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from afd.procs import Supervisor, WorkerDiedError
+
+
+def _raise_after(delay: float) -> None:
+    time.sleep(delay)
+    raise ValueError("boom from the worker")
+
+
+def _ignore_sigterm_and_sleep() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(60)
+
+
+def _gone(pid: int) -> bool:
+    """True when pid no longer runs (reaped, or a zombie nobody reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.split()[:2] == ["State:", "Z"] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.05)
+    return _gone(pid)
+
+
+@pytest.mark.slow
+def test_child_exception_reaches_parent():
+    failures = []
+    sup = Supervisor(on_failure=failures.append, handle_signals=False)
+    try:
+        sup.spawn("expert", 3, _raise_after, 0.2)
+        sup.spawn("attention", 0, time.sleep, 30)
+        t0 = time.monotonic()
+        failure = sup.wait_for_failure(timeout=20)
+        assert failure is not None, "no failure reported"
+        assert time.monotonic() - t0 < 10
+        assert (failure.role, failure.rank, failure.exitcode) == ("expert", 3, 1)
+        assert "ValueError: boom from the worker" in failure.error
+        assert "_raise_after" in failure.error  # the traceback came along
+        assert failures and failures[0] is failure
+        with pytest.raises(WorkerDiedError, match="expert worker 3 .*exited with code 1.*boom"):
+            sup.check()
+    finally:
+        sup.shutdown(grace=0.0)
+    assert all(_gone(w.process.pid) for w in sup.workers)
+
+
+@pytest.mark.slow
+def test_sigkilled_child_is_detected():
+    sup = Supervisor(handle_signals=False)
+    try:
+        victim = sup.spawn("attention", 1, time.sleep, 30)
+        sup.spawn("expert", 2, time.sleep, 30)
+        sup.check()  # all alive
+        os.kill(victim.process.pid, signal.SIGKILL)
+        failure = sup.wait_for_failure(timeout=10)
+        assert failure is not None and failure.rank == 1
+        assert failure.exitcode == -signal.SIGKILL and failure.error is None
+        assert "killed by SIGKILL" in failure.describe()
+        with pytest.raises(WorkerDiedError, match="attention worker 1 .*SIGKILL"):
+            sup.check()
+    finally:
+        sup.shutdown(grace=0.0)
+
+
+@pytest.mark.slow
+def test_shutdown_leaves_no_child():
+    sup = Supervisor(handle_signals=False)
+    stubborn = sup.spawn("expert", 0, _ignore_sigterm_and_sleep)
+    plain = sup.spawn("attention", 0, time.sleep, 60)
+    time.sleep(0.5)  # let the stubborn child install its handler
+    pids = [stubborn.process.pid, plain.process.pid]
+    assert not any(_gone(pid) for pid in pids)
+    t0 = time.monotonic()
+    sup.shutdown(grace=0.2)
+    assert time.monotonic() - t0 < 8
+    assert all(_gone(pid) for pid in pids)
+    assert stubborn.process.exitcode == -signal.SIGKILL  # SIGTERM ignored: escalated
+    assert sup.wait_for_failure(timeout=0) is None  # a requested shutdown is no failure
+    sup.shutdown()  # idempotent
+
+
+_PARENT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from afd.procs import Supervisor
+    sup = Supervisor()
+    w = sup.spawn("expert", 0, time.sleep, 60)
+    print(w.process.pid, flush=True)
+    time.sleep(0.5)
+    if sys.argv[1] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill", "term", "int"])
+def test_children_die_with_parent(how):
+    """Parent SIGKILLed (children notice) or SIGTERM/SIGINT (parent's handlers shut down)."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, how], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        child_pid = int(parent.stdout.readline())
+        assert not _gone(child_pid)
+        if how != "kill":
+            time.sleep(0.3)
+            parent.send_signal(signal.SIGTERM if how == "term" else signal.SIGINT)
+        code = parent.wait(timeout=15)
+        assert _wait_gone(child_pid, timeout=5), f"worker {child_pid} outlived its parent"
+        if how == "term":
+            assert code == -signal.SIGTERM
+        elif how == "kill":
+            assert code == -signal.SIGKILL
+        else:
+            assert code != 0  # KeyboardInterrupt
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(5)
