@@ -41,7 +41,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-expert-workers", type=int, default=0)
     p.add_argument("--num-micro-batches", type=int, default=1)
-    p.add_argument("--comm-backend", default="auto", choices=["auto", "torch", "deepep"])
+    p.add_argument("--comm-backend", default="auto", choices=["auto", "torch", "shm", "deepep"])
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import zmq
 from afd.comm import wire
-from afd.comm.control import ipc_dir
+from afd.comm.control import ipc_dir, shm_dir
+from afd.comm.dispatch import resolve_transport_name
 from afd.scheduler.scheduler import ScheduledBatch
 
 from afd.config import ModelConfig
@@ -77,6 +78,7 @@ class ClusterLayout:
     host: str = "127.0.0.1"
     port: int = 0
     ipc: str | None = None  # single node: control sockets are IPC files in this folder
+    shm: str | None = None  # single node: shared-memory segments of the shm transport
 
     @property
     def world_size(self) -> int:
@@ -146,8 +148,15 @@ def layout_for(config, model_config: ModelConfig) -> ClusterLayout:
     nnodes = config.nnodes
     if nnodes < 1:
         raise ValueError("--nnodes must be at least 1")
+    backend = resolve_transport_name(
+        config.comm_backend, config.device, "-" if nnodes == 1 else None
+    )
+    if backend == "shm" and nnodes > 1:
+        raise ValueError("--comm-backend shm needs every worker on one node; use torch")
+    if backend == "shm" and config.device != "cpu":
+        raise ValueError("--comm-backend shm moves CPU tensors; use torch on GPUs")
     if nnodes == 1:
-        return ClusterLayout(a, f, p, port=free_port(), ipc=ipc_dir())
+        return ClusterLayout(a, f, p, port=free_port(), ipc=ipc_dir(), shm=shm_dir())
     if not config.dist_init_addr or ":" not in config.dist_init_addr:
         raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
     host, _, port = config.dist_init_addr.rpartition(":")
@@ -180,6 +189,7 @@ def worker_spec(config, model_path, model_config: ModelConfig, layout: ClusterLa
         "num_expert_workers": f,
         "expert_ranks": list(range(a, a + f)),
         "comm_backend": config.comm_backend,
+        "shm_dir": layout.shm,
         "threads": int(config.extra.get("worker_threads", 1)),
     }
 
@@ -413,5 +423,6 @@ class AFDExecutor:
             sock.close(linger=0)
         self.inbox.close(linger=0)
         self.zctx.term()
-        if self.ipc:
-            shutil.rmtree(self.ipc, ignore_errors=True)
+        for folder in (self.ipc, self.layout.shm):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)

@@ -3,16 +3,17 @@ and the ping-pong loop that overlaps attention of micro-batch i+1 with experts o
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
 import torch
 from afd.attention_nodes.kv_transfer import recv_kv
-from afd.comm.control import WorkerChannel, init_world
-from afd.comm.dispatch import exchange_tag, get_transport
+from afd.comm.control import WorkerChannel, init_world, transport_for
+from afd.comm.dispatch import exchange_tag
 
 from afd.loader import count_parameter_bytes, load_model
-from afd.models import AttentionMetadata, allocate_kv_cache, expert_split
+from afd.models import AttentionMetadata, allocate_kv_cache
 from afd.sampler import Sampler
 from afd.sampling_params import SamplingParams
 
@@ -75,8 +76,7 @@ def run_attention_worker(spec: dict) -> None:
         cfg = model.config
         dtype = next(model.parameters()).dtype
         kv_caches = allocate_kv_cache(cfg, spec["num_kv_blocks"], spec["block_size"], dtype, device)
-        ranges = expert_split(cfg.n_routed_experts, spec["num_expert_workers"])
-        transport = get_transport(spec["comm_backend"], spec["expert_ranks"], ranges, device)
+        transport = transport_for(spec, cfg, device)
         worker = AttentionWorker(model, kv_caches, transport, spec["block_size"], device)
         channel.send("ready", role="attention", param_bytes=count_parameter_bytes(model))
         while True:
@@ -120,13 +120,31 @@ class AttentionWorker:
         if not plan["micro_batches"]:
             return [], clock
         mbs = [build_micro_batch(e, self.block_size, self.device) for e in plan["micro_batches"]]
-        hidden = self.ping_pong(mbs, clock)
-        t0 = time.monotonic_ns()
-        sampled = self.sample(mbs, hidden)
-        clock.record("attention", "attention", t0, time.monotonic_ns(), "sample")
+        sampled: list = []
+
+        def sample(i: int, hidden: torch.Tensor) -> None:
+            # runs as soon as micro-batch i leaves its last layer, while the experts still work
+            # on the micro-batches after it
+            mb = mbs[i]
+            if not mb.sample_entries:
+                return
+            t0 = time.monotonic_ns()
+            sampled.extend(
+                sample_entries(
+                    self.model,
+                    self.sampler,
+                    self.generators,
+                    mb.sample_entries,
+                    hidden[mb.sample_rows],
+                )
+            )
+            clock.record("attention", "attention", t0, time.monotonic_ns(), f"sample mb{i}")
+
+        self.ping_pong(mbs, clock, sample)
         return sampled, clock
 
-    def ping_pong(self, mbs: list[MicroBatch], clock: StageClock) -> list[torch.Tensor | None]:
+    def ping_pong(self, mbs: list[MicroBatch], clock: StageClock, on_done) -> None:
+        """Every layer for every micro-batch; on_done(i, final hidden [T, H]) per micro-batch."""
         model = self.model
         m = len(mbs)
         hs: list = [None] * m
@@ -167,13 +185,11 @@ class AttentionWorker:
                     "attention", "attention", t2, time.monotonic_ns(), f"shared L{layer.idx} mb{i}"
                 )
                 pending[i] = (handle, shared)
-        for i in range(m):
+        for i, mb in enumerate(mbs):
             if pending[i] is not None:
                 hs[i] = self._finish_moe(pending[i], clock, len(model.layers) - 1, i)
-        out = []
-        for i, mb in enumerate(mbs):
-            out.append(None if mb.meta is None else model.final_norm(hs[i], res[i]))
-        return out
+            if mb.meta is not None:
+                on_done(i, model.final_norm(hs[i], res[i]))
 
     def _finish_moe(self, pending, clock: StageClock, layer: int, i: int) -> torch.Tensor:
         handle, shared = pending
@@ -182,15 +198,11 @@ class AttentionWorker:
         clock.record("combine_wait", "comm", t0, time.monotonic_ns(), f"combine L{layer} mb{i}")
         return routed if shared is None else routed + shared
 
-    def sample(self, mbs: list[MicroBatch], hidden: list) -> list:
-        rows, entries = [], []
-        for mb, h in zip(mbs, hidden, strict=True):
-            if h is not None and mb.sample_entries:
-                rows.append(h[mb.sample_rows])
-                entries += mb.sample_entries
-        if not entries:
-            return []
-        return sample_entries(self.model, self.sampler, self.generators, entries, torch.cat(rows))
+
+@functools.lru_cache(maxsize=1024)
+def _sampling_params(fields: tuple) -> SamplingParams:
+    # most requests share a handful of settings: build (and validate) each one once
+    return SamplingParams(**dict(fields))
 
 
 def sample_entries(model, sampler: Sampler, generators: dict, entries: list, hidden) -> list:
@@ -199,7 +211,7 @@ def sample_entries(model, sampler: Sampler, generators: dict, entries: list, hid
     logits = model.compute_logits(hidden)
     params, gens = [], []
     for seq_id, _, _, _, _, p in entries:
-        sp = SamplingParams(**{k: v for k, v in p.items() if k != "index"})
+        sp = _sampling_params(tuple(sorted((k, v) for k, v in p.items() if k != "index")))
         params.append(sp)
         if sp.seed is not None and seq_id not in generators:
             generators[seq_id] = torch.Generator().manual_seed(sp.seed + p["index"])

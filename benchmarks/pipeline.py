@@ -10,14 +10,15 @@ import time
 from pathlib import Path
 
 BENCH_MODEL = "bench-balanced-moe"
-# Shaped so that on CPU the attention side (projections + attention) and the expert side
-# (top-2 of 8 experts) take similar time per token.
+# Shaped so that on CPU the attention side (projections + paged attention over ~32-64 tokens)
+# and the expert side (top-2 of 4 experts) take about the same time per token. Eight layers:
+# filling and draining the ping-pong costs about one layer of one side per step.
 BENCH_SHAPE = dict(
     hidden_size=256,
     num_attention_heads=8,
     num_key_value_heads=2,
     head_dim=64,
-    num_hidden_layers=4,
+    num_hidden_layers=8,
     mlp_only_layers=[],
     num_experts=4,
     num_experts_per_tok=2,
@@ -39,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--comm-backend", default="auto", choices=["auto", "torch", "deepep"])
+    p.add_argument("--comm-backend", default="auto", choices=["auto", "torch", "shm", "deepep"])
     p.add_argument("--output-dir", default="results/pipeline", help="JSON, PNG and trace go here")
 
 
@@ -47,7 +48,7 @@ def bench_model_path():
     from afd.builtin import cache_dir
     from afd.models.tiny import build_tiny_checkpoint
 
-    path = cache_dir() / "models" / f"{BENCH_MODEL}-v4"
+    path = cache_dir() / "models" / f"{BENCH_MODEL}-v5"
     if not (path / "config.json").is_file():
         from afd.builtin import VOCAB_SIZE
         from afd.tokenizer import train_bytelevel_bpe
@@ -71,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     model = str(bench_model_path()) if args.model == BENCH_MODEL else args.model
+    # room for every sequence until the last measured step: a preempted sequence would make
+    # the steps it misses cheaper and its recompute dearer
+    longest = args.context_len + (args.warmup + args.steps) * args.max_micro_batches + 2
+    block_size = 16
     llm = LLM(
         model,
         dtype=args.dtype,
@@ -79,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         num_expert_workers=args.num_expert_workers,
         comm_backend=args.comm_backend,
         max_num_seqs=args.batch_size * args.num_attention_workers,
+        block_size=block_size,
+        num_kv_blocks=args.batch_size * -(-longest // block_size) + 8,
         max_num_batched_tokens=max(512, args.batch_size * args.context_len),
     )
     try:
@@ -113,24 +120,34 @@ def measure(llm, args, SamplingParams) -> dict:
         seq.num_output_tokens == 0 for s in eng.schedulers for seq in s.running
     ):
         eng.step()
-    runs = []
-    for m in range(1, args.max_micro_batches + 1):
+    # Steps take turns over m = 1, 2, ..., k: every m sees the same context lengths (attention
+    # cost grows with them) and the same slow drifts of the machine.
+    ms = list(range(1, args.max_micro_batches + 1))
+    walls = {m: [] for m in ms}
+    stage_sums = {m: {} for m in ms}
+    events: dict[int, list] = {}
+    loads = {m: [] for m in ms}
+    for i in range((args.warmup + args.steps) * len(ms)):
+        m = ms[i % len(ms)]
+        measured = i >= args.warmup * len(ms)
         ex.num_micro_batches = m
-        for _ in range(args.warmup):
-            eng.step()
-        walls, stage_sums, events, loads = [], {}, None, []
-        for i in range(args.steps):
-            ex.trace = i == args.steps - 1
-            t0 = time.perf_counter()
-            eng.step()
-            walls.append(time.perf_counter() - t0)
-            for k, v in ex.last_times.items():
-                stage_sums[k] = stage_sums.get(k, 0.0) + v
-            loads.append(ex.last_load)
-            if ex.trace:
-                events = ex.last_events
-        ex.trace = False
-        runs.append(summarise(m, walls, stage_sums, events, loads, total, args))
+        ex.trace = measured and i >= (args.warmup + args.steps - 1) * len(ms)
+        t0 = time.perf_counter()
+        eng.step()
+        wall = time.perf_counter() - t0
+        if not measured:
+            continue
+        running = sum(len(s.running) for s in eng.schedulers)
+        if running != total:
+            raise RuntimeError(f"only {running} of {total} sequences decoded in a step")
+        walls[m].append(wall)
+        for k, v in ex.last_times.items():
+            stage_sums[m][k] = stage_sums[m].get(k, 0.0) + v
+        loads[m].append(ex.last_load)
+        if ex.trace:
+            events[m] = ex.last_events
+    ex.trace = False
+    runs = [summarise(m, walls[m], stage_sums[m], events.get(m), loads[m], total, args) for m in ms]
     base = runs[0]["decode_tokens_per_s"]
     for r in runs:
         r["speedup_vs_m1"] = r["decode_tokens_per_s"] / base
@@ -166,6 +183,8 @@ def summarise(m, walls, stage_sums, events, loads, total, args) -> dict:
     return {
         "m": m,
         "step_time_s": step_s,
+        "step_time_median_s": statistics.median(walls),
+        "step_times_s": walls,
         "decode_tokens_per_s": total / step_s,
         "stage_time_per_step_s": {
             "attention": attn,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import traceback
 
@@ -12,6 +13,13 @@ from afd.comm import wire
 
 def ipc_dir() -> str:
     return tempfile.mkdtemp(prefix="afd-ipc-")
+
+
+def shm_dir() -> str:
+    """A folder for the shm transport's segments: in /dev/shm (RAM) where there is one."""
+    ram = "/dev/shm"
+    folder = ram if os.path.isdir(ram) and os.access(ram, os.W_OK) else None
+    return tempfile.mkdtemp(prefix="afd-shm-", dir=folder)
 
 
 class WorkerChannel:
@@ -55,3 +63,21 @@ def init_world(spec: dict, timeout_s: float = 300.0) -> None:
 
 def dist_backend(device: str) -> str:
     return afd_dist.resolve_backend("auto", device)
+
+
+def transport_for(spec: dict, model_config, device):
+    """The dispatch/combine transport a worker of this cluster uses (spec from worker_spec)."""
+    from afd.comm.dispatch import get_transport
+
+    from afd.models import expert_split
+
+    return get_transport(
+        spec["comm_backend"],
+        spec["expert_ranks"],
+        expert_split(model_config.n_routed_experts, spec["num_expert_workers"]),
+        device,
+        rank=spec["rank"],
+        shm_dir=spec.get("shm_dir"),
+        hidden_size=model_config.hidden_size,
+        top_k=model_config.num_experts_per_tok,
+    )

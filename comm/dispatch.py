@@ -30,6 +30,18 @@ MAX_MICRO_BATCHES = 64
 MAX_EXCHANGE_TAG = 2**23
 
 
+# dtype <-> int code in transport headers (the same numbers on every transport)
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.bfloat16: 1,
+    torch.float16: 2,
+    torch.float64: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
 def exchange_tag(layer: int, micro_batch: int) -> int:
     """The tag of one (layer, micro-batch) exchange; wire tags are tag * 2 + direction."""
     if not 0 <= micro_batch < MAX_MICRO_BATCHES:
@@ -143,6 +155,7 @@ class Transport(ABC):
 # name -> "module:Class" (imported on first use, so optional backends cost nothing) or a factory
 _REGISTRY: dict[str, str | Callable[..., Transport]] = {
     "torch": "afd.comm.torch_transport:TorchTransport",
+    "shm": "afd.comm.shm_transport:ShmTransport",
     "deepep": "afd.comm.deepep_transport:DeepEPTransport",
 }
 
@@ -166,11 +179,16 @@ def deep_ep_available() -> bool:
     return True
 
 
-def resolve_transport_name(name: str, device: str | torch.device) -> str:
-    """'auto' -> deepep when deep_ep imports and the device is CUDA, else torch."""
+def resolve_transport_name(
+    name: str, device: str | torch.device, shm_dir: str | None = None
+) -> str:
+    """'auto' -> deepep when deep_ep imports and the device is CUDA; shm on CPU when every rank
+    shares one host (a shared folder is given); else torch."""
     if name == "auto":
-        cuda = torch.device(device).type == "cuda"
-        return "deepep" if cuda and "deepep" in _REGISTRY and deep_ep_available() else "torch"
+        kind = torch.device(device).type
+        if kind == "cuda" and "deepep" in _REGISTRY and deep_ep_available():
+            return "deepep"
+        return "shm" if kind == "cpu" and shm_dir and "shm" in _REGISTRY else "torch"
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown comm backend {name!r}; choose from {', '.join(transport_names())}"
@@ -185,8 +203,10 @@ def get_transport(
     device: str | torch.device,
     **options,
 ) -> Transport:
-    """Build the transport registered as `name` ('auto' picks one for the device)."""
-    factory = _REGISTRY[resolve_transport_name(name, device)]
+    """Build the transport registered as `name` ('auto' picks one for the device). Options
+    every worker passes: rank, shm_dir, hidden_size, top_k; a transport ignores what it does
+    not use."""
+    factory = _REGISTRY[resolve_transport_name(name, device, options.get("shm_dir"))]
     if isinstance(factory, str):
         module, cls = factory.split(":")
         factory = getattr(importlib.import_module(module), cls)

@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from afd.comm.dispatch import DispatchHandle, ExpertBatch, Transport, local_ids
+from afd.comm.dispatch import (
+    CODE_DTYPES,
+    DTYPE_CODES,
+    DispatchHandle,
+    ExpertBatch,
+    Transport,
+    local_ids,
+)
 
 HEADER_LEN = 4
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
-_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -43,6 +48,7 @@ class TorchTransport(Transport):
         device: str | torch.device,
         group=None,
         combine_group=None,
+        **_ignored,
     ):
         super().__init__(expert_ranks, expert_ranges, device)
         self.group = group
@@ -57,7 +63,7 @@ class TorchTransport(Transport):
         topk_weights: torch.Tensor,  # [T, k]
         tag: int,
     ) -> DispatchHandle:
-        if x.dtype not in _DTYPE_CODES:
+        if x.dtype not in DTYPE_CODES or not x.dtype.is_floating_point:
             raise TypeError(f"dispatch of {x.dtype} hidden states is not supported")
         num_tokens, hidden = x.shape
         top_k = topk_ids.shape[1]
@@ -70,7 +76,7 @@ class TorchTransport(Transport):
             rows = (local >= 0).any(dim=1).nonzero().flatten()  # each token crosses once
             n = int(rows.numel())
             header = torch.tensor(
-                [n, hidden, top_k, _DTYPE_CODES[x.dtype]], dtype=torch.int64, device=self.device
+                [n, hidden, top_k, DTYPE_CODES[x.dtype]], dtype=torch.int64, device=self.device
             )
             sends = [header]
             out = torch.empty(n, hidden, dtype=x.dtype, device=self.device)
@@ -119,14 +125,14 @@ class TorchTransport(Transport):
         if shapes:
             _, hidden, top_k, code = shapes[0]
         else:
-            hidden, top_k, code = 0, 0, _DTYPE_CODES[torch.float32]
+            hidden, top_k, code = 0, 0, DTYPE_CODES[torch.float32]
         for src, (n, h, k, c) in zip(sources, shapes, strict=True):
-            if n < 0 or (h, k, c) != (hidden, top_k, code) or c not in _CODE_DTYPES:
+            if n < 0 or (h, k, c) != (hidden, top_k, code) or c not in CODE_DTYPES:
                 raise RuntimeError(
                     f"exchange {tag}: rank {src} sent header {(n, h, k, c)}, "
                     f"expected (rows >= 0, {hidden}, {top_k}, {code})"
                 )
-        dtype = _CODE_DTYPES[code]
+        dtype = CODE_DTYPES[code]
         counts = [s[0] for s in shapes]
         xs, metas, works = [], [], []
         for src, n in zip(sources, counts, strict=True):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 
 import torch
-from afd.comm.control import WorkerChannel, init_world
-from afd.comm.dispatch import exchange_tag, get_transport
+from afd.comm.control import WorkerChannel, init_world, transport_for
+from afd.comm.dispatch import exchange_tag
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import expert_split
@@ -33,7 +33,7 @@ def run_expert_worker(spec: dict) -> None:
             part="experts",
             expert_range=ranges[index],
         )
-        transport = get_transport(spec["comm_backend"], spec["expert_ranks"], ranges, device)
+        transport = transport_for(spec, cfg, device)
         channel.send("ready", role="expert", param_bytes=count_parameter_bytes(shard))
         start, end = ranges[index]
         while True:

@@ -1,4 +1,5 @@
-"""Disaggregated decode across real processes (gloo): same tokens as the single-process engine."""
+"""Disaggregated decode across real processes: same tokens as the single-process engine, over the
+shm transport (what "auto" picks on one CPU host) and over gloo (the torch transport)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ TOPOLOGIES = {
     "tiny-qwen3-moe": [(1, 1), (2, 1), (1, 2), (2, 2), (3, 2)],
     "tiny-deepseek-v3": [(1, 1), (2, 2), (3, 2)],
 }
-CASES = [(model, 0, a, f) for model, topos in TOPOLOGIES.items() for a, f in topos]
+CASES = [(model, 0, a, f, "auto") for model, topos in TOPOLOGIES.items() for a, f in topos]
 # P/D: a prefill pool runs the prompts and ships their KV to the attention workers.
-CASES += [("tiny-qwen3-moe", 1, 1, 1), ("tiny-deepseek-v3", 2, 2, 2)]
+CASES += [("tiny-qwen3-moe", 1, 1, 1, "auto"), ("tiny-deepseek-v3", 2, 2, 2, "auto")]
+CASES += [("tiny-qwen3-moe", 0, 2, 2, "torch"), ("tiny-deepseek-v3", 1, 3, 2, "torch")]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,8 @@ def run_continuous(llm, prompts):
     return [done[i] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("model,p,a,f", CASES)
-def test_topology_matches_single_process(reference, model, p, a, f):
+@pytest.mark.parametrize("model,p,a,f,comm", CASES)
+def test_topology_matches_single_process(reference, model, p, a, f, comm):
     prompts, expected = reference(model)
     llm = LLM(
         model,
@@ -69,6 +71,7 @@ def test_topology_matches_single_process(reference, model, p, a, f):
         num_prefill_workers=p,
         num_attention_workers=a,
         num_expert_workers=f,
+        comm_backend=comm,
     )
     try:
         for m in (1, 2, 3):
@@ -89,6 +92,7 @@ def test_topology_matches_single_process(reference, model, p, a, f):
         llm.shutdown()
     for w in ex.supervisor.workers:
         assert not w.process.is_alive()
+    assert ex.layout.shm and not os.path.exists(ex.layout.shm), "shm segments left behind"
 
 
 def test_killed_expert_worker_is_a_clear_error():

@@ -1,4 +1,5 @@
-"""Dispatch/combine over gloo with real spawned processes: M attention ranks, N expert ranks."""
+"""Dispatch/combine with real spawned processes, M attention ranks and N expert ranks: over gloo
+(torch transport) and over shared memory (shm transport)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import traceback
 
 import pytest
 import torch
-from afd.comm.dispatch import exchange_tag, get_transport, local_ids
+from afd.comm.dispatch import exchange_tag, get_transport, local_ids, resolve_transport_name
 from afd.kernels.torch_ops import fused_moe
 
 from afd.models.model import expert_split
@@ -48,8 +49,11 @@ def _batch(attn: int, layer: int, mb: int, num_experts_hi: int = NUM_EXPERTS):
     return x, ids, weights
 
 
-def _attention_rank(rank: int, expert_ranks: list[int], ranges, num_attn: int) -> None:
-    transport = get_transport("torch", expert_ranks, ranges, "cpu")
+BACKENDS = ("torch", "shm")
+
+
+def _attention_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> None:
+    transport = get_transport(backend, expert_ranks, ranges, "cpu", rank=rank, shm_dir=shm_dir)
     weights = [_weights(layer) for layer in range(NUM_LAYERS + 1)]
     handles = {}
     # every exchange of every layer and micro-batch in flight before any combine
@@ -87,15 +91,17 @@ def _attention_rank(rank: int, expert_ranks: list[int], ranges, num_attn: int) -
     outb = transport.combine(hb)
     assert ranges[0][1] >= 4  # experts 0..3 all live on expert rank 0
     assert hb.rows_per_rank == [5] + [0] * (len(ranges) - 1)  # 5 tokens, 10 routes
-    header, row_bytes = 4 * 8, HIDDEN * 4 + 2 * 2 * 4  # x fp32 + (ids | weight bits) int32
+    header = 4 * 8 if backend == "torch" else 0  # shm: the header travels in the FIFO record
+    row_bytes = HIDDEN * 4 + 2 * 2 * 4  # x fp32 + (ids | weight bits) int32
     expected_bytes = header * len(ranges) + 5 * row_bytes
     assert hb.bytes_sent == expected_bytes, (hb.bytes_sent, expected_bytes)
     refb = fused_moe(xb, *_weights(BYTES_LAYER), wb, idsb)
     torch.testing.assert_close(outb, refb, atol=1e-5, rtol=1e-5)
+    transport.close()
 
 
-def _expert_rank(rank: int, expert_ranks: list[int], ranges, num_attn: int) -> None:
-    transport = get_transport("torch", expert_ranks, ranges, "cpu")
+def _expert_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> None:
+    transport = get_transport(backend, expert_ranks, ranges, "cpu", rank=rank, shm_dir=shm_dir)
     start, end = ranges[expert_ranks.index(rank)]
     sources = list(range(num_attn))
     exchanges = [(layer, mb) for layer in range(NUM_LAYERS) for mb in range(NUM_MICRO_BATCHES)]
@@ -110,7 +116,7 @@ def _expert_rank(rank: int, expert_ranks: list[int], ranges, num_attn: int) -> N
         x = batch.x.float()
         out = fused_moe(x, w13[start:end], w2[start:end], batch.topk_weights, batch.topk_ids)
         transport.send_back(batch, out.to(batch.x.dtype))
-    transport.flush()
+    transport.close()
 
 
 TOPOLOGIES = [(1, 1), (2, 1), (1, 2), (2, 2), (3, 2)]  # (attention ranks M, expert ranks N)
@@ -118,27 +124,29 @@ MAX_ATTN, MAX_EXPERT = 3, 2  # one world serves every topology: process startup 
 
 
 def _run_rank(rank: int, port: int, err_dir: str) -> None:
+    # both backends, every topology, one world: process startup dominates
     import torch.distributed as dist
     from afd.comm.dist import destroy_world, init_world
 
     torch.set_num_threads(1)
-    topology = None
+    backend = topology = None
     try:
         init_world(rank, MAX_ATTN + MAX_EXPERT, "127.0.0.1", port, "gloo", "cpu", timeout_s=60)
-        for topology in TOPOLOGIES:
+        for backend, topology in [(b, t) for b in BACKENDS for t in TOPOLOGIES]:
             num_attn, num_expert = topology
             # attention ranks 0..M-1, expert ranks MAX_ATTN..MAX_ATTN+N-1; the rest sit out
             expert_ranks = list(range(MAX_ATTN, MAX_ATTN + num_expert))
             ranges = expert_split(NUM_EXPERTS, num_expert)
+            args = (rank, expert_ranks, ranges, num_attn, backend, err_dir)
             if rank < num_attn:
-                _attention_rank(rank, expert_ranks, ranges, num_attn)
+                _attention_rank(*args)
             elif rank in expert_ranks:
-                _expert_rank(rank, expert_ranks, ranges, num_attn)
+                _expert_rank(*args)
             dist.barrier()
         destroy_world()
     except BaseException:
         with open(os.path.join(err_dir, f"rank{rank}.err"), "w") as f:
-            f.write(f"topology (M, N) = {topology}, rank {rank}\n{traceback.format_exc()}")
+            f.write(f"{backend} (M, N) = {topology}, rank {rank}\n{traceback.format_exc()}")
         raise SystemExit(1) from None
 
 
@@ -174,8 +182,58 @@ def test_local_ids_and_tags():
         exchange_tag(0, 64)
     with pytest.raises(ValueError):
         get_transport("nope", [1], [(0, 4)], "cpu")
-    assert get_transport("auto", [1], [(0, 4)], "cpu").name == "torch"
+    assert get_transport("auto", [1], [(0, 4)], "cpu").name == "torch"  # no shared folder
+    assert resolve_transport_name("auto", "cpu", "/dev/shm/x") == "shm"
+    assert resolve_transport_name("auto", "cuda", "/dev/shm/x") in ("torch", "deepep")
     with pytest.raises(ValueError, match="CUDA"):
         get_transport("deepep", [1], [(0, 4)], "cpu", hidden_size=16, top_k=2)
     with pytest.raises(ValueError, match="contiguous"):
         get_transport("torch", [1, 2], [(0, 4), (5, 7)], "cpu")
+
+
+def test_shm_slots_are_reused_grown_and_released(tmp_path):
+    """Both ends in one process: a released slot is reused, a bigger message gets a larger
+    segment (the old file is removed), records may be read out of order, a silent peer times
+    out, and close removes every segment."""
+    folder = str(tmp_path)
+    attn = get_transport("shm", [1], [(0, 4)], "cpu", rank=0, shm_dir=folder)
+    expert = get_transport("shm", [1], [(0, 4)], "cpu", rank=1, shm_dir=folder, timeout_s=0.2)
+    assert attn.name == "shm"
+    w13, w2 = torch.randn(4, 8, 16), torch.randn(4, 16, 4)
+
+    def roundtrip(tokens: int, tag: int) -> None:
+        x, ids = torch.randn(tokens, 16), torch.randint(0, 4, (tokens, 2))
+        w = torch.rand(tokens, 2)
+        handle = attn.dispatch(x, ids, w, tag)
+        batch = expert.receive([0], tag)
+        expert.send_back(batch, fused_moe(batch.x, w13, w2, batch.topk_weights, batch.topk_ids))
+        torch.testing.assert_close(attn.combine(handle), fused_moe(x, w13, w2, w, ids))
+
+    roundtrip(5, 0)
+    roundtrip(7, 1)
+    slots = sorted(os.listdir(folder))
+    assert [f for f in slots if f.startswith("slot-0-1-")] == ["slot-0-1-0-0"], slots
+    roundtrip(2000, 2)  # 2000 x 16 floats do not fit the first 64 KiB segment
+    slots = sorted(f for f in os.listdir(folder) if f.startswith("slot-0-1-"))
+    assert slots == ["slot-0-1-0-1"], slots
+
+    # two exchanges in flight, expert answers in order, attention combines in reverse
+    xs = [torch.randn(n, 16) for n in (3, 4)]
+    ids = [torch.randint(0, 4, (n, 2)) for n in (3, 4)]
+    ws = [torch.rand(n, 2) for n in (3, 4)]
+    handles = [attn.dispatch(xs[i], ids[i], ws[i], 10 + i) for i in range(2)]
+    for i in range(2):
+        b = expert.receive([0], 10 + i)
+        expert.send_back(b, fused_moe(b.x, w13, w2, b.topk_weights, b.topk_ids))
+    for i in (1, 0):
+        torch.testing.assert_close(
+            attn.combine(handles[i]), fused_moe(xs[i], w13, w2, ws[i], ids[i])
+        )
+
+    with pytest.raises(TimeoutError, match="rank 0"):
+        expert.receive([0], 99)
+    with pytest.raises(ValueError, match="rank"):
+        get_transport("shm", [1], [(0, 4)], "cpu")
+    attn.close()
+    expert.close()
+    assert not [f for f in os.listdir(folder) if f.startswith("slot-")]

@@ -1,0 +1,44 @@
+"""`afd bench pipeline` end to end on a tiny model: one run measures every m side by side."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from afd.cli import main
+
+
+@pytest.mark.slow
+def test_bench_pipeline_writes_json_png_and_trace(tmp_path, capsys):
+    out = tmp_path / "pipeline"
+    argv = ["bench", "pipeline", "--model", "tiny-qwen3-moe", "--batch-size", "6"]
+    argv += ["--context-len", "5", "--steps", "2", "--warmup", "1", "--max-micro-batches", "3"]
+    assert main([*argv, "--output-dir", str(out)]) == 0
+    result = json.loads((out / "pipeline.json").read_text())
+    runs = result["runs"]
+    assert [r["m"] for r in runs] == [1, 2, 3]
+    assert runs[0]["speedup_vs_m1"] == 1.0
+    for r in runs:
+        assert r["decode_tokens_per_s"] > 0
+        stages = r["stage_time_per_step_s"]
+        assert stages["attention"] > 0 and stages["expert"] > 0
+        assert 0 <= r["bubble_fraction"]["attention"] < 1
+        assert 0 <= r["bubble_fraction"]["expert"] < 1
+        # the traced step has the m micro-batches of every MoE layer on both lanes
+        names = {e[1] for e in r["events"]}
+        assert {f"experts L0 mb{i}" for i in range(r["m"])} <= names
+        assert {f"attn L0 mb{i}" for i in range(r["m"])} <= names
+        load = r["expert_load"]
+        assert load["max_tokens_per_expert_step"] >= load["mean_tokens_per_expert_step"] > 0
+    trace = json.loads((out / "pipeline_trace.json").read_text())["traceEvents"]
+    assert {e["pid"] for e in trace} == {"m=1", "m=2", "m=3"}
+    assert (out / "pipeline_timeline.png").read_bytes()[:4] == b"\x89PNG"
+    table = capsys.readouterr().out
+    assert "speedup" in table and "bubble A" in table
+
+
+def test_bench_pipeline_rejects_bad_sizes(capsys):
+    assert main(["bench", "pipeline", "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size" in err[0]
