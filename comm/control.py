@@ -56,8 +56,9 @@ class WorkerChannel:
 def init_world(spec: dict, timeout_s: float = 300.0) -> None:
     """Join the cluster's torch.distributed world over a TCP store rendezvous at init_addr."""
     host, _, port = spec["init_addr"].rpartition(":")
+    nccl = dist_backend(spec["device"]) == "nccl"
     afd_dist.init_world(
-        spec["rank"], spec["world_size"], host, int(port), "auto", spec["device"], timeout_s
+        spec["rank"], spec["world_size"], host, int(port), "auto", spec["device"], timeout_s, nccl
     )
 
 
@@ -80,4 +81,5 @@ def transport_for(spec: dict, model_config, device):
         shm_dir=spec.get("shm_dir"),
         hidden_size=model_config.hidden_size,
         top_k=model_config.num_experts_per_tok,
+        combine_group=afd_dist.get_combine_group(),
     )

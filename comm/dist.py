@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 BACKENDS = ("auto", "gloo", "nccl")
+_combine_group = None  # see init_world(combine_group=True)
 
 
 def resolve_backend(backend: str, device: str | torch.device) -> str:
@@ -34,9 +35,13 @@ def init_world(
     backend: str = "auto",
     device: str | torch.device = "cpu",
     timeout_s: float = 300.0,
+    combine_group: bool = False,
 ) -> str:
     """Join the world at tcp://master_addr:master_port (rank 0 hosts the store); returns the
-    backend used. Raises after `timeout_s` if some rank never shows up."""
+    backend used. Raises after `timeout_s` if some rank never shows up. combine_group=True (on
+    every rank) also makes a second group over all ranks for the F->A direction: NCCL runs a
+    pair's point-to-point messages on one stream in posting order, so without it a posted
+    combine receive would hold back the next micro-batch's dispatch."""
     backend = resolve_backend(backend, device)
     device = torch.device(device)
     if device.type == "cuda" and device.index is not None:
@@ -48,7 +53,14 @@ def init_world(
         world_size=world_size,
         timeout=timedelta(seconds=timeout_s),
     )
+    global _combine_group
+    _combine_group = new_group(None, timeout_s) if combine_group else None
     return backend
+
+
+def get_combine_group():
+    """The second group made by init_world(combine_group=True), else None."""
+    return _combine_group
 
 
 def new_group(ranks: list[int] | None = None, timeout_s: float | None = None):
@@ -70,5 +82,7 @@ def is_initialized() -> bool:
 
 def destroy_world() -> None:
     """Leave the world (idempotent)."""
+    global _combine_group
+    _combine_group = None
     if is_initialized():
         dist.destroy_process_group()

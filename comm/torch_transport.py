@@ -11,9 +11,10 @@ ignores tags and matches point-to-point messages between a pair of ranks in post
 this transport keeps a strict order: both sides post a->f messages in (layer, micro-batch)
 order (dispatch vs receive) and f->a messages in the same order (dispatch's combine receives vs
 send_back). Expert ranks must therefore process exchanges in the order attention ranks dispatch
-them, which the step plan fixes. On NCCL pass a separate `combine_group` (dist.new_group over the
-same ranks): otherwise the combine receive of micro-batch i sits in front of the dispatch of
-micro-batch i + 1 on the pair's one NCCL stream and the ping-pong overlap is lost.
+them, which the step plan fixes. On NCCL the workers pass a separate `combine_group` (made by
+afd.comm.dist.init_world(combine_group=True)): otherwise the combine receive of micro-batch i sits
+in front of the dispatch of micro-batch i + 1 on the pair's one NCCL stream and the ping-pong
+overlap is lost.
 """
 
 from __future__ import annotations

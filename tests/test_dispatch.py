@@ -52,8 +52,18 @@ def _batch(attn: int, layer: int, mb: int, num_experts_hi: int = NUM_EXPERTS):
 BACKENDS = ("torch", "shm")
 
 
+def _transport(backend, expert_ranks, ranges, rank, shm_dir):
+    from afd.comm.dist import get_combine_group
+
+    # torch: the F->A direction on its own group, as workers do on NCCL
+    return get_transport(
+        backend, expert_ranks, ranges, "cpu", rank=rank, shm_dir=shm_dir,
+        combine_group=get_combine_group(),
+    )  # fmt: skip
+
+
 def _attention_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> None:
-    transport = get_transport(backend, expert_ranks, ranges, "cpu", rank=rank, shm_dir=shm_dir)
+    transport = _transport(backend, expert_ranks, ranges, rank, shm_dir)
     weights = [_weights(layer) for layer in range(NUM_LAYERS + 1)]
     handles = {}
     # every exchange of every layer and micro-batch in flight before any combine
@@ -101,7 +111,7 @@ def _attention_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> N
 
 
 def _expert_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> None:
-    transport = get_transport(backend, expert_ranks, ranges, "cpu", rank=rank, shm_dir=shm_dir)
+    transport = _transport(backend, expert_ranks, ranges, rank, shm_dir)
     start, end = ranges[expert_ranks.index(rank)]
     sources = list(range(num_attn))
     exchanges = [(layer, mb) for layer in range(NUM_LAYERS) for mb in range(NUM_MICRO_BATCHES)]
@@ -131,7 +141,8 @@ def _run_rank(rank: int, port: int, err_dir: str) -> None:
     torch.set_num_threads(1)
     backend = topology = None
     try:
-        init_world(rank, MAX_ATTN + MAX_EXPERT, "127.0.0.1", port, "gloo", "cpu", timeout_s=60)
+        world = MAX_ATTN + MAX_EXPERT
+        init_world(rank, world, "127.0.0.1", port, "gloo", "cpu", timeout_s=60, combine_group=True)
         for backend, topology in [(b, t) for b in BACKENDS for t in TOPOLOGIES]:
             num_attn, num_expert = topology
             # attention ranks 0..M-1, expert ranks MAX_ATTN..MAX_ATTN+N-1; the rest sit out
