@@ -248,3 +248,27 @@ def test_shm_slots_are_reused_grown_and_released(tmp_path):
     attn.close()
     expert.close()
     assert not [f for f in os.listdir(folder) if f.startswith("slot-")]
+
+
+def test_cluster_layout_checks_the_comm_backend():
+    import shutil
+    from types import SimpleNamespace
+
+    from afd.attention_nodes.cluster import layout_for
+
+    from afd.engine import EngineConfig
+
+    model = SimpleNamespace(n_routed_experts=4)
+    topology = dict(num_attention_workers=1, num_expert_workers=1)
+    two_nodes = dict(nnodes=2, dist_init_addr="127.0.0.1:29999", **topology)
+    with pytest.raises(ValueError, match="one node"):
+        layout_for(EngineConfig(model="m", comm_backend="shm", **two_nodes), model)
+    with pytest.raises(ValueError, match="unknown comm backend"):
+        layout_for(EngineConfig(model="m", comm_backend="nccl-please", **topology), model)
+    assert layout_for(EngineConfig(model="m", **two_nodes), model).shm is None
+    layout = layout_for(EngineConfig(model="m", **topology), model)  # one node: shm folder
+    try:
+        assert layout.shm and os.path.isdir(layout.shm)
+    finally:
+        shutil.rmtree(layout.shm, ignore_errors=True)
+        shutil.rmtree(layout.ipc, ignore_errors=True)
