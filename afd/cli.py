@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import sys
 
+from afd.comm.dispatch import transport_names
 from afd.engine import DTYPES, EngineConfig
 
 
@@ -41,7 +42,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-expert-workers", type=int, default=0)
     p.add_argument("--num-micro-batches", type=int, default=1)
-    p.add_argument("--comm-backend", default="auto", choices=["auto", "torch", "shm", "deepep"])
+    p.add_argument("--comm-backend", default="auto", choices=transport_names())
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

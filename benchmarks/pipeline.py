@@ -9,6 +9,8 @@ import statistics
 import time
 from pathlib import Path
 
+from afd.comm.dispatch import transport_names
+
 BENCH_MODEL = "bench-balanced-moe"
 # Shaped so that on CPU the attention side (projections + paged attention over ~32-64 tokens)
 # and the expert side (top-2 of 4 experts) take about the same time per token. Eight layers:
@@ -40,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--comm-backend", default="auto", choices=["auto", "torch", "shm", "deepep"])
+    p.add_argument("--comm-backend", default="auto", choices=transport_names())
     p.add_argument("--output-dir", default="results/pipeline", help="JSON, PNG and trace go here")
 
 
