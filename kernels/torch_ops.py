@@ -103,18 +103,27 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [B]
     scale: float,
 ) -> torch.Tensor:
-    """One query per sequence against its pages, batched with a length mask."""
-    bsz = q.shape[0]
-    # index_select copies whole pages; advanced indexing (cache[tables]) is ~8x slower on CPU
-    tables = block_tables.long().flatten()  # [B * M]
-    k = k_cache.index_select(0, tables).view(bsz, -1, *k_cache.shape[2:]).transpose(1, 2)
-    v = v_cache.index_select(0, tables).view(bsz, -1, *v_cache.shape[2:]).transpose(1, 2)
-    # k, v: [B, Hkv, S, D]
-    mask = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None].long()  # [B, S]
-    o = F.scaled_dot_product_attention(
-        q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
-    )
-    return o[:, :, 0, :]
+    """One query per sequence against its pages, one block column at a time: a column of pages
+    ([B, bs, ...]) stays in cache while it is used, where copying every sequence's whole context
+    out first tripled the memory traffic (and slowed the other core's work as much)."""
+    bsz, hq, d = q.shape
+    bs, hkv, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
+    tables = block_tables.long()
+    m = tables.shape[1]
+    f32 = torch.float32  # scores and sums in fp32 whatever the cache dtype, like SDPA
+    qg = q.view(bsz, hkv, hq // hkv, d).to(f32) * scale  # [B, Hkv, G, D]
+    scores = torch.empty(bsz, hkv, hq // hkv, m * bs, dtype=f32, device=q.device)  # [B, Hkv, G, S]
+    for j in range(m):
+        k = k_cache.index_select(0, tables[:, j]).to(f32)  # [B, bs, Hkv, D]
+        scores[..., j * bs : (j + 1) * bs] = torch.matmul(qg, k.permute(0, 2, 3, 1))
+    mask = torch.arange(m * bs, device=q.device)[None, :] < seq_lens[:, None].long()  # [B, S]
+    scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.zeros(bsz, hkv, hq // hkv, dv, dtype=f32, device=q.device)  # [B, Hkv, G, Dv]
+    for j in range(m):
+        v = v_cache.index_select(0, tables[:, j]).to(f32)  # [B, bs, Hkv, Dv]
+        out += torch.matmul(probs[..., j * bs : (j + 1) * bs], v.transpose(1, 2))
+    return out.view(bsz, hq, dv).to(q.dtype)
 
 
 def mla_attention(
