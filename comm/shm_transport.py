@@ -49,7 +49,7 @@ def _align(n: int) -> int:
 
 
 def _nbytes(shape: tuple[int, int], dtype: torch.dtype) -> int:
-    return shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+    return shape[0] * shape[1] * dtype.itemsize
 
 
 def _map(path: str, capacity: int, create: bool) -> torch.Tensor:
