@@ -88,6 +88,7 @@ class RequestState:
     detokenizers: list[IncrementalDetokenizer]
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    stream: bool = True  # False: step() reports the request only once it has finished
 
     @property
     def finished(self) -> bool:
@@ -155,8 +156,11 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        stream: bool = True,
     ) -> str:
-        """Tokenize (if needed) and queue a request; raises ValueError on invalid input."""
+        """Tokenize (if needed) and queue a request; raises ValueError on invalid input. With
+        stream=False, step() returns its output only when it finishes (cheaper: the text of a
+        request without stop strings is decoded once at the end)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -174,6 +178,7 @@ class LLMEngine:
             params,
             seqs,
             [IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in seqs],
+            stream=stream,
         )
         replica = self._pick_replica(self.schedulers, seqs[0])
         prefill = (
@@ -286,7 +291,10 @@ class LLMEngine:
                     continue
                 state.first_token_time = state.first_token_time or now
                 detok = state.detokenizers[seq.index]
-                if detok.add_token(sampled[seq.seq_id][0], final=seq.is_finished):
+                token = sampled[seq.seq_id][0]
+                if not (state.stream or seq.is_finished or state.params.stop):
+                    detok.defer_token(token)
+                elif detok.add_token(token, final=seq.is_finished):
                     # a stop string ended the text; the scheduler must stop the sequence
                     scheduler.finish(seq.seq_id, SequenceStatus.FINISHED_STOPPED)
                     seq.stop_reason = detok.stop_reason
@@ -298,7 +306,7 @@ class LLMEngine:
                 if seq.seq_id in sampled and seq.status == SequenceStatus.RUNNING:
                     replica = self._replica_of[seq.request_id][0]
                     self._handoff.append(Handoff(seq, p, replica, scheduler.detach(seq)))
-        outputs = [state.output() for state in touched.values()]
+        outputs = [state.output() for state in touched.values() if state.stream or state.finished]
         for out in outputs:
             if out.finished:
                 self._drop(out.request_id)

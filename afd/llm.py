@@ -34,7 +34,10 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams or one per prompt")
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        ids = [
+            self.engine.add_request(p, sp, stream=False)
+            for p, sp in zip(prompts, params, strict=True)
+        ]
         done: dict[str, RequestOutput] = {}
         try:
             while len(done) < len(ids):

@@ -397,6 +397,15 @@ class IncrementalDetokenizer:
                 self.text = visible
         return False
 
+    def defer_token(self, token_id: int) -> None:
+        """Keep a token without decoding it: the final add_token decodes all of them at once.
+        For text nobody reads before the end and with no stop string to watch for."""
+        if self.stop_checker.stop:
+            raise RuntimeError("a detokenizer with stop strings must decode every token")
+        if self.finished:
+            raise RuntimeError("defer_token after the detokenizer was finished")
+        self.ids.append(int(token_id))
+
     def add_tokens(self, token_ids: Iterable[int], final: bool = False) -> bool:
         """Add several tokens (e.g. a speculative or batched step); True on a stop string."""
         ids = list(token_ids)

@@ -116,7 +116,8 @@ def measure(llm, args, SamplingParams) -> dict:
     total = args.batch_size * args.num_attention_workers
     params = SamplingParams(temperature=0, max_tokens=1_000_000, ignore_eos=True)
     for _ in range(total):
-        eng.add_request(torch.randint(3, vocab, (args.context_len,), generator=g).tolist(), params)
+        prompt = torch.randint(3, vocab, (args.context_len,), generator=g).tolist()
+        eng.add_request(prompt, params, stream=False)
     # Prefill everything so that every measured step is a pure decode step of the whole batch.
     while any(s.num_waiting for s in eng.schedulers) or any(
         seq.num_output_tokens == 0 for s in eng.schedulers for seq in s.running

@@ -146,6 +146,37 @@ def test_sampling_options_and_stops():
         assert t.finish_reason == "stop" and t.text == text[: text.find(stop)]
 
 
+def test_unstreamed_requests_report_once_with_the_same_text():
+    """stream=False: step() returns a request only when it finishes, text decoded once at the end,
+    identical to the streamed request's text; stop strings still cut it."""
+    llm = LLM("tiny-qwen3-moe", dtype="float32")
+    eng = llm.engine
+    prompts = ["Hello there", "The quick brown fox", [5, 6, 7, 8]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    streamed = {eng.add_request(p, params): i for i, p in enumerate(prompts)}
+    quiet = {eng.add_request(p, params, stream=False): i for i, p in enumerate(prompts)}
+    texts: dict[tuple[str, int], str] = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.request_id in quiet:
+                assert out.finished, "an unstreamed request was reported before it finished"
+                texts["quiet", quiet[out.request_id]] = out.outputs[0].text
+            elif out.finished:
+                texts["streamed", streamed[out.request_id]] = out.outputs[0].text
+    assert len(texts) == 6
+    for i in range(len(prompts)):
+        assert texts["quiet", i] == texts["streamed", i] and texts["quiet", i]
+    full = texts["streamed", 0]
+    if len(full) > 4:
+        stop = full[2:4]
+        rid = eng.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=12, stop=[stop]),
+                              stream=False)  # fmt: skip
+        outs = []
+        while eng.has_unfinished_requests():
+            outs += [o for o in eng.step() if o.request_id == rid]
+        assert len(outs) == 1 and outs[0].outputs[0].text == full[: full.find(stop)]
+
+
 def test_min_p_and_top_k_one_equal_greedy():
     llm = LLM("tiny-deepseek-v3", dtype="float32")
     p = [11, 12, 13]
