@@ -111,18 +111,23 @@ def paged_decode_attention(
     tables = block_tables.long()
     m = tables.shape[1]
     f32 = torch.float32  # scores and sums in fp32 whatever the cache dtype, like SDPA
-    qg = q.view(bsz, hkv, hq // hkv, d).to(f32) * scale  # [B, Hkv, G, D]
-    scores = torch.empty(bsz, hkv, hq // hkv, m * bs, dtype=f32, device=q.device)  # [B, Hkv, G, S]
+    g = hq // hkv
+    qg = q.view(bsz, hkv, g, d).to(f32) * scale  # [B, Hkv, G, D]
+    scores = torch.empty(bsz, hkv, g, m * bs, dtype=f32, device=q.device)  # [B, Hkv, G, S]
+    # One bmm per (column, KV head): a head's [B, bs, D] slice of the gathered pages is a
+    # strided matrix BLAS reads in place; a matmul over all heads at once copied it first.
     for j in range(m):
         k = k_cache.index_select(0, tables[:, j]).to(f32)  # [B, bs, Hkv, D]
-        scores[..., j * bs : (j + 1) * bs] = torch.matmul(qg, k.permute(0, 2, 3, 1))
+        for h in range(hkv):
+            scores[:, h, :, j * bs : (j + 1) * bs] = torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2))
     mask = torch.arange(m * bs, device=q.device)[None, :] < seq_lens[:, None].long()  # [B, S]
     scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.zeros(bsz, hkv, hq // hkv, dv, dtype=f32, device=q.device)  # [B, Hkv, G, Dv]
+    out = torch.zeros(bsz, hkv, g, dv, dtype=f32, device=q.device)  # [B, Hkv, G, Dv]
     for j in range(m):
         v = v_cache.index_select(0, tables[:, j]).to(f32)  # [B, bs, Hkv, Dv]
-        out += torch.matmul(probs[..., j * bs : (j + 1) * bs], v.transpose(1, 2))
+        for h in range(hkv):
+            out[:, h] += torch.bmm(probs[:, h, :, j * bs : (j + 1) * bs], v[:, :, h])
     return out.view(bsz, hq, dv).to(q.dtype)
 
 
