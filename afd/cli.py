@@ -42,11 +42,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-expert-workers", type=int, default=0)
     p.add_argument("--num-micro-batches", type=int, default=1)
+    p.add_argument(
+        "--num-scheduler-steps",
+        type=int,
+        default=1,
+        help="decode steps per scheduling step (workers feed sampled tokens back themselves)",
+    )
     p.add_argument("--comm-backend", default="auto", choices=transport_names())
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_micro_batches"):
+    for name in (
+        "block_size",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "num_micro_batches",
+        "num_scheduler_steps",
+    ):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
     if min(args.num_attention_workers, args.num_expert_workers, args.num_prefill_workers) < 0:
@@ -71,6 +83,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         num_attention_workers=args.num_attention_workers,
         num_expert_workers=args.num_expert_workers,
         num_micro_batches=args.num_micro_batches,
+        num_scheduler_steps=args.num_scheduler_steps,
         comm_backend=args.comm_backend,
     )
 

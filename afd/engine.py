@@ -11,6 +11,7 @@ import torch
 
 from afd.builtin import resolve_model
 from afd.config import ModelConfig
+from afd.executor import Sampled
 from afd.outputs import CompletionOutput, RequestOutput
 from afd.sampling_params import SamplingParams
 from afd.scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -40,6 +41,9 @@ class EngineConfig:
     num_attention_workers: int = 0
     num_expert_workers: int = 0
     num_micro_batches: int = 1
+    # Decode steps per scheduling step (vLLM's multi-step scheduling): workers feed each sampled
+    # token back themselves, and the micro-batch pipeline runs on across the steps.
+    num_scheduler_steps: int = 1
     comm_backend: str = "auto"
     # Several nodes: node 0 runs the scheduler and HTTP server (see `afd launch --nnodes`).
     nnodes: int = 1
@@ -119,6 +123,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         from afd.executor import build_executor
 
+        for name in ("num_micro_batches", "num_scheduler_steps"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
         self.config = config
         self.model_path: Path = resolve_model(config.model)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
@@ -262,28 +269,59 @@ class LLMEngine:
         if all(b.is_empty for b in batches + new_prefill) and not transfers:
             if not self._prefill_inflight:
                 return []
+        self._plan_decode_steps(batches)
         if self.prefill_schedulers:
             for p, b in enumerate(new_prefill):
                 if not b.is_empty:
                     self._prefill_inflight[p] = b
-            sampled, done = self.executor.execute(batches, new_prefill, transfers)
+            steps, done = self.executor.execute(batches, new_prefill, transfers)
         else:
-            sampled, done = self.executor.execute(batches), []
+            steps, done = self.executor.execute(batches), []
         for t in transfers:
             self.prefill_schedulers[t.prefill].block_manager.free_table(t.prefill_table)
         prefill_batches = [
             self._prefill_inflight.pop(p, empty) if p in done else empty
             for p in range(len(self.prefill_schedulers))
         ]
-        now = time.monotonic()
         touched: dict[str, RequestState] = {}
         pairs = list(zip(self.schedulers, batches, strict=True))
         pairs += list(zip(self.prefill_schedulers, prefill_batches, strict=True))
+        for k, sampled in enumerate(steps):
+            self._apply_sampled([(s, b) for s, b in pairs if k < b.num_steps], sampled, touched)
+        for p, (scheduler, batch) in enumerate(
+            zip(self.prefill_schedulers, prefill_batches, strict=True)
+        ):
+            for seq in batch.seqs:
+                if seq.seq_id in steps[0] and seq.status == SequenceStatus.RUNNING:
+                    replica = self._replica_of[seq.request_id][0]
+                    self._handoff.append(Handoff(seq, p, replica, scheduler.detach(seq)))
+        outputs = [state.output() for state in touched.values() if state.stream or state.finished]
+        for out in outputs:
+            if out.finished:
+                self._drop(out.request_id)
+        return outputs
+
+    def _plan_decode_steps(self, batches: list[ScheduledBatch]) -> None:
+        """With num_scheduler_steps > 1, pure-decode batches run several steps per plan; every
+        replica runs the same number, since the expert workers see all of them in lockstep."""
+        active = [(s, b) for s, b in zip(self.schedulers, batches, strict=True) if not b.is_empty]
+        if self.config.num_scheduler_steps <= 1 or not active:
+            return
+        k = min(s.max_decode_steps(b, self.config.num_scheduler_steps) for s, b in active)
+        if k > 1:
+            for scheduler, batch in active:
+                scheduler.reserve_decode_steps(batch, k)
+
+    def _apply_sampled(self, pairs, sampled: Sampled, touched: dict[str, RequestState]) -> None:
+        """One decode step's tokens: advance the schedulers, detokenize, apply stop strings.
+        A sequence that finished in an earlier step of the batch ignores later ones."""
+        now = time.monotonic()
         for scheduler, batch in pairs:
             if batch.is_empty:
                 continue
+            live = [seq for seq in batch.seqs if not seq.is_finished]
             scheduler.update(batch, sampled, self.eos_token_ids)
-            for seq in batch.seqs:
+            for seq in live:
                 if seq.seq_id not in sampled:
                     continue
                 state = self._seq_owner.get(seq.seq_id)
@@ -299,18 +337,6 @@ class LLMEngine:
                     scheduler.finish(seq.seq_id, SequenceStatus.FINISHED_STOPPED)
                     seq.stop_reason = detok.stop_reason
                 touched[state.request_id] = state
-        for p, (scheduler, batch) in enumerate(
-            zip(self.prefill_schedulers, prefill_batches, strict=True)
-        ):
-            for seq in batch.seqs:
-                if seq.seq_id in sampled and seq.status == SequenceStatus.RUNNING:
-                    replica = self._replica_of[seq.request_id][0]
-                    self._handoff.append(Handoff(seq, p, replica, scheduler.detach(seq)))
-        outputs = [state.output() for state in touched.values() if state.stream or state.finished]
-        for out in outputs:
-            if out.finished:
-                self._drop(out.request_id)
-        return outputs
 
     def _place_handoffs(self) -> list[Handoff]:
         """Give prefilled sequences KV blocks on their attention replica; the KV copy of each

@@ -8,7 +8,7 @@ from typing import Protocol
 from afd.config import ModelConfig
 from afd.scheduler.scheduler import ScheduledBatch
 
-Sampled = dict[int, tuple[int, dict[int, float] | None]]
+Sampled = dict[int, tuple[int, dict[int, float] | None]]  # seq_id -> (token, logprobs)
 
 
 class Executor(Protocol):
@@ -17,7 +17,9 @@ class Executor(Protocol):
     num_replicas: int  # attention replicas, each with its own KV cache and scheduler
     num_kv_blocks: int  # blocks per replica
 
-    def execute(self, batches: list[ScheduledBatch]) -> Sampled: ...
+    def execute(self, batches: list[ScheduledBatch]) -> list[Sampled]:
+        """Run one scheduled batch per replica; one Sampled per decode step (see num_steps)."""
+        ...
 
     def stage_times(self) -> dict[str, float]: ...
 
@@ -58,7 +60,7 @@ class LocalExecutor:
         )
         self.runner = ModelRunner(model, kv_caches, config.block_size, config.device)
 
-    def execute(self, batches: list[ScheduledBatch]) -> Sampled:
+    def execute(self, batches: list[ScheduledBatch]) -> list[Sampled]:
         return self.runner.execute(batches[0])
 
     def stage_times(self) -> dict[str, float]:

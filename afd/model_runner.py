@@ -23,9 +23,15 @@ class ModelInputs:
 
 
 def prepare_inputs(
-    batch: ScheduledBatch, block_size: int, device: torch.device | str
+    batch: ScheduledBatch,
+    block_size: int,
+    device: torch.device | str,
+    step: int = 0,
+    fed_back: dict[int, int] | None = None,
 ) -> ModelInputs:
-    """Gather the tokens each sequence computes this step, their positions and cache slots."""
+    """Gather the tokens each sequence computes this step, their positions and cache slots.
+    Decode step `step` > 0 of a multi-step batch computes the token the step before sampled
+    (`fed_back[seq_id]`), one position further on."""
     input_ids: list[int] = []
     positions: list[int] = []
     query_lens: list[int] = []
@@ -36,8 +42,8 @@ def prepare_inputs(
     for i, (seq, n, sample) in enumerate(
         zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True)
     ):
-        start = seq.num_computed_tokens
-        input_ids.extend(seq.token_ids[start : start + n])
+        start = seq.num_computed_tokens + step
+        input_ids.extend(seq.token_ids[start : start + n] if step == 0 else [fed_back[seq.seq_id]])
         positions.extend(range(start, start + n))
         query_lens.append(n)
         seq_lens.append(start + n)
@@ -82,10 +88,18 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> dict[int, tuple[int, dict[int, float] | None]]:
-        inputs = prepare_inputs(batch, self.block_size, self.device)
-        hidden = self.model(
-            inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches
-        )  # [T, H]
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [S, V]
-        return sample_batch(self.sampler, logits, batch, inputs)
+    def execute(
+        self, batch: ScheduledBatch
+    ) -> list[dict[int, tuple[int, dict[int, float] | None]]]:
+        """One sampled dict per decode step of the batch."""
+        steps: list[dict] = []
+        fed_back: dict[int, int] = {}
+        for step in range(batch.num_steps):
+            inputs = prepare_inputs(batch, self.block_size, self.device, step, fed_back)
+            hidden = self.model(
+                inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches
+            )  # [T, H]
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [S, V]
+            steps.append(sample_batch(self.sampler, logits, batch, inputs))
+            fed_back = {seq_id: tok for seq_id, (tok, _) in steps[-1].items()}
+        return steps

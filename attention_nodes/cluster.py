@@ -287,8 +287,8 @@ class AFDExecutor:
         self._released.setdefault(replica, []).extend(seq_ids)
 
     def execute(self, batches: list[ScheduledBatch], prefill_batches=None, transfers=()):
-        """Run one step. Without a prefill pool: sampled tokens. With one: (sampled, prefill
-        replicas whose earlier plan finished); a busy prefill worker is not waited for."""
+        """Run one step. Without a prefill pool: sampled tokens per decode step. With one: (those,
+        prefill replicas whose earlier plan finished); a busy prefill worker is not waited for."""
         try:
             sampled, done = self._execute(batches, list(prefill_batches or []), list(transfers))
             return sampled if prefill_batches is None else (sampled, done)
@@ -296,13 +296,16 @@ class AFDExecutor:
             self.shutdown()
             raise
 
-    def _execute(self, batches: list[ScheduledBatch], prefill_batches, transfers) -> dict:
+    def _execute(self, batches: list[ScheduledBatch], prefill_batches, transfers) -> tuple:
         self._step += 1
         self.supervisor.check()  # any dead worker fails the step, even one this step skips
         active = [r for r, b in enumerate(batches) if not b.is_empty]
         m = max(
             1, min(self.num_micro_batches, max((len(batches[r].seqs) for r in active), default=1))
         )
+        num_steps = max((batches[r].num_steps for r in active), default=1)
+        if any(batches[r].num_steps != num_steps for r in active):
+            raise ValueError("every replica must run the same number of decode steps")
         imports: dict[int, list] = {}
         exports: dict[int, list] = {}
         for t in transfers:
@@ -327,6 +330,7 @@ class AFDExecutor:
                 micro_batches=mbs,
                 release=self._released.pop(r, []),
                 imports=imports.get(r, []),
+                num_steps=num_steps,
                 trace=self.trace,
             )
         if active:
@@ -338,6 +342,7 @@ class AFDExecutor:
                     step=self._step,
                     sources=active,
                     num_micro_batches=m,
+                    num_steps=num_steps,
                     trace=self.trace,
                 )
         prefilling = [p for p, b in enumerate(prefill_batches) if not b.is_empty or p in exports]
@@ -356,7 +361,7 @@ class AFDExecutor:
                 exports=exports.get(p, []),
                 trace=self.trace,
             )
-        sampled: dict = {}
+        steps: list[dict] = [{} for _ in range(num_steps)]  # sampled tokens per decode step
         times: dict[str, float] = {}
         events: list = []
         load: list[list[int]] = []
@@ -384,9 +389,11 @@ class AFDExecutor:
             for k, v in msg["times"].items():
                 times[k] = times.get(k, 0.0) + v
             events += [[*e, msg["rank"]] for e in msg["events"]]
-            if msg["type"] in ("attn_result", "prefill_result"):
-                for seq_id, tok, lps in msg["sampled"]:
-                    sampled[seq_id] = (tok, lps)
+            if msg["type"] == "attn_result":
+                for sampled, got in zip(steps, msg["sampled"], strict=True):
+                    sampled.update((seq_id, (tok, lps)) for seq_id, tok, lps in got)
+            elif msg["type"] == "prefill_result":
+                steps[0].update((seq_id, (tok, lps)) for seq_id, tok, lps in msg["sampled"])
             else:
                 load.append(msg["load"])
         for k, v in times.items():
@@ -397,10 +404,10 @@ class AFDExecutor:
                 p = self.prefill_ranks.index(msg["rank"])
                 self._prefill_busy.discard(p)
                 done.append(p)
-                for seq_id, tok, lps in msg["sampled"]:
-                    sampled[seq_id] = (tok, lps)
+                steps[0].update((seq_id, (tok, lps)) for seq_id, tok, lps in msg["sampled"])
         self.last_times, self.last_events, self.last_load, self.last_m = times, events, load, m
-        return sampled, done
+        self.last_num_steps = num_steps
+        return steps, done
 
     def check_alive(self) -> None:
         """Raise WorkerDiedError if any worker is gone."""

@@ -109,6 +109,7 @@ class AttentionWorker:
 
     @torch.inference_mode()
     def step(self, plan: dict) -> tuple[list, StageClock]:
+        """Run the plan's decode steps; the sampled [[seq_id, token, logprobs]] of each step."""
         clock = StageClock(plan["trace"])
         for seq_id in plan["release"]:
             self.generators.pop(seq_id, None)
@@ -117,79 +118,98 @@ class AttentionWorker:
             recv_kv(self.kv_caches, blocks, src, seq_id)
         if plan["imports"]:
             clock.record("kv_import", "comm", t0, time.monotonic_ns(), "kv import")
+        num_steps = plan["num_steps"]
         if not plan["micro_batches"]:
-            return [], clock
-        mbs = [build_micro_batch(e, self.block_size, self.device) for e in plan["micro_batches"]]
-        sampled: list = []
+            return [[] for _ in range(num_steps)], clock
+        entries = plan["micro_batches"]
+        mbs = [build_micro_batch(e, self.block_size, self.device) for e in entries]
+        sampled: list[list] = [[] for _ in range(num_steps)]
 
-        def sample(i: int, hidden: torch.Tensor) -> None:
+        def sample(i: int, step: int, hidden: torch.Tensor) -> MicroBatch | None:
             # runs as soon as micro-batch i leaves its last layer, while the experts still work
-            # on the micro-batches after it
+            # on the micro-batches after it; in a multi-step plan its tokens are the next input
             mb = mbs[i]
-            if not mb.sample_entries:
-                return
+            if not mb.sample_entries:  # prefill chunks that do not reach their prompt's end
+                return None
             t0 = time.monotonic_ns()
-            sampled.extend(
-                sample_entries(
-                    self.model,
-                    self.sampler,
-                    self.generators,
-                    mb.sample_entries,
-                    hidden[mb.sample_rows],
-                )
+            got = sample_entries(
+                self.model, self.sampler, self.generators, mb.sample_entries, hidden[mb.sample_rows]
             )
+            sampled[step].extend(got)
+            nxt = None
+            if step + 1 < num_steps:
+                # a multi-step plan is pure decode: one token per entry, every entry samples
+                entries[i] = [
+                    [e[0], [tok], e[2] + 1, *e[3:]]
+                    for e, (_, tok, _) in zip(entries[i], got, strict=True)
+                ]
+                nxt = mbs[i] = build_micro_batch(entries[i], self.block_size, self.device)
             clock.record("attention", "attention", t0, time.monotonic_ns(), f"sample mb{i}")
+            return nxt
 
-        self.ping_pong(mbs, clock, sample)
+        self.ping_pong(mbs, num_steps, clock, sample)
         return sampled, clock
 
-    def ping_pong(self, mbs: list[MicroBatch], clock: StageClock, on_done) -> None:
-        """Every layer for every micro-batch; on_done(i, final hidden [T, H]) per micro-batch."""
+    def ping_pong(self, mbs: list[MicroBatch], num_steps: int, clock: StageClock, on_done) -> None:
+        """Every layer for every micro-batch, num_steps times. on_done(i, step, final hidden
+        [T, H]) returns micro-batch i's input for the next step, which starts at once, so the
+        pipeline does not drain between the steps of a plan."""
         model = self.model
         m = len(mbs)
         hs: list = [None] * m
         res: list = [None] * m
         pending: list = [None] * m  # (dispatch handle, shared-expert output) per micro-batch
+        last = len(model.layers) - 1
         for i, mb in enumerate(mbs):
             if mb.meta is not None:
                 hs[i] = model.embed(mb.input_ids)
-        for layer, kv in zip(model.layers, self.kv_caches, strict=True):
-            for i, mb in enumerate(mbs):
-                if pending[i] is not None:
-                    hs[i] = self._finish_moe(pending[i], clock, layer.idx - 1, i)
-                    pending[i] = None
-                t0 = time.monotonic_ns()
-                if mb.meta is None:
-                    x = torch.empty(0, model.config.hidden_size, device=self.device)
-                else:
-                    x, res[i] = layer.attention_part(hs[i], res[i], mb.positions, mb.meta, kv)
-                if not layer.is_moe:
-                    hs[i] = layer.ffn_part(x) if mb.meta is not None else None
+        for step in range(num_steps):
+            for layer, kv in zip(model.layers, self.kv_caches, strict=True):
+                for i in range(m):
+                    if pending[i] is not None:
+                        prev = layer.idx - 1 if layer.idx > 0 else last
+                        hs[i] = self._finish_moe(pending[i], clock, prev, i)
+                        pending[i] = None
+                    mb = mbs[i]
+                    if layer.idx == 0 and step > 0 and mb.meta is not None:
+                        mb = mbs[i] = on_done(i, step - 1, model.final_norm(hs[i], res[i]))
+                        hs[i], res[i] = model.embed(mb.input_ids), None
+                    t0 = time.monotonic_ns()
+                    if mb.meta is None:
+                        x = torch.empty(0, model.config.hidden_size, device=self.device)
+                    else:
+                        x, res[i] = layer.attention_part(hs[i], res[i], mb.positions, mb.meta, kv)
+                    if not layer.is_moe:
+                        hs[i] = layer.ffn_part(x) if mb.meta is not None else None
+                        clock.record(
+                            "attention",
+                            "attention",
+                            t0,
+                            time.monotonic_ns(),
+                            f"attn L{layer.idx} mb{i}",
+                        )
+                        continue
+                    weights, ids = layer.mlp.gate(x)
+                    t1 = time.monotonic_ns()
+                    clock.record("attention", "attention", t0, t1, f"attn L{layer.idx} mb{i}")
+                    handle = self.transport.dispatch(x, ids, weights, exchange_tag(layer.idx, i))
+                    t2 = time.monotonic_ns()
+                    clock.record("dispatch", "comm", t1, t2, f"dispatch L{layer.idx} mb{i}")
+                    # shared experts run here, while the routed experts work on the other side
+                    shared = layer.mlp.shared(x) if mb.meta is not None else None
                     clock.record(
                         "attention",
                         "attention",
-                        t0,
+                        t2,
                         time.monotonic_ns(),
-                        f"attn L{layer.idx} mb{i}",
+                        f"shared L{layer.idx} mb{i}",
                     )
-                    continue
-                weights, ids = layer.mlp.gate(x)
-                t1 = time.monotonic_ns()
-                clock.record("attention", "attention", t0, t1, f"attn L{layer.idx} mb{i}")
-                handle = self.transport.dispatch(x, ids, weights, exchange_tag(layer.idx, i))
-                t2 = time.monotonic_ns()
-                clock.record("dispatch", "comm", t1, t2, f"dispatch L{layer.idx} mb{i}")
-                # shared experts run here, while the routed experts work on the other side
-                shared = layer.mlp.shared(x) if mb.meta is not None else None
-                clock.record(
-                    "attention", "attention", t2, time.monotonic_ns(), f"shared L{layer.idx} mb{i}"
-                )
-                pending[i] = (handle, shared)
+                    pending[i] = (handle, shared)
         for i, mb in enumerate(mbs):
             if pending[i] is not None:
-                hs[i] = self._finish_moe(pending[i], clock, len(model.layers) - 1, i)
+                hs[i] = self._finish_moe(pending[i], clock, last, i)
             if mb.meta is not None:
-                on_done(i, model.final_norm(hs[i], res[i]))
+                on_done(i, num_steps - 1, model.final_norm(hs[i], res[i]))
 
     def _finish_moe(self, pending, clock: StageClock, layer: int, i: int) -> torch.Tensor:
         handle, shared = pending

@@ -38,8 +38,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-micro-batches", type=int, default=2, help="measure m = 1..this")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--context-len", type=int, default=32, help="prompt tokens per request")
-    p.add_argument("--steps", type=int, default=10, help="measured decode steps per m")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="measured decode steps per m (rounded up to whole scheduling steps)",
+    )
+    p.add_argument("--warmup", type=int, default=3, help="decode steps per m before measuring")
+    p.add_argument(
+        "--num-scheduler-steps",
+        type=int,
+        default=1,
+        help="decode steps per scheduling step (the pipeline runs on across them)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--comm-backend", default="auto", choices=transport_names())
@@ -70,13 +81,19 @@ def run(args: argparse.Namespace) -> int:
         "batch_size",
         "context_len",
         "steps",
+        "num_scheduler_steps",
     ):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        raise ValueError("--warmup must be at least 0")
     model = str(bench_model_path()) if args.model == BENCH_MODEL else args.model
     # room for every sequence until the last measured step: a preempted sequence would make
     # the steps it misses cheaper and its recompute dearer
-    longest = args.context_len + (args.warmup + args.steps) * args.max_micro_batches + 2
+    k = args.num_scheduler_steps
+    # whole scheduling steps of k decode steps each: the contexts grow as much as with k = 1
+    args.warmup_plans, args.plans = -(-args.warmup // k), -(-args.steps // k)
+    longest = args.context_len + (args.warmup_plans + args.plans) * args.max_micro_batches * k + 2
     block_size = 16
     llm = LLM(
         model,
@@ -85,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         num_attention_workers=args.num_attention_workers,
         num_expert_workers=args.num_expert_workers,
         comm_backend=args.comm_backend,
+        num_scheduler_steps=k,
         max_num_seqs=args.batch_size * args.num_attention_workers,
         block_size=block_size,
         num_kv_blocks=args.batch_size * -(-longest // block_size) + 8,
@@ -130,19 +148,22 @@ def measure(llm, args, SamplingParams) -> dict:
     stage_sums = {m: {} for m in ms}
     events: dict[int, list] = {}
     loads = {m: [] for m in ms}
-    for i in range((args.warmup + args.steps) * len(ms)):
+    for i in range((args.warmup_plans + args.plans) * len(ms)):
         m = ms[i % len(ms)]
-        measured = i >= args.warmup * len(ms)
+        measured = i >= args.warmup_plans * len(ms)
         ex.num_micro_batches = m
-        ex.trace = measured and i >= (args.warmup + args.steps - 1) * len(ms)
+        ex.trace = measured and i >= (args.warmup_plans + args.plans - 1) * len(ms)
         t0 = time.perf_counter()
         eng.step()
         wall = time.perf_counter() - t0
         if not measured:
             continue
         running = sum(len(s.running) for s in eng.schedulers)
-        if running != total:
-            raise RuntimeError(f"only {running} of {total} sequences decoded in a step")
+        if running != total or ex.last_num_steps != args.num_scheduler_steps:
+            raise RuntimeError(
+                f"{running} of {total} sequences ran {ex.last_num_steps} decode steps in a "
+                f"scheduling step, not {args.num_scheduler_steps}"
+            )
         walls[m].append(wall)
         for k, v in ex.last_times.items():
             stage_sums[m][k] = stage_sums[m].get(k, 0.0) + v
@@ -161,7 +182,8 @@ def measure(llm, args, SamplingParams) -> dict:
         },
         "batch_size_per_attention_worker": args.batch_size,
         "context_len": args.context_len,
-        "steps": args.steps,
+        "decode_steps": args.plans * args.num_scheduler_steps,
+        "num_scheduler_steps": args.num_scheduler_steps,
         "device": device_name(args.device),
         "model": args.model,
         "runs": runs,
@@ -169,9 +191,11 @@ def measure(llm, args, SamplingParams) -> dict:
 
 
 def summarise(m, walls, stage_sums, events, loads, total, args) -> dict:
-    steps = len(walls)
-    step_s = statistics.mean(walls)
-    per_step = {k: v / steps for k, v in stage_sums.items()}
+    """Times and loads per decode step (a scheduling step runs num_scheduler_steps of them)."""
+    k = args.num_scheduler_steps
+    steps = len(walls) * k
+    step_s = statistics.mean(walls) / k
+    per_step = {name: v / steps for name, v in stage_sums.items()}
     a, f = args.num_attention_workers, args.num_expert_workers
     attn = per_step.get("attention", 0.0) / a
     combine_wait = per_step.get("combine_wait", 0.0) / a
@@ -182,12 +206,12 @@ def summarise(m, walls, stage_sums, events, loads, total, args) -> dict:
         if loads
         else []
     )
-    flat = [c for step in loads for shard in step for c in shard]
+    flat = [c / k for step in loads for shard in step for c in shard]
     return {
         "m": m,
         "step_time_s": step_s,
-        "step_time_median_s": statistics.median(walls),
-        "step_times_s": walls,
+        "step_time_median_s": statistics.median(walls) / k,
+        "scheduling_step_times_s": walls,
         "decode_tokens_per_s": total / step_s,
         "stage_time_per_step_s": {
             "attention": attn,
@@ -277,7 +301,9 @@ def write_timeline_png(result: dict, path: Path) -> None:
             ]
             ax.broken_barh(spans, (y - 0.4, 0.8), color=colors.get(lane, "gray"))
         ax.set_yticks(range(len(lanes)), [f"{lane} r{rank}" for lane, rank in lanes])
-        ax.set_title(f"m = {r['m']}: one decode step, {r['decode_tokens_per_s']:.0f} tok/s")
+        k = result["num_scheduler_steps"]
+        what = "one decode step" if k == 1 else f"one scheduling step ({k} decode steps)"
+        ax.set_title(f"m = {r['m']}: {what}, {r['decode_tokens_per_s']:.0f} tok/s")
         ax.set_xlabel("ms")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

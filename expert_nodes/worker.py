@@ -4,6 +4,7 @@ computes them grouped by expert, and returns weighted partial sums."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -40,31 +41,7 @@ def run_expert_worker(spec: dict) -> None:
             msg = channel.recv()
             if msg["type"] == "shutdown":
                 break
-            times: dict[str, float] = {"expert_recv_wait": 0.0, "expert": 0.0, "expert_send": 0.0}
-            events: list[list] = []
-            load = torch.zeros(end - start, dtype=torch.int64)
-            with torch.inference_mode():
-                for layer in shard.moe_layers:
-                    for mb in range(msg["num_micro_batches"]):
-                        t0 = time.monotonic_ns()
-                        tag = exchange_tag(layer, mb)
-                        batch = transport.receive(msg["sources"], tag)
-                        t1 = time.monotonic_ns()
-                        # the wire carries shard-local ids; ExpertShard takes global ones
-                        out = shard.forward_layer(
-                            layer, batch.x, batch.topk_weights, batch.global_ids(start)
-                        )
-                        t2 = time.monotonic_ns()
-                        transport.send_back(batch, out, tag)
-                        t3 = time.monotonic_ns()
-                        ids = batch.topk_ids[batch.topk_ids >= 0]
-                        load += torch.bincount(ids, minlength=end - start)
-                        times["expert_recv_wait"] += (t1 - t0) / 1e9
-                        times["expert"] += (t2 - t1) / 1e9
-                        times["expert_send"] += (t3 - t2) / 1e9
-                        if msg["trace"]:
-                            events.append(["expert", f"experts L{layer} mb{mb}", t1, t2])
-                transport.flush()
+            times, events, load = serve_plan(shard, transport, msg, start, end)
             channel.send(
                 "expert_result", step=msg["step"], times=times, events=events, load=load.tolist()
             )
@@ -73,3 +50,36 @@ def run_expert_worker(spec: dict) -> None:
         raise SystemExit(1) from None
     finally:
         channel.close()
+
+
+@torch.inference_mode()
+def serve_plan(
+    shard, transport, plan: dict, start: int, end: int
+) -> tuple[dict, list, torch.Tensor]:
+    """Every (decode step, MoE layer, micro-batch) exchange of one plan, in the order the
+    attention workers send them; returns stage times, trace events and tokens per expert."""
+    times: dict[str, float] = {"expert_recv_wait": 0.0, "expert": 0.0, "expert_send": 0.0}
+    events: list[list] = []
+    load = torch.zeros(end - start, dtype=torch.int64)
+    exchanges = itertools.product(
+        range(plan["num_steps"]), shard.moe_layers, range(plan["num_micro_batches"])
+    )
+    for _step, layer, mb in exchanges:
+        t0 = time.monotonic_ns()
+        tag = exchange_tag(layer, mb)
+        batch = transport.receive(plan["sources"], tag)
+        t1 = time.monotonic_ns()
+        # the wire carries shard-local ids; ExpertShard takes global ones
+        out = shard.forward_layer(layer, batch.x, batch.topk_weights, batch.global_ids(start))
+        t2 = time.monotonic_ns()
+        transport.send_back(batch, out, tag)
+        t3 = time.monotonic_ns()
+        ids = batch.topk_ids[batch.topk_ids >= 0]
+        load += torch.bincount(ids, minlength=end - start)
+        times["expert_recv_wait"] += (t1 - t0) / 1e9
+        times["expert"] += (t2 - t1) / 1e9
+        times["expert_send"] += (t3 - t2) / 1e9
+        if plan["trace"]:
+            events.append(["expert", f"experts L{layer} mb{mb}", t1, t2])
+    transport.flush()
+    return times, events, load

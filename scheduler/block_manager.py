@@ -86,13 +86,16 @@ class BlockManager:
         seq.num_cached_tokens = len(hit) * self.block_size
         seq.num_computed_tokens = seq.num_cached_tokens
 
-    def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
+    def blocks_to_append(self, seq: Sequence, num_new_tokens: int = 1) -> int:
+        """New blocks the sequence needs to compute `num_new_tokens` more tokens."""
         need = self._blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return need <= self.num_free_blocks
+        return max(0, need)
+
+    def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
+        return self.blocks_to_append(seq, num_new_tokens) <= self.num_free_blocks
 
     def append_slots(self, seq: Sequence, num_new_tokens: int = 1) -> None:
-        need = self._blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        for _ in range(max(0, need)):
+        for _ in range(self.blocks_to_append(seq, num_new_tokens)):
             seq.block_table.append(self._take_free())
 
     def mark_computed(self, seq: Sequence) -> None:

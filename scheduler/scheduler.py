@@ -21,16 +21,25 @@ class SchedulerConfig:
 
 @dataclass
 class ScheduledBatch:
-    """What one step computes: `num_new_tokens[i]` tokens of `seqs[i]` from its computed prefix."""
+    """What one step computes: `num_new_tokens[i]` tokens of `seqs[i]` from its computed prefix.
+    A pure-decode batch may run `num_steps` decode steps in a row, each feeding back its token."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)  # the chunk reaches the end: sample a token
     preempted: list[Sequence] = field(default_factory=list)
+    num_steps: int = 1
 
     @property
     def is_empty(self) -> bool:
         return not self.seqs
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence computes exactly its last token and samples the next one."""
+        return bool(self.seqs) and all(
+            n == 1 and s for n, s in zip(self.num_new_tokens, self.sample, strict=True)
+        )
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
@@ -114,6 +123,32 @@ class Scheduler:
             batch.add(seq, n)
             budget -= n
         return batch
+
+    def max_decode_steps(self, batch: ScheduledBatch, limit: int) -> int:
+        """How many decode steps in a row (at most `limit`) the batch can run: 1 unless it is
+        pure decode; no sequence may pass max_model_len, the KV blocks for every step must be
+        free, and no more steps than the longest remaining max_tokens."""
+        if limit <= 1 or not batch.is_decode or batch.preempted:
+            return 1
+        seqs = batch.seqs
+        k = min(limit, min(self.config.max_model_len - s.num_tokens for s in seqs))
+        remaining = [
+            s.sampling_params.max_tokens - s.num_output_tokens
+            for s in seqs
+            if s.sampling_params.max_tokens is not None
+        ]
+        if len(remaining) == len(seqs):
+            k = min(k, max(remaining))
+        bm = self.block_manager
+        while k > 1 and sum(bm.blocks_to_append(s, k) for s in seqs) > bm.num_free_blocks:
+            k -= 1
+        return max(1, k)
+
+    def reserve_decode_steps(self, batch: ScheduledBatch, num_steps: int) -> None:
+        """KV slots for `num_steps` decode steps of every sequence (after max_decode_steps)."""
+        for seq in batch.seqs:
+            self.block_manager.append_slots(seq, num_steps)
+        batch.num_steps = num_steps
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: drop its KV, requeue at the front with its tokens."""

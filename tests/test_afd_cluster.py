@@ -61,18 +61,22 @@ def run_continuous(llm, prompts):
     return [done[i] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("model,p,a,f,comm", CASES)
-def test_topology_matches_single_process(reference, model, p, a, f, comm):
-    prompts, expected = reference(model)
-    llm = LLM(
+def cluster(model: str, p: int, a: int, f: int, **kw) -> LLM:
+    return LLM(
         model,
         dtype="float32",
         block_size=4,
         num_prefill_workers=p,
         num_attention_workers=a,
         num_expert_workers=f,
-        comm_backend=comm,
+        **kw,
     )
+
+
+@pytest.mark.parametrize("model,p,a,f,comm", CASES)
+def test_topology_matches_single_process(reference, model, p, a, f, comm):
+    prompts, expected = reference(model)
+    llm = cluster(model, p, a, f, comm_backend=comm)
     try:
         for m in (1, 2, 3):
             llm.engine.executor.num_micro_batches = m
@@ -93,6 +97,38 @@ def test_topology_matches_single_process(reference, model, p, a, f, comm):
     for w in ex.supervisor.workers:
         assert not w.process.is_alive()
     assert ex.layout.shm and not os.path.exists(ex.layout.shm), "shm segments left behind"
+
+
+@pytest.mark.parametrize(
+    "model,p,a,f", [("tiny-deepseek-v3", 0, 3, 2), ("tiny-qwen3-moe", 1, 2, 1)]
+)
+def test_multi_step_plans_match_single_process(reference, model, p, a, f):
+    """num_scheduler_steps=3: attention workers feed their sampled tokens back and run the
+    micro-batch pipeline on across the steps of a plan; experts follow in lockstep."""
+    prompts, expected = reference(model)
+    llm = cluster(model, p, a, f, num_scheduler_steps=3)
+    ex = llm.engine.executor
+    steps_run = []
+    execute = ex._execute
+
+    def spy(*args):
+        out = execute(*args)
+        steps_run.append(ex.last_num_steps)
+        return out
+
+    ex._execute = spy
+    try:
+        for m in (1, 2, 3):
+            ex.num_micro_batches = m
+            steps_run.clear()
+            assert run_continuous(llm, prompts) == expected, f"m={m}"
+            assert 3 in steps_run, f"m={m}: no multi-step plan ran"
+            blocks = [
+                s.block_manager for s in llm.engine.schedulers + llm.engine.prefill_schedulers
+            ]
+            assert all(bm.num_free_blocks == bm.num_blocks for bm in blocks), "leaked KV blocks"
+    finally:
+        llm.shutdown()
 
 
 def test_killed_expert_worker_is_a_clear_error():

@@ -111,7 +111,14 @@ HIDDEN = tensor_to_wire(torch.zeros(1))
         _raw(type="test_plan", step=1, sources=[0], times={}, hidden=HIDDEN, extra=1),
         _raw(type="test_plan", step=1, sources=[0], times={}, hidden=HIDDEN, pairs=[[1, 2]]),
         _raw(type="test_outer", plans=[{"step": 1}], flag=True),
-        _raw(type="expert_step", step=1, sources=[0], num_micro_batches="2", trace=False),
+        _raw(
+            type="expert_step",
+            step=1,
+            sources=[0],
+            num_micro_batches="2",
+            num_steps=1,
+            trace=False,
+        ),
         _raw(type="ready", rank=0, role="expert"),
     ],
 )
@@ -121,13 +128,16 @@ def test_malformed_messages_raise_wire_error(raw):
 
 
 def test_schema_messages():
-    raw = encode("expert_step", step=4, sources=[0, 1], num_micro_batches=2, trace=False)
+    raw = encode(
+        "expert_step", step=4, sources=[0, 1], num_micro_batches=2, num_steps=3, trace=False
+    )
     msg = decode(raw)
     assert msg == {
         "type": "expert_step",
         "step": 4,
         "sources": [0, 1],
         "num_micro_batches": 2,
+        "num_steps": 3,
         "trace": False,
     }
     assert decode(encode("shutdown")) == {"type": "shutdown"}

@@ -60,9 +60,12 @@ def test_chunked_prefill_awkward_budget(family):
 def test_requests_join_while_others_decode(family):
     name, prompts, ref = family
     llm = LLM(name, dtype="float32", block_size=4)
-    eng = llm.engine
-    done = {}
-    ids = {}
+    check(run_joining(llm.engine, prompts), ref)
+
+
+def run_joining(eng, prompts) -> list:
+    """Three requests first, then one more every fifth step; outputs in prompt order."""
+    done, ids = {}, {}
     for i in range(3):
         ids[eng.add_request(prompts[i], greedy())] = i
     steps = 0
@@ -74,7 +77,7 @@ def test_requests_join_while_others_decode(family):
             if out.finished:
                 done[ids[out.request_id]] = out
         steps += 1
-    check([done[i] for i in range(len(prompts))], ref)
+    return [done[i] for i in range(len(prompts))]
 
 
 def test_preemption_recomputes_and_matches(family):
@@ -237,3 +240,90 @@ def test_routing_prefers_the_replica_with_the_cached_prefix():
     assert LLMEngine._pick_replica(replicas, fresh) == 2
     other = Sequence("other", 0, [7] * 14, greedy())
     assert LLMEngine._pick_replica(replicas, other) in (0, 1)  # more free blocks there
+
+
+def spy_decode_steps(llm) -> list[int]:
+    """Records the number of decode steps every multi-step batch reserved."""
+    taken: list[int] = []
+    for sched in llm.engine.schedulers:
+        original = sched.reserve_decode_steps
+
+        def spy(batch, k, original=original):
+            taken.append(k)
+            original(batch, k)
+
+        sched.reserve_decode_steps = spy
+    return taken
+
+
+def test_multi_step_scheduling_matches_transformers(family):
+    """num_scheduler_steps=4: pure-decode batches run four steps per plan, feeding each sampled
+    token back, while requests keep joining (their prefill steps run one step)."""
+    name, prompts, ref = family
+    llm = LLM(name, dtype="float32", block_size=4, num_scheduler_steps=4)
+    taken = spy_decode_steps(llm)
+    check(run_joining(llm.engine, prompts), ref)
+    assert 4 in taken
+    bm = llm.engine.schedulers[0].block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_multi_step_stops_seeds_and_limits_match_single_steps():
+    """Stops inside a multi-step batch drop the later tokens; seeded sampling, n > 1, stop
+    strings, max_tokens and max_model_len give what one step at a time gives."""
+    kw = dict(dtype="float32", block_size=4, max_model_len=40)
+    one = LLM("tiny-qwen3-moe", **kw)
+    prompt = [5, 6, 7, 8]
+    g = one.generate([prompt], greedy())[0].outputs[0]
+    cases = [
+        (prompt, SamplingParams(temperature=1.0, top_p=0.9, seed=7, n=2, max_tokens=11)),
+        (prompt, SamplingParams(temperature=0, max_tokens=NEW, stop_token_ids=[g.token_ids[5]])),
+        (prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)),
+        ([9] * 33, SamplingParams(temperature=0, ignore_eos=True, max_tokens=None)),
+    ]
+    if len(g.text) > 6:
+        cases.append((prompt, SamplingParams(temperature=0, max_tokens=NEW, stop=[g.text[3:6]])))
+    prompts, params = [c[0] for c in cases], [c[1] for c in cases]
+    expected = one.generate(prompts, params)
+    many = LLM("tiny-qwen3-moe", num_scheduler_steps=3, **kw)
+    taken = spy_decode_steps(many)
+    got = many.generate(prompts, params)
+    assert 3 in taken
+    for a, b in zip(expected, got, strict=True):
+        for x, y in zip(a.outputs, b.outputs, strict=True):
+            assert (y.token_ids, y.text, y.finish_reason) == (x.token_ids, x.text, x.finish_reason)
+    assert len(got[3].outputs[0].token_ids) == 40 - 33  # stopped at max_model_len
+    bm = many.engine.schedulers[0].block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_max_decode_steps_respects_blocks_limits_and_prefill():
+    from afd.scheduler.scheduler import Scheduler, SchedulerConfig
+    from afd.scheduler.sequence import Sequence
+
+    sched = Scheduler(SchedulerConfig(num_blocks=6, block_size=4, max_model_len=16))
+    a = Sequence("a", 0, [5] * 7, greedy())
+    sched.add(a)
+    prefill = sched.schedule()
+    assert sched.max_decode_steps(prefill, 8) == 1  # a prompt runs one step
+    sched.update(prefill, {a.seq_id: (9, None)}, set())
+    decode = sched.schedule()
+    assert decode.is_decode
+    # 8 tokens, 7 computed: max_model_len 16 allows 8 more steps, and their 2 blocks are free
+    assert sched.max_decode_steps(decode, 8) == 8
+    assert sched.max_decode_steps(decode, 3) == 3
+    sched.update(decode, {a.seq_id: (9, None)}, set())
+    b = Sequence("b", 0, [6] * 3, SamplingParams(max_tokens=2))
+    sched.add(b)
+    mixed = sched.schedule()
+    assert not mixed.is_decode and sched.max_decode_steps(mixed, 8) == 1
+    sched.update(mixed, {a.seq_id: (9, None), b.seq_id: (9, None)}, set())
+    both = sched.schedule()  # a: 10 tokens in 3 blocks, b: 4 tokens in 1 block, 2 blocks free
+    # max_model_len allows a 6 more; 6 steps need 1 + 2 blocks, 5 steps need 1 + 1
+    assert sched.max_decode_steps(both, 8) == 5
+    sched.reserve_decode_steps(both, 5)
+    assert both.num_steps == 5 and sched.block_manager.num_free_blocks == 0
+    # only one token left of every max_tokens: one step
+    b.sampling_params = SamplingParams(max_tokens=b.num_output_tokens + 1)
+    a.sampling_params = SamplingParams(max_tokens=a.num_output_tokens + 1)
+    assert sched.max_decode_steps(both, 8) == 1
