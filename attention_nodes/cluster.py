@@ -194,17 +194,32 @@ def worker_spec(config, model_path, model_config: ModelConfig, layout: ClusterLa
     }
 
 
+def node_devices(layout: ClusterLayout, node: int, device: str, num_gpus: int) -> dict[int, str]:
+    """The device of every worker on this node: one GPU each (NCCL allows no two ranks on one
+    GPU), in rank order; CPU workers share the CPU."""
+    ranks = [r for r in range(layout.world_size) if layout.node_of(r) == node]
+    if device != "cuda":
+        return dict.fromkeys(ranks, device)
+    if len(ranks) > num_gpus:
+        raise ValueError(
+            f"{len(ranks)} workers on node {node} need one GPU each, but it has {num_gpus}; "
+            "use fewer workers per node or --device cpu"
+        )
+    return {r: f"cuda:{i}" for i, r in enumerate(ranks)}
+
+
 def spawn_node_workers(supervisor: Supervisor, spec: dict, layout: ClusterLayout, node: int):
+    import torch
     from afd.attention_nodes.prefill_worker import run_prefill_worker
     from afd.attention_nodes.worker import run_attention_worker
     from afd.expert_nodes.worker import run_expert_worker
 
     roles = {"attention": run_attention_worker, "expert": run_expert_worker,
              "prefill": run_prefill_worker}  # fmt: skip
-    for rank in range(layout.world_size):
-        if layout.node_of(rank) == node:
-            role = layout.role(rank)
-            supervisor.spawn(role, rank, roles[role], {**spec, "rank": rank})
+    num_gpus = torch.cuda.device_count() if spec["device"] == "cuda" else 0
+    for rank, device in node_devices(layout, node, spec["device"], num_gpus).items():
+        role = layout.role(rank)
+        supervisor.spawn(role, rank, roles[role], {**spec, "rank": rank, "device": device})
 
 
 class AFDExecutor:

@@ -272,3 +272,17 @@ def test_cluster_layout_checks_the_comm_backend():
     finally:
         shutil.rmtree(layout.shm, ignore_errors=True)
         shutil.rmtree(layout.ipc, ignore_errors=True)
+
+
+def test_every_gpu_worker_of_a_node_gets_its_own_gpu():
+    from afd.attention_nodes.cluster import ClusterLayout, node_devices, parse_node_roles
+
+    one = ClusterLayout(2, 2, 1)
+    assert node_devices(one, 0, "cpu", 0) == dict.fromkeys(range(5), "cpu")
+    assert node_devices(one, 0, "cuda", 8) == {r: f"cuda:{r}" for r in range(5)}
+    with pytest.raises(ValueError, match="5 workers on node 0 need one GPU each, but it has 1"):
+        node_devices(one, 0, "cuda", 1)
+    # two nodes: attention and prefill on node 0, experts on node 1; each node counts from 0
+    two = ClusterLayout(2, 3, 1, nnodes=2, node_roles=parse_node_roles(None, 2))
+    assert node_devices(two, 0, "cuda", 4) == {0: "cuda:0", 1: "cuda:1", 5: "cuda:2"}
+    assert node_devices(two, 1, "cuda", 4) == {2: "cuda:0", 3: "cuda:1", 4: "cuda:2"}
