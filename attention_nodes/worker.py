@@ -4,6 +4,7 @@ and the ping-pong loop that overlaps attention of micro-batch i+1 with experts o
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -163,48 +164,39 @@ class AttentionWorker:
         for i, mb in enumerate(mbs):
             if mb.meta is not None:
                 hs[i] = model.embed(mb.input_ids)
-        for step in range(num_steps):
-            for layer, kv in zip(model.layers, self.kv_caches, strict=True):
-                for i in range(m):
-                    if pending[i] is not None:
-                        prev = layer.idx - 1 if layer.idx > 0 else last
-                        hs[i] = self._finish_moe(pending[i], clock, prev, i)
-                        pending[i] = None
-                    mb = mbs[i]
-                    if layer.idx == 0 and step > 0 and mb.meta is not None:
-                        mb = mbs[i] = on_done(i, step - 1, model.final_norm(hs[i], res[i]))
-                        hs[i], res[i] = model.embed(mb.input_ids), None
-                    t0 = time.monotonic_ns()
-                    if mb.meta is None:
-                        x = torch.empty(0, model.config.hidden_size, device=self.device)
-                    else:
-                        x, res[i] = layer.attention_part(hs[i], res[i], mb.positions, mb.meta, kv)
-                    if not layer.is_moe:
-                        hs[i] = layer.ffn_part(x) if mb.meta is not None else None
-                        clock.record(
-                            "attention",
-                            "attention",
-                            t0,
-                            time.monotonic_ns(),
-                            f"attn L{layer.idx} mb{i}",
-                        )
-                        continue
-                    weights, ids = layer.mlp.gate(x)
-                    t1 = time.monotonic_ns()
-                    clock.record("attention", "attention", t0, t1, f"attn L{layer.idx} mb{i}")
-                    handle = self.transport.dispatch(x, ids, weights, exchange_tag(layer.idx, i))
-                    t2 = time.monotonic_ns()
-                    clock.record("dispatch", "comm", t1, t2, f"dispatch L{layer.idx} mb{i}")
-                    # shared experts run here, while the routed experts work on the other side
-                    shared = layer.mlp.shared(x) if mb.meta is not None else None
-                    clock.record(
-                        "attention",
-                        "attention",
-                        t2,
-                        time.monotonic_ns(),
-                        f"shared L{layer.idx} mb{i}",
-                    )
-                    pending[i] = (handle, shared)
+        layers = list(zip(model.layers, self.kv_caches, strict=True))
+        for step, (layer, kv), i in itertools.product(range(num_steps), layers, range(m)):
+            if pending[i] is not None:
+                # the layer before; layer 0's is the last layer of the step before
+                hs[i] = self._finish_moe(pending[i], clock, (layer.idx - 1) % len(layers), i)
+                pending[i] = None
+            mb = mbs[i]
+            if layer.idx == 0 and step > 0 and mb.meta is not None:
+                mb = mbs[i] = on_done(i, step - 1, model.final_norm(hs[i], res[i]))
+                hs[i], res[i] = model.embed(mb.input_ids), None
+            t0 = time.monotonic_ns()
+            if mb.meta is None:
+                x = torch.empty(0, model.config.hidden_size, device=self.device)
+            else:
+                x, res[i] = layer.attention_part(hs[i], res[i], mb.positions, mb.meta, kv)
+            if not layer.is_moe:
+                hs[i] = layer.ffn_part(x) if mb.meta is not None else None
+                clock.record(
+                    "attention", "attention", t0, time.monotonic_ns(), f"attn L{layer.idx} mb{i}"
+                )
+                continue
+            weights, ids = layer.mlp.gate(x)
+            t1 = time.monotonic_ns()
+            clock.record("attention", "attention", t0, t1, f"attn L{layer.idx} mb{i}")
+            handle = self.transport.dispatch(x, ids, weights, exchange_tag(layer.idx, i))
+            t2 = time.monotonic_ns()
+            clock.record("dispatch", "comm", t1, t2, f"dispatch L{layer.idx} mb{i}")
+            # shared experts run here, while the routed experts work on the other side
+            shared = layer.mlp.shared(x) if mb.meta is not None else None
+            clock.record(
+                "attention", "attention", t2, time.monotonic_ns(), f"shared L{layer.idx} mb{i}"
+            )
+            pending[i] = (handle, shared)
         for i, mb in enumerate(mbs):
             if pending[i] is not None:
                 hs[i] = self._finish_moe(pending[i], clock, last, i)
