@@ -9,11 +9,11 @@ __all__ = ["LLM", "SamplingParams", "__version__"]
 def __getattr__(name: str):
     # Lazy so that `import afd.comm` in a worker does not pull in the whole engine.
     if name == "LLM":
-        from afd.llm import LLM
+        from afd.entrypoints.llm import LLM
 
         return LLM
     if name == "SamplingParams":
-        from afd.sampling_params import SamplingParams
+        from afd.sampling.params import SamplingParams
 
         return SamplingParams
     raise AttributeError(name)

@@ -2,6 +2,6 @@ from __future__ import annotations
 
 import sys
 
-from afd.cli import main
+from afd.entrypoints.cli import main
 
 sys.exit(main())

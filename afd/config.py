@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 
@@ -161,3 +163,47 @@ class ModelConfig:
         """Shapes of one layer's cache tensors: GQA [k, v] [N, bs, Hkv, D]; MLA [N, bs, L + R]."""
         shape, n = self.kv_cache_block_shape(block_size)
         return [(num_blocks, *shape)] * n
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """Everything needed to build an engine; topology fields pick the executor."""
+
+    model: str = "tiny-qwen3-moe"
+    dtype: str = "auto"
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # default: kv_cache_memory_mb worth of blocks
+    kv_cache_memory_mb: int = 256
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    kernel_backend: str = "auto"
+    # Disaggregated decode (0 attention workers = everything in this process).
+    num_prefill_workers: int = 0  # 0: attention workers prefill too
+    num_attention_workers: int = 0
+    num_expert_workers: int = 0
+    num_micro_batches: int = 1
+    # Decode steps per scheduling step (vLLM's multi-step scheduling): workers feed each sampled
+    # token back themselves, and the micro-batch pipeline runs on across the steps.
+    num_scheduler_steps: int = 1
+    comm_backend: str = "auto"
+    # Several nodes: node 0 runs the scheduler and HTTP server (see `afd launch --nnodes`).
+    nnodes: int = 1
+    dist_init_addr: str | None = None
+    node_roles: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def torch_dtype(self, model_config: ModelConfig) -> torch.dtype:
+        if self.dtype == "auto":
+            name = model_config.torch_dtype or "float32"
+            if self.device == "cpu" and name == "float16":
+                name = "float32"  # fp16 matmuls on CPU are slow and inexact
+            return DTYPES.get(name, torch.float32)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from auto, {', '.join(DTYPES)}")
+        return DTYPES[self.dtype]

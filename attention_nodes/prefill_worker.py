@@ -12,7 +12,7 @@ from afd.comm.control import WorkerChannel, init_world
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import allocate_kv_cache
-from afd.sampler import Sampler
+from afd.sampling.sampler import Sampler
 
 
 def run_prefill_worker(spec: dict) -> None:

@@ -15,8 +15,8 @@ from afd.comm.dispatch import exchange_tag
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import AttentionMetadata, allocate_kv_cache
-from afd.sampler import Sampler
-from afd.sampling_params import SamplingParams
+from afd.sampling.params import SamplingParams
+from afd.sampling.sampler import Sampler
 
 
 @dataclass

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from afd.sampling_params import SamplingParams
+from afd.sampling.params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

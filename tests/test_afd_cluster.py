@@ -8,10 +8,10 @@ import signal
 import time
 
 import pytest
+from afd.scheduler.supervisor import WorkerDiedError
 from conftest import mixed_prompts
 
 from afd import LLM, SamplingParams
-from afd.procs import WorkerDiedError
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from afd.builtin import resolve_model
-from afd.cli import main
 from afd.config import ModelConfig
+from afd.entrypoints.cli import main
 
 
 @pytest.mark.slow

@@ -254,9 +254,9 @@ def test_cluster_layout_checks_the_comm_backend():
     import shutil
     from types import SimpleNamespace
 
-    from afd.attention_nodes.cluster import layout_for
+    from afd.scheduler.cluster import layout_for
 
-    from afd.engine import EngineConfig
+    from afd.config import EngineConfig
 
     model = SimpleNamespace(n_routed_experts=4)
     topology = dict(num_attention_workers=1, num_expert_workers=1)
@@ -275,7 +275,7 @@ def test_cluster_layout_checks_the_comm_backend():
 
 
 def test_every_gpu_worker_of_a_node_gets_its_own_gpu():
-    from afd.attention_nodes.cluster import ClusterLayout, node_devices, parse_node_roles
+    from afd.scheduler.cluster import ClusterLayout, node_devices, parse_node_roles
 
     one = ClusterLayout(2, 2, 1)
     assert node_devices(one, 0, "cpu", 0) == dict.fromkeys(range(5), "cpu")

@@ -229,7 +229,7 @@ def test_routing_prefers_the_replica_with_the_cached_prefix():
     from afd.scheduler.scheduler import Scheduler, SchedulerConfig
     from afd.scheduler.sequence import Sequence
 
-    from afd.engine import LLMEngine
+    from afd.engine.llm_engine import LLMEngine
 
     replicas = [Scheduler(SchedulerConfig(num_blocks=16, block_size=4)) for _ in range(3)]
     warm = Sequence("warm", 0, list(range(10, 22)), greedy())

@@ -266,8 +266,8 @@ def test_killed_worker_makes_health_503_and_requests_fail():
 
 
 def test_config_file_sets_defaults_and_flags_win(tmp_path, capsys):
-    from afd.cli import build_parser, main
-    from afd.launch import apply_config_file
+    from afd.entrypoints.cli import build_parser, main
+    from afd.entrypoints.launch import apply_config_file
 
     cfg = tmp_path / "cluster.yaml"
     cfg.write_text("num-attention-workers: 2\nnum_expert_workers: 3\nport: 9001\n")
@@ -323,7 +323,7 @@ def test_two_nodes_on_loopback(tmp_path):
 
 
 def test_bench_serve_against_the_cluster(server, tmp_path, capsys):
-    from afd.cli import main
+    from afd.entrypoints.cli import main
 
     base, _ = server
     out = tmp_path / "serve.json"

@@ -14,11 +14,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from afd.metrics import Histogram, MetricsRegistry, parse_prometheus_text
+from afd.entrypoints.metrics import Histogram, MetricsRegistry, parse_prometheus_text
+from afd.entrypoints.protocol import EngineClient
+from afd.entrypoints.server import build_app
 from afd.outputs import CompletionOutput, RequestOutput
-from afd.protocol import EngineClient
-from afd.sampling_params import SamplingParams
-from afd.server import build_app
+from afd.sampling.params import SamplingParams
 from afd.tokenizer import Tokenizer, train_bytelevel_bpe
 
 MODEL = "fake-moe"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from afd.sampling_params import SamplingParams
+from afd.sampling.params import SamplingParams
 from afd.tokenizer import (
     SPECIAL_TOKENS,
     IncrementalDetokenizer,

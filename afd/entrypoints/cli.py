@@ -8,7 +8,7 @@ import importlib.util
 import sys
 
 from afd.comm.dispatch import transport_names
-from afd.engine import DTYPES, EngineConfig
+from afd.config import DTYPES, EngineConfig
 
 
 class CLIError(Exception):
@@ -89,8 +89,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from afd.llm import LLM
-    from afd.sampling_params import SamplingParams
+    from afd.entrypoints.llm import LLM
+    from afd.sampling.params import SamplingParams
 
     config = engine_config_from_args(args)
     try:
@@ -155,7 +155,7 @@ def _bench_module(name: str):
 
 def _add_launch(sub) -> None:
     try:
-        from afd.launch import add_arguments, run
+        from afd.entrypoints.launch import add_arguments, run
     except ImportError:
         return
     p = sub.add_parser("launch", help="start a local AFD cluster serving the OpenAI API")
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] == "launch":
-            from afd.launch import apply_config_file
+            from afd.entrypoints.launch import apply_config_file
 
             launch = parser._subparsers._group_actions[0].choices["launch"]
             apply_config_file(launch, argv[1:])

@@ -19,9 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from afd.metrics import ServerMetrics
-from afd.outputs import CompletionOutput, RequestOutput
-from afd.protocol import (
+from afd.entrypoints.metrics import ServerMetrics
+from afd.entrypoints.protocol import (
     APIError,
     EngineClient,
     GenerateRequest,
@@ -29,8 +28,9 @@ from afd.protocol import (
     parse_chat_request,
     parse_completion_request,
 )
+from afd.outputs import CompletionOutput, RequestOutput
 
-logger = logging.getLogger("afd.server")
+logger = logging.getLogger("afd.entrypoints.server")
 
 # nginx's "client closed request": nobody reads it, but access logs should not say 200
 STATUS_CLIENT_CLOSED = 499

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from afd.models.metadata import AttentionMetadata
-from afd.sampler import Sampler, SamplerOutput
+from afd.sampling.sampler import Sampler, SamplerOutput
 from afd.scheduler.scheduler import ScheduledBatch
 
 

@@ -7,9 +7,10 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
-from afd.engine import EngineConfig, LLMEngine
+from afd.config import EngineConfig
+from afd.engine.llm_engine import LLMEngine
 from afd.outputs import RequestOutput
-from afd.sampling_params import SamplingParams
+from afd.sampling.params import SamplingParams
 
 
 class EngineOverloadedError(RuntimeError):

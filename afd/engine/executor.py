@@ -46,9 +46,9 @@ class LocalExecutor:
     num_replicas = 1
 
     def __init__(self, config, model_path: Path, model_config: ModelConfig):
+        from afd.engine.model_runner import ModelRunner
         from afd.kernels.ops import set_kernel_backend
         from afd.loader import load_model
-        from afd.model_runner import ModelRunner
         from afd.models import allocate_kv_cache
 
         set_kernel_backend(config.kernel_backend)
@@ -77,6 +77,6 @@ def build_executor(config, model_path: Path, model_config: ModelConfig) -> Execu
     """Single process when no attention workers are asked for, else the disaggregated one."""
     if config.num_attention_workers <= 0 and config.num_expert_workers <= 0:
         return LocalExecutor(config, model_path, model_config)
-    from afd.attention_nodes.cluster import AFDExecutor
+    from afd.scheduler.cluster import AFDExecutor
 
     return AFDExecutor(config, model_path, model_config)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from afd.engine import EngineConfig, LLMEngine
+from afd.config import EngineConfig
+from afd.engine.llm_engine import LLMEngine
 from afd.outputs import RequestOutput
-from afd.sampling_params import SamplingParams
+from afd.sampling.params import SamplingParams
 
 
 class LLM:

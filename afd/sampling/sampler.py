@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from afd.sampling_params import SamplingParams
+from afd.sampling.params import SamplingParams
 
 
 @dataclass

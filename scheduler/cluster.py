@@ -15,9 +15,9 @@ from afd.comm import wire
 from afd.comm.control import ipc_dir, shm_dir
 from afd.comm.dispatch import resolve_transport_name
 from afd.scheduler.scheduler import ScheduledBatch
+from afd.scheduler.supervisor import Supervisor, WorkerDiedError
 
 from afd.config import ModelConfig
-from afd.procs import Supervisor, WorkerDiedError
 
 STARTUP_TIMEOUT_S = 300.0
 
@@ -171,7 +171,7 @@ def layout_for(config, model_config: ModelConfig) -> ClusterLayout:
 
 def worker_spec(config, model_path, model_config: ModelConfig, layout: ClusterLayout) -> dict:
     """What every worker process is started with (same on every node)."""
-    from afd.executor import num_kv_blocks_for
+    from afd.engine.executor import num_kv_blocks_for
 
     dtype = config.torch_dtype(model_config)
     a, f = layout.num_attention, layout.num_expert

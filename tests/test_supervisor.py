@@ -10,8 +10,7 @@ import textwrap
 import time
 
 import pytest
-
-from afd.procs import Supervisor, WorkerDiedError
+from afd.scheduler.supervisor import Supervisor, WorkerDiedError
 
 
 def _raise_after(delay: float) -> None:
@@ -106,7 +105,7 @@ def test_shutdown_leaves_no_child():
 _PARENT = textwrap.dedent(
     """
     import os, signal, sys, time
-    from afd.procs import Supervisor
+    from afd.scheduler.supervisor import Supervisor
     sup = Supervisor()
     w = sup.spawn("expert", 0, time.sleep, 60)
     print(w.process.pid, flush=True)

@@ -7,7 +7,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from afd.cli import add_engine_args
+    from afd.entrypoints.cli import add_engine_args
 
     add_engine_args(p)
     p.set_defaults(num_prefill_workers=1, num_attention_workers=1, num_expert_workers=1)
@@ -72,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from afd.async_engine import AsyncEngine
-    from afd.cli import engine_config_from_args
-    from afd.server import build_app
+    from afd.engine.async_engine import AsyncEngine
+    from afd.entrypoints.cli import engine_config_from_args
+    from afd.entrypoints.server import build_app
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be 1..65535, got {args.port}")
@@ -152,10 +152,10 @@ def run_worker_node(config, node_rank: int) -> int:
     import signal
     import time
 
-    from afd.attention_nodes.cluster import layout_for, spawn_node_workers, worker_spec
     from afd.builtin import resolve_model
     from afd.config import ModelConfig
-    from afd.procs import Supervisor, WorkerDiedError
+    from afd.scheduler.cluster import layout_for, spawn_node_workers, worker_spec
+    from afd.scheduler.supervisor import Supervisor, WorkerDiedError
 
     if config.nnodes < 2 or not config.num_attention_workers:
         raise ValueError("--node-rank > 0 needs --nnodes > 1 and a disaggregated cluster")

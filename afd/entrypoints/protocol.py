@@ -1,5 +1,6 @@
 """The OpenAI API as the server sees it: the engine interface it drives (`EngineClient`), request
-validation into SamplingParams, and OpenAI-shaped errors. No HTTP here (see afd.server)."""
+validation into SamplingParams, and OpenAI-shaped errors. No HTTP here (see
+afd.entrypoints.server)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from afd.outputs import RequestOutput
-from afd.sampling_params import SamplingParams
+from afd.sampling.params import SamplingParams
 
 if TYPE_CHECKING:
     from afd.tokenizer import Tokenizer
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class EngineClient(Protocol):
-    """What the HTTP server needs from an engine (afd.async_engine.AsyncEngine implements it)."""
+    """What the HTTP server needs from an engine (AsyncEngine in afd.engine.async_engine
+    implements it)."""
 
     model_name: str
     max_model_len: int

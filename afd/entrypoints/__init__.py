@@ -1,0 +1,1 @@
+"""The front end: CLI, launcher, OpenAI-compatible HTTP server, metrics and the offline `LLM`."""
