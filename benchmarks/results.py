@@ -1,0 +1,122 @@
+"""Results as data: a benchmark or profile run writes one JSON file,
+`benchmarks/results/<machine>/<name>.json`, with the command, commit, machine and date inside,
+so that every published figure can name the file it comes from."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_name(device: str = "cpu") -> str:
+    """A folder name for this machine: the GPU's name on CUDA (`nvidia-h100-80gb-hbm3`), else
+    `cpu-<cores>core-<model>` (`cpu-2core-amd-epyc-7b13`)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return _slug(torch.cuda.get_device_name(torch.device(device)))
+    model = re.sub(r"\b\d+-core processor\b|\bprocessor\b|\(r\)|\(tm\)", "", cpu_model().lower())
+    return f"cpu-{os.cpu_count()}core-{_slug(model)}"
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """What a reader needs to place a number: CPU, cores, memory, GPU, library versions."""
+    import torch
+
+    info: dict[str, Any] = {
+        "name": machine_name(device),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
+    except (ValueError, OSError, AttributeError):
+        pass
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def git_commit(repo: Path = _PACKAGE_DIR) -> str | None:
+    """HEAD of the checkout this code runs from, with `-dirty` when it has local changes."""
+    try:
+        git = ["git", "-C", str(repo)]
+        sha = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        if not sha:
+            return None
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return f"{sha}-dirty" if dirty else sha
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def results_dir(device: str = "cpu") -> Path:
+    """`benchmarks/results/<machine>/` of the checkout (or `./results/<machine>/` when AFD is
+    installed from a wheel, where the package folder is no checkout)."""
+    root = _PACKAGE_DIR / "results" if (_PACKAGE_DIR.parent / ".git").exists() else None
+    return (root or Path.cwd() / "results") / machine_name(device)
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as a user would type it: `afd bench pipeline ...`."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["afd", *args])
+
+
+def write_result(
+    name: str,
+    payload: dict[str, Any],
+    *,
+    device: str = "cpu",
+    path: str | Path | None = None,
+    argv: list[str] | None = None,
+) -> Path:
+    """Write `payload` with its provenance (command, commit, machine, date) to `path`, default
+    `results_dir(device)/<name>.json`; returns the path written."""
+    out = Path(path) if path is not None else results_dir(device) / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "name": name,
+        "command": command_line(argv),
+        "commit": git_commit(),
+        "machine": machine_info(device),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **payload,
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    return out
