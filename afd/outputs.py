@@ -27,3 +27,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    error: str | None = None  # why the request failed (it finished with finish_reason "abort")

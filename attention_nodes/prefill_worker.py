@@ -8,7 +8,8 @@ import time
 import torch
 from afd.attention_nodes.kv_transfer import send_kv
 from afd.attention_nodes.worker import StageClock, build_micro_batch, sample_entries
-from afd.comm.control import WorkerChannel, init_world
+from afd.comm import liveness
+from afd.comm.control import RoleWorker, serve
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import allocate_kv_cache
@@ -16,41 +17,49 @@ from afd.sampling.sampler import Sampler
 
 
 def run_prefill_worker(spec: dict) -> None:
-    channel = WorkerChannel(spec, "prefill")
-    try:
-        torch.set_num_threads(spec.get("threads", 1))
+    serve(spec, "prefill", PrefillWorker.build)
+
+
+class PrefillWorker(RoleWorker):
+    """One prefill batch per plan, and the KV exports the plan names (torch.distributed)."""
+
+    role = "prefill"
+
+    def __init__(self, model, caches, block_size: int, device):
+        self.model, self.caches, self.block_size, self.device = model, caches, block_size, device
+        self.sampler = Sampler()
+
+    @classmethod
+    def build(cls, spec: dict) -> PrefillWorker:
         device = torch.device(spec["device"])
-        init_world(spec)
         model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="full")
         dtype = next(model.parameters()).dtype
         caches = allocate_kv_cache(
             model.config, spec["num_kv_blocks"], spec["block_size"], dtype, device
         )
-        sampler = Sampler()
-        channel.send("ready", role="prefill", param_bytes=count_parameter_bytes(model))
-        while True:
-            msg = channel.recv()
-            if msg["type"] == "shutdown":
-                break
-            clock = StageClock(msg["trace"])
-            t0 = time.monotonic_ns()
-            sends = [send_kv(caches, blocks, dst, seq_id) for seq_id, dst, blocks in msg["exports"]]
-            sampled = []
-            if msg["micro_batches"]:
-                mb = build_micro_batch(msg["micro_batches"][0], spec["block_size"], device)
-                with torch.inference_mode():
-                    hidden = model(mb.input_ids, mb.positions, mb.meta, caches)
-                    if mb.sample_entries:
-                        sampled = sample_entries(
-                            model, sampler, {}, mb.sample_entries, hidden[mb.sample_rows]
-                        )
-            for work, _ in sends:
-                work.wait()
-            clock.record("prefill", "prefill", t0, time.monotonic_ns())
-            channel.send("prefill_result", step=msg["step"], sampled=sampled, times=clock.times,
-                         events=clock.events)  # fmt: skip
-    except BaseException as e:
-        channel.report_error(e)
-        raise SystemExit(1) from None
-    finally:
-        channel.close()
+        worker = cls(model, caches, spec["block_size"], device)
+        worker.param_bytes = count_parameter_bytes(model)
+        return worker
+
+    def run(self, msg: dict) -> tuple[str, dict]:
+        clock = StageClock(msg["trace"])
+        t0 = time.monotonic_ns()
+        sends = [
+            send_kv(self.caches, blocks, dst, seq_id) for seq_id, dst, blocks in msg["exports"]
+        ]
+        sampled: list = []
+        errors: list = []
+        if msg["micro_batches"]:
+            mb = build_micro_batch(msg["micro_batches"][0], self.block_size, self.device)
+            with torch.inference_mode():
+                hidden = self.model(mb.input_ids, mb.positions, mb.meta, self.caches)
+                liveness.beat()
+                if mb.sample_entries:
+                    sampled = sample_entries(
+                        self.model, self.sampler, mb.sample_entries, hidden[mb.sample_rows], errors
+                    )
+        for work, _ in sends:
+            liveness.wait_work(work)
+        clock.record("prefill", "prefill", t0, time.monotonic_ns())
+        fields = dict(sampled=sampled, times=clock.times, events=clock.events, errors=errors)
+        return "prefill_result", fields

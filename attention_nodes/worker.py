@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 import torch
 from afd.attention_nodes.kv_transfer import recv_kv
-from afd.comm.control import WorkerChannel, init_world, transport_for
+from afd.comm import liveness
+from afd.comm.control import RoleWorker, serve, transport_for
 from afd.comm.dispatch import exchange_tag
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import AttentionMetadata, allocate_kv_cache
 from afd.sampling.params import SamplingParams
-from afd.sampling.sampler import Sampler
+from afd.sampling.sampler import Sampler, row_generator
 
 
 @dataclass
@@ -68,52 +69,53 @@ class StageClock:
 
 
 def run_attention_worker(spec: dict) -> None:
-    channel = WorkerChannel(spec, "attention")
-    try:
-        torch.set_num_threads(spec.get("threads", 1))
-        device = torch.device(spec["device"])
-        init_world(spec)
-        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="attention")
-        cfg = model.config
-        dtype = next(model.parameters()).dtype
-        kv_caches = allocate_kv_cache(cfg, spec["num_kv_blocks"], spec["block_size"], dtype, device)
-        transport = transport_for(spec, cfg, device)
-        worker = AttentionWorker(model, kv_caches, transport, spec["block_size"], device)
-        channel.send("ready", role="attention", param_bytes=count_parameter_bytes(model))
-        while True:
-            msg = channel.recv()
-            if msg["type"] == "shutdown":
-                break
-            sampled, clock = worker.step(msg)
-            channel.send(
-                "attn_result",
-                step=msg["step"],
-                sampled=sampled,
-                times=clock.times,
-                events=clock.events,
-            )
-    except BaseException as e:  # report anything, then die: the driver turns it into an error
-        channel.report_error(e)
-        raise SystemExit(1) from None
-    finally:
-        channel.close()
+    serve(spec, "attention", AttentionWorker.build)
 
 
-class AttentionWorker:
-    """Runs one step plan: m micro-batches through every layer, MoE layers via the transport."""
+class AttentionWorker(RoleWorker):
+    """Runs one step plan: m micro-batches through every layer, MoE layers via the transport.
+    The KV cache lives as long as the process; the transport is rebuilt per data-plane
+    generation."""
+
+    role = "attention"
 
     def __init__(self, model, kv_caches, transport, block_size: int, device):
         self.model, self.kv_caches, self.transport = model, kv_caches, transport
         self.block_size, self.device = block_size, device
         self.sampler = Sampler()
-        self.generators: dict[int, torch.Generator] = {}
+
+    @classmethod
+    def build(cls, spec: dict) -> AttentionWorker:
+        device = torch.device(spec["device"])
+        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="attention")
+        dtype = next(model.parameters()).dtype
+        kv_caches = allocate_kv_cache(
+            model.config, spec["num_kv_blocks"], spec["block_size"], dtype, device
+        )
+        worker = cls(model, kv_caches, None, spec["block_size"], device)
+        worker.param_bytes = count_parameter_bytes(model)
+        return worker
+
+    def join(self, spec: dict, generation: int) -> None:
+        self.transport = transport_for(spec, self.model.config, self.device, generation)
+
+    def leave(self) -> None:
+        if self.transport is not None:
+            self.transport.abandon()
+            self.transport = None
+
+    def run(self, plan: dict) -> tuple[str, dict]:
+        errors: list = []
+        sampled, clock = self.step(plan, errors)
+        fields = dict(sampled=sampled, times=clock.times, events=clock.events, errors=errors)
+        return "attn_result", fields
 
     @torch.inference_mode()
-    def step(self, plan: dict) -> tuple[list, StageClock]:
-        """Run the plan's decode steps; the sampled [[seq_id, token, logprobs]] of each step."""
+    def step(self, plan: dict, errors: list | None = None) -> tuple[list, StageClock]:
+        """Run the plan's decode steps; the sampled [[seq_id, token, logprobs]] of each step.
+        Sequences whose sampling failed get token -1 and [seq_id, reason] in `errors`."""
         clock = StageClock(plan["trace"])
-        for seq_id in plan["release"]:
-            self.generators.pop(seq_id, None)
+        errors = [] if errors is None else errors
         t0 = time.monotonic_ns()
         for seq_id, src, blocks in plan["imports"]:
             recv_kv(self.kv_caches, blocks, src, seq_id)
@@ -134,14 +136,15 @@ class AttentionWorker:
                 return None
             t0 = time.monotonic_ns()
             got = sample_entries(
-                self.model, self.sampler, self.generators, mb.sample_entries, hidden[mb.sample_rows]
+                self.model, self.sampler, mb.sample_entries, hidden[mb.sample_rows], errors
             )
             sampled[step].extend(got)
             nxt = None
             if step + 1 < num_steps:
                 # a multi-step plan is pure decode: one token per entry, every entry samples
+                # (a sequence whose sampling failed has finished; any valid id keeps it going)
                 entries[i] = [
-                    [e[0], [tok], e[2] + 1, *e[3:]]
+                    [e[0], [max(tok, 0)], e[2] + 1, *e[3:]]
                     for e, (_, tok, _) in zip(entries[i], got, strict=True)
                 ]
                 nxt = mbs[i] = build_micro_batch(entries[i], self.block_size, self.device)
@@ -166,6 +169,7 @@ class AttentionWorker:
                 hs[i] = model.embed(mb.input_ids)
         layers = list(zip(model.layers, self.kv_caches, strict=True))
         for step, (layer, kv), i in itertools.product(range(num_steps), layers, range(m)):
+            liveness.beat()
             if pending[i] is not None:
                 # the layer before; layer 0's is the last layer of the step before
                 hs[i] = self._finish_moe(pending[i], clock, (layer.idx - 1) % len(layers), i)
@@ -217,18 +221,19 @@ def _sampling_params(fields: tuple) -> SamplingParams:
     return SamplingParams(**dict(fields))
 
 
-def sample_entries(model, sampler: Sampler, generators: dict, entries: list, hidden) -> list:
+def sample_entries(model, sampler: Sampler, entries: list, hidden, errors: list) -> list:
     """Sample one token per plan entry from its final hidden row; [[seq_id, token, logprobs]].
-    Seeded sequences keep one generator per seq_id in `generators`."""
+    A sequence whose sampling fails gets token -1 and [seq_id, reason] in `errors`; seeded
+    ones draw from a generator derived from (seed, index, position), never from worker state."""
     logits = model.compute_logits(hidden)
     params, gens = [], []
-    for seq_id, _, _, _, _, p in entries:
+    for _, tokens, start, _, _, p in entries:
         sp = _sampling_params(tuple(sorted((k, v) for k, v in p.items() if k != "index")))
         params.append(sp)
-        if sp.seed is not None and seq_id not in generators:
-            generators[seq_id] = torch.Generator().manual_seed(sp.seed + p["index"])
-        gens.append(generators.get(seq_id))
-    out = sampler(logits, params, gens)
+        position = start + len(tokens)  # of the token being sampled
+        gens.append(row_generator(sp.seed, p["index"], position) if sp.seed is not None else None)
+    out = sampler.sample_isolated(logits, params, gens, [f"seq {e[0]}" for e in entries])
+    errors.extend([entries[j][0], msg] for j, msg in out.errors.items())
     return [
         [e[0], tok, out.logprobs[j] if out.logprobs is not None else None]
         for j, (e, tok) in enumerate(zip(entries, out.token_ids, strict=True))

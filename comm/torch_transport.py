@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from afd.comm import liveness
 from afd.comm.dispatch import (
     CODE_DTYPES,
     DTYPE_CODES,
@@ -99,7 +100,7 @@ class TorchTransport(Transport):
 
     def combine(self, handle: DispatchHandle) -> torch.Tensor:
         for work in handle.works:
-            work.wait()
+            liveness.wait_work(work)
         handle.works.clear()
         handle.keep.clear()
         # fixed order (expert ranks ascending) and a float32 sum for 16-bit inputs: deterministic
@@ -121,7 +122,7 @@ class TorchTransport(Transport):
             for hd, src in zip(headers, sources, strict=True)
         ]
         for work in works:
-            work.wait()
+            liveness.wait_work(work)
         shapes = [tuple(int(v) for v in hd.tolist()) for hd in headers]
         if shapes:
             _, hidden, top_k, code = shapes[0]
@@ -145,7 +146,7 @@ class TorchTransport(Transport):
             xs.append(x)
             metas.append(meta)
         for work in works:
-            work.wait()
+            liveness.wait_work(work)
         if xs:
             x, meta = torch.cat(xs), torch.cat(metas)
         else:
@@ -174,5 +175,8 @@ class TorchTransport(Transport):
 
     def flush(self) -> None:
         for work, _ in self._pending_sends:
-            work.wait()
+            liveness.wait_work(work)
+        self._pending_sends.clear()
+
+    def abandon(self) -> None:
         self._pending_sends.clear()

@@ -131,8 +131,12 @@ def test_sampling_options_and_stops():
         [p], SamplingParams(temperature=1.0, top_p=0.9, top_k=20, seed=7, max_tokens=12)
     )[0]
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
-    many = llm.generate([p], SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8))[0]
+    many = llm.generate(
+        [p], SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True)
+    )[0]
     assert len(many.outputs) == 3 and all(len(o.token_ids) == 8 for o in many.outputs)
+    # each sequence draws from its own (seed, index, position) stream
+    assert len({tuple(o.token_ids) for o in many.outputs}) == 3
     g = llm.generate([p], greedy())[0].outputs[0]
     stop_tok = g.token_ids[5]
     s = llm.generate([p], SamplingParams(temperature=0, max_tokens=NEW, stop_token_ids=[stop_tok]))[

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from afd.models.metadata import AttentionMetadata
-from afd.sampling.sampler import Sampler, SamplerOutput
+from afd.sampling.sampler import Sampler, SamplerOutput, row_generator
 from afd.scheduler.scheduler import ScheduledBatch
 
 
@@ -62,15 +62,30 @@ def prepare_inputs(
 
 
 def sample_batch(
-    sampler: Sampler, logits: torch.Tensor, batch: ScheduledBatch, inputs: ModelInputs
+    sampler: Sampler,
+    logits: torch.Tensor,
+    batch: ScheduledBatch,
+    inputs: ModelInputs,
+    errors: dict[int, str] | None = None,
 ) -> dict[int, tuple[int, dict[int, float] | None]]:
-    """Sample one token for every sequence whose chunk reached its end; keyed by seq_id."""
+    """Sample one token for every sequence whose chunk reached its end; keyed by seq_id. A
+    sequence whose sampling fails gets token -1 and its reason in `errors` (by seq_id)."""
     if not inputs.sample_seq_index:
         return {}
     seqs = [batch.seqs[i] for i in inputs.sample_seq_index]
-    out: SamplerOutput = sampler(
-        logits, [s.sampling_params for s in seqs], [s.generator for s in seqs]
+    # the new token's position: one past the last computed row
+    positions = (inputs.positions[inputs.sample_rows] + 1).tolist()
+    gens = [
+        row_generator(s.sampling_params.seed, s.index, pos)
+        if s.sampling_params.seed is not None
+        else None
+        for s, pos in zip(seqs, positions, strict=True)
+    ]
+    out: SamplerOutput = sampler.sample_isolated(
+        logits, [s.sampling_params for s in seqs], gens, [s.request_id for s in seqs]
     )
+    if errors is not None:
+        errors.update((seqs[j].seq_id, msg) for j, msg in out.errors.items())
     return {
         s.seq_id: (tok, out.logprobs[j] if out.logprobs is not None else None)
         for j, (s, tok) in enumerate(zip(seqs, out.token_ids, strict=True))
@@ -86,6 +101,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
         self.sampler = Sampler()
+        self.sample_errors: dict[int, str] = {}  # seq_id -> why its sampling failed
 
     @torch.inference_mode()
     def execute(
@@ -100,6 +116,7 @@ class ModelRunner:
                 inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches
             )  # [T, H]
             logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [S, V]
-            steps.append(sample_batch(self.sampler, logits, batch, inputs))
-            fed_back = {seq_id: tok for seq_id, (tok, _) in steps[-1].items()}
+            steps.append(sample_batch(self.sampler, logits, batch, inputs, self.sample_errors))
+            # a sequence whose sampling failed (-1) has finished: any valid id keeps it going
+            fed_back = {seq_id: max(tok, 0) for seq_id, (tok, _) in steps[-1].items()}
         return steps

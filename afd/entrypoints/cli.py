@@ -49,6 +49,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="decode steps per scheduling step (workers feed sampled tokens back themselves)",
     )
     p.add_argument("--comm-backend", default="auto", choices=transport_names())
+    p.add_argument(
+        "--max-worker-restarts",
+        type=int,
+        default=5,
+        help="replacements of dead or hung workers allowed per node within --restart-window-s; "
+        "past that the service stops (HTTP 503, exit code 1)",
+    )
+    p.add_argument("--restart-window-s", type=float, default=600.0)
+    p.add_argument(
+        "--worker-timeout-s",
+        type=float,
+        default=60.0,
+        help="a worker without progress (or heartbeat) this long is killed and replaced",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -67,6 +81,12 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         raise CLIError("--num-prefill-workers needs attention and expert workers")
     if (args.num_attention_workers > 0) != (args.num_expert_workers > 0):
         raise CLIError("--num-attention-workers and --num-expert-workers go together (both > 0)")
+    if args.max_worker_restarts < 0:
+        raise CLIError("--max-worker-restarts must be >= 0")
+    for name in ("restart_window_s", "worker_timeout_s"):
+        value = getattr(args, name)
+        if not 0 < value < 1e9:  # also NaN and inf
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive number of seconds")
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
@@ -85,6 +105,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         num_micro_batches=args.num_micro_batches,
         num_scheduler_steps=args.num_scheduler_steps,
         comm_backend=args.comm_backend,
+        max_worker_restarts=args.max_worker_restarts,
+        restart_window_s=args.restart_window_s,
+        worker_timeout_s=args.worker_timeout_s,
     )
 
 

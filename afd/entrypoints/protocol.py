@@ -5,12 +5,13 @@ afd.entrypoints.server)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from afd.outputs import RequestOutput
-from afd.sampling.params import SamplingParams
+from afd.sampling.params import INT64_MAX, INT64_MIN, SamplingParams
 
 if TYPE_CHECKING:
     from afd.tokenizer import Tokenizer
@@ -36,7 +37,10 @@ class EngineClient(Protocol):
         """Stop the request and free its KV blocks; unknown ids are ignored."""
         ...
 
-    def health(self) -> tuple[bool, str]: ...
+    def health(self) -> tuple[bool, str]:
+        """(can serve, reason): "ok", or what is being recovered while a worker is replaced
+        (still True), or why the engine cannot serve (False -> 503)."""
+        ...
 
     def stats(self) -> dict[str, float]:
         """num_requests_running, num_requests_waiting, kv_cache_usage_perc and cumulative
@@ -105,6 +109,8 @@ def _int(body: dict, name: str, default: Any = None) -> Any:
         value = int(value)
     if type(value) is not int:
         raise bad_request(f"'{name}' must be an integer, got {_show(value)}", name)
+    if not INT64_MIN <= value <= INT64_MAX:  # nothing here needs more; msgpack holds 64 bits
+        raise bad_request(f"'{name}' is out of range (signed 64-bit), got {_show(value)}", name)
     return value
 
 
@@ -114,7 +120,13 @@ def _number(body: dict, name: str, default: Any = None) -> Any:
         return default
     if type(value) not in (int, float):
         raise bad_request(f"'{name}' must be a number, got {_show(value)}", name)
-    return float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float range
+        value = math.inf
+    if not math.isfinite(value):  # Python's JSON reads NaN and Infinity
+        raise bad_request(f"'{name}' must be a finite number, got {_show(body.get(name))}", name)
+    return value
 
 
 def _bool(body: dict, name: str, default: bool = False) -> bool:
@@ -144,6 +156,8 @@ def _token_ids(value: Any, name: str) -> list[int]:
         raise bad_request(f"'{name}' must be a list of integers", name)
     if any(t < 0 for t in value):
         raise bad_request(f"'{name}' must not hold negative token ids", name)
+    if any(t > INT64_MAX for t in value):
+        raise bad_request(f"'{name}' holds a token id beyond 64 bits", name)
     return value
 
 

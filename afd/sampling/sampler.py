@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from afd.sampling.params import SamplingParams
 
+logger = logging.getLogger("afd.sampling")
+
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[dict[int, float]] | None  # per row: sampled id and top-k ids -> logprob
+    token_ids: list[int]  # -1 where the row failed (see errors)
+    logprobs: list[dict[int, float] | None] | None  # per row: sampled id and top-k -> logprob
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why its sampling failed
+
+
+def row_generator(seed: int, index: int, position: int) -> torch.Generator:
+    """The generator that samples the token at `position` of sequence `index` of a seeded
+    request. It depends on request state only, so any worker (a replacement, or a replica that
+    recomputes the sequence) draws the same token."""
+    key = f"{seed}:{index}:{position}".encode()
+    derived = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+    return torch.Generator().manual_seed(derived)
 
 
 class Sampler:
@@ -48,7 +62,9 @@ class Sampler:
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         temps = torch.tensor([p.temperature for p in params], device=logits.device)
-        logits = logits / temps[:, None]
+        # the largest logit becomes 0: small temperatures stretch the others towards -inf
+        # instead of overflowing to +inf
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None]
         vocab = logits.shape[-1]
         for j, p in enumerate(params):
             row = logits[j]
@@ -65,3 +81,34 @@ class Sampler:
                 probs = row.softmax(-1)
                 row.masked_fill_(probs < p.min_p * probs.max(), float("-inf"))
         return logits.softmax(dim=-1)
+
+    def sample_isolated(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        names: list[object] | None = None,
+    ) -> SamplerOutput:
+        """Like __call__, but a row whose sampling raises fails alone: its token is -1 and
+        `errors[row]` says why; the other rows are sampled as usual. `names` label the log."""
+        try:
+            return self(logits, params, generators)
+        except Exception:
+            pass  # find the rows at fault one by one
+        tokens: list[int] = []
+        logprobs: list[dict[int, float] | None] = []
+        errors: dict[int, str] = {}
+        for i, p in enumerate(params):
+            try:
+                out = self(logits[i : i + 1], [p], [generators[i]])
+            except Exception as e:
+                errors[i] = f"sampling failed: {type(e).__name__}: {e}"
+                name = names[i] if names is not None else i
+                logger.warning("sampling of %s failed: %r", name, e)
+                tokens.append(-1)
+                logprobs.append(None)
+                continue
+            tokens.append(out.token_ids[0])
+            logprobs.append(out.logprobs[0] if out.logprobs is not None else None)
+        keep = any(p.logprobs is not None for p in params)
+        return SamplerOutput(tokens, logprobs if keep else None, errors)
