@@ -296,6 +296,7 @@ class AFDExecutor:
         self._prefill_done: dict[int, tuple[list, list]] = {}  # results not yet returned
         self._attempt_prefill: set[int] = set()  # prefill plans sent by the running execute()
         self._inc: dict[int, int] = {}  # rank -> incarnation of its current process
+        self.pids: dict[int, int] = {}  # rank -> pid of its current process (any node)
         self._replaced: set[int] = set()  # ranks seen with a new incarnation, not yet handled
         self._failures_seen = 0
         self._step = 0
@@ -378,6 +379,7 @@ class AFDExecutor:
         if self._inc.get(rank) is not None:
             self._replaced.add(rank)
         self._inc[rank] = msg["inc"]
+        self.pids[rank] = msg["pid"]
         self.param_bytes[(msg["role"], rank)] = msg["param_bytes"]
         if self.progress and self.generation < 0:
             print(f"afd: {msg['role']} worker {rank} ready (pid {msg.get('pid')}, "
@@ -471,8 +473,11 @@ class AFDExecutor:
             self.recovery.restarts[role] = self.recovery.restarts.get(role, 0) + 1
         took = time.monotonic() - t0
         self.recovery.seconds.append(took)
-        names = ", ".join(f"{self.role(r)} worker {r}" for r in sorted(replaced)) or "none"
-        self._log(f"recovered in {took:.2f} s: data-plane generation {gen}; replaced: {names}")
+        names = ", ".join(
+            f"{self.role(r)} worker {r} (now pid {self.pids.get(r)})" for r in sorted(replaced)
+        )
+        self._log(f"recovered in {took:.2f} s: data-plane generation {gen}; "
+                  f"replaced: {names or 'none'}")  # fmt: skip
         self.recovering = None
         return replaced
 

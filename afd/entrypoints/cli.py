@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_BENCHES = {"kernels": "kernels", "pipeline": "pipeline", "serve": "serve"}
+_BENCHES = {"kernels": "kernels", "pipeline": "pipeline", "serve": "serve", "chaos": "chaos"}
 
 
 def _bench_module(name: str):

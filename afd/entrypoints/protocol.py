@@ -138,6 +138,15 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
+def _unicode(text: str, name: str) -> str:
+    """JSON can carry lone surrogates (\\ud800), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"'{name}' is not valid Unicode (a lone surrogate)", name) from None
+    return text
+
+
 def _stop(body: dict) -> list[str] | None:
     stop = body.get("stop")
     if stop is None:
@@ -148,7 +157,7 @@ def _stop(body: dict) -> list[str] | None:
         raise bad_request("'stop' must be a string or a list of strings", "stop")
     if not all(stop):
         raise bad_request("'stop' strings must not be empty", "stop")
-    return stop
+    return [_unicode(s, "stop") for s in stop]
 
 
 def _token_ids(value: Any, name: str) -> list[int]:
@@ -267,7 +276,7 @@ def parse_completion_request(body: dict, engine: EngineClient) -> GenerateReques
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("the prompt is empty", "prompt")
-        ids = engine.tokenizer.encode(prompt)
+        ids = engine.tokenizer.encode(_unicode(prompt, "prompt"))
     elif isinstance(prompt, list):
         ids = _token_ids(prompt, "prompt")
     else:
@@ -305,7 +314,8 @@ def _message_text(message: Any, i: int) -> dict[str, str]:
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise bad_request(f"messages[{i}].content must be a string or text parts", "messages")
-    return {"role": message["role"], "content": content}
+    _unicode(message["role"], "messages")
+    return {"role": message["role"], "content": _unicode(content, "messages")}
 
 
 def parse_chat_request(body: dict, engine: EngineClient) -> GenerateRequest:

@@ -76,6 +76,7 @@ class Sampler:
                 cum = sorted_logits.softmax(-1).cumsum(-1)
                 # drop tokens once the mass before them already reaches top_p (keep at least one)
                 drop = (cum - sorted_logits.softmax(-1)) >= p.top_p
+                drop[0] = False  # a top_p below float32's range rounds to 0
                 row[order[drop]] = float("-inf")
             if p.min_p > 0.0:
                 probs = row.softmax(-1)
@@ -91,10 +92,14 @@ class Sampler:
     ) -> SamplerOutput:
         """Like __call__, but a row whose sampling raises fails alone: its token is -1 and
         `errors[row]` says why; the other rows are sampled as usual. `names` label the log."""
+        states = [g.get_state() if g is not None else None for g in generators]
         try:
             return self(logits, params, generators)
         except Exception:
-            pass  # find the rows at fault one by one
+            pass  # find the rows at fault one by one, each from its generator's first state
+        for g, state in zip(generators, states, strict=True):
+            if g is not None:
+                g.set_state(state)
         tokens: list[int] = []
         logprobs: list[dict[int, float] | None] = []
         errors: dict[int, str] = {}
