@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             launch = parser._subparsers._group_actions[0].choices["launch"]
             apply_config_file(launch, argv[1:])
         args = parser.parse_args(argv)
+        args.command_argv = list(argv)  # what benchmarks record as the command they ran
         return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError) as e:
         print(f"afd: error: {e}", file=sys.stderr)
