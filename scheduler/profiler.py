@@ -87,15 +87,14 @@ def _timeit(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(samples)
 
 
-def decode_meta(batch: int, context: int, block_size: int, num_blocks: int, gen):
-    """Decode metadata: `batch` sequences at `context` tokens, pages scattered in the cache."""
-    import torch
-
+def decode_meta(batch: int, context: int, block_size: int):
+    """Decode metadata: `batch` sequences at `context` tokens, each in its own run of blocks
+    (as a fresh engine allocates them)."""
     from afd.models.metadata import AttentionMetadata
 
     per_seq = -(-context // block_size)
-    ids = torch.randint(0, num_blocks, (batch, per_seq), generator=gen).tolist()
-    return AttentionMetadata.build([1] * batch, [context] * batch, ids, block_size)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+    return AttentionMetadata.build([1] * batch, [context] * batch, tables, block_size)
 
 
 def grid(max_tokens: int, max_context: int) -> list[tuple[int, int]]:
@@ -120,7 +119,7 @@ class _LayerBench:
         self.model = load_model(path, dtype=dtype, device="cpu")
         self.dtype = next(self.model.parameters()).dtype
         self.block_size = block_size
-        self.num_blocks = max_tokens // block_size + 64
+        self.num_blocks = max_tokens // block_size + 1024
         one = allocate_kv_cache(self.cfg, self.num_blocks, block_size, self.dtype, "cpu")
         self.kv = one[0]  # layer 0's shapes serve every layer
         self.gen = torch.Generator().manual_seed(0)
@@ -132,7 +131,7 @@ class _LayerBench:
         import torch
 
         layer = self.moe_layer if moe else self.dense_layer
-        meta = decode_meta(batch, context, self.block_size, self.num_blocks, self.gen)
+        meta = decode_meta(batch, context, self.block_size)
         h = torch.randn(batch, self.cfg.hidden_size, generator=self.gen).to(self.dtype)
         pos = torch.full((batch,), context - 1, dtype=torch.int64)
 

@@ -330,3 +330,72 @@ def test_predict_json_and_published_cli(capsys, tmp_path):
     assert main(["plan", "--published", "--output", str(tmp_path / "pub.json")]) == 0
     pub = json.loads((tmp_path / "pub.json").read_text())
     assert pub["command"].startswith("afd") and len(pub["points"]) == len(POINTS)
+
+
+@pytest.mark.slow
+def test_plan_yaml_starts_with_afd_launch(tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import yaml
+
+    # a machine where one process is slow with every core (colocated loses) and two workers
+    # overlap well: the plan must be disaggregated
+    prof = json.loads(open(_profile(tmp_path)).read())
+    prof["fits"]["attention_moe_mt"]["coef"] = [1e-2, 1e-3, 0.0]
+    path = tmp_path / "slow-colocated.json"
+    path.write_text(json.dumps(prof))
+    plan = tmp_path / "plan.yaml"
+    argv = ["plan", "--profile", str(path), "--model", "tiny-qwen3-moe", "--input-len", "16",
+            "--output-len", "16", "--tpot-ms", "50", "--max-workers", "2",
+            "--output", str(plan), "--frontier", str(tmp_path / "frontier.png")]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1A1F" in out and (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    settings = yaml.safe_load(plan.read_text())
+    assert settings["num-attention-workers"] == 1 and settings["num-expert-workers"] == 1
+    with socket_port() as port:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "afd", "launch", "--config", str(plan), "--port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        body = {"model": "tiny-qwen3-moe", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        r = httpx.post(f"{base}/v1/completions", timeout=60, json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+    assert "1 attention worker(s)" in out and f"m={settings['num-micro-batches']}" in out
+
+
+class socket_port:
+    """A free TCP port on 127.0.0.1 (closed again before use)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        return None
