@@ -28,7 +28,8 @@ from afd.scheduler.step_model import ModelShape
 
 PROFILE_VERSION = 1
 FEATURES = {
-    "attention": ("1", "batch", "batch*context"),
+    # "context": paged attention walks the block columns once per micro-batch, whatever its size
+    "attention": ("1", "batch", "context", "batch*context"),
     "expert": ("1", "active", "pairs"),
     "sample": ("1", "batch"),
     "prep": ("1", "batch", "batch*context"),
@@ -77,10 +78,24 @@ def evaluate(f: dict, kind: str, **x: float) -> float:
     return float(np.dot(f["coef"], features(kind, **x)))
 
 
+_FLUSH: list = []
+
+
+def _flush_caches() -> None:
+    """Touch 64 MB so the next op finds its weights and KV in memory, not in the CPU caches:
+    a worker runs every layer in turn, so each layer's data is cold when it comes round."""
+    import torch
+
+    if not _FLUSH:
+        _FLUSH.append(torch.zeros(16 * 2**20))
+    _FLUSH[0].add_(1.0)
+
+
 def _timeit(fn: Callable[[], Any], reps: int) -> float:
     fn()  # warm-up: allocations, lazy init
     samples = []
     for _ in range(reps):
+        _flush_caches()
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)

@@ -172,12 +172,12 @@ def test_step_config_rejects_bad_values():
 
 
 def test_fit_recovers_linear_costs_exactly():
-    pts = [{"batch": b, "context": c, "seconds": 1e-3 + 2e-5 * b + 3e-8 * b * c}
+    pts = [{"batch": b, "context": c, "seconds": 1e-3 + 2e-5 * b + 1e-6 * c + 3e-8 * b * c}
            for b in (8, 32, 128) for c in (64, 512)]  # fmt: skip
     f = fit("attention", pts)
-    assert f["coef"] == pytest.approx([1e-3, 2e-5, 3e-8], rel=1e-6)
+    assert f["coef"] == pytest.approx([1e-3, 2e-5, 1e-6, 3e-8], rel=1e-6)
     assert evaluate(f, "attention", batch=64, context=100) == pytest.approx(
-        1e-3 + 2e-5 * 64 + 3e-8 * 6400
+        1e-3 + 2e-5 * 64 + 1e-4 + 3e-8 * 6400
     )
     assert features("prefill", tokens=3) == [1.0, 3.0, 9.0]
 
@@ -232,8 +232,8 @@ def _profile(tmp_path) -> str:
         return {"features": [], "coef": coef, "max_rel_error": 0.0, "points": []}
 
     fits = {
-        "attention_moe": f("attention", [1e-3, 1e-5, 0.0]),
-        "attention_moe_mt": f("attention", [1e-3, 5e-6, 0.0]),
+        "attention_moe": f("attention", [1e-3, 1e-5, 0.0, 0.0]),
+        "attention_moe_mt": f("attention", [1e-3, 5e-6, 0.0, 0.0]),
         "expert": f("expert", [1e-3, 0.0, 1e-5]),
         "expert_mt": f("expert", [1e-3, 0.0, 5e-6]),
         "sample": f("sample", [1e-4, 0.0]), "sample_mt": f("sample", [1e-4, 0.0]),
@@ -346,7 +346,7 @@ def test_plan_yaml_starts_with_afd_launch(tmp_path, capsys):
     # a machine where one process is slow with every core (colocated loses) and two workers
     # overlap well: the plan must be disaggregated
     prof = json.loads(open(_profile(tmp_path)).read())
-    prof["fits"]["attention_moe_mt"]["coef"] = [1e-2, 1e-3, 0.0]
+    prof["fits"]["attention_moe_mt"]["coef"] = [1e-2, 1e-3, 0.0, 0.0]
     path = tmp_path / "slow-colocated.json"
     path.write_text(json.dumps(prof))
     plan = tmp_path / "plan.yaml"
