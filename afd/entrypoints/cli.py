@@ -415,10 +415,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise CLIError("no configuration meets the SLOs: no plan YAML written")
         device = "cpu" if args.profile else "cuda"
         extra = {} if args.hardware is None else {"dtype": "bfloat16"}
-        from afd.benchmarks.models import BENCH_MODELS, bench_model_path
-
-        model = str(bench_model_path(args.model)) if args.model in BENCH_MODELS else args.model
-        text = planner.cluster_yaml(best, model, req, device, extra)
+        text = planner.cluster_yaml(best, args.model, req, device, extra)
         planner.write_outputs(Path(args.output), text)
         print(f"wrote {args.output}")
     if args.frontier:
