@@ -399,3 +399,44 @@ class socket_port:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+@pytest.mark.slow
+def test_bench_pipeline_predicts_every_row_and_measures_colocated(tmp_path, capsys):
+    prof = _profile(tmp_path)
+    argv = [
+        "bench",
+        "pipeline",
+        "--model",
+        "tiny-qwen3-moe",
+        "--batch-size",
+        "4",
+        "--context-len",
+        "5",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--max-micro-batches",
+        "2",
+        "--num-scheduler-steps",
+        "1,2",
+        "--profile",
+        prof,
+        "--output-dir",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "pipeline.json").read_text())
+    costs = MeasuredCosts.load(prof)
+    ctx = result["runs"][0]["predicted"]["context"]
+    for r in result["runs"]:
+        want = predict(costs, StepConfig(micro_batches=r["m"], batch=4, context=ctx,
+                                         scheduler_steps=r["num_scheduler_steps"]))  # fmt: skip
+        assert r["predicted"]["decode_tokens_per_s"] == pytest.approx(want.decode_tokens_per_s)
+        assert r["prediction_error"] == pytest.approx(
+            want.decode_tokens_per_s / r["decode_tokens_per_s"] - 1
+        )
+    assert [c["num_scheduler_steps"] for c in result["colocated"]] == [1, 2]
+    assert all(c["decode_tokens_per_s"] > 0 and "predicted" in c for c in result["colocated"])
+    assert "colocated" in capsys.readouterr().out
