@@ -3,17 +3,16 @@ the scheduler), samples the first token, and ships the prompt's KV to an attenti
 
 from __future__ import annotations
 
-import time
-
 import torch
 from afd.attention_nodes.kv_transfer import send_kv
-from afd.attention_nodes.worker import StageClock, build_micro_batch, sample_entries
+from afd.attention_nodes.worker import build_micro_batch, sample_entries
 from afd.comm import liveness
 from afd.comm.control import RoleWorker, serve
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import allocate_kv_cache
 from afd.sampling.sampler import Sampler
+from afd.timing import StageClock
 
 
 def run_prefill_worker(spec: dict) -> None:
@@ -42,8 +41,8 @@ class PrefillWorker(RoleWorker):
         return worker
 
     def run(self, msg: dict) -> tuple[str, dict]:
-        clock = StageClock(msg["trace"])
-        t0 = time.monotonic_ns()
+        clock = StageClock(msg["trace"], self.device)
+        t0 = clock.now()
         sends = [
             send_kv(self.caches, blocks, dst, seq_id) for seq_id, dst, blocks in msg["exports"]
         ]
@@ -60,6 +59,6 @@ class PrefillWorker(RoleWorker):
                     )
         for work, _ in sends:
             liveness.wait_work(work)
-        clock.record("prefill", "prefill", t0, time.monotonic_ns())
+        clock.record("prefill", "prefill", t0, clock.now())
         fields = dict(sampled=sampled, times=clock.times, events=clock.events, errors=errors)
         return "prefill_result", fields
