@@ -389,7 +389,8 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path, capsys):
 
 
 def test_two_nodes_on_loopback(tmp_path):
-    """Node 1 hosts the expert worker, node 0 the rest and the API; one torch.distributed world."""
+    """Node 1 hosts the expert worker, node 0 the rest and the API; one torch.distributed world.
+    Node 1's launcher replaces its expert worker when it is killed, and the cluster re-forms."""
     init = f"127.0.0.1:{free_port()}"
     port = free_port()
     common = ["--nnodes", "2", "--dist-init-addr", init, "--dtype", "float32"]
@@ -401,6 +402,9 @@ def test_two_nodes_on_loopback(tmp_path):
         [sys.executable, "-m", "afd", "launch", "--node-rank", "0", "--port", str(port), *common],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
+    for proc in (node0, node1):
+        proc.lines = []
+        threading.Thread(target=lambda p=proc: p.lines.extend(p.stdout), daemon=True).start()
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -417,6 +421,11 @@ def test_two_nodes_on_loopback(tmp_path):
             [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         )
         assert got["choices"][0]["text"] == want[0].outputs[0].text
+        os.kill(worker_pid(node0, "expert"), signal.SIGKILL)  # a process of node 1
+        again = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == got[
+            "choices"][0]["text"]  # fmt: skip
+        assert any("recovered in" in line for line in node0.lines), "".join(node0.lines)
         node0.send_signal(signal.SIGINT)
         assert node0.wait(timeout=30) in (0, 130)  # 130: stopped by Ctrl-C
         assert node1.wait(timeout=30) == 0  # node 1 follows node 0 down

@@ -291,6 +291,8 @@ class LLMEngine:
                 failed_replays = 0 if e.lost_attention or e.lost_prefill else failed_replays + 1
                 if failed_replays >= MAX_FAILED_REPLAYS:
                     self._fail_step(e.reason, batches, new_prefill, transfers, touched)
+                    if not self.prefill_schedulers:
+                        return [{}], []  # nothing left to run (an empty step for any executor)
 
     def maintain(self) -> None:
         """While idle: let the executor notice and heal a failure now, so the next request (and
