@@ -57,8 +57,8 @@ class PrefillWorker(RoleWorker):
                     sampled = sample_entries(
                         self.model, self.sampler, mb.sample_entries, hidden[mb.sample_rows], errors
                     )
-        for work, _ in sends:
-            liveness.wait_work(work)
+        for work, buf in sends:
+            liveness.wait_work(work, buf.device)
         clock.record("prefill", "prefill", t0, clock.now())
         fields = dict(sampled=sampled, times=clock.times, events=clock.events, errors=errors)
         return "prefill_result", fields

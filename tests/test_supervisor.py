@@ -10,7 +10,7 @@ import textwrap
 import time
 
 import pytest
-from afd.scheduler.supervisor import Supervisor, WorkerDiedError
+from afd.scheduler.supervisor import RestartPolicy, Supervisor, WorkerDiedError
 
 
 def _raise_after(delay: float) -> None:
@@ -142,3 +142,41 @@ def test_children_die_with_parent(how):
         if parent.poll() is None:
             parent.kill()
             parent.wait(5)
+
+
+def _wait_for(cond, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+@pytest.mark.slow
+def test_dead_and_hung_workers_are_replaced_until_the_budget_is_spent():
+    sup = Supervisor(handle_signals=False, restart_policy=RestartPolicy(2, 60.0),
+                     worker_timeout_s=2.0)  # fmt: skip
+    try:
+        first = sup.spawn("expert", 3, time.sleep, 60)
+        sup.enable_restarts()
+        assert _wait_for(lambda: first.last_heartbeat is not None, 30)
+        os.kill(first.process.pid, signal.SIGKILL)  # dead: replaced, same role and rank
+        assert _wait_for(lambda: sup.workers[0] is not first, 10)
+        second = sup.workers[0]
+        assert (second.role, second.rank) == ("expert", 3) and second.process.is_alive()
+        sup.check()  # being replaced is not gone
+        assert _wait_for(lambda: second.last_heartbeat is not None, 30)
+        os.kill(second.process.pid, signal.SIGSTOP)  # hung: no heartbeat -> killed, replaced
+        assert _wait_for(lambda: sup.workers[0] is not second, 15)
+        assert "hung: no heartbeat" in sup.restarts[-1].failure.error
+        third = sup.workers[0]
+        assert _wait_for(lambda: third.last_heartbeat is not None, 30)
+        os.kill(third.process.pid, signal.SIGKILL)  # a third failure within the window: fatal
+        assert _wait_for(lambda: sup.fatal is not None, 10)
+        assert len(sup.restarts) == 2 and sup.workers[0] is third
+        with pytest.raises(WorkerDiedError, match="expert worker 3"):
+            sup.check()
+    finally:
+        sup.shutdown(grace=0.0)
+    assert all(_gone(w.process.pid) for w in sup.workers + sup.retired)
