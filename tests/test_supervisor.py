@@ -18,6 +18,13 @@ def _raise_after(delay: float) -> None:
     raise ValueError("boom from the worker")
 
 
+def _stuck_main_thread() -> None:
+    from afd.comm import liveness
+
+    liveness.start()
+    time.sleep(60)  # like a deadlock: the heartbeat thread runs, the main thread makes no progress
+
+
 def _ignore_sigterm_and_sleep() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(60)
@@ -180,3 +187,16 @@ def test_dead_and_hung_workers_are_replaced_until_the_budget_is_spent():
     finally:
         sup.shutdown(grace=0.0)
     assert all(_gone(w.process.pid) for w in sup.workers + sup.retired)
+
+
+@pytest.mark.slow
+def test_a_main_thread_without_progress_is_killed_as_hung():
+    failures = []
+    sup = Supervisor(on_failure=failures.append, handle_signals=False, worker_timeout_s=1.5)
+    try:
+        w = sup.spawn("attention", 0, _stuck_main_thread)
+        assert _wait_for(lambda: bool(failures), 30)
+        assert failures[0].exitcode == -signal.SIGKILL
+        assert "hung: no progress" in failures[0].error and w.last_heartbeat is not None
+    finally:
+        sup.shutdown(grace=0.0)
