@@ -477,6 +477,33 @@ def test_output_check_tells_a_low_precision_accumulator_from_fp32(dtype):
     assert not check_output(blocked(True), ref32, a @ b, dtype)["passed"]
 
 
+PAGED = dict(batch=2, context=1000, q_heads=4, kv_heads=2, head_dim=64, block_size=16)
+LONG_REDUCTIONS = [
+    ("fused_moe", dict(tokens=16, hidden=1024, inter=128, experts=4, top_k=2, shard=1)),
+    ("paged_attention", PAGED),
+    ("paged_attention", dict(PAGED, splits=2)),
+    ("mla_attention", dict(batch=2, context=1000, q_heads=4, latent=64, rope=16, block_size=16)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "kernel,shape",
+    LONG_REDUCTIONS,
+    ids=[k + ("-split" * ("splits" in s)) for k, s in LONG_REDUCTIONS],
+)
+def test_long_reductions_pass_the_gpu_gate_interpreted(kernel, shape, dtype):
+    """The GPU gate's check (tests/test_gpu_kernels.py) on CPU: reductions over 16 or more
+    blocks in 16-bit dtypes, where an accumulator rounded to the input dtype would show."""
+    from afd.benchmarks import kernels as bench
+
+    torch.manual_seed(0)
+    case = bench.make_case(kernel, shape, torch.device("cpu"), dtype)
+    out = case.call("triton")()
+    check = bench.check_output(out, case.reference(fp32=True), case.reference(fp32=False), dtype)
+    assert check["passed"], check
+
+
 @pytest.mark.slow
 def test_kernels_compile_for_cuda_without_a_gpu():
     """The compiled (non-interpreted) path: lower every kernel to sm_90 with Triton's own ptxas."""
