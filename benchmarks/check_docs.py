@@ -91,24 +91,32 @@ def render(template: str, data: Any, scope: Any = None) -> str:
     return FIELD.sub(field, template)
 
 
-def render_lines(body: str, data: Any) -> list[str]:
-    """Every line a results comment's templates produce."""
-    lines = []
+def render_lines(body: str, load: Any, first: str) -> list[tuple[str, str]]:
+    """Every (line, file) a results comment's templates produce; `load(path)` reads a result
+    file, `first` is the comment's own. A line `results: PATH` switches the file for the
+    templates after it."""
+    lines: list[tuple[str, str]] = []
+    rel, data = first, load(first)
     for template in body.strip("\n").splitlines():
-        if not template.strip():
+        template = template.strip()
+        if not template:
             continue
-        each = EACH.match(template.strip())
+        switch = re.fullmatch(r"results:\s*(\S+)", template)
+        if switch:
+            rel, data = switch[1], load(switch[1])
+            continue
+        each = EACH.match(template)
         if not each:
-            lines.append(render(template.strip(), data))
+            lines.append((render(template, data), rel))
             continue
         items = lookup(data, each["path"])
         if not isinstance(items, list):
             raise KeyError(f"{each['path']!r} is not a list")
-        rest = template.strip()[each.end() :]
+        rest = template[each.end() :]
         for item in items:
             if each["key"] and str(lookup(item, each["key"])) != each["value"].strip():
                 continue
-            lines.append(render(rest, data, item))
+            lines.append((render(rest, data, item), rel))
     return lines
 
 
@@ -137,8 +145,11 @@ def is_tracked(path: Path, root: Path) -> bool | None:
     return r.returncode == 0
 
 
-def check_text(text: str, doc: str, root: Path = ROOT, require_tracked: bool = True):
-    """Problems in one document's text."""
+def check_text(
+    text: str, doc: str, root: Path = ROOT, require_tracked: bool = True, unbacked: bool = True
+):
+    """Problems in one document's text; `unbacked`: also flag measured-looking figures outside
+    every results block (README.md)."""
     problems: list[Problem] = []
     covered: list[tuple[int, int]] = []
     line_of = lambda pos: text.count("\n", 0, pos) + 1  # noqa: E731
@@ -147,23 +158,32 @@ def check_text(text: str, doc: str, root: Path = ROOT, require_tracked: bool = T
     scan = re.sub(r"`[^`\n]+`", blank, re.sub(r"```.*?```", blank, text, flags=re.S))
     for m in COMMENT.finditer(scan):
         where = line_of(m.start())
-        rel = m["path"]
-        path = root / rel
         start, end = following_block(text, m.end())
         covered.append((m.start(), end))  # reported once here, not again as unbacked figures
-        if not path.is_file():
-            problems.append(Problem(doc, where, f"{rel}: no such file"))
-            continue
-        if require_tracked and is_tracked(path, root) is False:
-            problems.append(Problem(doc, where, f"{rel}: not committed (git does not track it)"))
+        first = m["path"]
+
+        def load(rel: str) -> Any:
+            path = root / rel
+            if not path.is_file():
+                raise FileNotFoundError(f"{rel}: no such file")
+            if require_tracked and is_tracked(path, root) is False:
+                raise FileNotFoundError(f"{rel}: not committed (git does not track it)")
+            try:
+                return json.loads(path.read_text())
+            except ValueError as e:
+                raise FileNotFoundError(f"{rel}: not JSON ({e})") from None
+
         try:
-            lines = render_lines(m["body"], json.loads(path.read_text()))
-        except (KeyError, ValueError, TypeError) as e:
-            problems.append(Problem(doc, where, f"{rel}: {e}"))
+            lines = render_lines(m["body"], load, first)
+        except FileNotFoundError as e:
+            problems.append(Problem(doc, where, str(e)))
+            continue
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(Problem(doc, where, f"{first}: {e}"))
             continue
         # wrapped prose: a rendered line may span line breaks, so compare with spaces collapsed
         masked = " ".join(text[start:end].split())
-        for line in (" ".join(x.split()) for x in lines):
+        for line, rel in ((" ".join(x.split()), rel) for x, rel in lines):
             at = masked.find(line)
             if at < 0:
                 # report the closest stretch of the text once, and leave its figures at that
@@ -181,7 +201,7 @@ def check_text(text: str, doc: str, root: Path = ROOT, require_tracked: bool = T
                     f"{stray.group()!r} is not produced by the results comment's templates",
                 )
             )
-    outside = scan
+    outside = scan if unbacked else ""
     for a, b in covered:
         outside = outside[:a] + " " * (b - a) + outside[b:]
     for stray in UNBACKED.finditer(outside):
@@ -223,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         full = doc.resolve()
         name = str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else str(doc)
-        problems += check_text(text, name)
+        problems += check_text(text, name, unbacked=doc.name == "README.md")
     for problem in problems:
         print(problem, file=sys.stderr)
     if not problems:

@@ -9,29 +9,15 @@ import statistics
 import time
 from pathlib import Path
 
+from afd.benchmarks.models import resolve_bench_model
 from afd.comm.dispatch import MAX_MICRO_BATCHES, resolve_transport_name, transport_names
 
-BENCH_MODEL = "bench-balanced-moe"
-# Shaped so that on CPU the attention side (projections + paged attention over ~32-64 tokens)
-# and the expert side (top-2 of 4 experts) take about the same time per token. Eight layers:
-# filling and draining the ping-pong costs about one layer of one side per step.
-BENCH_SHAPE = dict(
-    hidden_size=256,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=64,
-    num_hidden_layers=8,
-    mlp_only_layers=[],
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=768,
-    intermediate_size=512,
-)
+BENCH_MODEL = "bench-balanced-moe"  # shapes: afd.benchmarks.models.BENCH_MODELS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default=BENCH_MODEL, help=f"model dir, built-in name or {BENCH_MODEL}"
+        "--model", default=BENCH_MODEL, help=f"model dir, built-in or bench name ({BENCH_MODEL})"
     )
     p.add_argument("--num-attention-workers", type=int, default=1)
     p.add_argument("--num-expert-workers", type=int, default=1)
@@ -55,26 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--comm-backend", default="auto", choices=transport_names())
     p.add_argument("--name", default="pipeline", help="result name: NAME.json, NAME_timeline.png")
+    add_planner_arguments(p)
     p.add_argument(
         "--output-dir",
         default=None,
         help="where NAME.json, NAME_timeline.png and NAME_trace.json go "
         "(default: benchmarks/results/<machine>/)",
     )
-
-
-def bench_model_path():
-    from afd.builtin import cache_dir
-    from afd.models.tiny import build_tiny_checkpoint
-
-    path = cache_dir() / "models" / f"{BENCH_MODEL}-v5"
-    if not (path / "config.json").is_file():
-        from afd.builtin import VOCAB_SIZE
-        from afd.tokenizer import train_bytelevel_bpe
-
-        train_bytelevel_bpe(path, VOCAB_SIZE)
-        build_tiny_checkpoint("qwen3-moe", path, seed=0, vocab_size=VOCAB_SIZE, **BENCH_SHAPE)
-    return path
 
 
 def parse_steps_list(text: str) -> list[int]:
@@ -108,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_micro_batches > MAX_MICRO_BATCHES:
         raise ValueError(f"--max-micro-batches must be at most {MAX_MICRO_BATCHES}")
     ks = parse_steps_list(args.num_scheduler_steps)
-    model = str(bench_model_path()) if args.model == BENCH_MODEL else args.model
+    model = str(resolve_bench_model(args.model))
     # Every round runs one scheduling step of every variant (K, m); --steps and --warmup count
     # decode steps of the largest K, so every variant sees the same contexts.
     args.warmup_rounds = -(-args.warmup // max(ks))
@@ -135,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
         result = measure(llm, args, ks, SamplingParams)
     finally:
         llm.shutdown()
+    if not args.no_colocated:
+        result["colocated"] = measure_colocated(model, args, ks, longest)
+    if args.profile:
+        add_predictions(result, args, ks)
     out = Path(args.output_dir) if args.output_dir else results_dir(args.device)
     events = {f"{r['num_scheduler_steps']},{r['m']}": r.pop("events") for r in result["runs"]}
     path = write_result(
@@ -148,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     write_chrome_trace(result, events, trace_path)
     write_timeline_png(result, events, png_path)
     print_table(result)
+    print_predictions(result)
     print(f"wrote {path}, {png_path}, {trace_path}")
     return 0
 
@@ -417,3 +395,125 @@ def write_timeline_png(result: dict, events: dict[str, list], path: Path) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+# ---- the planner's check: a colocated baseline and predicted figures beside the measured ------
+
+
+def add_planner_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="an afd profile JSON of this machine: print predicted tok/s beside every row",
+    )
+    p.add_argument(
+        "--no-colocated",
+        action="store_true",
+        help="skip the colocated baseline (the same batch in the single-process engine)",
+    )
+
+
+def measure_colocated(model: str, args, ks: list[int], longest: int) -> list[dict]:
+    """The single-process engine on the same model, batch and contexts, with every core: one
+    row per K, steps taken in turns as the disaggregated variants were."""
+    from afd import LLM, SamplingParams
+
+    total = args.batch_size * args.num_attention_workers
+    block_size = 16
+    llm = LLM(
+        model,
+        dtype=args.dtype,
+        device=args.device,
+        num_scheduler_steps=max(ks),
+        max_num_seqs=total,
+        block_size=block_size,
+        num_kv_blocks=total * -(-longest // block_size) + 8,
+        max_num_batched_tokens=max(512, total * args.context_len),
+    )
+    try:
+        eng = llm.engine
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        params = SamplingParams(temperature=0, max_tokens=1_000_000, ignore_eos=True)
+        vocab = eng.model_config.vocab_size
+        for _ in range(total):
+            prompt = torch.randint(3, vocab, (args.context_len,), generator=g).tolist()
+            eng.add_request(prompt, params, stream=False)
+        while any(s.num_waiting for s in eng.schedulers) or any(
+            seq.num_output_tokens == 0 for s in eng.schedulers for seq in s.running
+        ):
+            eng.step()
+        walls: dict[int, list[float]] = {k: [] for k in ks}
+        # as many decode steps per round as the disaggregated variants took: same contexts
+        for rnd in range(args.warmup_rounds + args.rounds):
+            for k in ks:
+                eng.config.num_scheduler_steps = k
+                for _ in range(args.max_micro_batches):
+                    t0 = time.perf_counter()
+                    eng.step()
+                    if rnd >= args.warmup_rounds:
+                        walls[k].append(time.perf_counter() - t0)
+    finally:
+        llm.shutdown()
+    return [
+        {
+            "num_scheduler_steps": k,
+            "step_time_s": statistics.mean(walls[k]) / k,
+            "decode_tokens_per_s": total / (statistics.mean(walls[k]) / k),
+        }
+        for k in ks
+    ]
+
+
+def measured_context(args, ks: list[int]) -> float:
+    """Mean KV length of a sequence over the measured steps (prompt, first token, then every
+    decode step of every earlier variant and round)."""
+    per_round = sum(ks) * args.max_micro_batches
+    return args.context_len + 1 + per_round * (args.warmup_rounds + args.rounds / 2)
+
+
+def add_predictions(result: dict, args, ks: list[int]) -> None:
+    """The step model's tok/s for every measured row (and the colocated rows), from --profile."""
+    from afd.scheduler.profiler import MeasuredCosts
+    from afd.scheduler.step_model import StepConfig, predict
+
+    costs = MeasuredCosts.load(args.profile)
+    context = measured_context(args, ks)
+    a, f = args.num_attention_workers, args.num_expert_workers
+    rows = [(r, "afd") for r in result["runs"]]
+    rows += [(r, "colocated") for r in result.get("colocated", [])]
+    for r, kind in rows:
+        cfg = StepConfig(
+            kind=kind,
+            attention_workers=a if kind == "afd" else 1,
+            expert_workers=f,
+            micro_batches=r.get("m", 1),
+            scheduler_steps=r["num_scheduler_steps"],
+            batch=args.batch_size * (a if kind == "colocated" else 1),
+            context=context,
+        )
+        pred = predict(costs, cfg)
+        r["predicted"] = {
+            "decode_tokens_per_s": pred.decode_tokens_per_s,
+            "step_time_s": pred.step_time_s,
+            "stages_s": pred.stages_s,
+            "bubble_fraction": pred.bubble_fraction,
+            "context": context,
+        }
+        r["prediction_error"] = pred.decode_tokens_per_s / r["decode_tokens_per_s"] - 1.0
+    result["profile"] = str(args.profile)
+
+
+def print_predictions(result: dict) -> None:
+    rows = [(f"{r['num_scheduler_steps']:>2} {r['m']:>2}", r) for r in result["runs"]]
+    rows += [(f"{r['num_scheduler_steps']:>2}  colocated", r) for r in result.get("colocated", [])]
+    if not result.get("colocated") and "profile" not in result:
+        return
+    print(f"{' K  m':>13} {'tok/s':>9} {'predicted':>9} {'error':>7}")
+    for label, r in rows:
+        pred = r.get("predicted")
+        extra = (
+            f"{pred['decode_tokens_per_s']:>9.1f} {r['prediction_error']:>+7.0%}" if pred else ""
+        )
+        print(f"{label:>13} {r['decode_tokens_per_s']:>9.1f} {extra}")

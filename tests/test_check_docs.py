@@ -119,8 +119,30 @@ def test_lookup_paths():
 
 
 def test_the_command_line_reports_problems(tmp_path, capsys):
-    doc = tmp_path / "doc.md"
-    doc.write_text("It ran at 12.5 tok/s.\n")
-    assert check_docs.main([str(doc)]) == 1
+    """In a README, a measured-looking figure outside every results block fails; other docs
+    are checked where they are annotated."""
+    readme, other = tmp_path / "README.md", tmp_path / "notes.md"
+    for doc in (readme, other):
+        doc.write_text("It ran at 12.5 tok/s.\n")
+    assert check_docs.main([str(other)]) == 0
+    assert check_docs.main([str(readme)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and re.search(r"doc.md:1: '12.5 tok/s' looks measured", err[0])
+    assert len(err) == 1 and re.search(r"README.md:1: '12.5 tok/s' looks measured", err[0])
+
+
+def test_one_comment_may_name_several_files(repo):
+    (repo / "s.json").write_text(json.dumps({"runs": [{"m": 7, "tps": 99.0}]}))
+    subprocess.run(["git", "-C", str(repo), "add", "s.json"], check=True)
+    text = """<!-- results: r.json
+each runs where k=1: | {m} | {tps:.0f} |
+results: s.json
+each runs: | {m} | {tps:.0f} |
+-->
+| m | tokens/s |
+|---|---|
+| 1 | 2000 |
+| 7 | 99 |
+"""
+    assert problems(text, repo) == []
+    found = problems(text.replace("| 7 | 99 |", "| 7 | 98 |"), repo)
+    assert len(found) == 1 and found[0].startswith("s.json gives '| 7 | 99 |'"), found
