@@ -4,7 +4,6 @@ aborts). The driver binds every socket, so a replacement worker connects to the 
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
@@ -16,8 +15,6 @@ from datetime import timedelta
 import zmq
 from afd.comm import dist as afd_dist
 from afd.comm import liveness, wire
-
-logger = logging.getLogger("afd.worker")
 
 RECV_SLICE_MS = 100
 

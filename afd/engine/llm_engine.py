@@ -358,6 +358,8 @@ class LLMEngine:
                 self._prefill_inflight.pop(p, None)
         for b in [*batches, *new_prefill]:
             b.seqs.clear(), b.num_new_tokens.clear(), b.sample.clear()
+        for t in transfers:  # the copies will not run: their source blocks are free again
+            self.prefill_schedulers[t.prefill].block_manager.free_table(t.prefill_table)
         transfers.clear()
 
     def _plan_decode_steps(self, batches: list[ScheduledBatch]) -> None:
