@@ -84,3 +84,29 @@ def test_hostile_values_in_the_single_process_engine():
             llm.engine.add_request([5], SamplingParams(n=10**6))
     finally:
         llm.shutdown()
+
+
+def test_a_request_whose_sampling_raises_fails_alone(monkeypatch):
+    """Second line of isolation: whatever slips past validation and makes the sampler raise
+    fails only the request whose row raised (finish_reason "abort", an error), never the step."""
+    llm = LLM("tiny-qwen3-moe", dtype="float32")
+    try:
+        ok = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        want = llm.generate([[5, 6, 7]], ok)[0].outputs[0].token_ids
+        real = Sampler.__call__
+
+        def poisoned(self, logits, params, generators):
+            if any(p.seed == 666 for p in params):
+                raise RuntimeError("poisoned row")
+            return real(self, logits, params, generators)
+
+        monkeypatch.setattr(Sampler, "__call__", poisoned)
+        bad = SamplingParams(temperature=0.5, seed=666, max_tokens=6)
+        outs = llm.generate([[5, 6, 7], [5, 6, 7]], [ok, bad])
+        assert outs[0].error is None and outs[0].outputs[0].token_ids == want
+        assert outs[1].finished and "poisoned row" in outs[1].error
+        assert outs[1].outputs[0].finish_reason == "abort"
+        bm = llm.engine.schedulers[0].block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+    finally:
+        llm.shutdown()
