@@ -18,8 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import torch
-
 _last: float | None = None  # monotonic time of the last beat; None until start()
 _allowance = 0.0  # seconds a bounded blocking call (e.g. a rendezvous) may take
 _interrupt: Callable[[], None] | None = None
@@ -104,7 +102,8 @@ def wait_work(work, device=None) -> None:
     """Wait for a torch.distributed request, checking for an abort meanwhile. On CUDA (NCCL)
     wait() only orders the calling thread's stream and returns at once, so it stays here."""
     global _waiter
-    if _interrupt is None or (device is not None and torch.device(device).type == "cuda"):
+    # (no torch import here: every worker's heartbeat thread imports this module at start-up)
+    if _interrupt is None or (device is not None and str(device).startswith("cuda")):
         work.wait()
         return
     if _waiter is None:

@@ -43,6 +43,15 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _ignores_sigterm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    except (FileNotFoundError, StopIteration):
+        return False
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,7 +106,8 @@ def test_shutdown_leaves_no_child():
     sup = Supervisor(handle_signals=False)
     stubborn = sup.spawn("expert", 0, _ignore_sigterm_and_sleep)
     plain = sup.spawn("attention", 0, time.sleep, 60)
-    time.sleep(0.5)  # let the stubborn child install its handler
+    # let the stubborn child install its handler (slow to start on a loaded machine)
+    assert _wait_for(lambda: _ignores_sigterm(stubborn.process.pid), 30)
     pids = [stubborn.process.pid, plain.process.pid]
     assert not any(_gone(pid) for pid in pids)
     t0 = time.monotonic()
