@@ -35,7 +35,7 @@ def check(outs, ref, check_logprobs=False):
         if check_logprobs:
             for step, lp in enumerate(got.logprobs):
                 tok = ref_tokens[i][step]
-                assert abs(lp[tok] - float(ref_lps[i][step][tok])) < 1e-3
+                assert abs(lp[tok].logprob - float(ref_lps[i][step][tok])) < 1e-3
 
 
 def test_batch_matches_transformers(family):
