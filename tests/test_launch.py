@@ -99,7 +99,7 @@ def test_openai_client_matches_offline(server):
     )
     assert streamed == want[0].outputs[0].text
     msgs = [{"role": "user", "content": "Hi!"}]
-    chat_want = offline.chat(msgs, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    [chat_want] = offline.chat(msgs, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     c = client.chat.completions.create(
         model="tiny-qwen3-moe",
         messages=msgs,
