@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from afd.entrypoints.metrics import Histogram, MetricsRegistry, parse_prometheus_text
 from afd.entrypoints.protocol import EngineClient
 from afd.entrypoints.server import build_app
-from afd.outputs import CompletionOutput, RequestOutput
+from afd.outputs import CompletionOutput, Logprob, RequestOutput
 from afd.sampling.params import SamplingParams
 from afd.tokenizer import Tokenizer, train_bytelevel_bpe
 
@@ -70,9 +70,9 @@ class FakeEngine:
                     # sampled token at -0.5; the top-k are the next ids, higher when k allows
                     logprobs = [
                         {
-                            t: -0.5,
+                            t: Logprob(-0.5),
                             **{
-                                (t + j) % self.vocab: -0.1 * j
+                                (t + j) % self.vocab: Logprob(-0.1 * j, j)
                                 for j in range(1, params.logprobs + 1)
                             },
                         }
@@ -303,11 +303,12 @@ LONG = list(range(1, MAX_MODEL_LEN + 1))
         ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400,
          "stream_options"),
         ("/v1/completions", {"prompt": "hi", "logprobs": "x"}, 400, "logprobs"),
-        ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+        ("/v1/completions", {"prompt": "hi", "echo": 1}, 400, "echo"),
         ("/v1/completions", {"prompt": 5}, 400, "prompt"),
         ("/v1/completions", {"prompt": ""}, 400, "prompt"),
         ("/v1/completions", {"prompt": []}, 400, "prompt"),
-        ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ["a", 2]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ["a", ""]}, 400, "prompt"),
         ("/v1/completions", {"prompt": [1, -2]}, 400, "prompt"),
         ("/v1/completions", {"prompt": LONG}, 400, "prompt"),
         ("/v1/completions", {"prompt": LONG[:90], "max_tokens": 10}, 400, "max_tokens"),
