@@ -62,6 +62,13 @@ class GrammarBackend:
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
+        self.decoded: list[bytes] = list(self.info.decoded_vocab[:vocab_size])
+        self.decoded += [b""] * (vocab_size - len(self.decoded))
+        # Valid compact JSON never holds a raw control character (inside strings they must be
+        # escaped), but xgrammar 0.2's strings with maxLength/minLength/pattern accept them:
+        # JSON grammars also forbid every token that decodes to one.
+        self.json_mask = _pack([not any(b < 0x20 for b in t) for t in self.decoded])
+        self._utf8_masks: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def compile(self, kind: str, spec: str):
         """The compiled grammar of one structured-output spec (cached, LRU); ValueError if the
@@ -105,7 +112,26 @@ class GrammarBackend:
         raise ValueError(f"unknown kind {kind!r}")
 
     def matcher(self, params: StructuredOutputsParams) -> GrammarState:
-        return GrammarState(self, self.compile(*params.spec))
+        kind, spec = params.spec
+        extra = self.json_mask if kind in ("json", "json_object") else None
+        return GrammarState(self, self.compile(kind, spec), extra)
+
+    def utf8_mask(self, state: tuple[int, int, int]) -> torch.Tensor:
+        """[1, W]: the tokens whose bytes continue valid UTF-8 from `state` (see _utf8_step).
+        xgrammar lets a byte-level vocabulary spell UTF-16 surrogates (ED A0..BF ..), which no
+        decoder turns back into the text the grammar matched."""
+        mask = self._utf8_masks.get(state)
+        if mask is None:
+            ok = []
+            for token in self.decoded:
+                st: tuple[int, int, int] | None = state
+                for b in token:
+                    st = _utf8_step(st, b)
+                    if st is None:
+                        break
+                ok.append(st is not None)
+            mask = self._utf8_masks[state] = _pack(ok)
+        return mask
 
     def new_bitmask(self, rows: int) -> torch.Tensor:
         return self.xgr.allocate_token_bitmask(rows, self.vocab_size)
@@ -126,17 +152,58 @@ def _bit(i: int) -> int:
     return 1 << i if i < 31 else -(1 << 31)
 
 
+def _pack(allowed: list[bool]) -> torch.Tensor:
+    """[1, ceil(V/32)] int32 bitmask in xgrammar's layout (bit j of word w is token 32w + j)."""
+    words = (len(allowed) + 31) // 32
+    bits = torch.zeros(words * 32, dtype=torch.int64)
+    bits[: len(allowed)] = torch.tensor(allowed, dtype=torch.int64)
+    packed = (bits.view(words, 32) << torch.arange(32)).sum(-1)  # [W], 0 .. 2^32 - 1
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)[None]
+
+
+UTF8_START = (0, 0, 0)  # between characters
+
+
+def _utf8_step(state: tuple[int, int, int], b: int) -> tuple[int, int, int] | None:
+    """One byte of strict UTF-8 (no surrogates, no overlong forms, at most U+10FFFF): state is
+    (continuation bytes still needed, lowest, highest allowed next byte); None: invalid."""
+    need, lo, hi = state
+    if need:
+        if not lo <= b <= hi:
+            return None
+        return (need - 1, 0x80, 0xBF) if need > 1 else UTF8_START
+    if b < 0x80:
+        return UTF8_START
+    if 0xC2 <= b <= 0xDF:
+        return (1, 0x80, 0xBF)
+    if b == 0xE0:
+        return (2, 0xA0, 0xBF)
+    if b == 0xED:
+        return (2, 0x80, 0x9F)
+    if 0xE1 <= b <= 0xEF:
+        return (2, 0x80, 0xBF)
+    if b == 0xF0:
+        return (3, 0x90, 0xBF)
+    if 0xF1 <= b <= 0xF3:
+        return (3, 0x80, 0xBF)
+    if b == 0xF4:
+        return (3, 0x80, 0x8F)
+    return None
+
+
 class GrammarState:
     """One sequence's matcher, kept in step with the sequence's output tokens: it rolls back or
     advances to whatever output the plan says the sequence has, so a replayed step or a
     recomputed sequence never advances it twice."""
 
-    def __init__(self, backend: GrammarBackend, compiled):
+    def __init__(self, backend: GrammarBackend, compiled, extra_mask: torch.Tensor | None = None):
         self.backend = backend
+        self.extra_mask = extra_mask  # [1, W] int32 ANDed into every mask
         self.matcher = backend.xgr.GrammarMatcher(
             compiled, override_stop_tokens=backend.stop_token_ids
         )
         self.accepted: list[int] = []
+        self.utf8 = [UTF8_START]  # UTF-8 state after 0, 1, ... accepted tokens
 
     def sync(self, output_ids: list[int]) -> None:
         """Make the matcher have accepted exactly `output_ids`; ValueError if they break the
@@ -152,12 +219,17 @@ class GrammarState:
                 n += 1
             self.matcher.rollback(len(self.accepted) - n)
             del self.accepted[n:]
+            del self.utf8[n + 1 :]
         for t in output_ids[n:]:
             if self.terminated:
                 break
             if not self.matcher.accept_token(t):
                 raise ValueError(f"output token {t} does not fit the structured output grammar")
             self.accepted.append(t)
+            state: tuple[int, int, int] | None = self.utf8[-1]
+            for b in self.backend.decoded[t] if t < len(self.backend.decoded) else b"":
+                state = _utf8_step(state, b) if state is not None else None
+            self.utf8.append(state or UTF8_START)
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """The tokens allowed next into row `row` of a bitmask (only the end once it ended)."""
@@ -167,6 +239,9 @@ class GrammarState:
                 bitmask[row, t // 32] |= _bit(t % 32)
             return
         self.matcher.fill_next_token_bitmask(bitmask, row)
+        bitmask[row] &= self.backend.utf8_mask(self.utf8[-1])[0]
+        if self.extra_mask is not None:
+            bitmask[row] &= self.extra_mask[0]
 
     @property
     def terminated(self) -> bool:
