@@ -311,13 +311,23 @@ class LLMEngine:
                 state.first_token_time = state.first_token_time or now
                 detok = state.detokenizers[seq.index]
                 token = sampled[seq.seq_id][0]
-                if not (state.stream or seq.is_finished or state.params.stop):
+                if self._stopped_by_token(seq, token, state.params):
+                    # the EOS or stop token's own text is left out, as in vLLM
+                    detok.finalize()
+                elif not (state.stream or seq.is_finished or state.params.stop):
                     detok.defer_token(token)
                 elif detok.add_token(token, final=seq.is_finished):
                     # a stop string ended the text; the scheduler must stop the sequence
                     scheduler.finish(seq.seq_id, SequenceStatus.FINISHED_STOPPED)
                     seq.stop_reason = detok.stop_reason
                 touched[state.request_id] = state
+
+    def _stopped_by_token(self, seq: Sequence, token: int, params: SamplingParams) -> bool:
+        if seq.status != SequenceStatus.FINISHED_STOPPED or params.include_stop_str_in_output:
+            return False
+        return token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.eos_token_ids
+        )
 
     def _logprob_entry(self, entry: dict) -> LogprobsEntry:
         """{token: (logprob, rank)} from a sampler -> {token: Logprob} with the token's text."""
