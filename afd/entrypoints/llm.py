@@ -76,6 +76,8 @@ class LLM:
         order. `use_tqdm` shows a progress bar on stderr."""
         if _is_single_prompt(prompts):
             prompts = [prompts]
+        if not isinstance(prompts, Sequence):
+            raise ValueError(f"prompts must be a prompt or a list of prompts, got {prompts!r:.60}")
         inputs = [_prompt_input(p) for p in prompts]
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):

@@ -252,6 +252,8 @@ def _validation_error(e: ValidationError, body: dict) -> APIError:
     # union members' tags ("str", "list[int]") make the location noisy
     where = ".".join(x for x in loc if "[" not in x and x not in _TYPE_TAGS)
     kind = "finite" if err["type"] == "finite_number" else err["type"].split("_")[0]
+    if kind == "literal" and "expected" in err.get("ctx", {}):
+        return bad_request(f"'{where}' must be {err['ctx']['expected']}, got {got}", name)
     if kind in _TYPE_WORDS:
         if len(where.split(".")) > 1:
             got = _show(err.get("input"))
@@ -291,9 +293,9 @@ def _stream_options(r: _SamplingRequest) -> bool:
     return bool(r.stream_options.include_usage)
 
 
-def _structured_outputs(r: _SamplingRequest) -> StructuredOutputsParams | None:
+def _structured_outputs(r: _SamplingRequest) -> tuple[StructuredOutputsParams | None, str]:
     """At most one of response_format (json_object, json_schema), guided_json, guided_regex,
-    guided_choice, guided_grammar and structured_outputs."""
+    guided_choice, guided_grammar and structured_outputs; also the name of the field used."""
     given: list[tuple[str, dict[str, Any]]] = []
     if r.response_format is not None and r.response_format.type != "text":
         fmt = r.response_format
@@ -328,7 +330,7 @@ def _structured_outputs(r: _SamplingRequest) -> StructuredOutputsParams | None:
     if r.structured_outputs is not None:
         given.append(("structured_outputs", dict(r.structured_outputs)))
     if not given:
-        return None
+        return None, "structured_outputs"
     if len(given) > 1:
         names = ", ".join(n for n, _ in given)
         raise bad_request(
@@ -336,7 +338,7 @@ def _structured_outputs(r: _SamplingRequest) -> StructuredOutputsParams | None:
         )
     name, spec = given[0]
     try:
-        return StructuredOutputsParams(**spec)
+        return StructuredOutputsParams(**spec), name
     except (TypeError, ValueError) as e:
         raise bad_request(f"'{name}': {e}", name) from None
 
@@ -344,6 +346,7 @@ def _structured_outputs(r: _SamplingRequest) -> StructuredOutputsParams | None:
 def _sampling_params(
     r: _SamplingRequest, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None
 ) -> SamplingParams:
+    structured, structured_field = _structured_outputs(r)
     values = dict(
         n=1 if r.n is None else r.n,
         temperature=1.0 if r.temperature is None else r.temperature,
@@ -364,7 +367,7 @@ def _sampling_params(
         skip_special_tokens=True if r.skip_special_tokens is None else r.skip_special_tokens,
         include_stop_str_in_output=bool(r.include_stop_str_in_output),
         prompt_logprobs=prompt_logprobs,
-        structured_outputs=_structured_outputs(r),
+        structured_outputs=structured,
     )
     if values["n"] < 1:
         raise bad_request(f"'n' must be at least 1, got {values['n']}", "n")
@@ -375,7 +378,11 @@ def _sampling_params(
     except (ValueError, TypeError) as e:
         # SamplingParams messages start with the field name: use it as the param
         param = str(e).split(" ", 1)[0]
-        raise bad_request(str(e), param if param in values else None) from e
+        if param == "structured_outputs":
+            param = structured_field
+        raise bad_request(
+            str(e), param if param in values or param == structured_field else None
+        ) from e
 
 
 def _check_context(n_prompt: int, max_tokens: int, max_model_len: int, prompt_param: str) -> None:
