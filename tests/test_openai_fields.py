@@ -218,8 +218,9 @@ def test_batched_prompts_echo_and_prompt_logprobs(client, offline):
 def test_bad_fields_are_openai_400s(server, body, param, words):
     r = httpx.post(
         f"{server}/v1/completions",
-        json={"model": MODEL, "prompt": "Hello", "max_tokens": 4, **body},
-        headers={"Authorization": f"Bearer {KEY}"},
+        # json.dumps escapes a lone surrogate as \ud800, which is valid JSON text
+        content=json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 4, **body}),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
         timeout=60,
     )
     assert r.status_code == 400, r.text
