@@ -148,7 +148,7 @@ def test_penalties_follow_vllms_formulas(sampler):
     p = SamplingParams(temperature=0, repetition_penalty=2.0, frequency_penalty=0.5,
                        presence_penalty=0.25)  # fmt: skip
     processed = logits.clone()
-    sampler._process(processed, logits, [0], [p], [state], [len(output)])
+    sampler._process(processed, [logits[0]], [p], [state], [len(output)])
     want = logits.clone()[0]
     for t in (10, 11, 12):  # in prompt or output: repetition penalty
         want[t] = want[t] / 2 if want[t] > 0 else want[t] * 2

@@ -74,16 +74,30 @@ class Sampler:
         """`states` (rows whose params need_history) and `num_output_tokens` (rows with
         min_tokens) are only read for requests that use those fields."""
         raw = logits.float()
-        logits = raw
+        device = raw.device
+        tokens = raw.argmax(dim=-1)  # [B]
         processed = [i for i, p in enumerate(params) if p.processes_logits]
+        local = {i: j for j, i in enumerate(processed)}  # batch row -> row of `sub`
         if processed:
-            logits = raw.clone()
-            self._process(logits, raw, processed, params, states, num_output_tokens)
-        tokens = logits.argmax(dim=-1)  # [B]
+            # only these rows change: a copy of them, never of the whole batch
+            sub = raw[torch.tensor(processed, device=device)]  # [R, V]
+            self._process(
+                sub,
+                [raw[i] for i in processed],
+                [params[i] for i in processed],
+                [states[i] for i in processed] if states is not None else [None] * len(local),
+                [num_output_tokens[i] for i in processed]
+                if num_output_tokens
+                else [0] * len(local),
+            )
+            tokens[torch.tensor(processed, device=device)] = sub.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
-            probs = self._filtered_probs(logits[rows], [params[i] for i in random_rows])
+            rows = raw[torch.tensor(random_rows, device=device)]
+            mine = [(k, local[i]) for k, i in enumerate(random_rows) if i in local]
+            if mine:
+                rows[[k for k, _ in mine]] = sub[[j for _, j in mine]]
+            probs = self._filtered_probs(rows, [params[i] for i in random_rows])
             for j, i in enumerate(random_rows):
                 tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
         token_list = tokens.tolist()
@@ -94,11 +108,13 @@ class Sampler:
 
     # ---- logits processors ----------------------------------------------------------------
 
-    def _process(self, logits, raw, rows, params, states, num_output_tokens) -> None:
-        """Bias, min_tokens, penalties and grammar masks on `rows` of logits, in place (vLLM's
-        order); a row left with no finite logit falls back to its grammar mask alone."""
+    def _process(self, logits, raw_rows, params, states, num_output_tokens) -> None:
+        """Bias, min_tokens, penalties and grammar masks on logits [R, V] in place (vLLM's
+        order); params, states, num_output_tokens and raw_rows (the unprocessed [V] rows) are
+        per row. A row left with no finite logit falls back to its grammar mask alone."""
         device = logits.device
         vocab = logits.shape[-1]
+        rows = range(len(params))
         bias = [
             (i, t, b) for i in rows for t, b in (params[i].logit_bias or {}).items() if t < vocab
         ]
@@ -129,27 +145,35 @@ class Sampler:
             sub = logits[grammar_rows]
             backend.apply_bitmask(sub, mask)
             logits[grammar_rows] = sub
-        finite = torch.isfinite(logits[rows]).any(-1).tolist()
-        dead = [i for i, ok in zip(rows, finite, strict=True) if not ok]
+        finite = torch.isfinite(logits).any(-1).tolist()
+        dead = [i for i in rows if not finite[i]]
         if dead:
-            self._fallback(logits, raw, dead, grammar_rows, mask)
+            self._fallback(logits, raw_rows, dead, grammar_rows, mask)
 
     def _penalties(self, logits, rows, params, states) -> None:
         """vLLM's penalties: repetition divides positive (multiplies negative) logits of tokens
-        in the prompt or output; frequency and presence subtract per output occurrence / once."""
+        in the prompt or output; frequency and presence subtract per output occurrence / once.
+        Only the (row, token) pairs that occurred are touched: O(tokens so far), not O(V)."""
         device, vocab = logits.device, logits.shape[-1]
-        outs = [states[i].output_ids for i in rows]
-        prompts = [states[i].token_ids[: states[i].num_prompt_tokens] for i in rows]
-        counts = _token_counts(outs, vocab, device)  # [R, V]
-        seen = (_token_counts(prompts, vocab, device) > 0) | (counts > 0)
-        rep = torch.tensor([params[i].repetition_penalty for i in rows], device=device)[:, None]
-        freq = torch.tensor([params[i].frequency_penalty for i in rows], device=device)[:, None]
-        pres = torch.tensor([params[i].presence_penalty for i in rows], device=device)[:, None]
+
+        def keys(part) -> torch.Tensor:  # row * V + token for every token of each row's part
+            flat = [i * vocab + t for i in rows for t in part(states[i]) if 0 <= t < vocab]
+            return torch.tensor(flat, dtype=torch.int64, device=device)
+
+        out_keys, counts = torch.unique(keys(lambda st: st.output_ids), return_counts=True)
+        seen = torch.unique(torch.cat([keys(lambda st: st.token_ids[: st.num_prompt_tokens]),
+                                       out_keys]))  # fmt: skip
+        rep = torch.zeros(logits.shape[0], device=device)
+        freq, pres = torch.zeros_like(rep), torch.zeros_like(rep)
         index = torch.tensor(rows, device=device)
-        sub = logits[index]
-        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        sub = sub - freq * counts - pres * (counts > 0)
-        logits[index] = sub
+        rep[index] = torch.tensor([params[i].repetition_penalty for i in rows], device=device)
+        freq[index] = torch.tensor([params[i].frequency_penalty for i in rows], device=device)
+        pres[index] = torch.tensor([params[i].presence_penalty for i in rows], device=device)
+        r, t = seen // vocab, seen % vocab
+        x = logits[r, t]
+        logits[r, t] = torch.where(x > 0, x / rep[r], x * rep[r])
+        r, t = out_keys // vocab, out_keys % vocab
+        logits[r, t] -= freq[r] * counts.to(logits.dtype) + pres[r]
 
     def _grammar_mask(self, vocab, rows, params, states) -> torch.Tensor:
         backend = self.grammar_backend(vocab)
@@ -162,12 +186,12 @@ class Sampler:
             state.grammar.fill(mask, j)
         return mask
 
-    def _fallback(self, logits, raw, dead, grammar_rows, mask) -> None:
+    def _fallback(self, logits, raw_rows, dead, grammar_rows, mask) -> None:
         # e.g. min_tokens suppressing the only token a finished grammar allows: the grammar wins,
         # so the output stays valid; a row with nothing allowed at all may only end
         backend = self.grammar_backend(logits.shape[-1]) if grammar_rows else None
         for i in dead:
-            row = raw[i : i + 1].clone()
+            row = raw_rows[i][None].clone()
             if i in grammar_rows:
                 j = grammar_rows.index(i)
                 backend.apply_bitmask(row, mask[j : j + 1])
@@ -207,14 +231,22 @@ class Sampler:
         out: list[TokenLogprobs] = [{} for _ in ks]
         if not rows:
             return out
-        index = torch.tensor(rows, device=raw.device)
-        lp = torch.log_softmax(raw[index], dim=-1)  # [R, V]
-        chosen = torch.tensor([tokens[i] for i in rows], device=raw.device)[:, None]
-        chosen_lp = lp.gather(1, chosen)  # [R, 1]
-        ranks = ((lp > chosen_lp).sum(-1) + 1).tolist()
-        kmax = max(ks[i] for i in rows)
+        sub = raw if len(rows) == len(ks) else raw[torch.tensor(rows, device=raw.device)]
+        lp = torch.log_softmax(sub, dim=-1)  # [R, V]
+        kmax = max(1, max(ks[i] for i in rows))
         top_v, top_i = lp.topk(kmax, dim=-1)
-        top_v, top_i, chosen_lp = top_v.tolist(), top_i.tolist(), chosen_lp[:, 0].tolist()
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        chosen = [tokens[i] for i in rows]
+        chosen_lp = lp.gather(1, torch.tensor(chosen, device=raw.device)[:, None])[:, 0].tolist()
+        # a chosen token among the top-k has its rank there (greedy: 1); only the others
+        # (sampled further down the distribution) need a count over the vocabulary
+        ranks = [top_i[j].index(t) + 1 if t in top_i[j] else 0 for j, t in enumerate(chosen)]
+        far = [j for j, r in enumerate(ranks) if r == 0]
+        if far:
+            idx = torch.tensor(far, device=raw.device)
+            worse = lp[idx] > torch.tensor([chosen_lp[j] for j in far], device=raw.device)[:, None]
+            for j, n in zip(far, worse.sum(-1).tolist(), strict=True):
+                ranks[j] = n + 1
         for j, i in enumerate(rows):
             entry = {tokens[i]: (chosen_lp[j], ranks[j])}
             for r in range(ks[i]):
@@ -229,19 +261,6 @@ class Sampler:
 
 def _penalised(p: SamplingParams) -> bool:
     return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
-
-
-def _token_counts(seqs: list[list[int]], vocab: int, device) -> torch.Tensor:
-    """[R, V] occurrences of each token id in each list (ids outside the vocabulary ignored)."""
-    width = max((len(s) for s in seqs), default=0)
-    counts = torch.zeros(len(seqs), vocab + 1, device=device)
-    if width:
-        padded = torch.full((len(seqs), width), vocab, dtype=torch.int64)
-        for j, s in enumerate(seqs):
-            padded[j, : len(s)] = torch.tensor(s, dtype=torch.int64)
-        padded = padded.clamp_(0, vocab).to(device)
-        counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
-    return counts[:, :vocab]
 
 
 def sequence_state(
