@@ -49,7 +49,15 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "trace": bool,
     },
     "prefill_step": {"step": int, "micro_batches": list, "exports": list, "trace": bool},
-    "prefill_result": {"rank": int, "step": int, "sampled": list, "times": dict, "events": list},
+    # prompt_logprobs: [[seq_id, first position, [{token: [logprob, rank]}, ...]], ...]
+    "prefill_result": {
+        "rank": int,
+        "step": int,
+        "sampled": list,
+        "prompt_logprobs": list,
+        "times": dict,
+        "events": list,
+    },
     "expert_step": {
         "step": int,
         "sources": list,
@@ -58,7 +66,14 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "trace": bool,
     },
     # sampled: one [[seq_id, token, logprobs], ...] list per decode step of the plan
-    "attn_result": {"rank": int, "step": int, "sampled": list, "times": dict, "events": list},
+    "attn_result": {
+        "rank": int,
+        "step": int,
+        "sampled": list,
+        "prompt_logprobs": list,
+        "times": dict,
+        "events": list,
+    },
     "expert_result": {"rank": int, "step": int, "times": dict, "events": list, "load": list},
     "shutdown": {},
 }

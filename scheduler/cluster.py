@@ -42,20 +42,21 @@ def split_micro_batches(batch: ScheduledBatch, m: int) -> list[list[int]]:
     return groups
 
 
-def plan_entry(seq, n: int, sample: bool) -> list:
+def plan_entry(seq, n: int, sample: bool, with_history: bool = False) -> list:
+    """[seq_id, new_token_ids, start, block_table, sample, params | None]. params (the sampler's
+    view of the request, see SamplingParams.wire) go with entries that sample or compute prompt
+    logprobs; `history` (the tokens before start) only when the worker has not seen the sequence
+    yet and its request needs its history (penalties, structured outputs)."""
     start = seq.num_computed_tokens
+    p = seq.sampling_params
     params = None
-    if sample:
-        p = seq.sampling_params
-        params = {
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "top_k": p.top_k,
-            "min_p": p.min_p,
-            "seed": p.seed,
-            "logprobs": p.logprobs,
-            "index": seq.index,
-        }
+    targets = seq.prompt_logprob_targets(start, n)
+    if sample or targets:
+        params = {**p.wire, "index": seq.index, "prompt_len": seq.num_prompt_tokens}
+        if targets:
+            params["prompt_targets"] = targets
+        if sample and with_history and start and p.needs_history:
+            params["history"] = seq.token_ids[:start]
     return [
         seq.seq_id,
         seq.token_ids[start : start + n],
@@ -226,7 +227,7 @@ class AFDExecutor:
     """A attention workers (data-parallel replicas, one KV cache each), F expert workers and P
     prefill workers; on one node or several (this process is node 0)."""
 
-    def __init__(self, config, model_path: Path, model_config: ModelConfig):
+    def __init__(self, config, model_path: Path, model_config: ModelConfig, eos_token_ids=()):
         layout = layout_for(config, model_config)
         a, f, p = layout.num_attention, layout.num_expert, layout.num_prefill
         self.config = config
@@ -235,6 +236,7 @@ class AFDExecutor:
         self.num_prefill_replicas = p
         self.num_micro_batches = config.num_micro_batches
         spec = worker_spec(config, model_path, model_config, layout)
+        spec["eos_token_ids"] = sorted(eos_token_ids)
         self.num_kv_blocks = spec["num_kv_blocks"]
         self.trace = False
         self.last_events: list = []
@@ -243,6 +245,9 @@ class AFDExecutor:
         self.param_bytes: dict[tuple[str, int], int] = {}
         self._stage_totals: dict[str, float] = {}
         self._released: dict[int, list[int]] = {}
+        # per attention replica: sequences whose sampler state it holds (history was sent)
+        self._has_history: dict[int, set[int]] = {}
+        self._prompt_logprobs: dict[int, list] = {}
         self._prefill_busy: set[int] = set()
         self._step = 0
         self.ipc = layout.ipc
@@ -300,6 +305,18 @@ class AFDExecutor:
     def release(self, replica: int, seq_ids: list[int]) -> None:
         """Finished sequences whose sampler state the replica may drop (sent with its next plan)."""
         self._released.setdefault(replica, []).extend(seq_ids)
+        self._has_history.get(replica, set()).difference_update(seq_ids)
+
+    def take_prompt_logprobs(self) -> dict[int, list]:
+        out, self._prompt_logprobs = self._prompt_logprobs, {}
+        return out
+
+    def _attention_entry(self, replica: int, seq, n: int, sample: bool) -> list:
+        known = self._has_history.setdefault(replica, set())
+        entry = plan_entry(seq, n, sample, with_history=seq.seq_id not in known)
+        if sample and seq.sampling_params.needs_history:
+            known.add(seq.seq_id)
+        return entry
 
     def execute(self, batches: list[ScheduledBatch], prefill_batches=None, transfers=()):
         """Run one step. Without a prefill pool: sampled tokens per decode step. With one: (those,
@@ -334,7 +351,10 @@ class AFDExecutor:
             if r in active:
                 b = batches[r]
                 mbs = [
-                    [plan_entry(b.seqs[i], b.num_new_tokens[i], b.sample[i]) for i in g]
+                    [
+                        self._attention_entry(r, b.seqs[i], b.num_new_tokens[i], b.sample[i])
+                        for i in g
+                    ]
                     for g in split_micro_batches(b, m)
                 ]
             self._send(
@@ -363,8 +383,9 @@ class AFDExecutor:
         prefilling = [p for p, b in enumerate(prefill_batches) if not b.is_empty or p in exports]
         for p in prefilling:
             b = prefill_batches[p]
+            # prefill workers keep no sampler state: the history goes with every sampled entry
             entries = [
-                plan_entry(seq, n, smp)
+                plan_entry(seq, n, smp, with_history=True)
                 for seq, n, smp in zip(b.seqs, b.num_new_tokens, b.sample, strict=True)
             ]
             self._send(
@@ -404,6 +425,8 @@ class AFDExecutor:
             for k, v in msg["times"].items():
                 times[k] = times.get(k, 0.0) + v
             events += [[*e, msg["rank"]] for e in msg["events"]]
+            if msg["type"] in ("attn_result", "prefill_result"):
+                self._collect_prompt_logprobs(msg)
             if msg["type"] == "attn_result":
                 for sampled, got in zip(steps, msg["sampled"], strict=True):
                     sampled.update((seq_id, (tok, lps)) for seq_id, tok, lps in got)
@@ -420,9 +443,14 @@ class AFDExecutor:
                 self._prefill_busy.discard(p)
                 done.append(p)
                 steps[0].update((seq_id, (tok, lps)) for seq_id, tok, lps in msg["sampled"])
+                self._collect_prompt_logprobs(msg)
         self.last_times, self.last_events, self.last_load, self.last_m = times, events, load, m
         self.last_num_steps = num_steps
         return steps, done
+
+    def _collect_prompt_logprobs(self, msg: dict) -> None:
+        for seq_id, pos, entries in msg["prompt_logprobs"]:
+            self._prompt_logprobs.setdefault(seq_id, []).append([pos, entries])
 
     def check_alive(self) -> None:
         """Raise WorkerDiedError if any worker is gone."""
