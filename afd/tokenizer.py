@@ -295,11 +295,12 @@ def _compile_template(source: str):
 class StopChecker:
     """Finds the earliest stop string in a growing text and how much of its tail to hold back."""
 
-    def __init__(self, stop: Iterable[str] | str | None):
+    def __init__(self, stop: Iterable[str] | str | None, include_stop: bool = False):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         self.stop = stops
+        self.include_stop = include_stop  # keep the stop string at the end of the text
         self.max_len = max((len(s) for s in stops), default=0)
 
     def find(self, text: str, start: int = 0) -> tuple[int, str] | None:
@@ -311,13 +312,17 @@ class StopChecker:
                 best = (pos, s)
         return best
 
-    def check(self, text: str, prev_len: int = 0) -> tuple[str, str] | None:
-        """(text cut before the stop string, stop string) if one occurs; `prev_len` is the length
-        of a prefix already checked, so only the region a new match could touch is searched."""
+    def check(self, text: str, prev_len: int = 0, floor: int = 0) -> tuple[str, str] | None:
+        """(text cut before the stop string, or after it with include_stop, stop string) if one
+        occurs; `prev_len` is the length of a prefix already checked, so only the region a new
+        match could touch is searched; none starts before `floor`."""
         if not self.stop:
             return None
-        hit = self.find(text, max(0, prev_len - self.max_len + 1))
-        return None if hit is None else (text[: hit[0]], hit[1])
+        hit = self.find(text, max(floor, prev_len - self.max_len + 1))
+        if hit is None:
+            return None
+        end = hit[0] + len(hit[1]) if self.include_stop else hit[0]
+        return text[:end], hit[1]
 
     def holdback(self, text: str) -> int:
         """Length of the longest tail of `text` that is a proper prefix of some stop string."""
@@ -343,7 +348,9 @@ class IncrementalDetokenizer:
     """Streaming text of one sequence's output tokens.
 
     `text` only grows, never ends in a broken UTF-8 character or in a tail that could start a stop
-    string, and equals `decode(all ids)` (cut before the first stop string) once finished.
+    string, and equals `decode(all ids)` (cut before the first stop string, or after it with
+    include_stop_str_in_output) once finished. Stop strings count only once min_tokens tokens
+    are out, as in vLLM.
     """
 
     def __init__(
@@ -359,7 +366,14 @@ class IncrementalDetokenizer:
         # exactly as decode(output ids) would.
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.stop_checker = StopChecker(stop if params is None else params.stop)
+        self.min_tokens = 0
+        if params is None:
+            self.stop_checker = StopChecker(stop)
+        else:
+            self.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
+            self.skip_special_tokens = params.skip_special_tokens
+            self.min_tokens = params.min_tokens
+        self._stop_floor_text = ""  # text out before min_tokens: no stop string starts in it
         self.ids: list[int] = []
         self.decoded = ""  # all complete text so far (cut at a stop string once one is found)
         self.text = ""  # what may be shown now
@@ -382,7 +396,13 @@ class IncrementalDetokenizer:
             self.decoded = self.tokenizer.decode(self.ids, self.skip_special_tokens)
         else:
             self.decoded += self._new_text()
-        hit = self.stop_checker.check(self.decoded, prev_len)
+        if len(self.ids) < self.min_tokens:
+            # no stop string counts yet (nor will one that starts in this text): show it all
+            self.text = self._stop_floor_text = self.decoded
+            if final:
+                self.finished = True
+            return False
+        hit = self.stop_checker.check(self.decoded, prev_len, len(self._stop_floor_text))
         if hit is not None:
             self.decoded, self.stop_reason = hit
             self.text = self.decoded
@@ -418,7 +438,7 @@ class IncrementalDetokenizer:
         """Flush held-back text: the sequence ended for a reason other than a stop string."""
         if self.stop_reason is None and not self.finished:
             decoded = self.tokenizer.decode(self.ids, self.skip_special_tokens)
-            hit = self.stop_checker.check(decoded, len(self.decoded))
+            hit = self.stop_checker.check(decoded, len(self.decoded), len(self._stop_floor_text))
             if hit is not None:
                 decoded, self.stop_reason = hit
             self.decoded = self.text = decoded

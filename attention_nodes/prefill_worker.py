@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from afd.attention_nodes.kv_transfer import send_kv
-from afd.attention_nodes.worker import build_micro_batch, sample_entries
+from afd.attention_nodes.worker import build_micro_batch, entry_prompt_logprobs, sample_entries
 from afd.comm import liveness
 from afd.comm.control import RoleWorker, serve
 
@@ -24,19 +24,21 @@ class PrefillWorker(RoleWorker):
 
     role = "prefill"
 
-    def __init__(self, model, caches, block_size: int, device):
+    def __init__(self, model, caches, block_size: int, device, sampler: Sampler):
         self.model, self.caches, self.block_size, self.device = model, caches, block_size, device
-        self.sampler = Sampler()
+        self.sampler = sampler
 
     @classmethod
     def build(cls, spec: dict) -> PrefillWorker:
         device = torch.device(spec["device"])
-        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="full")
-        dtype = next(model.parameters()).dtype
+        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="full",
+                           quantization=spec["quantization"])  # fmt: skip
+        dtype = getattr(torch, spec["dtype"])  # (FP8 layers hold other dtypes)
         caches = allocate_kv_cache(
             model.config, spec["num_kv_blocks"], spec["block_size"], dtype, device
         )
-        worker = cls(model, caches, spec["block_size"], device)
+        sampler = Sampler(spec.get("eos_token_ids", ()), spec["model_path"])
+        worker = cls(model, caches, spec["block_size"], device, sampler)
         worker.param_bytes = count_parameter_bytes(model)
         return worker
 
@@ -46,19 +48,23 @@ class PrefillWorker(RoleWorker):
         sends = [
             send_kv(self.caches, blocks, dst, seq_id) for seq_id, dst, blocks in msg["exports"]
         ]
-        sampled: list = []
-        errors: list = []
+        sampled, prompt_logprobs, errors = [], [], []
         if msg["micro_batches"]:
             mb = build_micro_batch(msg["micro_batches"][0], self.block_size, self.device)
             with torch.inference_mode():
                 hidden = self.model(mb.input_ids, mb.positions, mb.meta, self.caches)
                 liveness.beat()
+                if mb.prompt_entries:
+                    prompt_logprobs = entry_prompt_logprobs(self.model, self.sampler, mb, hidden)
                 if mb.sample_entries:
+                    # no sampler state is kept here: each entry brings its history
                     sampled = sample_entries(
-                        self.model, self.sampler, mb.sample_entries, hidden[mb.sample_rows], errors
-                    )
+                        self.model, self.sampler, mb.sample_entries, hidden[mb.sample_rows], {},
+                        errors,
+                    )  # fmt: skip
         for work, buf in sends:
             liveness.wait_work(work, buf.device)
         clock.record("prefill", "prefill", t0, clock.now())
-        fields = dict(sampled=sampled, times=clock.times, events=clock.events, errors=errors)
+        fields = dict(sampled=sampled, prompt_logprobs=prompt_logprobs, errors=errors,
+                      times=clock.times, events=clock.events)  # fmt: skip
         return "prefill_result", fields

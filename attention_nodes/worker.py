@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from afd.attention_nodes.kv_transfer import recv_kv
@@ -16,7 +16,7 @@ from afd.comm.dispatch import exchange_tag
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import AttentionMetadata, allocate_kv_cache
 from afd.sampling.params import SamplingParams
-from afd.sampling.sampler import Sampler, row_generator
+from afd.sampling.sampler import Sampler, SequenceState, row_generator, sequence_state
 from afd.timing import StageClock
 
 
@@ -27,13 +27,21 @@ class MicroBatch:
     meta: AttentionMetadata | None  # None for an empty micro-batch
     sample_rows: torch.Tensor  # [S]
     sample_entries: list  # plan entries of sampled sequences, in row order
+    # prompt_logprobs: rows and [seq_id, first position, prompt tokens they predict, k]
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_entries: list = field(default_factory=list)
 
 
 def build_micro_batch(entries: list, block_size: int, device) -> MicroBatch:
     """entries: [seq_id, new_token_ids, start, block_table, sample, params|None]."""
     ids, pos, q_lens, seq_lens, tables, rows, sampled = [], [], [], [], [], [], []
+    prompt_rows, prompt_entries = [], []
     for e in entries:
-        _, tokens, start, table, sample, _ = e
+        seq_id, tokens, start, table, sample, params = e
+        targets = params.get("prompt_targets") if params else None
+        if targets:
+            prompt_rows += range(len(ids), len(ids) + len(targets))
+            prompt_entries.append([seq_id, start + 1, targets, params["prompt_logprobs"]])
         ids += tokens
         pos += range(start, start + len(tokens))
         q_lens.append(len(tokens))
@@ -51,6 +59,8 @@ def build_micro_batch(entries: list, block_size: int, device) -> MicroBatch:
         meta,
         torch.tensor(rows, dtype=torch.int64, device=device),
         sampled,
+        prompt_rows,
+        prompt_entries,
     )
 
 
@@ -65,20 +75,23 @@ class AttentionWorker(RoleWorker):
 
     role = "attention"
 
-    def __init__(self, model, kv_caches, transport, block_size: int, device):
+    def __init__(self, model, kv_caches, transport, block_size: int, device, sampler=None):
         self.model, self.kv_caches, self.transport = model, kv_caches, transport
         self.block_size, self.device = block_size, device
-        self.sampler = Sampler()
+        self.sampler = sampler or Sampler()
+        self.states: dict[int, SequenceState] = {}
 
     @classmethod
     def build(cls, spec: dict) -> AttentionWorker:
         device = torch.device(spec["device"])
-        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="attention")
-        dtype = next(model.parameters()).dtype
+        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device,
+                           part="attention", quantization=spec["quantization"])  # fmt: skip
+        dtype = getattr(torch, spec["dtype"])  # (FP8 layers hold other dtypes)
         kv_caches = allocate_kv_cache(
             model.config, spec["num_kv_blocks"], spec["block_size"], dtype, device
         )
-        worker = cls(model, kv_caches, None, spec["block_size"], device)
+        sampler = Sampler(spec.get("eos_token_ids", ()), spec["model_path"])
+        worker = cls(model, kv_caches, None, spec["block_size"], device, sampler)
         worker.param_bytes = count_parameter_bytes(model)
         return worker
 
@@ -92,17 +105,21 @@ class AttentionWorker(RoleWorker):
 
     def run(self, plan: dict) -> tuple[str, dict]:
         errors: list = []
-        sampled, clock = self.step(plan, errors)
-        fields = dict(sampled=sampled, times=clock.times, events=clock.events, errors=errors)
+        sampled, prompt_logprobs, clock = self.step(plan, errors)
+        fields = dict(sampled=sampled, prompt_logprobs=prompt_logprobs, errors=errors,
+                      times=clock.times, events=clock.events)  # fmt: skip
         return "attn_result", fields
 
     @torch.inference_mode()
-    def step(self, plan: dict, errors: list | None = None) -> tuple[list, StageClock]:
-        """Run the plan's decode steps; the sampled [[seq_id, token, logprobs]] of each step.
-        Sequences whose sampling failed get token -1 and [seq_id, reason] in `errors`."""
+    def step(self, plan: dict, errors: list | None = None) -> tuple[list, list, StageClock]:
+        """Run the plan's decode steps: the sampled [[seq_id, token, logprobs]] of each step, and
+        the prompt logprobs [[seq_id, first position, entries]] of prompt chunks. Sequences
+        whose sampling failed get token -1 and [seq_id, reason] in `errors`."""
         clock = StageClock(plan["trace"], self.device)
         errors = [] if errors is None else errors
         start = clock.now()
+        for seq_id in plan["release"]:
+            self.states.pop(seq_id, None)
         t0 = clock.now()
         for seq_id, src, blocks in plan["imports"]:
             recv_kv(self.kv_caches, blocks, src, seq_id)
@@ -111,21 +128,25 @@ class AttentionWorker(RoleWorker):
         num_steps = plan["num_steps"]
         if not plan["micro_batches"]:
             clock.total("attention_plan", start, clock.now())
-            return [[] for _ in range(num_steps)], clock
+            return [[] for _ in range(num_steps)], [], clock
         entries = plan["micro_batches"]
         mbs = [build_micro_batch(e, self.block_size, self.device) for e in entries]
         sampled: list[list] = [[] for _ in range(num_steps)]
+        prompt_logprobs: list = []
 
         def sample(i: int, step: int, hidden: torch.Tensor) -> MicroBatch | None:
             # runs as soon as micro-batch i leaves its last layer, while the experts still work
             # on the micro-batches after it; in a multi-step plan its tokens are the next input
             mb = mbs[i]
+            if mb.prompt_entries:
+                prompt_logprobs.extend(entry_prompt_logprobs(self.model, self.sampler, mb, hidden))
             if not mb.sample_entries:  # prefill chunks that do not reach their prompt's end
                 return None
             t0 = clock.now()
             got = sample_entries(
-                self.model, self.sampler, mb.sample_entries, hidden[mb.sample_rows], errors
-            )
+                self.model, self.sampler, mb.sample_entries, hidden[mb.sample_rows], self.states,
+                errors,
+            )  # fmt: skip
             sampled[step].extend(got)
             nxt = None
             if step + 1 < num_steps:
@@ -141,7 +162,7 @@ class AttentionWorker(RoleWorker):
 
         self.ping_pong(mbs, num_steps, clock, sample)
         clock.total("attention_plan", start, clock.now())
-        return sampled, clock
+        return sampled, prompt_logprobs, clock
 
     def ping_pong(self, mbs: list[MicroBatch], num_steps: int, clock: StageClock, on_done) -> None:
         """Every layer for every micro-batch, num_steps times. on_done(i, step, final hidden
@@ -202,26 +223,64 @@ class AttentionWorker(RoleWorker):
         return routed if shared is None else routed + shared
 
 
+# plan-entry params that describe the sequence, not the request's settings
+_PER_SEQUENCE = frozenset({"index", "prompt_len", "history", "prompt_targets"})
+
+
+def _freeze(value):
+    return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
+
+
+def _cache_key(params: dict) -> tuple:
+    return tuple(sorted((k, _freeze(v)) for k, v in params.items() if k not in _PER_SEQUENCE))
+
+
 @functools.lru_cache(maxsize=1024)
-def _sampling_params(fields: tuple) -> SamplingParams:
+def _sampling_params(key: tuple) -> SamplingParams:
     # most requests share a handful of settings: build (and validate) each one once
-    return SamplingParams(**dict(fields))
+    return SamplingParams.from_wire({k: _thaw(v) for k, v in key})
 
 
-def sample_entries(model, sampler: Sampler, entries: list, hidden, errors: list) -> list:
+def _thaw(value):
+    return [_thaw(v) for v in value] if isinstance(value, tuple) else value
+
+
+def sample_entries(
+    model, sampler: Sampler, entries: list, hidden, states: dict, errors: list | None = None
+) -> list:
     """Sample one token per plan entry from its final hidden row; [[seq_id, token, logprobs]].
-    A sequence whose sampling fails gets token -1 and [seq_id, reason] in `errors`; seeded
-    ones draw from a generator derived from (seed, index, position), never from worker state."""
+    Seeded sequences draw from a generator derived from (seed, index, position), never from
+    worker state; requests that need their history keep a SequenceState per seq_id in `states`
+    (rebuilt from the plan's history on a new worker). A sequence whose sampling fails gets
+    token -1 and [seq_id, reason] in `errors`."""
     logits = model.compute_logits(hidden)
-    params, gens = [], []
-    for _, tokens, start, _, _, p in entries:
-        sp = _sampling_params(tuple(sorted((k, v) for k, v in p.items() if k != "index")))
+    params, gens, seq_states, num_out = [], [], [], []
+    for seq_id, tokens, start, _, _, p in entries:
+        sp = _sampling_params(_cache_key(p))
         params.append(sp)
         position = start + len(tokens)  # of the token being sampled
         gens.append(row_generator(sp.seed, p["index"], position) if sp.seed is not None else None)
-    out = sampler.sample_isolated(logits, params, gens, [f"seq {e[0]}" for e in entries])
-    errors.extend([entries[j][0], msg] for j, msg in out.errors.items())
+        num_out.append(start + len(tokens) - p["prompt_len"])
+        seq_states.append(
+            sequence_state(states, seq_id, sp, p["prompt_len"], start, tokens, p.get("history"))
+        )
+    out = sampler.sample_isolated(
+        logits, params, gens, seq_states, num_out, [f"seq {e[0]}" for e in entries]
+    )
+    if errors is not None:
+        errors.extend([entries[j][0], msg] for j, msg in out.errors.items())
     return [
         [e[0], tok, out.logprobs[j] if out.logprobs is not None else None]
         for j, (e, tok) in enumerate(zip(entries, out.token_ids, strict=True))
     ]
+
+
+def entry_prompt_logprobs(model, sampler: Sampler, mb: MicroBatch, hidden) -> list:
+    """[[seq_id, first position, entries]] for the prompt rows of a micro-batch."""
+    logits = model.compute_logits(hidden[mb.prompt_rows])  # [P, V]
+    out, offset = [], 0
+    for seq_id, pos, targets, k in mb.prompt_entries:
+        rows = logits[offset : offset + len(targets)]
+        offset += len(targets)
+        out.append([seq_id, pos, sampler.prompt_logprobs(rows, targets, k)])
+    return out

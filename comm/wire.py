@@ -60,11 +60,13 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
     "prefill_step": {"step": int, "micro_batches": list, "exports": list, "trace": bool},
     # errors: [[seq_id, why its sampling failed]] (its token is -1)
+    # prompt_logprobs: [[seq_id, first position, [{token: [logprob, rank]}, ...]], ...]
     "prefill_result": {
         "rank": int,
         "step": int,
         "sampled": list,
         "errors": list,
+        "prompt_logprobs": list,
         "times": dict,
         "events": list,
     },
@@ -81,6 +83,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "step": int,
         "sampled": list,
         "errors": list,
+        "prompt_logprobs": list,
         "times": dict,
         "events": list,
     },

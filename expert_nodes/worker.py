@@ -42,6 +42,7 @@ class ExpertWorker(RoleWorker):
             device=device,
             part="experts",
             expert_range=(start, end),
+            quantization=spec["quantization"],
         )
         worker = cls(shard, cfg, start, end, device)
         worker.param_bytes = count_parameter_bytes(shard)

@@ -38,8 +38,9 @@ class BlockManager:
         return (num_tokens + self.block_size - 1) // self.block_size
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Blocks holding a cached prefix; never the whole sequence (one token must be computed)."""
-        if not self.enable_prefix_caching:
+        """Blocks holding a cached prefix; never the whole sequence (one token must be computed).
+        None for prompt_logprobs requests: every prompt position must be computed."""
+        if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
             return []
         blocks, parent = [], None
         for i in range((seq.num_tokens - 1) // self.block_size):

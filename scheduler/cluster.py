@@ -54,20 +54,21 @@ def split_micro_batches(batch: ScheduledBatch, m: int) -> list[list[int]]:
     return groups
 
 
-def plan_entry(seq, n: int, sample: bool) -> list:
+def plan_entry(seq, n: int, sample: bool, with_history: bool = False) -> list:
+    """[seq_id, new_token_ids, start, block_table, sample, params | None]. params (the sampler's
+    view of the request, see SamplingParams.wire) go with entries that sample or compute prompt
+    logprobs; `history` (the tokens before start) only when the worker has not seen the sequence
+    yet and its request needs its history (penalties, structured outputs)."""
     start = seq.num_computed_tokens
+    p = seq.sampling_params
     params = None
-    if sample:
-        p = seq.sampling_params
-        params = {
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "top_k": p.top_k,
-            "min_p": p.min_p,
-            "seed": p.seed,
-            "logprobs": p.logprobs,
-            "index": seq.index,
-        }
+    targets = seq.prompt_logprob_targets(start, n)
+    if sample or targets:
+        params = {**p.wire, "index": seq.index, "prompt_len": seq.num_prompt_tokens}
+        if targets:
+            params["prompt_targets"] = targets
+        if sample and with_history and start and p.needs_history:
+            params["history"] = seq.token_ids[:start]
     return [
         seq.seq_id,
         seq.token_ids[start : start + n],
@@ -246,7 +247,7 @@ class AFDExecutor(ClusterRecovery):
     generation (`reform` -> `joined`). Living workers keep their KV caches and expert shards.
     The step is then replayed (StepInterrupted tells the engine which replicas lost their KV)."""
 
-    def __init__(self, config, model_path: Path, model_config: ModelConfig):
+    def __init__(self, config, model_path: Path, model_config: ModelConfig, eos_token_ids=()):
         import torch.distributed as dist
 
         layout = layout_for(config, model_config)
@@ -257,6 +258,7 @@ class AFDExecutor(ClusterRecovery):
         self.num_prefill_replicas = p
         self.num_micro_batches = config.num_micro_batches
         spec = worker_spec(config, model_path, model_config, layout)
+        spec["eos_token_ids"] = sorted(eos_token_ids)
         self.num_kv_blocks = spec["num_kv_blocks"]
         self.trace = False
         self.last_events: list = []
@@ -271,9 +273,12 @@ class AFDExecutor(ClusterRecovery):
         self.progress = bool(config.extra.get("progress"))
         self._stage_totals: dict[str, float] = {}
         self._released: dict[int, list[int]] = {}
+        # per attention replica: sequences whose sampler state it holds (history was sent)
+        self._has_history: dict[int, set[int]] = {}
+        self._prompt_logprobs: dict[int, list] = {}
         self._prefill_busy: set[int] = set()
         self._prefill_plans: dict[int, dict] = {}  # busy prefill replica -> its plan's fields
-        self._prefill_done: dict[int, tuple[list, list]] = {}  # results not yet returned
+        self._prefill_done: dict[int, tuple] = {}  # results not yet returned
         self._attempt_prefill: set[int] = set()  # prefill plans sent by the running execute()
         self._inc: dict[int, int] = {}  # rank -> incarnation of its current process
         self.pids: dict[int, int] = {}  # rank -> pid of its current process (any node)
@@ -376,13 +381,25 @@ class AFDExecutor(ClusterRecovery):
             return False
         self._prefill_busy.discard(p)
         self._prefill_plans.pop(p, None)
-        self._prefill_done[p] = (msg["sampled"], msg.get("errors", []))
+        self._prefill_done[p] = (msg["sampled"], msg["errors"], msg["prompt_logprobs"])
         return True
 
     # ---- executor API --------------------------------------------------------------------
     def release(self, replica: int, seq_ids: list[int]) -> None:
         """Finished sequences whose sampler state the replica may drop (sent with its next plan)."""
         self._released.setdefault(replica, []).extend(seq_ids)
+        self._has_history.get(replica, set()).difference_update(seq_ids)
+
+    def take_prompt_logprobs(self) -> dict[int, list]:
+        out, self._prompt_logprobs = self._prompt_logprobs, {}
+        return out
+
+    def _attention_entry(self, replica: int, seq, n: int, sample: bool) -> list:
+        known = self._has_history.setdefault(replica, set())
+        entry = plan_entry(seq, n, sample, with_history=seq.seq_id not in known)
+        if sample and seq.sampling_params.needs_history:
+            known.add(seq.seq_id)
+        return entry
 
     def execute(self, batches: list[ScheduledBatch], prefill_batches=None, transfers=()):
         """Run one step. Without a prefill pool: sampled tokens per decode step. With one: (those,
@@ -428,7 +445,10 @@ class AFDExecutor(ClusterRecovery):
             if r in active:
                 b = batches[r]
                 mbs = [
-                    [plan_entry(b.seqs[i], b.num_new_tokens[i], b.sample[i]) for i in g]
+                    [
+                        self._attention_entry(r, b.seqs[i], b.num_new_tokens[i], b.sample[i])
+                        for i in g
+                    ]
                     for g in split_micro_batches(b, m)
                 ]
             self._send(
@@ -455,8 +475,9 @@ class AFDExecutor(ClusterRecovery):
         prefilling = [p for p, b in enumerate(prefill_batches) if not b.is_empty or p in exports]
         for p in prefilling:
             b = prefill_batches[p]
+            # prefill workers keep no sampler state: the history goes with every sampled entry
             entries = [
-                plan_entry(seq, n, smp)
+                plan_entry(seq, n, smp, with_history=True)
                 for seq, n, smp in zip(b.seqs, b.num_new_tokens, b.sample, strict=True)
             ]
             plan = dict(step=self._step, micro_batches=[entries] if entries else [],
@@ -465,6 +486,7 @@ class AFDExecutor(ClusterRecovery):
             self._prefill_plans[p] = plan
             self._attempt_prefill.add(p)
         steps: list[dict] = [{} for _ in range(num_steps)]  # sampled tokens per decode step
+        prompt_lps: list = []  # [seq_id, first position, entries] of this step
         times: dict[str, float] = {}
         events: list = []
         load: list[list[int]] = []
@@ -498,6 +520,8 @@ class AFDExecutor(ClusterRecovery):
             waiting.discard(msg["rank"])
             self._add_times(times, events, msg)
             if msg["type"] == "attn_result":
+                prompt_lps += msg["prompt_logprobs"]
+            if msg["type"] == "attn_result":
                 for sampled, got in zip(steps, msg["sampled"], strict=True):
                     sampled.update((seq_id, (tok, lps)) for seq_id, tok, lps in got)
                 self.sample_errors.update((seq_id, text) for seq_id, text in msg["errors"])
@@ -506,9 +530,12 @@ class AFDExecutor(ClusterRecovery):
         self._drain()  # prefill results that are already here
         done = sorted(self._prefill_done)
         for p in done:
-            sampled, errors = self._prefill_done.pop(p)
+            sampled, errors, found = self._prefill_done.pop(p)
             steps[0].update((seq_id, (tok, lps)) for seq_id, tok, lps in sampled)
             self.sample_errors.update((seq_id, text) for seq_id, text in errors)
+            prompt_lps += found
+        # only now: an attempt that fails is replayed and would report them again
+        self._collect_prompt_logprobs(prompt_lps)
         self._attempt_prefill = set()
         for k, v in times.items():
             self._stage_totals[k] = self._stage_totals.get(k, 0.0) + v
@@ -521,6 +548,10 @@ class AFDExecutor(ClusterRecovery):
         for k, v in msg["times"].items():
             times[k] = times.get(k, 0.0) + v
         events += [[*e, msg["rank"]] for e in msg["events"]]
+
+    def _collect_prompt_logprobs(self, found: list) -> None:
+        for seq_id, pos, entries in found:
+            self._prompt_logprobs.setdefault(seq_id, []).append([pos, entries])
 
     def stage_times(self) -> dict[str, float]:
         return {f"afd_stage_{k}_seconds": v for k, v in self._stage_totals.items()}

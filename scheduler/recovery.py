@@ -161,6 +161,9 @@ class ClusterRecovery:
             self._prefill_plans[p]["resend"] = True
         for r in lost_attention:
             self._released.pop(r, None)
+        # the replay sends every sampler history again: a replacement has none, and a living
+        # worker may have abandoned the step before it kept one
+        self._has_history.clear()
         return StepInterrupted(reason, lost_attention, lost_prefill)
 
     def poll_failures(self) -> StepInterrupted | None:

@@ -69,5 +69,12 @@ class Sequence:
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
 
+    def prompt_logprob_targets(self, start: int, n: int) -> list[int]:
+        """For prompt_logprobs: the prompt tokens that positions start .. start + n - 1 predict
+        (only sequence 0 of a request reports them)."""
+        if self.sampling_params.prompt_logprobs is None or self.index != 0:
+            return []
+        return self.token_ids[start + 1 : min(start + n + 1, self.num_prompt_tokens)]
+
     def block(self, i: int, block_size: int) -> list[int]:
         return self.token_ids[i * block_size : (i + 1) * block_size]

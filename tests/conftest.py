@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 
 # Must be set before any @triton.jit is defined (Triton reads it at decoration time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -52,6 +59,53 @@ def builtin_path():
     return resolve_model
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched(*args: str, timeout_s: float = 180.0):
+    """`afd launch --port PORT ARGS` in its own process group: yields (base URL, process) once
+    /health answers; Ctrl-C on exit, then SIGKILL to the group if it does not stop."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "afd", "launch", "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    proc.lines = []  # the launcher's output, read all along so its pipe never fills
+    threading.Thread(target=lambda: proc.lines.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "".join(proc.lines)
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield base, proc
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C a launched cluster; SIGKILL its process group after 20 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def hf_rows(model_dir, sequences: list[list[int]], dtype=torch.float32, device="cpu"):
     """transformers' log-softmax rows over each whole sequence (teacher forcing), float32:
     row j is the distribution of token j + 1 given tokens 0..j."""
@@ -75,7 +129,7 @@ def logprob_errors(prompts, outs, rows) -> tuple[list[float], list[float]]:
         got = out.outputs[0]
         for j, tok in enumerate(got.token_ids):
             ref = row[len(prompt) - 1 + j]
-            deltas.append(abs(got.logprobs[j][tok] - float(ref[tok])))
+            deltas.append(abs(got.logprobs[j][tok].logprob - float(ref[tok])))
             margins.append(float(ref.max() - ref[tok]))
     return deltas, margins
 

@@ -51,7 +51,8 @@ def assert_matches(got, prompts, tokens, rows, what: str) -> None:
         assert ids == want, f"{what}: prompt {i}"
         for j, (tok, lp) in enumerate(zip(ids, lps, strict=True)):
             ref = float(row[len(p) - 1 + j, tok])
-            assert abs(lp[tok] - ref) < 1e-3, f"{what}: prompt {i} token {j}: {lp[tok]} vs {ref}"
+            got_lp = lp[tok].logprob
+            assert abs(got_lp - ref) < 1e-3, f"{what}: prompt {i} token {j}: {got_lp} vs {ref}"
 
 
 def run_continuous(llm, prompts):

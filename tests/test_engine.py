@@ -36,7 +36,7 @@ def check(outs, ref):
         assert len(got.logprobs) == len(ref_tokens[i])
         for step, lp in enumerate(got.logprobs):
             tok = ref_tokens[i][step]
-            assert abs(lp[tok] - float(ref_lps[i][step][tok])) < 1e-3, f"prompt {i} step {step}"
+            assert abs(lp[tok].logprob - float(ref_lps[i][step][tok])) < 1e-3, (i, step)
 
 
 def test_batch_matches_transformers(family):

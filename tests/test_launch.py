@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,63 +12,19 @@ import time
 
 import httpx
 import pytest
+from conftest import free_port, launched, stop
 
 from afd import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "afd",
-            "launch",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
-            "--num-micro-batches",
-            "2",
-            "--max-model-len",
-            "256",
-            "--api-key",
-            "sk-test",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    proc.lines = []  # the launcher's output, read all along so its pipe never fills
-    threading.Thread(target=lambda: proc.lines.extend(proc.stdout), daemon=True).start()
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "".join(proc.lines)
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    args = ["--dtype", "float32", "--num-micro-batches", "2", "--max-model-len", "256",
+            "--api-key", "sk-test"]  # fmt: skip
+    with launched(*args) as (base, proc):
         yield base, proc
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_openai_client_matches_offline(server):
@@ -103,7 +58,7 @@ def test_openai_client_matches_offline(server):
     )
     assert streamed == want[0].outputs[0].text
     msgs = [{"role": "user", "content": "Hi!"}]
-    chat_want = offline.chat(msgs, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    [chat_want] = offline.chat(msgs, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     c = client.chat.completions.create(
         model="tiny-qwen3-moe",
         messages=msgs,
@@ -360,12 +315,7 @@ def test_killed_worker_makes_health_503_and_requests_fail():
         assert r.status_code == 503 and r.json()["error"]["message"]
         assert proc.wait(timeout=30) == 1  # the launcher gives up and says so
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
     left = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
     assert left.stdout.strip() == ""
 

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from afd.entrypoints.metrics import Histogram, MetricsRegistry, parse_prometheus_text
 from afd.entrypoints.protocol import EngineClient
 from afd.entrypoints.server import build_app
-from afd.outputs import CompletionOutput, RequestOutput
+from afd.outputs import CompletionOutput, Logprob, RequestOutput
 from afd.sampling.params import SamplingParams
 from afd.tokenizer import Tokenizer, train_bytelevel_bpe
 
@@ -37,6 +37,7 @@ class FakeEngine:
         self.started: list[str] = []
         self.finished: list[str] = []
         self.aborted: list[str] = []
+        self.params: list[SamplingParams] = []
         self.healthy = (True, "ok")
         self.fail_after: int | None = None  # raise RuntimeError after this many steps
         self.vocab = tokenizer.vocab_size
@@ -55,6 +56,7 @@ class FakeEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         self.started.append(request_id)
+        self.params.append(params)
         if any(t >= self.vocab for t in prompt_token_ids):
             raise ValueError(f"token id out of range for vocabulary size {self.vocab}")
         fail_after = self.fail_after
@@ -70,9 +72,9 @@ class FakeEngine:
                     # sampled token at -0.5; the top-k are the next ids, higher when k allows
                     logprobs = [
                         {
-                            t: -0.5,
+                            t: Logprob(-0.5),
                             **{
-                                (t + j) % self.vocab: -0.1 * j
+                                (t + j) % self.vocab: Logprob(-0.1 * j, j)
                                 for j in range(1, params.logprobs + 1)
                             },
                         }
@@ -303,11 +305,12 @@ LONG = list(range(1, MAX_MODEL_LEN + 1))
         ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400,
          "stream_options"),
         ("/v1/completions", {"prompt": "hi", "logprobs": "x"}, 400, "logprobs"),
-        ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+        ("/v1/completions", {"prompt": "hi", "echo": 1}, 400, "echo"),
         ("/v1/completions", {"prompt": 5}, 400, "prompt"),
         ("/v1/completions", {"prompt": ""}, 400, "prompt"),
         ("/v1/completions", {"prompt": []}, 400, "prompt"),
-        ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ["a", 2]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ["a", ""]}, 400, "prompt"),
         ("/v1/completions", {"prompt": [1, -2]}, 400, "prompt"),
         ("/v1/completions", {"prompt": LONG}, 400, "prompt"),
         ("/v1/completions", {"prompt": LONG[:90], "max_tokens": 10}, 400, "max_tokens"),
@@ -354,6 +357,78 @@ def test_bad_requests_get_openai_errors(client, engine, path, body, status, para
         assert err["code"] == "model_not_found"
     # a rejected request never leaves work in the engine
     assert len(engine.started) == len(engine.finished) + len(set(engine.aborted))
+
+
+def test_request_fields_reach_sampling_params(client, engine):
+    body = {
+        "prompt": "hi", "max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "top_k": 7,
+        "min_p": 0.1, "seed": 3, "stop": "x", "stop_token_ids": [9], "presence_penalty": 0.5,
+        "frequency_penalty": -0.5, "repetition_penalty": 1.2, "logit_bias": {"5": 10},
+        "min_tokens": 2, "ignore_eos": False, "skip_special_tokens": False,
+        "include_stop_str_in_output": True, "prompt_logprobs": 1, "logprobs": 2,
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": "x", "schema": {"type": "object"}}},
+        "user": "someone", "metadata": {"k": "v"},
+    }  # fmt: skip
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    p = engine.params[-1]
+    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (0.5, 0.9, 7, 0.1, 3)
+    assert (p.stop, p.stop_token_ids, p.max_tokens, p.min_tokens) == (["x"], [9], 5, 2)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.2)
+    assert p.logit_bias == {5: 10.0} and p.logprobs == 2 and p.prompt_logprobs == 1
+    assert not p.skip_special_tokens and p.include_stop_str_in_output
+    assert p.structured_outputs.spec == ("json", '{"type": "object"}')
+    for extra, spec in [
+        ({"response_format": {"type": "json_object"}}, ("json_object", "")),
+        ({"response_format": {"type": "text"}}, None),
+        ({"guided_regex": "a+"}, ("regex", "a+")),
+        ({"guided_choice": ["a", "b"]}, ("choice", '["a", "b"]')),
+        ({"guided_grammar": 'root ::= "a"'}, ("grammar", 'root ::= "a"')),
+        ({"guided_json": '{"type": "string"}'}, ("json", '{"type": "string"}')),
+        ({"structured_outputs": {"regex": "b"}}, ("regex", "b")),
+    ]:
+        r = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **extra})  # fmt: skip
+        assert r.status_code == 200, (extra, r.text)
+        so = engine.params[-1].structured_outputs
+        assert (so.spec if so else None) == spec
+    # echo with batched prompts: prompt-major choice order, each text led by its prompt
+    r = client.post("/v1/completions", json={"prompt": ["ab", "cd"], "n": 2, "max_tokens": 3,
+                                             "echo": True})  # fmt: skip
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    for c, prompt, i in zip(choices, ["ab", "ab", "cd", "cd"], [0, 1, 0, 1], strict=True):
+        assert c["text"] == prompt + engine.expected_text(tokenizer_ids(engine, prompt), 3, i)
+
+
+def tokenizer_ids(engine, text):
+    return engine.tokenizer.encode(text)
+
+
+@pytest.mark.parametrize(
+    "body,param,message",
+    [
+        ({"prompt": "hi", "foo": 1}, "foo", "Unrecognized request argument supplied: foo"),
+        ({"prompt": 5}, "prompt", "'prompt' must be a string, a list of strings"),
+        ({"prompt": "hi", "temperature": "hot"}, "temperature", "must be a number"),
+        ({"prompt": "hi", "temperature": float("nan")}, "temperature", "finite"),
+        ({"prompt": "hi", "stream_options": {"include_usage": 1}, "stream": True},
+         "stream_options", "'stream_options.include_usage' must be true or false"),
+        ({"prompt": "hi", "logit_bias": {"5": "x"}}, "logit_bias",
+         "'logit_bias.5' must be a number"),
+        ({"prompt": "hi", "response_format": {"type": "yaml"}}, "response_format",
+         "'json_object'"),
+        ({"prompt": "hi", "tools": [{"type": "function"}]}, "tools", "not supported"),
+        ({"prompt": "hi", "n": 1.5}, "n", "must be an integer"),
+    ],
+)  # fmt: skip
+def test_schema_errors_name_the_field(client, body, param, message):
+    r = client.post("/v1/completions", content=json.dumps(body),
+                    headers={"Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and message in err["message"], err
 
 
 def test_no_422_and_unknown_routes_are_openai_shaped(client):

@@ -66,7 +66,12 @@ class AsyncEngine:
         if self.error is not None:
             raise EngineDeadError(self.error)
         self.engine.validate_prompt(prompt_token_ids)
-        self.engine.validate_params(params)
+        if params.structured_outputs is not None:
+            # compiling a grammar may take a while: not on the event loop, nor in the engine
+            # thread (which then finds it in the cache)
+            await asyncio.to_thread(self.engine.validate_params, params)
+        else:
+            self.engine.validate_params(params)
         if len(self._streams) >= self.max_queue_len + self.engine.config.max_num_seqs:
             raise EngineOverloadedError(
                 f"the server is at capacity ({len(self._streams)} requests in flight); retry later"

@@ -8,7 +8,8 @@ from typing import Protocol
 from afd.config import ModelConfig
 from afd.scheduler.scheduler import ScheduledBatch
 
-Sampled = dict[int, tuple[int, dict[int, float] | None]]  # seq_id -> (token, logprobs)
+# seq_id -> (token, logprobs {token: (logprob, rank)} or None)
+Sampled = dict[int, tuple[int, dict[int, tuple[float, int]] | None]]
 
 
 class StepInterrupted(RuntimeError):
@@ -36,6 +37,14 @@ class Executor(Protocol):
 
     def stage_times(self) -> dict[str, float]: ...
 
+    def release(self, replica: int, seq_ids: list[int]) -> None:
+        """Finished sequences whose sampler state the replica may drop."""
+        ...
+
+    def take_prompt_logprobs(self) -> dict[int, list]:
+        """prompt_logprobs computed since the last call: seq_id -> [[position, entries]]."""
+        ...
+
     def check_alive(self) -> None: ...
 
     def health(self) -> tuple[bool, str]:
@@ -62,11 +71,12 @@ class LocalExecutor:
 
     num_replicas = 1
 
-    def __init__(self, config, model_path: Path, model_config: ModelConfig):
+    def __init__(self, config, model_path: Path, model_config: ModelConfig, eos_token_ids=()):
         from afd.engine.model_runner import ModelRunner
         from afd.kernels.ops import set_kernel_backend
         from afd.loader import load_model
         from afd.models import allocate_kv_cache
+        from afd.sampling.sampler import Sampler
 
         set_kernel_backend(config.kernel_backend)
         dtype = config.torch_dtype(model_config)
@@ -75,7 +85,8 @@ class LocalExecutor:
         kv_caches = allocate_kv_cache(
             model_config, self.num_kv_blocks, config.block_size, dtype, config.device
         )
-        self.runner = ModelRunner(model, kv_caches, config.block_size, config.device)
+        sampler = Sampler(eos_token_ids, tokenizer_dir=model_path)
+        self.runner = ModelRunner(model, kv_caches, config.block_size, config.device, sampler)
 
     def execute(self, batches: list[ScheduledBatch]) -> list[Sampled]:
         self.runner.sample_errors.clear()
@@ -84,6 +95,13 @@ class LocalExecutor:
     @property
     def sample_errors(self) -> dict[int, str]:
         return self.runner.sample_errors
+
+    def release(self, replica: int, seq_ids: list[int]) -> None:
+        self.runner.release(seq_ids)
+
+    def take_prompt_logprobs(self) -> dict[int, list]:
+        out, self.runner.prompt_logprobs = self.runner.prompt_logprobs, {}
+        return out
 
     def stage_times(self) -> dict[str, float]:
         return {}
@@ -98,10 +116,13 @@ class LocalExecutor:
         pass
 
 
-def build_executor(config, model_path: Path, model_config: ModelConfig) -> Executor:
-    """Single process when no attention workers are asked for, else the disaggregated one."""
+def build_executor(
+    config, model_path: Path, model_config: ModelConfig, eos_token_ids=()
+) -> Executor:
+    """Single process when no attention workers are asked for, else the disaggregated one.
+    `eos_token_ids` are where min_tokens and structured outputs need the end of a sequence."""
     if config.num_attention_workers <= 0 and config.num_expert_workers <= 0:
-        return LocalExecutor(config, model_path, model_config)
+        return LocalExecutor(config, model_path, model_config, eos_token_ids)
     from afd.scheduler.cluster import AFDExecutor
 
-    return AFDExecutor(config, model_path, model_config)
+    return AFDExecutor(config, model_path, model_config, eos_token_ids)

@@ -11,8 +11,9 @@ from pathlib import Path
 from afd.builtin import resolve_model
 from afd.config import EngineConfig, ModelConfig
 from afd.engine.executor import Sampled, StepInterrupted
-from afd.outputs import CompletionOutput, RequestOutput
+from afd.outputs import CompletionOutput, Logprob, LogprobsEntry, RequestOutput
 from afd.sampling.params import SamplingParams
+from afd.sampling.structured import grammar_backend
 from afd.scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from afd.scheduler.sequence import Sequence, SequenceStatus
 from afd.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -55,6 +56,7 @@ class RequestState:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     stream: bool = True  # False: step() reports the request only once it has finished
+    prompt_logprobs: list[LogprobsEntry | None] | None = None
     error: str | None = None  # why it failed (finish_reason "abort")
 
     @property
@@ -77,6 +79,7 @@ class RequestState:
                 for s, d in zip(self.seqs, self.detokenizers, strict=True)
             ],
             finished=self.finished,
+            prompt_logprobs=self.prompt_logprobs,
             error=self.error,
         )
 
@@ -99,7 +102,10 @@ class LLMEngine:
         )
         max_len = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or max_len, max_len)
-        self.executor = build_executor(config, self.model_path, self.model_config)
+        self.executor = build_executor(
+            config, self.model_path, self.model_config, sorted(self.eos_token_ids)
+        )
+        self._token_texts: dict[int, str] = {}
         sched_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -153,6 +159,8 @@ class LLMEngine:
             [IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in seqs],
             stream=stream,
         )
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None] * len(token_ids)
         replica = self._pick_replica(self.schedulers, seqs[0])
         prefill = (
             self._pick_replica(self.prefill_schedulers, seqs[0])
@@ -169,13 +177,6 @@ class LLMEngine:
             self._seq_owner[seq.seq_id] = state
         return request_id
 
-    def validate_params(self, params: SamplingParams) -> None:
-        """Limits of this engine that SamplingParams cannot know."""
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(
-                f"n must be at most {self.config.max_num_seqs} (max_num_seqs), got {params.n}"
-            )
-
     def validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty")
@@ -188,6 +189,26 @@ class LLMEngine:
                 f"the prompt has {len(token_ids)} tokens, but this model allows at most "
                 f"{self.max_model_len - 1} prompt tokens (max_model_len={self.max_model_len})"
             )
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids against the vocabulary, and that a
+        structured-output spec compiles (compiled once per process, then cached), and n within
+        max_num_seqs (each of the n sequences is scheduled like a request)."""
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(
+                f"n must be at most {self.config.max_num_seqs} (max_num_seqs), got {params.n}"
+            )
+        vocab = self.model_config.vocab_size
+        if params.max_token_id() >= vocab:
+            raise ValueError(
+                f"token id {params.max_token_id()} (in stop_token_ids or logit_bias) is out of "
+                f"range for vocabulary size {vocab}"
+            )
+        if params.structured_outputs is not None:
+            backend = grammar_backend(
+                str(self.model_path), vocab, tuple(sorted(self.eos_token_ids))
+            )
+            backend.compile(*params.structured_outputs.spec)
 
     @staticmethod
     def _pick_replica(schedulers: list[Scheduler], seq: Sequence) -> int:
@@ -257,7 +278,9 @@ class LLMEngine:
         ]
         pairs = list(zip(self.schedulers, batches, strict=True))
         pairs += list(zip(self.prefill_schedulers, prefill_batches, strict=True))
+        self._apply_prompt_logprobs(self.executor.take_prompt_logprobs())
         for k, sampled in enumerate(steps):
+            self._with_logprob_objects(sampled)
             self._apply_sampled([(s, b) for s, b in pairs if k < b.num_steps], sampled, touched)
         for p, (scheduler, batch) in enumerate(
             zip(self.prefill_schedulers, prefill_batches, strict=True)
@@ -397,13 +420,54 @@ class LLMEngine:
                     state.error = f"the engine failed on this request: {why}"
                     touched[state.request_id] = state
                     continue
-                if not (state.stream or seq.is_finished or state.params.stop):
+                if self._stopped_by_token(seq, token, state.params):
+                    # the EOS or stop token's own text is left out, as in vLLM
+                    detok.finalize()
+                elif not (state.stream or seq.is_finished or state.params.stop):
                     detok.defer_token(token)
                 elif detok.add_token(token, final=seq.is_finished):
                     # a stop string ended the text; the scheduler must stop the sequence
                     scheduler.finish(seq.seq_id, SequenceStatus.FINISHED_STOPPED)
                     seq.stop_reason = detok.stop_reason
                 touched[state.request_id] = state
+
+    def _stopped_by_token(self, seq: Sequence, token: int, params: SamplingParams) -> bool:
+        if seq.status != SequenceStatus.FINISHED_STOPPED or params.include_stop_str_in_output:
+            return False
+        return token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.eos_token_ids
+        )
+
+    def _logprob_entry(self, entry: dict) -> LogprobsEntry:
+        """{token: (logprob, rank)} from a sampler -> {token: Logprob} with the token's text."""
+        return {
+            int(t): Logprob(float(lp), int(rank), self._token_text(int(t)))
+            for t, (lp, rank) in entry.items()
+        }
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode(
+                [token_id], skip_special_tokens=False
+            )
+        return text
+
+    def _with_logprob_objects(self, sampled: Sampled) -> None:
+        for seq_id, (token, entry) in list(sampled.items()):
+            if entry is not None:
+                sampled[seq_id] = (token, self._logprob_entry(entry))
+
+    def _apply_prompt_logprobs(self, got: dict[int, list]) -> None:
+        """Prompt logprobs by position; a recomputed prompt writes the same positions again."""
+        for seq_id, chunks in got.items():
+            state = self._seq_owner.get(seq_id)
+            if state is None or state.prompt_logprobs is None:
+                continue
+            for pos, entries in chunks:
+                for i, entry in enumerate(entries):
+                    if pos + i < len(state.prompt_logprobs):
+                        state.prompt_logprobs[pos + i] = self._logprob_entry(entry)
 
     def _place_handoffs(self) -> list[Handoff]:
         """Give prefilled sequences KV blocks on their attention replica; the KV copy of each

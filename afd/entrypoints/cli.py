@@ -130,9 +130,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = LLM(**{k: getattr(config, k) for k in config.__dataclass_fields__ if k != "extra"})
     try:
         if args.chat:
-            outs = [llm.chat([{"role": "user", "content": p}], params) for p in args.prompt]
+            conversations = [[{"role": "user", "content": p}] for p in args.prompt]
+            outs = llm.chat(conversations, params, use_tqdm=False)
         else:
-            outs = llm.generate(args.prompt, params)
+            outs = llm.generate(args.prompt, params, use_tqdm=False)
         for out in outs:
             print(out.outputs[0].text)
     finally:

@@ -2,12 +2,54 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from typing import Any
 
 from afd.config import EngineConfig
 from afd.engine.llm_engine import LLMEngine
 from afd.outputs import RequestOutput
 from afd.sampling.params import SamplingParams
+from afd.tokenizer import Tokenizer
+
+# A prompt: text, token ids, {"prompt": text} or {"prompt_token_ids": ids} (vLLM's TextPrompt
+# and TokensPrompt)
+PromptType = str | list[int] | dict[str, Any]
+
+
+def _is_single_prompt(prompts: Any) -> bool:
+    if isinstance(prompts, str | dict):
+        return True
+    return isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
+
+
+def _prompt_input(prompt: Any) -> str | list[int]:
+    """What LLMEngine.add_request takes, from any PromptType; ValueError for anything else."""
+    if isinstance(prompt, dict):
+        keys = set(prompt)
+        if keys == {"prompt"} and isinstance(prompt["prompt"], str):
+            return prompt["prompt"]
+        if keys == {"prompt_token_ids"} and isinstance(prompt["prompt_token_ids"], list):
+            ids = prompt["prompt_token_ids"]
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                return ids
+        raise ValueError(
+            "a dict prompt must be {'prompt': str} or {'prompt_token_ids': list[int]}, got keys "
+            f"{sorted(map(str, keys))}"
+        )
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        return prompt
+    raise ValueError(
+        f"a prompt must be a string, a list of token ids or a dict, got {prompt!r:.60}"
+    )
+
+
+def _is_conversation(messages: Any) -> bool:
+    return isinstance(messages, list) and all(isinstance(m, dict) for m in messages)
 
 
 class LLM:
@@ -20,44 +62,76 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
 
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (encode, decode, apply_chat_template)."""
+        return self.tokenizer
+
     def generate(
         self,
-        prompts: str | list[int] | Sequence[str | list[int]],
+        prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Run prompts (strings or token-id lists) to completion; outputs in prompt order."""
-        if isinstance(prompts, str) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
+        """Run prompts (text, token ids, or vLLM-style dicts) to completion; outputs in prompt
+        order. `use_tqdm` shows a progress bar on stderr."""
+        if _is_single_prompt(prompts):
             prompts = [prompts]
+        if not isinstance(prompts, Sequence):
+            raise ValueError(f"prompts must be a prompt or a list of prompts, got {prompts!r:.60}")
+        inputs = [_prompt_input(p) for p in prompts]
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
+            params = [params] * len(inputs)
+        if len(params) != len(inputs):
             raise ValueError("give one SamplingParams or one per prompt")
-        ids = [
-            self.engine.add_request(p, sp, stream=False)
-            for p, sp in zip(prompts, params, strict=True)
-        ]
-        done: dict[str, RequestOutput] = {}
+        ids: list[str] = []
         try:
-            while len(done) < len(ids):
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
+            for p, sp in zip(inputs, params, strict=True):
+                ids.append(self.engine.add_request(p, sp, stream=False))
+            return self._run(ids, use_tqdm)
         except BaseException:
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm import tqdm
+
+        done: dict[str, RequestOutput] = {}
+        start = time.monotonic()
+        out_tokens = 0
+        with tqdm(
+            total=len(ids), desc="Processed prompts", unit="prompt", disable=not use_tqdm
+        ) as bar:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                        elapsed = max(time.monotonic() - start, 1e-9)
+                        bar.set_postfix_str(f"output {out_tokens / elapsed:.1f} toks/s", False)
+                        bar.update(1)
         return [done[rid] for rid in ids]
 
     def chat(
-        self, messages: list[dict], sampling_params: SamplingParams | None = None
-    ) -> RequestOutput:
-        """One chat conversation through the model's chat template."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        return self.generate([ids], sampling_params)[0]
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} messages) or a list of them, through
+        the model's chat template; one output per conversation, as vLLM's LLM.chat."""
+        conversations = [messages] if _is_conversation(messages) else list(messages)
+        if not conversations or not all(_is_conversation(c) and c for c in conversations):
+            raise ValueError("messages must be a list of message dicts, or a list of such lists")
+        prompts = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt
+            )
+            prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -1,17 +1,18 @@
-"""The OpenAI API as the server sees it: the engine interface it drives (`EngineClient`), request
-validation into SamplingParams, and OpenAI-shaped errors. No HTTP here (see
-afd.entrypoints.server)."""
+"""The OpenAI API as the server sees it: the engine interface it drives (`EngineClient`), the
+request and response schemas (pydantic), request validation into SamplingParams, and
+OpenAI-shaped errors. No HTTP here (see afd.entrypoints.server)."""
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from afd.outputs import RequestOutput
-from afd.sampling.params import INT64_MAX, INT64_MIN, SamplingParams
+from afd.sampling.params import INT64_MAX, INT64_MIN, SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from afd.tokenizer import Tokenizer
@@ -82,147 +83,310 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 @dataclass
 class GenerateRequest:
-    """A validated completions or chat request, ready for engine.generate."""
+    """A validated completions or chat request, ready for engine.generate: one engine request
+    per prompt (a batched completions request has several)."""
 
     chat: bool
-    prompt_token_ids: list[int]
+    prompts: list[list[int]]
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
     # how many alternatives per position the response lists (None: no logprobs asked)
     top_logprobs: int | None = None
+    echo: bool = False  # completions: the prompt's text (and logprobs) lead each choice
+    prompt_texts: list[str] = field(default_factory=list)  # for echo
+    prompt_logprobs: int | None = None  # asked for: each choice lists them (vLLM's field)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.prompts[0]
 
 
-# -- field readers: JSON types are checked strictly (true is not 1, "3" is not 3) ---------------
+# -- request schemas: JSON types are checked strictly (true is not 1, "3" is not 3) -------------
+
+
+def _integral(value: Any) -> Any:
+    # 3.0 is an integer to JSON; 3.5 and true are not
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+# nothing a request says needs more than 64 bits, and msgpack carries no more to the workers
+Int = Annotated[int, BeforeValidator(_integral), Field(ge=INT64_MIN, le=INT64_MAX)]
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+
+class StreamOptions(_Schema):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's; usage arrives at the end here
+
+
+class JSONSchemaFormat(_Schema):
+    """response_format.json_schema: OpenAI's {name, description, schema, strict}."""
+
+    model_config = ConfigDict(
+        strict=True, allow_inf_nan=False, extra="forbid", populate_by_name=True
+    )
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Schema):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Any = None
+
+
+class _SamplingRequest(_Schema):
+    """Fields both endpoints share: OpenAI's, then vLLM's extras."""
+
+    model: str | None = None
+    n: Int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: Int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    max_tokens: Int | None = None
+    response_format: ResponseFormat | None = None
+    # accepted and ignored, as they do not change the output
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    # vLLM's sampling extras
+    top_k: Int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: Int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[Int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    # vLLM's structured outputs
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    # known, not supported: refused with a clear 400 (see _refuse_unsupported)
+    best_of: Int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[Int] | list[list[Int]] | None = None
+    logprobs: Int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    prompt_logprobs: Int | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions; messages are checked one by one (only text is served)."""
+
+    messages: Any = None
+    max_completion_tokens: Int | None = None
+    logprobs: bool | None = None
+    top_logprobs: Int | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+
+
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "finite": "a finite number",
+    "bool": "true or false",
+    "string": "a string",
+    "list": "a list",
+    "dict": "an object",
+    "model": "an object",
+    "literal": "one of the allowed values",
+}
 
 
 def _show(value: Any) -> str:
-    text = json.dumps(value)
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _int(body: dict, name: str, default: Any = None) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if type(value) is float and value.is_integer():
-        value = int(value)
-    if type(value) is not int:
-        raise bad_request(f"'{name}' must be an integer, got {_show(value)}", name)
-    if not INT64_MIN <= value <= INT64_MAX:  # nothing here needs more; msgpack holds 64 bits
-        raise bad_request(f"'{name}' is out of range (signed 64-bit), got {_show(value)}", name)
-    return value
+# fields whose JSON type may be one of several
+_UNION_WORDS = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "a string or a list of strings",
+    "guided_json": "a JSON schema (an object or a string)",
+}
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
-def _number(body: dict, name: str, default: Any = None) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if type(value) not in (int, float):
-        raise bad_request(f"'{name}' must be a number, got {_show(value)}", name)
+def _validation_error(e: ValidationError, body: dict) -> APIError:
+    """The first problem pydantic found, in OpenAI's words."""
+    err = e.errors()[0]
+    loc = [str(x) for x in err.get("loc", ())]
+    name = loc[0] if loc else None
+    if err["type"] == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {name}", name)
+    if err["type"] == "missing":
+        return bad_request(f"'{'.'.join(loc)}' is required", name)
+    got = _show(body.get(name) if name in body else err.get("input"))
+    if name in _UNION_WORDS:
+        return bad_request(f"'{name}' must be {_UNION_WORDS[name]}, got {got}", name)
+    # union members' tags ("str", "list[int]") make the location noisy
+    where = ".".join(x for x in loc if "[" not in x and x not in _TYPE_TAGS)
+    kind = "finite" if err["type"] == "finite_number" else err["type"].split("_")[0]
+    if kind == "literal" and "expected" in err.get("ctx", {}):
+        return bad_request(f"'{where}' must be {err['ctx']['expected']}, got {got}", name)
+    if kind in _TYPE_WORDS:
+        if len(where.split(".")) > 1:
+            got = _show(err.get("input"))
+        return bad_request(f"'{where}' must be {_TYPE_WORDS[kind]}, got {got}", name)
+    return bad_request(f"'{where}': {err['msg']}", name)
+
+
+def _validate(model: type[BaseModel], body: dict) -> Any:
     try:
-        value = float(value)
-    except OverflowError:  # an integer beyond float range
-        value = math.inf
-    if not math.isfinite(value):  # Python's JSON reads NaN and Infinity
-        raise bad_request(f"'{name}' must be a finite number, got {_show(body.get(name))}", name)
-    return value
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise _validation_error(e, body) from None
 
 
-def _bool(body: dict, name: str, default: bool = False) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if type(value) is not bool:
-        raise bad_request(f"'{name}' must be true or false, got {_show(value)}", name)
-    return value
+# -- request -> SamplingParams ----------------------------------------------------------------
 
 
-def _unicode(text: str, name: str) -> str:
-    """JSON can carry lone surrogates (\\ud800), which no tokenizer can encode."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad_request(f"'{name}' is not valid Unicode (a lone surrogate)", name) from None
-    return text
-
-
-def _stop(body: dict) -> list[str] | None:
-    stop = body.get("stop")
-    if stop is None:
-        return None
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise bad_request("'stop' must be a string or a list of strings", "stop")
-    if not all(stop):
-        raise bad_request("'stop' strings must not be empty", "stop")
-    return [_unicode(s, "stop") for s in stop]
-
-
-def _token_ids(value: Any, name: str) -> list[int]:
-    if not isinstance(value, list) or not all(type(t) is int for t in value):
-        raise bad_request(f"'{name}' must be a list of integers", name)
-    if any(t < 0 for t in value):
-        raise bad_request(f"'{name}' must not hold negative token ids", name)
-    if any(t > INT64_MAX for t in value):
-        raise bad_request(f"'{name}' holds a token id beyond 64 bits", name)
-    return value
-
-
-def _check_unsupported(body: dict) -> None:
+def _refuse_unsupported(r: _SamplingRequest) -> None:
     # silently ignoring these would change what the client asked for
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0.0) != 0.0:
-            raise bad_request(f"'{name}' is not supported", name)
-    if body.get("tools"):
+    if r.tools:
         raise bad_request("'tools' (function calling) is not supported", "tools")
-    if _int(body, "best_of", 1) != 1:
+    if r.tool_choice not in (None, "none"):
+        raise bad_request("'tool_choice' other than \"none\" is not supported", "tool_choice")
+    if r.functions:
+        raise bad_request("'functions' (function calling) is not supported", "functions")
+    if r.function_call not in (None, "none"):
+        raise bad_request("'function_call' is not supported", "function_call")
+    if r.best_of not in (None, 1):
         raise bad_request("'best_of' other than 1 is not supported", "best_of")
-    if _bool(body, "echo"):
-        raise bad_request("'echo' is not supported", "echo")
-    if body.get("suffix"):
-        raise bad_request("'suffix' is not supported", "suffix")
 
 
-def _stream_options(body: dict, stream: bool) -> bool:
-    options = body.get("stream_options")
-    if options is None:
+def _stream_options(r: _SamplingRequest) -> bool:
+    if r.stream_options is None:
         return False
-    if not isinstance(options, dict):
-        raise bad_request("'stream_options' must be an object", "stream_options")
-    if not stream:
+    if not r.stream:
         raise bad_request("'stream_options' needs 'stream' set to true", "stream_options")
-    value = options.get("include_usage")
-    if value is not None and type(value) is not bool:
-        raise bad_request("'stream_options.include_usage' must be true or false", "stream_options")
-    return bool(value)
+    return bool(r.stream_options.include_usage)
 
 
-def _sampling_params(body: dict, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    stop_token_ids = body.get("stop_token_ids")
-    if stop_token_ids is not None:
-        stop_token_ids = _token_ids(stop_token_ids, "stop_token_ids")
+def _structured_outputs(r: _SamplingRequest) -> tuple[StructuredOutputsParams | None, str]:
+    """At most one of response_format (json_object, json_schema), guided_json, guided_regex,
+    guided_choice, guided_grammar and structured_outputs; also the name of the field used."""
+    given: list[tuple[str, dict[str, Any]]] = []
+    if r.response_format is not None and r.response_format.type != "text":
+        fmt = r.response_format
+        if fmt.type == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        else:
+            if fmt.json_schema is None:
+                raise bad_request(
+                    "'response_format' of type json_schema needs a 'json_schema' object",
+                    "response_format",
+                )
+            try:
+                spec = JSONSchemaFormat.model_validate(fmt.json_schema)
+            except ValidationError as e:
+                err = _validation_error(e, {})
+                raise bad_request(
+                    f"'response_format.json_schema': {err.message}", "response_format"
+                ) from None
+            if spec.json_schema is None:
+                given.append(("response_format", {"json_object": True}))
+            else:
+                given.append(("response_format", {"json": spec.json_schema}))
+    for name, key in (
+        ("guided_json", "json"),
+        ("guided_regex", "regex"),
+        ("guided_choice", "choice"),
+        ("guided_grammar", "grammar"),
+    ):
+        value = getattr(r, name)
+        if value is not None:
+            given.append((name, {key: value}))
+    if r.structured_outputs is not None:
+        given.append(("structured_outputs", dict(r.structured_outputs)))
+    if not given:
+        return None, "structured_outputs"
+    if len(given) > 1:
+        names = ", ".join(n for n, _ in given)
+        raise bad_request(
+            f"give at most one structured output constraint, got {names}", given[1][0]
+        )
+    name, spec = given[0]
+    try:
+        return StructuredOutputsParams(**spec), name
+    except (TypeError, ValueError) as e:
+        raise bad_request(f"'{name}': {e}", name) from None
+
+
+def _sampling_params(
+    r: _SamplingRequest, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None
+) -> SamplingParams:
+    structured, structured_field = _structured_outputs(r)
     values = dict(
-        n=_int(body, "n", 1),
-        temperature=_number(body, "temperature", 1.0),
-        top_p=_number(body, "top_p", 1.0),
-        top_k=_int(body, "top_k", 0),
-        min_p=_number(body, "min_p", 0.0),
-        seed=_int(body, "seed"),
-        stop=_stop(body),
-        stop_token_ids=stop_token_ids,
+        n=1 if r.n is None else r.n,
+        temperature=1.0 if r.temperature is None else r.temperature,
+        top_p=1.0 if r.top_p is None else r.top_p,
+        top_k=r.top_k or 0,
+        min_p=r.min_p or 0.0,
+        seed=r.seed,
+        stop=r.stop,
+        stop_token_ids=r.stop_token_ids,
         max_tokens=max_tokens,
-        ignore_eos=_bool(body, "ignore_eos"),
+        ignore_eos=bool(r.ignore_eos),
         logprobs=logprobs,
+        presence_penalty=r.presence_penalty or 0.0,
+        frequency_penalty=r.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if r.repetition_penalty is None else r.repetition_penalty,
+        logit_bias=r.logit_bias,
+        min_tokens=r.min_tokens or 0,
+        skip_special_tokens=True if r.skip_special_tokens is None else r.skip_special_tokens,
+        include_stop_str_in_output=bool(r.include_stop_str_in_output),
+        prompt_logprobs=prompt_logprobs,
+        structured_outputs=structured,
     )
     if values["n"] < 1:
         raise bad_request(f"'n' must be at least 1, got {values['n']}", "n")
+    if values["stop_token_ids"] and any(t < 0 for t in values["stop_token_ids"]):
+        raise bad_request("'stop_token_ids' must not hold negative token ids", "stop_token_ids")
     try:
         return SamplingParams(**values)
     except (ValueError, TypeError) as e:
         # SamplingParams messages start with the field name: use it as the param
-        raise bad_request(str(e), str(e).split(" ", 1)[0]) from e
+        param = str(e).split(" ", 1)[0]
+        if param == "structured_outputs":
+            param = structured_field
+        raise bad_request(
+            str(e), param if param in values or param == structured_field else None
+        ) from e
 
 
 def _check_context(n_prompt: int, max_tokens: int, max_model_len: int, prompt_param: str) -> None:
@@ -248,55 +412,89 @@ def _max_tokens(value: int | None, name: str) -> int | None:
     return value
 
 
-def check_model(body: dict, model_name: str) -> None:
-    model = body.get("model")
-    if model is None:
-        return
-    if not isinstance(model, str):
-        raise bad_request(f"'model' must be a string, got {_show(model)}", "model")
-    if model != model_name:
+def _check_model(model: str | None, model_name: str) -> None:
+    if model is not None and model != model_name:
         raise APIError(
             404, f"the model '{model}' does not exist", "invalid_request_error", "model",
             "model_not_found",
         )  # fmt: skip
 
 
-def parse_completion_request(body: dict, engine: EngineClient) -> GenerateRequest:
-    """Validate a /v1/completions body: one prompt (text, token ids, or a one-element list of
-    either); max_tokens defaults to 16 as in OpenAI."""
-    check_model(body, engine.model_name)
-    _check_unsupported(body)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
-        if len(prompt) != 1:
-            raise bad_request(
-                "batched prompts are not supported: send one prompt per request", "prompt"
-            )
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise bad_request("the prompt is empty", "prompt")
-        ids = engine.tokenizer.encode(_unicode(prompt, "prompt"))
-    elif isinstance(prompt, list):
-        ids = _token_ids(prompt, "prompt")
-    else:
-        raise bad_request(
-            "'prompt' must be a string, a list of token ids, or a list with one of those", "prompt"
-        )
-    if not ids:
+def check_model(body: dict, model_name: str) -> None:
+    """404 unless the body names no model or this one."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request(f"'model' must be a string, got {_show(model)}", "model")
+    _check_model(model, model_name)
+
+
+def _object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    return body
+
+
+def _prompts(prompt: Any, engine: EngineClient) -> tuple[list[list[int]], list[str]]:
+    """One or several prompts (text or token ids) -> their token ids and texts."""
+    if prompt is None or (isinstance(prompt, list) and not prompt):
         raise bad_request("the prompt is empty", "prompt")
-    max_tokens = _max_tokens(_int(body, "max_tokens"), "max_tokens")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    ids, texts = [], []
+    for p in prompt:
+        if isinstance(p, str):
+            if not p:
+                raise bad_request("the prompt is empty", "prompt")
+            ids.append(engine.tokenizer.encode(p))
+            texts.append(p)
+        else:
+            if not p:
+                raise bad_request("the prompt is empty", "prompt")
+            if any(t < 0 for t in p):
+                raise bad_request("'prompt' must not hold negative token ids", "prompt")
+            ids.append(p)
+            texts.append(None)
+        if not ids[-1]:
+            raise bad_request("the prompt is empty", "prompt")
+    return ids, texts
+
+
+def parse_completion_request(body: Any, engine: EngineClient) -> GenerateRequest:
+    """Validate a /v1/completions body: one prompt or a batch (a list of strings or of
+    token-id lists: one choice per prompt and n); max_tokens defaults to 16 as in OpenAI."""
+    body = _object(body)
+    check_model(body, engine.model_name)
+    r: CompletionRequest = _validate(CompletionRequest, body)
+    _refuse_unsupported(r)
+    if r.suffix:
+        raise bad_request("'suffix' is not supported", "suffix")
+    ids, texts = _prompts(r.prompt, engine)
+    max_tokens = _max_tokens(r.max_tokens, "max_tokens")
     max_tokens = 16 if max_tokens is None else max_tokens
-    _check_context(len(ids), max_tokens, engine.max_model_len, "prompt")
-    logprobs = _int(body, "logprobs")
-    stream = _bool(body, "stream")
+    for p in ids:
+        _check_context(len(p), max_tokens, engine.max_model_len, "prompt")
+    stream = bool(r.stream)
+    prompt_logprobs = r.prompt_logprobs
+    if prompt_logprobs is not None and stream:
+        raise bad_request("'prompt_logprobs' is not available with 'stream'", "prompt_logprobs")
+    echo = bool(r.echo)
+    if echo and r.logprobs is not None:
+        # echoed prompt tokens come with their logprobs, as in OpenAI's API
+        prompt_logprobs = max(prompt_logprobs or 0, r.logprobs)
     return GenerateRequest(
         chat=False,
-        prompt_token_ids=ids,
-        params=_sampling_params(body, max_tokens, logprobs),
+        prompts=ids,
+        params=_sampling_params(r, max_tokens, r.logprobs, prompt_logprobs),
         stream=stream,
-        include_usage=_stream_options(body, stream),
-        top_logprobs=logprobs,
+        include_usage=_stream_options(r),
+        top_logprobs=r.logprobs,
+        echo=echo,
+        prompt_logprobs=r.prompt_logprobs,
+        prompt_texts=[
+            engine.tokenizer.decode(p) if t is None else t
+            for t, p in zip(texts, ids, strict=True)
+            if echo
+        ],
     )
 
 
@@ -314,16 +512,22 @@ def _message_text(message: Any, i: int) -> dict[str, str]:
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise bad_request(f"messages[{i}].content must be a string or text parts", "messages")
-    _unicode(message["role"], "messages")
-    return {"role": message["role"], "content": _unicode(content, "messages")}
+    return {"role": message["role"], "content": content}
 
 
-def parse_chat_request(body: dict, engine: EngineClient) -> GenerateRequest:
+def parse_chat_request(body: Any, engine: EngineClient) -> GenerateRequest:
     """Validate a /v1/chat/completions body; the prompt is the chat template with the generation
     prompt, tokenised without adding special tokens (the template has them)."""
+    body = _object(body)
     check_model(body, engine.model_name)
-    _check_unsupported(body)
-    messages = body.get("messages")
+    r: ChatCompletionRequest = _validate(ChatCompletionRequest, body)
+    _refuse_unsupported(r)
+    for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
+        if getattr(r, name) is not None:
+            raise bad_request(f"'{name}' is not supported", name)
+    if r.modalities not in (None, ["text"]):
+        raise bad_request("only the 'text' modality is supported", "modalities")
+    messages = r.messages
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "messages")
     messages = [_message_text(m, i) for i, m in enumerate(messages)]
@@ -334,14 +538,14 @@ def parse_chat_request(body: dict, engine: EngineClient) -> GenerateRequest:
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     if not ids:
         raise bad_request("the rendered chat prompt is empty", "messages")
-    max_tokens = _max_tokens(_int(body, "max_completion_tokens"), "max_completion_tokens")
+    max_tokens = _max_tokens(r.max_completion_tokens, "max_completion_tokens")
     if max_tokens is None:
-        max_tokens = _max_tokens(_int(body, "max_tokens"), "max_tokens")
+        max_tokens = _max_tokens(r.max_tokens, "max_tokens")
     remaining = engine.max_model_len - len(ids)
     _check_context(len(ids), max_tokens or 1, engine.max_model_len, "messages")
     max_tokens = remaining if max_tokens is None else max_tokens
-    want_logprobs = _bool(body, "logprobs")
-    top_logprobs = _int(body, "top_logprobs")
+    want_logprobs = bool(r.logprobs)
+    top_logprobs = r.top_logprobs
     if top_logprobs is not None and not want_logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
     if top_logprobs is not None and not 0 <= top_logprobs <= 20:
@@ -349,12 +553,120 @@ def parse_chat_request(body: dict, engine: EngineClient) -> GenerateRequest:
             f"'top_logprobs' must be between 0 and 20, got {top_logprobs}", "top_logprobs"
         )
     logprobs = (top_logprobs or 0) if want_logprobs else None
-    stream = _bool(body, "stream")
+    stream = bool(r.stream)
     return GenerateRequest(
         chat=True,
-        prompt_token_ids=ids,
-        params=_sampling_params(body, max_tokens, logprobs),
+        prompts=[ids],
+        params=_sampling_params(r, max_tokens, logprobs, None),
         stream=stream,
-        include_usage=_stream_options(body, stream),
+        include_usage=_stream_options(r),
         top_logprobs=logprobs,
     )
+
+
+# -- response schemas -------------------------------------------------------------------------
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _omitted_when_none(default: Any = None) -> Any:
+    # fields that OpenAI leaves out rather than sending null
+    return Field(default, exclude_if=lambda v: v is None)
+
+
+class UsageInfo(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class PromptLogprob(_Response):
+    """vLLM's prompt_logprobs entry for one candidate token."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+class CompletionLogprobs(_Response):
+    """OpenAI's legacy completions logprobs."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = _omitted_when_none()
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = _omitted_when_none()
+
+
+class ChatTopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatLogprobToken(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[ChatLogprobToken]
+
+
+class ChatMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = _omitted_when_none()
+    content: str | None = _omitted_when_none()
+
+
+class ChatStreamChoice(_Response):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = _omitted_when_none()

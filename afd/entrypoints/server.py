@@ -16,19 +16,33 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afd.entrypoints.metrics import ServerMetrics
 from afd.entrypoints.protocol import (
     APIError,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatLogprobToken,
+    ChatMessage,
+    ChatStreamChoice,
+    ChatTopLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
     EngineClient,
     GenerateRequest,
+    PromptLogprob,
+    UsageInfo,
     error_body,
     parse_chat_request,
     parse_completion_request,
 )
-from afd.outputs import CompletionOutput, RequestOutput
+from afd.outputs import CompletionOutput, Logprob, RequestOutput
 
 logger = logging.getLogger("afd.entrypoints.server")
 
@@ -51,18 +65,21 @@ class Generation:
         req: GenerateRequest,
         metrics: ServerMetrics,
         poll_s: float,
+        request_id: str,
+        prompt_index: int = 0,
     ):
         self.engine = engine
         self.request = request
         self.req = req
         self.metrics = metrics
         self.poll_s = poll_s
-        self.request_id = f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
+        self.request_id = request_id
+        self.prompt_index = prompt_index
+        self.prompt_ids = req.prompts[prompt_index]
         self.start = time.monotonic()
         self._last_token_at = self.start
         self._num_tokens = 0
-        self._stream = engine.generate(self.request_id, req.prompt_token_ids, req.params)
+        self._stream = engine.generate(self.request_id, self.prompt_ids, req.params)
         self._pending: asyncio.Future | None = None
         self.finished = False
         self.closed = False
@@ -99,6 +116,15 @@ class Generation:
         self._record(out)
         return out
 
+    async def final(self, out: RequestOutput) -> RequestOutput:
+        """Pull snapshots until the finished one."""
+        while not out.finished:
+            nxt = await self.next()
+            if nxt is None:
+                raise APIError(500, "the engine stream ended unfinished", "server_error")
+            out = nxt
+        return out
+
     def _record(self, out: RequestOutput) -> None:
         now = time.monotonic()
         # n > 1 sequences advance in lockstep: a step adds one token to each
@@ -106,9 +132,7 @@ class Generation:
         new = num_tokens - self._num_tokens
         if new > 0:
             if self._num_tokens == 0:
-                self.metrics.observe_first_token(
-                    now - self.start, len(self.req.prompt_token_ids), new
-                )
+                self.metrics.observe_first_token(now - self.start, len(self.prompt_ids), new)
                 if new > 1:
                     self.metrics.observe_tokens(0.0, new - 1)
             else:
@@ -159,99 +183,167 @@ class _ClosingStreamingResponse(StreamingResponse):
 # -- response bodies ------------------------------------------------------------------------
 
 
-def usage_json(prompt_tokens: int, out: RequestOutput) -> dict[str, int]:
-    completion = sum(len(c.token_ids) for c in out.outputs)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": prompt_tokens + completion,
-    }
+class ResponseShaper:
+    """Shapes one API response (all of a request's prompts and choices) from engine snapshots."""
 
+    def __init__(self, engine: EngineClient, req: GenerateRequest, response_id: str):
+        self.engine = engine
+        self.req = req
+        self.id = response_id
+        self.created = int(time.time())
+        self.n = req.params.n
 
-def _token_text(engine: EngineClient, token_id: int) -> str:
-    return engine.tokenizer.decode([token_id], skip_special_tokens=False)
+    def choice_index(self, gen: Generation, c: CompletionOutput) -> int:
+        # a batched completions request lists prompt 0's n choices, then prompt 1's, ...
+        return gen.prompt_index * self.n + c.index
 
+    def usage(self, finals: list[RequestOutput]) -> UsageInfo:
+        prompt = sum(len(p) for p in self.req.prompts)
+        completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
+        return UsageInfo(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
 
-def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
-    # the engine's dict holds the top-k plus the sampled token when it is not among them
-    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+    def token_text(self, token_id: int, lp: Logprob | None = None) -> str:
+        if lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    def logprobs(
+        self, token_ids: list[int], entries: list | None, text_offset: int
+    ) -> CompletionLogprobs | ChatLogprobs | None:
+        if self.req.top_logprobs is None or entries is None:
+            return None
+        if self.req.chat:
+            return self.chat_logprobs(token_ids, entries, self.req.top_logprobs)
+        return self.completion_logprobs(token_ids, entries, self.req.top_logprobs, text_offset)
 
-def completion_logprobs_json(
-    engine: EngineClient,
-    token_ids: list[int],
-    entries: list[dict[int, float]],
-    k: int,
-    text_offset: int,
-) -> dict[str, Any]:
-    """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-    tokens = [_token_text(engine, t) for t in token_ids]
-    offsets = []
-    for text in tokens:
-        offsets.append(text_offset)
-        text_offset += len(text)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [e.get(t) for t, e in zip(token_ids, entries, strict=False)],
-        "top_logprobs": [{_token_text(engine, i): v for i, v in _top(e, k)} for e in entries],
-        "text_offset": offsets,
-    }
+    def completion_logprobs(
+        self, token_ids: list[int], entries: list, k: int, text_offset: int
+    ) -> CompletionLogprobs:
+        """OpenAI's legacy completions logprobs; an entry may be None (the first echoed prompt
+        token has no logprob)."""
+        pairs = list(zip(token_ids, entries, strict=False))
+        tokens = [self.token_text(t, e.get(t) if e else None) for t, e in pairs]
+        offsets = []
+        for text in tokens:
+            offsets.append(text_offset)
+            text_offset += len(text)
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[e[t].logprob if e and t in e else None for t, e in pairs],
+            top_logprobs=[
+                None if e is None else {self.token_text(i, lp): lp.logprob for i, lp in _top(e, k)}
+                for e in entries
+            ],
+            text_offset=offsets,
+        )
 
+    def chat_logprobs(self, token_ids: list[int], entries: list, k: int) -> ChatLogprobs:
+        """Chat logprobs: content[{token, logprob, bytes, top_logprobs: [{token, logprob,
+        bytes}]}]."""
 
-def chat_logprobs_json(
-    engine: EngineClient, token_ids: list[int], entries: list[dict[int, float]], k: int
-) -> dict[str, Any]:
-    """Chat logprobs: content[{token, logprob, bytes, top_logprobs[{token, logprob, bytes}]}]."""
+        def item(token_id: int, lp: Logprob | None) -> dict[str, Any]:
+            text = self.token_text(token_id, lp)
+            return {
+                "token": text,
+                "logprob": lp.logprob if lp is not None else -9999.0,
+                "bytes": list(text.encode("utf-8")),
+            }
 
-    def item(token_id: int, logprob: float | None) -> dict[str, Any]:
-        text = _token_text(engine, token_id)
-        return {
-            "token": text,
-            "logprob": logprob if logprob is not None else -9999.0,
-            "bytes": list(text.encode("utf-8")),
-        }
+        return ChatLogprobs(
+            content=[
+                ChatLogprobToken(
+                    **item(t, e.get(t)),
+                    top_logprobs=[ChatTopLogprob(**item(i, lp)) for i, lp in _top(e, k)],
+                )
+                for t, e in zip(token_ids, entries, strict=False)
+            ]
+        )
 
-    return {
-        "content": [
-            {**item(t, e.get(t)), "top_logprobs": [item(i, v) for i, v in _top(e, k)]}
-            for t, e in zip(token_ids, entries, strict=False)
+    def prompt_logprobs(self, out: RequestOutput) -> list | None:
+        if out.prompt_logprobs is None:
+            return None
+        return [
+            None
+            if e is None
+            else {
+                str(t): PromptLogprob(
+                    logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token
+                )
+                for t, lp in e.items()
+            }
+            for e in out.prompt_logprobs
         ]
-    }
+
+    def echo_prefix(
+        self, gen: Generation, out: RequestOutput
+    ) -> tuple[str, list[int], list | None]:
+        """(text, token ids, logprob entries) that an echoed choice starts with."""
+        if not self.req.echo:
+            return "", [], None
+        entries = None
+        if self.req.top_logprobs is not None:
+            entries = list(out.prompt_logprobs or [None] * len(gen.prompt_ids))
+        return self.req.prompt_texts[gen.prompt_index], list(gen.prompt_ids), entries
+
+    def full(self, gens: list[Generation], finals: list[RequestOutput]) -> dict[str, Any]:
+        choices: list = []
+        for gen, out in zip(gens, finals, strict=True):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                index = self.choice_index(gen, c)
+                if self.req.chat:
+                    choices.append(
+                        ChatChoice(
+                            index=index,
+                            message=ChatMessage(content=c.text),
+                            logprobs=self.logprobs(c.token_ids, c.logprobs, 0),
+                            finish_reason=c.finish_reason,
+                        )
+                    )
+                    continue
+                text, ids, entries = self.echo_prefix(gen, out)
+                if entries is not None and c.logprobs is not None:
+                    entries = entries + list(c.logprobs)
+                else:
+                    entries = c.logprobs
+                choice = CompletionChoice(
+                    index=index,
+                    text=text + c.text,
+                    logprobs=self.logprobs(ids + list(c.token_ids), entries, 0),
+                    finish_reason=c.finish_reason,
+                )
+                if self.req.prompt_logprobs is not None:
+                    choice.prompt_logprobs = self.prompt_logprobs(out)
+                choices.append(choice)
+        kind = ChatCompletionResponse if self.req.chat else CompletionResponse
+        body = kind(
+            id=self.id,
+            object="chat.completion" if self.req.chat else "text_completion",
+            created=self.created,
+            model=self.engine.model_name,
+            choices=choices,
+            usage=self.usage(finals),
+        )
+        return body.model_dump()
+
+    def chunk(self, choices: list, usage: UsageInfo | None = None) -> str:
+        kind = ChatCompletionChunk if self.req.chat else CompletionResponse
+        body = kind(
+            id=self.id,
+            object="chat.completion.chunk" if self.req.chat else "text_completion",
+            created=self.created,
+            model=self.engine.model_name,
+            choices=choices,
+        )
+        if usage is not None:
+            body.usage = usage
+        return f"data: {body.model_dump_json()}\n\n"
 
 
-def _logprobs_json(
-    engine: EngineClient,
-    req: GenerateRequest,
-    token_ids: list[int],
-    entries: list[dict[int, float]] | None,
-    text_offset: int,
-) -> dict[str, Any] | None:
-    if req.top_logprobs is None or entries is None:
-        return None
-    if req.chat:
-        return chat_logprobs_json(engine, token_ids, entries, req.top_logprobs)
-    return completion_logprobs_json(engine, token_ids, entries, req.top_logprobs, text_offset)
-
-
-def full_response_json(engine: EngineClient, gen: Generation, out: RequestOutput) -> dict[str, Any]:
-    choices = []
-    for c in sorted(out.outputs, key=lambda c: c.index):
-        choice: dict[str, Any] = {"index": c.index}
-        if gen.req.chat:
-            choice["message"] = {"role": "assistant", "content": c.text}
-        else:
-            choice["text"] = c.text
-        choice["logprobs"] = _logprobs_json(engine, gen.req, c.token_ids, c.logprobs, 0)
-        choice["finish_reason"] = c.finish_reason
-        choices.append(choice)
-    return {
-        "id": gen.request_id,
-        "object": "chat.completion" if gen.req.chat else "text_completion",
-        "created": gen.created,
-        "model": engine.model_name,
-        "choices": choices,
-        "usage": usage_json(len(gen.req.prompt_token_ids), out),
-    }
+def _top(entry: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    # the engine's dict holds the top-k plus the sampled token when it is not among them
+    return sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
 
 
 def sse(obj: Any) -> str:
@@ -261,53 +353,67 @@ def sse(obj: Any) -> str:
 class _StreamState:
     """What has been sent for each choice, so each chunk carries only the new part."""
 
-    def __init__(self, n: int):
-        self.text_len = [0] * n
-        self.num_tokens = [0] * n
-        self.finished = [False] * n
+    def __init__(self, response: ResponseShaper, num_choices: int):
+        self.response = response
+        self.text_len = [0] * num_choices
+        self.num_tokens = [0] * num_choices
+        self.finished = [False] * num_choices
+        self.started = [False] * num_choices
 
-    def deltas(
-        self, engine: EngineClient, gen: Generation, out: RequestOutput
-    ) -> list[dict[str, Any]]:
+    def deltas(self, gen: Generation, out: RequestOutput) -> list[str]:
         chunks = []
         for c in sorted(out.outputs, key=lambda c: c.index):
-            chunk = self._delta(engine, gen, c)
+            chunk = self._delta(gen, out, c)
             if chunk is not None:
                 chunks.append(chunk)
         return chunks
 
-    def _delta(
-        self, engine: EngineClient, gen: Generation, c: CompletionOutput
-    ) -> dict[str, Any] | None:
-        i = c.index
+    def _delta(self, gen: Generation, out: RequestOutput, c: CompletionOutput) -> str | None:
+        r = self.response
+        i = r.choice_index(gen, c)
         text = c.text[self.text_len[i] :]
         new_ids = c.token_ids[self.num_tokens[i] :]
         finish = c.finish_reason if not self.finished[i] else None
+        entries = c.logprobs[self.num_tokens[i] :] if c.logprobs is not None else None
+        echo_text, echo_ids, echo_entries = r.echo_prefix(gen, out)
+        offset = len(echo_text) + self.text_len[i]  # where the new text starts in the choice
+        if not self.started[i]:
+            # an echoed prompt leads the choice's first chunk
+            offset = 0
+            text, new_ids = echo_text + text, echo_ids + list(new_ids)
+            if echo_entries is not None and entries is not None:
+                entries = echo_entries + list(entries)
         if not text and finish is None:
             return None  # e.g. bytes of a partial UTF-8 character or a possible stop string
-        entries = c.logprobs[self.num_tokens[i] :] if c.logprobs is not None else None
-        logprobs = _logprobs_json(engine, gen.req, new_ids, entries, self.text_len[i])
+        logprobs = r.logprobs(new_ids, entries, offset)
+        self.started[i] = True
         self.text_len[i] = len(c.text)
         self.num_tokens[i] = len(c.token_ids)
         self.finished[i] = self.finished[i] or finish is not None
-        choice: dict[str, Any] = {"index": i}
-        if gen.req.chat:
-            choice["delta"] = {"content": text} if text else {}
+        if r.req.chat:
+            choice: Any = ChatStreamChoice(
+                index=i,
+                delta=DeltaMessage(content=text) if text else DeltaMessage(),
+                logprobs=logprobs,
+                finish_reason=finish,
+            )
         else:
-            choice["text"] = text
-        choice["logprobs"] = logprobs
-        choice["finish_reason"] = finish
-        return _chunk(engine, gen, [choice])
+            choice = CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=finish)
+        return r.chunk([choice])
 
 
-def _chunk(engine: EngineClient, gen: Generation, choices: list[dict]) -> dict[str, Any]:
-    return {
-        "id": gen.request_id,
-        "object": "chat.completion.chunk" if gen.req.chat else "text_completion",
-        "created": gen.created,
-        "model": engine.model_name,
-        "choices": choices,
-    }
+async def _gather(coros: list) -> list:
+    """Await all; on the first failure cancel the rest (a Generation waiting on a request that
+    was aborted would otherwise wait for ever) and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -438,29 +544,34 @@ def build_app(
         req = parse_chat_request(await read_json(request), engine)
         return await respond(request, req)
 
-    async def respond(request: Request, req: GenerateRequest) -> Response:
-        gen = Generation(engine, request, req, metrics, disconnect_poll_s)
+    async def respond(request: Request, req: GenerateRequest):
+        prefix = "chatcmpl" if req.chat else "cmpl"
+        response = ResponseShaper(engine, req, f"{prefix}-{uuid.uuid4().hex}")
+        ids = (
+            [response.id]
+            if len(req.prompts) == 1
+            else [f"{response.id}-{i}" for i in range(len(req.prompts))]
+        )
+        gens = [
+            Generation(engine, request, req, metrics, disconnect_poll_s, rid, i)
+            for i, rid in enumerate(ids)
+        ]
         handed_over = False
         try:
-            # the first snapshot is awaited before any byte is sent, so prompt errors the
+            # the first snapshots are awaited before any byte is sent, so prompt errors the
             # engine finds still get a proper status code, also for streams
-            first = await gen.next()
-            if first is None:
+            firsts = await _gather([g.next() for g in gens])
+            if any(f is None for f in firsts):
                 raise APIError(500, "the engine returned no output", "server_error")
             if req.stream:
                 handed_over = True
                 return _ClosingStreamingResponse(
-                    stream_events(gen, first),
+                    stream_events(response, gens, firsts),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-            final = first
-            while not final.finished:
-                out = await gen.next()
-                if out is None:
-                    raise APIError(500, "the engine stream ended unfinished", "server_error")
-                final = out
-            return JSONResponse(full_response_json(engine, gen, final))
+            finals = await _gather([g.final(f) for g, f in zip(gens, firsts, strict=True)])
+            return JSONResponse(response.full(gens, finals))
         except ClientDisconnected:
             return JSONResponse(
                 error_body("the client closed the connection", "client_closed"),
@@ -468,38 +579,48 @@ def build_app(
             )
         finally:
             if not handed_over:
-                await gen.close()
+                for g in gens:
+                    await g.close()
 
-    async def stream_events(gen: Generation, first: RequestOutput) -> AsyncIterator[str]:
-        state = _StreamState(gen.req.params.n)
-        out: RequestOutput | None = first
-        final = first
+    async def stream_events(
+        response: ResponseShaper, gens: list[Generation], firsts: list[RequestOutput]
+    ) -> AsyncIterator[str]:
+        req = response.req
+        state = _StreamState(response, len(gens) * req.params.n)
+        finals = list(firsts)
+        pending: dict[asyncio.Future, int] = {}
         try:
-            if gen.req.chat:
-                role = {"role": "assistant", "content": ""}
-                yield sse(
-                    _chunk(
-                        engine,
-                        gen,
-                        [
-                            {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
-                            for i in range(gen.req.params.n)
-                        ],
-                    )
+            if req.chat:
+                yield response.chunk(
+                    [
+                        ChatStreamChoice(
+                            index=i,
+                            delta=DeltaMessage(role="assistant", content=""),
+                            logprobs=None,
+                            finish_reason=None,
+                        )
+                        for i in range(req.params.n)
+                    ]
                 )
-            while out is not None:
-                final = out
-                for chunk in state.deltas(engine, gen, out):
-                    yield sse(chunk)
-                if out.finished:
-                    break
-                out = await gen.next()
-            if not final.finished:
-                raise APIError(500, "the engine stream ended unfinished", "server_error")
-            if gen.req.include_usage:
-                usage_chunk = _chunk(engine, gen, [])
-                usage_chunk["usage"] = usage_json(len(gen.req.prompt_token_ids), final)
-                yield sse(usage_chunk)
+            for i, (gen, out) in enumerate(zip(gens, firsts, strict=True)):
+                for chunk in state.deltas(gen, out):
+                    yield chunk
+                if not out.finished:
+                    pending[asyncio.ensure_future(gen.next())] = i
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    i = pending.pop(task)
+                    out = task.result()
+                    if out is None:
+                        raise APIError(500, "the engine stream ended unfinished", "server_error")
+                    finals[i] = out
+                    for chunk in state.deltas(gens[i], out):
+                        yield chunk
+                    if not out.finished:
+                        pending[asyncio.ensure_future(gens[i].next())] = i
+            if req.include_usage:
+                yield response.chunk([], usage=response.usage(finals))
             yield "data: [DONE]\n\n"
         except ClientDisconnected:
             return
@@ -508,7 +629,15 @@ def build_app(
             yield sse(e.body())
             yield "data: [DONE]\n\n"
         finally:
-            await gen.close()
+            # Starlette cancels this generator when the client goes (anyio cancellation repeats
+            # at every await): the clean-up must be shielded to run at all
+            with anyio.CancelScope(shield=True):
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.gather(*pending, return_exceptions=True)
+                for g in gens:
+                    await g.close()
 
     return app
 
