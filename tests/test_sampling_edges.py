@@ -50,12 +50,12 @@ def test_a_failing_row_fails_alone():
     logits[1] = math.nan  # e.g. a request that broke its row
     params = [SamplingParams(temperature=0.7, seed=s, logprobs=1) for s in range(3)]
     gens = [row_generator(s, 0, 5) for s in range(3)]
-    out = Sampler().sample_isolated(logits, params, gens, ["a", "b", "c"])
+    out = Sampler().sample_isolated(logits, params, gens, names=["a", "b", "c"])
     assert out.token_ids[1] == -1 and set(out.errors) == {1} and "sampling failed" in out.errors[1]
     fresh = [row_generator(0, 0, 5), row_generator(2, 0, 5)]
     alone = Sampler()(logits[[0, 2]], [params[0], params[2]], fresh)
     assert [out.token_ids[0], out.token_ids[2]] == alone.token_ids
-    assert out.logprobs[1] is None and out.logprobs[0] is not None
+    assert out.logprobs[1] == {} and out.logprobs[0]
 
 
 def test_seeded_draws_depend_on_seed_index_and_position_only():
@@ -95,10 +95,10 @@ def test_a_request_whose_sampling_raises_fails_alone(monkeypatch):
         want = llm.generate([[5, 6, 7]], ok)[0].outputs[0].token_ids
         real = Sampler.__call__
 
-        def poisoned(self, logits, params, generators):
+        def poisoned(self, logits, params, *rest):
             if any(p.seed == 666 for p in params):
                 raise RuntimeError("poisoned row")
-            return real(self, logits, params, generators)
+            return real(self, logits, params, *rest)
 
         monkeypatch.setattr(Sampler, "__call__", poisoned)
         bad = SamplingParams(temperature=0.5, seed=666, max_tokens=6)

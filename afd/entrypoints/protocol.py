@@ -265,7 +265,28 @@ def _validation_error(e: ValidationError, body: dict) -> APIError:
     return bad_request(f"'{where}': {err['msg']}", name)
 
 
+def _lone_surrogate(value: Any) -> bool:
+    """JSON can escape lone surrogates (\\ud800), which are no text a tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate(v) for v in value)
+    return False
+
+
 def _validate(model: type[BaseModel], body: dict) -> Any:
+    if isinstance(body, dict):
+        for name, value in body.items():
+            if _lone_surrogate(name):
+                raise bad_request("a field name is not valid Unicode (a lone surrogate)")
+            if _lone_surrogate(value):
+                raise bad_request(f"'{name}' is not valid Unicode (a lone surrogate)", name)
     try:
         return model.model_validate(body)
     except ValidationError as e:
