@@ -73,9 +73,10 @@ def run_attention_worker(spec: dict) -> None:
         torch.set_num_threads(spec.get("threads", 1))
         device = torch.device(spec["device"])
         init_world(spec)
-        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="attention")
+        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device,
+                           part="attention", quantization=spec["quantization"])  # fmt: skip
         cfg = model.config
-        dtype = next(model.parameters()).dtype
+        dtype = getattr(torch, spec["dtype"])  # (FP8 layers hold other dtypes)
         kv_caches = allocate_kv_cache(cfg, spec["num_kv_blocks"], spec["block_size"], dtype, device)
         transport = transport_for(spec, cfg, device)
         worker = AttentionWorker(model, kv_caches, transport, spec["block_size"], device)

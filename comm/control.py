@@ -81,5 +81,6 @@ def transport_for(spec: dict, model_config, device):
         shm_dir=spec.get("shm_dir"),
         hidden_size=model_config.hidden_size,
         top_k=model_config.num_experts_per_tok,
+        dispatch_dtype=spec.get("dispatch_dtype", "auto"),
         combine_group=afd_dist.get_combine_group(),
     )

@@ -189,6 +189,8 @@ def worker_spec(config, model_path, model_config: ModelConfig, layout: ClusterLa
         "num_expert_workers": f,
         "expert_ranks": list(range(a, a + f)),
         "comm_backend": config.comm_backend,
+        "dispatch_dtype": config.dispatch_dtype,
+        "quantization": config.quantization,
         "shm_dir": layout.shm,
         "threads": int(config.extra.get("worker_threads", 1)),
     }
