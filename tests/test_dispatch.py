@@ -1,5 +1,6 @@
 """Dispatch/combine with real spawned processes, M attention ranks and N expert ranks: over gloo
-(torch transport) and over shared memory (shm transport)."""
+(torch transport) and over shared memory (shm transport), with activations sent in the compute
+dtype and as FP8 (e4m3 + a float32 scale per token and 128 channels)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import traceback
 
 import pytest
 import torch
-from afd.comm.dispatch import exchange_tag, get_transport, local_ids, resolve_transport_name
+from afd.comm.dispatch import (
+    exchange_tag,
+    get_transport,
+    local_ids,
+    pack_rows,
+    resolve_transport_name,
+    unpack_rows,
+)
 from afd.kernels.torch_ops import fused_moe
 
 from afd.models.model import expert_split
@@ -50,20 +58,26 @@ def _batch(attn: int, layer: int, mb: int, num_experts_hi: int = NUM_EXPERTS):
 
 
 BACKENDS = ("torch", "shm")
+DISPATCH_DTYPES = ("auto", "fp8")
 
 
-def _transport(backend, expert_ranks, ranges, rank, shm_dir):
+def _transport(backend, expert_ranks, ranges, rank, shm_dir, dispatch_dtype):
     from afd.comm.dist import get_combine_group
 
     # torch: the F->A direction on its own group, as workers do on NCCL
     return get_transport(
         backend, expert_ranks, ranges, "cpu", rank=rank, shm_dir=shm_dir,
-        combine_group=get_combine_group(),
+        combine_group=get_combine_group(), dispatch_dtype=dispatch_dtype,
     )  # fmt: skip
 
 
-def _attention_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> None:
-    transport = _transport(backend, expert_ranks, ranges, rank, shm_dir)
+def _as_sent(x: torch.Tensor, dispatch_dtype: str) -> torch.Tensor:
+    """The rows an expert computes with: x, or x through e4m3 and back."""
+    return unpack_rows(*pack_rows(x, dispatch_dtype), x.dtype)
+
+
+def _attention_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir, dd) -> None:
+    transport = _transport(backend, expert_ranks, ranges, rank, shm_dir, dd)
     weights = [_weights(layer) for layer in range(NUM_LAYERS + 1)]
     handles = {}
     # every exchange of every layer and micro-batch in flight before any combine
@@ -83,7 +97,7 @@ def _attention_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> N
     for (layer, mb), handle in reversed(handles.items()):
         x, ids, w = _batch(rank, layer, mb)
         out = transport.combine(handle)
-        ref = fused_moe(x, *weights[layer], w, ids)
+        ref = fused_moe(_as_sent(x, dd), *weights[layer], w, ids)
         assert out.shape == (x.shape[0], HIDDEN) and out.dtype == x.dtype
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         expected_rows = [
@@ -94,24 +108,25 @@ def _attention_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> N
             assert handle.rows_per_rank[0] == 0 and handle.rows_per_rank[1] == x.shape[0]
 
     out16 = transport.combine(h16)
-    ref16 = fused_moe(x16.float(), *weights[BF16_LAYER], w16, ids16)
+    ref16 = fused_moe(_as_sent(x16, dd).float(), *weights[BF16_LAYER], w16, ids16)
     assert out16.dtype == torch.bfloat16
     torch.testing.assert_close(out16.float(), ref16, atol=3e-2, rtol=3e-2)
 
     outb = transport.combine(hb)
     assert ranges[0][1] >= 4  # experts 0..3 all live on expert rank 0
     assert hb.rows_per_rank == [5] + [0] * (len(ranges) - 1)  # 5 tokens, 10 routes
-    header = 4 * 8 if backend == "torch" else 0  # shm: the header travels in the FIFO record
-    row_bytes = HIDDEN * 4 + 2 * 2 * 4  # x fp32 + (ids | weight bits) int32
+    header = 5 * 8 if backend == "torch" else 0  # shm: the header travels in the FIFO record
+    # x fp32 + (ids | weight bits) int32; fp8: x e4m3 + (ids | weight bits | one scale) int32
+    row_bytes = HIDDEN * 4 + 2 * 2 * 4 if dd == "auto" else HIDDEN + (2 * 2 + 1) * 4
     expected_bytes = header * len(ranges) + 5 * row_bytes
     assert hb.bytes_sent == expected_bytes, (hb.bytes_sent, expected_bytes)
-    refb = fused_moe(xb, *_weights(BYTES_LAYER), wb, idsb)
+    refb = fused_moe(_as_sent(xb, dd), *_weights(BYTES_LAYER), wb, idsb)
     torch.testing.assert_close(outb, refb, atol=1e-5, rtol=1e-5)
     transport.close()
 
 
-def _expert_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> None:
-    transport = _transport(backend, expert_ranks, ranges, rank, shm_dir)
+def _expert_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir, dd) -> None:
+    transport = _transport(backend, expert_ranks, ranges, rank, shm_dir, dd)
     start, end = ranges[expert_ranks.index(rank)]
     sources = list(range(num_attn))
     exchanges = [(layer, mb) for layer in range(NUM_LAYERS) for mb in range(NUM_MICRO_BATCHES)]
@@ -123,6 +138,19 @@ def _expert_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> None
         assert batch.x.shape[0] == sum(batch.counts) == batch.topk_ids.shape[0]
         assert bool(((batch.topk_ids >= -1) & (batch.topk_ids < end - start)).all())
         assert bool((batch.topk_ids >= 0).any(1).all()), "a row with no expert here was sent"
+        if layer < NUM_LAYERS:  # the rows, back in the compute dtype, are the ones sent
+            sent = []
+            for src in sources:
+                xs, ids, _ = _batch(src, layer, mb)
+                sent.append(xs[(local_ids(ids, start, end) >= 0).any(1)])
+            sent = torch.cat(sent)
+            assert batch.x.dtype == sent.dtype
+            # e4m3 keeps 3 mantissa bits: at most 2^-4 relative (plus the subnormal step)
+            scale = sent.abs().amax(1, keepdim=True) / 448
+            bound = sent.abs() * 2**-4 + scale * 2**-9 if dd == "fp8" else 0 * sent
+            assert bool(((batch.x - sent).abs() <= bound).all())
+            if dd == "fp8" and sent.numel():
+                assert not torch.equal(batch.x, sent)  # it did travel as FP8
         x = batch.x.float()
         out = fused_moe(x, w13[start:end], w2[start:end], batch.topk_weights, batch.topk_ids)
         transport.send_back(batch, out.to(batch.x.dtype))
@@ -139,16 +167,18 @@ def _run_rank(rank: int, port: int, err_dir: str) -> None:
     from afd.comm.dist import destroy_world, init_world
 
     torch.set_num_threads(1)
-    backend = topology = None
+    backend = topology = dd = None
     try:
         world = MAX_ATTN + MAX_EXPERT
         init_world(rank, world, "127.0.0.1", port, "gloo", "cpu", timeout_s=60, combine_group=True)
-        for backend, topology in [(b, t) for b in BACKENDS for t in TOPOLOGIES]:
+        runs = [(b, t, "auto") for b in BACKENDS for t in TOPOLOGIES]
+        runs += [(b, t, "fp8") for b in BACKENDS for t in ((1, 2), (3, 2))]
+        for backend, topology, dd in runs:
             num_attn, num_expert = topology
             # attention ranks 0..M-1, expert ranks MAX_ATTN..MAX_ATTN+N-1; the rest sit out
             expert_ranks = list(range(MAX_ATTN, MAX_ATTN + num_expert))
             ranges = expert_split(NUM_EXPERTS, num_expert)
-            args = (rank, expert_ranks, ranges, num_attn, backend, err_dir)
+            args = (rank, expert_ranks, ranges, num_attn, backend, err_dir, dd)
             if rank < num_attn:
                 _attention_rank(*args)
             elif rank in expert_ranks:
@@ -157,7 +187,7 @@ def _run_rank(rank: int, port: int, err_dir: str) -> None:
         destroy_world()
     except BaseException:
         with open(os.path.join(err_dir, f"rank{rank}.err"), "w") as f:
-            f.write(f"{backend} (M, N) = {topology}, rank {rank}\n{traceback.format_exc()}")
+            f.write(f"{backend} (M, N) = {topology} {dd}, rank {rank}\n{traceback.format_exc()}")
         raise SystemExit(1) from None
 
 
