@@ -85,6 +85,7 @@ def run_attention_worker(spec: dict) -> None:
             msg = channel.recv()
             if msg["type"] == "shutdown":
                 break
+            sent, got = transport.stats["bytes_sent"], transport.stats["bytes_received"]
             sampled, clock = worker.step(msg)
             channel.send(
                 "attn_result",
@@ -92,6 +93,10 @@ def run_attention_worker(spec: dict) -> None:
                 sampled=sampled,
                 times=clock.times,
                 events=clock.events,
+                wire={
+                    "dispatch": transport.stats["bytes_sent"] - sent,
+                    "combine": transport.stats["bytes_received"] - got,
+                },
             )
     except BaseException as e:  # report anything, then die: the driver turns it into an error
         channel.report_error(e)

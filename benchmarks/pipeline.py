@@ -9,7 +9,7 @@ import statistics
 import time
 from pathlib import Path
 
-from afd.comm.dispatch import transport_names
+from afd.comm.dispatch import DISPATCH_DTYPES, transport_names
 
 BENCH_MODEL = "bench-balanced-moe"
 # Shaped so that on CPU the attention side (projections + paged attention over ~32-64 tokens)
@@ -54,6 +54,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--comm-backend", default="auto", choices=transport_names())
+    p.add_argument(
+        "--dispatch-dtype",
+        default="auto",
+        choices=DISPATCH_DTYPES,
+        help="A->F activations in the compute dtype (auto) or e4m3 + per-128-channel scales",
+    )
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="--device cuda: GPUs the workers share (1 runs the whole topology on one GPU)",
+    )
     p.add_argument("--output-dir", default="results/pipeline", help="JSON, PNG and trace go here")
 
 
@@ -72,6 +84,8 @@ def bench_model_path():
 
 
 def run(args: argparse.Namespace) -> int:
+    from afd.benchmarks.results import write_result
+
     from afd import LLM, SamplingParams
 
     for name in (
@@ -102,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         num_attention_workers=args.num_attention_workers,
         num_expert_workers=args.num_expert_workers,
         comm_backend=args.comm_backend,
+        dispatch_dtype=args.dispatch_dtype,
+        gpus_per_node=args.gpus_per_node,
         num_scheduler_steps=k,
         max_num_seqs=args.batch_size * args.num_attention_workers,
         block_size=block_size,
@@ -114,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         llm.shutdown()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline.json").write_text(json.dumps(result, indent=2))
+    write_result("pipeline", result, device=args.device, path=out / "pipeline.json")
     write_chrome_trace(result, out / "pipeline_trace.json")
     write_timeline_png(result, out / "pipeline_timeline.png")
     print_table(result)
@@ -148,6 +164,7 @@ def measure(llm, args, SamplingParams) -> dict:
     stage_sums = {m: {} for m in ms}
     events: dict[int, list] = {}
     loads = {m: [] for m in ms}
+    wire = {m: {} for m in ms}
     for i in range((args.warmup_plans + args.plans) * len(ms)):
         m = ms[i % len(ms)]
         measured = i >= args.warmup_plans * len(ms)
@@ -168,10 +185,15 @@ def measure(llm, args, SamplingParams) -> dict:
         for k, v in ex.last_times.items():
             stage_sums[m][k] = stage_sums[m].get(k, 0.0) + v
         loads[m].append(ex.last_load)
+        for key, v in ex.last_wire.items():
+            wire[m][key] = wire[m].get(key, 0) + v
         if ex.trace:
             events[m] = ex.last_events
     ex.trace = False
-    runs = [summarise(m, walls[m], stage_sums[m], events.get(m), loads[m], total, args) for m in ms]
+    runs = [
+        summarise(m, walls[m], stage_sums[m], events.get(m), loads[m], wire[m], total, args)
+        for m in ms
+    ]
     base = runs[0]["decode_tokens_per_s"]
     for r in runs:
         r["speedup_vs_m1"] = r["decode_tokens_per_s"] / base
@@ -184,14 +206,17 @@ def measure(llm, args, SamplingParams) -> dict:
         "context_len": args.context_len,
         "decode_steps": args.plans * args.num_scheduler_steps,
         "num_scheduler_steps": args.num_scheduler_steps,
+        "dispatch_dtype": args.dispatch_dtype,
+        "dtype": args.dtype,
         "device": device_name(args.device),
         "model": args.model,
         "runs": runs,
     }
 
 
-def summarise(m, walls, stage_sums, events, loads, total, args) -> dict:
-    """Times and loads per decode step (a scheduling step runs num_scheduler_steps of them)."""
+def summarise(m, walls, stage_sums, events, loads, wire, total, args) -> dict:
+    """Times, loads and data-plane bytes per decode step (a scheduling step runs
+    num_scheduler_steps of them)."""
     k = args.num_scheduler_steps
     steps = len(walls) * k
     step_s = statistics.mean(walls) / k
@@ -229,6 +254,8 @@ def summarise(m, walls, stage_sums, events, loads, total, args) -> dict:
             "max_tokens_per_expert_step": max(flat) if flat else 0,
             "total_per_expert": per_expert,
         },
+        # bytes every attention worker together put on the wire (A->F) and got back (F->A)
+        "wire_bytes_per_step": {key: v / steps for key, v in sorted(wire.items())},
         "events": events or [],
     }
 
@@ -246,18 +273,20 @@ def device_name(device: str) -> str:
 def print_table(result: dict) -> None:
     head = (
         f"{'m':>2} {'tok/s':>9} {'speedup':>8} {'step ms':>8} {'attn ms':>8} {'expert ms':>9} "
-        f"{'wait ms':>8} {'bubble A':>8} {'bubble F':>8} {'A/F':>5}"
+        f"{'wait ms':>8} {'bubble A':>8} {'bubble F':>8} {'A/F':>5} {'A->F MB':>8} {'F->A MB':>8}"
     )
     print(head)
     for r in result["runs"]:
         s = r["stage_time_per_step_s"]
         bal = r["attention_expert_balance"] or 0
+        wb = r["wire_bytes_per_step"]
         print(
             f"{r['m']:>2} {r['decode_tokens_per_s']:>9.1f} {r['speedup_vs_m1']:>7.2f}x "
             f"{r['step_time_s'] * 1e3:>8.1f} {s['attention'] * 1e3:>8.1f} "
             f"{s['expert'] * 1e3:>9.1f} "
             f"{s['combine_wait'] * 1e3:>8.1f} {r['bubble_fraction']['attention']:>8.2f} "
-            f"{r['bubble_fraction']['expert']:>8.2f} {bal:>5.2f}"
+            f"{r['bubble_fraction']['expert']:>8.2f} {bal:>5.2f} "
+            f"{wb.get('dispatch', 0) / 1e6:>8.3f} {wb.get('combine', 0) / 1e6:>8.3f}"
         )
 
 

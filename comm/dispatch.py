@@ -224,19 +224,23 @@ def deep_ep_available() -> bool:
 
 
 def resolve_transport_name(
-    name: str, device: str | torch.device, shm_dir: str | None = None
+    name: str, device: str | torch.device, shm_dir: str | None = None, shared_gpus: bool = False
 ) -> str:
-    """'auto' -> deepep when deep_ep imports and the device is CUDA; shm on CPU when every rank
-    shares one host (a shared folder is given); else torch."""
+    """'auto' -> deepep when deep_ep imports and the device is CUDA with a GPU per worker; shm
+    when every rank shares one host (a shared folder is given) on CPU or on shared GPUs (staged
+    through host memory); else torch."""
+    kind = torch.device(device).type
     if name == "auto":
-        kind = torch.device(device).type
-        if kind == "cuda" and "deepep" in _REGISTRY and deep_ep_available():
+        if kind == "cuda" and not shared_gpus and "deepep" in _REGISTRY and deep_ep_available():
             return "deepep"
-        return "shm" if kind == "cpu" and shm_dir and "shm" in _REGISTRY else "torch"
+        one_host = shm_dir and "shm" in _REGISTRY
+        return "shm" if one_host and (kind == "cpu" or shared_gpus) else "torch"
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown comm backend {name!r}; choose from {', '.join(transport_names())}"
         )
+    if name == "deepep" and shared_gpus:
+        raise ValueError("--comm-backend deepep needs one GPU per worker; drop --gpus-per-node")
     return name
 
 

@@ -294,6 +294,9 @@ class ShmTransport(Transport):
         if rank is None or not shm_dir:
             raise ValueError("the shm comm backend needs this process's rank and a shared folder")
         self.rank, self.folder, self.timeout_s = rank, shm_dir, timeout_s
+        # GPU rows travel through the segments: copied in by senders, out by receivers (the
+        # same code path runs on CPU when a test sets it)
+        self.staged = self.device.type != "cpu"
         self.pin = self.device.type == "cuda"
         self._out: dict[int, _Outgoing] = {}
         self._in: dict[int, _Incoming] = {}
@@ -319,7 +322,7 @@ class ShmTransport(Transport):
         if scales is not None:
             rest.append(scales.view(torch.int32))
         rest = torch.cat(rest, dim=1)  # [T, k + G]: weight bits (then scale bits)
-        in_place = payload.device.type == "cpu"
+        in_place = not self.staged
         for dst, (start, end) in zip(self.expert_ranks, self.expert_ranges, strict=True):
             local = local_ids(topk_ids, start, end)  # [T, k]
             on_rank = (local >= 0).any(dim=1)
@@ -387,7 +390,7 @@ class ShmTransport(Transport):
             if (x.shape[1], x.dtype, meta.shape[1], m.aux) != first:
                 raise RuntimeError(f"exchange {tag}: rank {src} sent a different hidden/top_k")
         received = sum(t.numel() * t.element_size() for t in (*xs, *metas))
-        if len(msgs) == 1 and self.device.type == "cpu":
+        if len(msgs) == 1 and not self.staged:
             x, meta = xs[0], metas[0]  # read in place until send_back releases the slot
         else:
             x = torch.cat(xs).to(self.device)

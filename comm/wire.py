@@ -57,8 +57,16 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "num_steps": int,
         "trace": bool,
     },
-    # sampled: one [[seq_id, token, logprobs], ...] list per decode step of the plan
-    "attn_result": {"rank": int, "step": int, "sampled": list, "times": dict, "events": list},
+    # sampled: one [[seq_id, token, logprobs], ...] list per decode step of the plan;
+    # wire: bytes this attention worker put on the data plane ("dispatch") and got ("combine")
+    "attn_result": {
+        "rank": int,
+        "step": int,
+        "sampled": list,
+        "times": dict,
+        "events": list,
+        "wire": dict,
+    },
     "expert_result": {"rank": int, "step": int, "times": dict, "events": list, "load": list},
     "shutdown": {},
 }

@@ -61,10 +61,10 @@ def run_continuous(llm, prompts):
     return [done[i] for i in range(len(prompts))]
 
 
-def cluster(model: str, p: int, a: int, f: int, **kw) -> LLM:
+def cluster(model: str, p: int, a: int, f: int, dtype: str = "float32", **kw) -> LLM:
     return LLM(
         model,
-        dtype="float32",
+        dtype=dtype,
         block_size=4,
         num_prefill_workers=p,
         num_attention_workers=a,
@@ -176,3 +176,23 @@ def test_decode_keeps_going_while_a_long_prompt_prefills():
         assert progressed_during_prefill >= 3, "decode waited for the long prefill"
     finally:
         llm.shutdown()
+
+
+def test_fp8_dispatch_serves_with_about_half_the_bytes():
+    """2A2F in bfloat16: --dispatch-dtype fp8 sends e4m3 rows + a float32 scale per 128 channels
+    (DeepEP's format); the A->F bytes drop to about half, combine stays in bfloat16."""
+    prompts = mixed_prompts(4, 512, seed=7)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    wire = {}
+    for dd in ("auto", "fp8"):
+        llm = cluster("tiny-qwen3-moe", 0, 2, 2, "bfloat16", num_micro_batches=2, dispatch_dtype=dd)
+        try:
+            outs = llm.generate(prompts, params)
+            assert [len(o.outputs[0].token_ids) for o in outs] == [5] * len(prompts)
+            wire[dd] = {k: v for k, v in llm.engine.stats().items() if k.endswith("_bytes_total")}
+        finally:
+            llm.shutdown()
+    assert wire["fp8"]["combine_bytes_total"] == wire["auto"]["combine_bytes_total"] > 0
+    ratio = wire["fp8"]["dispatch_bytes_total"] / wire["auto"]["dispatch_bytes_total"]
+    # hidden 64: 64 e4m3 bytes + 4 for the scale vs 128 bfloat16 bytes, plus ids and weights
+    assert 0.5 < ratio < 0.6, ratio

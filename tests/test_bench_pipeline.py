@@ -40,11 +40,17 @@ def test_bench_pipeline_writes_json_png_and_trace(tmp_path, capsys):
         routed = 6 * cfg.num_experts_per_tok * len(cfg.moe_layers)
         assert load["mean_tokens_per_expert_step"] * cfg.n_routed_experts == routed
         assert sum(load["total_per_expert"]) == 2 * 2 * routed
+        # every routed token row crosses to the one expert worker and comes back
+        wire = r["wire_bytes_per_step"]
+        row = cfg.hidden_size * 4  # float32
+        assert wire["combine"] == 6 * row * len(cfg.moe_layers)
+        assert wire["dispatch"] == 6 * (row + 2 * cfg.num_experts_per_tok * 4) * len(cfg.moe_layers)
+    assert result["dispatch_dtype"] == "auto" and result["commit"] and result["machine"]["cores"]
     trace = json.loads((out / "pipeline_trace.json").read_text())["traceEvents"]
     assert {e["pid"] for e in trace} == {"m=1", "m=2", "m=3"}
     assert (out / "pipeline_timeline.png").read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
-    assert "speedup" in table and "bubble A" in table
+    assert "speedup" in table and "bubble A" in table and "A->F MB" in table
 
 
 def test_bench_pipeline_rejects_bad_sizes(capsys):

@@ -280,6 +280,42 @@ def test_shm_slots_are_reused_grown_and_released(tmp_path):
     assert not [f for f in os.listdir(folder) if f.startswith("slot-")]
 
 
+@pytest.mark.parametrize("staged", [False, True])
+def test_shm_fp8_dispatch_in_one_process(tmp_path, staged):
+    """FP8 rows through the shm segments, read in place (CPU) or copied out as GPU workers
+    sharing one GPU do (`staged`, exercised here on CPU): the expert computes on the rows
+    dequantized to the compute dtype named in the record, combine stays in that dtype."""
+    folder = str(tmp_path)
+    kw = dict(shm_dir=folder, dispatch_dtype="fp8")
+    attn = get_transport("shm", [1, 2], [(0, 3), (3, 7)], "cpu", rank=0, **kw)
+    experts = [get_transport("shm", [1, 2], [(0, 3), (3, 7)], "cpu", rank=r, **kw) for r in (1, 2)]
+    for t in (attn, *experts):
+        t.staged = staged
+    w13, w2 = _weights(0)
+    g = torch.Generator().manual_seed(9)
+    for dtype, tokens in ((torch.bfloat16, 6), (torch.float32, 200)):
+        x = torch.randn(tokens, HIDDEN, generator=g).to(dtype)
+        ids = torch.rand(tokens, NUM_EXPERTS, generator=g).topk(TOP_K, dim=1).indices
+        w = torch.rand(tokens, TOP_K, generator=g)
+        handle = attn.dispatch(x, ids, w, 3)
+        for rank, t in zip((1, 2), experts, strict=True):
+            start, end = t.expert_ranges[rank - 1]
+            b = t.receive([0], 3)
+            assert b.x.dtype == dtype
+            rows = (local_ids(ids, start, end) >= 0).any(1)
+            torch.testing.assert_close(b.x, _as_sent(x[rows], "fp8"), atol=0, rtol=0)
+            out = fused_moe(b.x.float(), w13[start:end], w2[start:end], b.topk_weights, b.topk_ids)
+            t.send_back(b, out.to(dtype))
+        got = attn.combine(handle)
+        assert got.dtype == dtype
+        want = fused_moe(_as_sent(x, "fp8").float(), w13, w2, w, ids)
+        torch.testing.assert_close(got.float(), want, **({} if dtype == torch.float32 else
+                                                         dict(atol=3e-2, rtol=3e-2)))  # fmt: skip
+    for t in (attn, *experts):
+        t.close()
+    assert not [f for f in os.listdir(folder) if f.startswith("slot-")]
+
+
 def test_cluster_layout_checks_the_comm_backend():
     import shutil
     from types import SimpleNamespace
@@ -310,9 +346,63 @@ def test_every_gpu_worker_of_a_node_gets_its_own_gpu():
     one = ClusterLayout(2, 2, 1)
     assert node_devices(one, 0, "cpu", 0) == dict.fromkeys(range(5), "cpu")
     assert node_devices(one, 0, "cuda", 8) == {r: f"cuda:{r}" for r in range(5)}
-    with pytest.raises(ValueError, match="5 workers on node 0 need one GPU each, but it has 1"):
+    with pytest.raises(ValueError, match="5 workers on node 0 need one GPU each, but it has 1;"):
         node_devices(one, 0, "cuda", 1)
     # two nodes: attention and prefill on node 0, experts on node 1; each node counts from 0
     two = ClusterLayout(2, 3, 1, nnodes=2, node_roles=parse_node_roles(None, 2))
     assert node_devices(two, 0, "cuda", 4) == {0: "cuda:0", 1: "cuda:1", 5: "cuda:2"}
     assert node_devices(two, 1, "cuda", 4) == {2: "cuda:0", 3: "cuda:1", 4: "cuda:2"}
+
+
+def test_workers_share_gpus_when_asked(builtin_path):
+    """--gpus-per-node G: a node's workers take cuda:0..G-1 round-robin; a cluster where some GPU
+    runs several workers forms its world over gloo (NCCL allows no two ranks on one GPU) and
+    moves the data plane through host memory (shm on one node, torch over gloo across nodes)."""
+    import shutil
+
+    from afd.comm.dispatch import resolve_transport_name
+    from afd.scheduler.cluster import (
+        ClusterLayout,
+        layout_for,
+        node_devices,
+        parse_node_roles,
+        shares_gpus,
+        worker_spec,
+    )
+
+    from afd.config import EngineConfig, ModelConfig
+
+    one = ClusterLayout(2, 2, 1)  # 1P + 2A + 2F on one node
+    assert node_devices(one, 0, "cuda", 1, gpus_per_node=1) == dict.fromkeys(range(5), "cuda:0")
+    assert node_devices(one, 0, "cuda", 8, gpus_per_node=2) == {
+        0: "cuda:0", 1: "cuda:1", 2: "cuda:0", 3: "cuda:1", 4: "cuda:0"
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="--gpus-per-node 2, but node 0 has 1 GPUs"):
+        node_devices(one, 0, "cuda", 1, gpus_per_node=2)
+    two = ClusterLayout(2, 2, 0, nnodes=2, node_roles=parse_node_roles(None, 2))
+    cfg = dict(device="cuda", num_attention_workers=2, num_expert_workers=2)
+    assert not shares_gpus(EngineConfig(**cfg), two)  # default: one GPU per worker
+    assert not shares_gpus(EngineConfig(gpus_per_node=2, **cfg), two)  # 2 workers per node
+    assert shares_gpus(EngineConfig(gpus_per_node=1, **cfg), two)
+    assert not shares_gpus(EngineConfig(gpus_per_node=1, **{**cfg, "device": "cpu"}), two)
+    assert resolve_transport_name("auto", "cuda", "/dev/shm/x", shared_gpus=True) == "shm"
+    assert resolve_transport_name("auto", "cuda", None, shared_gpus=True) == "torch"
+    with pytest.raises(ValueError, match="one GPU per worker"):
+        resolve_transport_name("deepep", "cuda", None, shared_gpus=True)
+
+    path = builtin_path("tiny-qwen3-moe")
+    model = ModelConfig.from_pretrained(path)
+    config = EngineConfig(model=str(path), gpus_per_node=1, num_prefill_workers=1, **cfg)
+    layout = layout_for(config, model)
+    try:
+        spec = worker_spec(config, path, model, layout)
+        assert spec["dist_backend"] == "gloo" and spec["comm_backend"] == "shm"
+        assert spec["gpus_per_node"] == 1
+        own = EngineConfig(model=str(path), comm_backend="torch", **cfg)
+        spec = worker_spec(own, path, model, layout)
+        assert spec["dist_backend"] == "auto" and spec["comm_backend"] == "torch"
+    finally:
+        shutil.rmtree(layout.shm, ignore_errors=True)
+        shutil.rmtree(layout.ipc, ignore_errors=True)
+    with pytest.raises(ValueError, match="at least 1"):
+        layout_for(EngineConfig(model="m", gpus_per_node=0, **cfg), model)
