@@ -47,6 +47,10 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if path.is_dir():
         return path
     name = str(name_or_path)
+    from afd.benchmarks.models import BENCH_MODELS, bench_model_path
+
+    if name in BENCH_MODELS:  # benchmark models are built the same way, on first use
+        return bench_model_path(name)
     if name not in BUILTIN_MODELS:
         raise ValueError(
             f"model {name!r} is neither a directory nor a built-in model "

@@ -3,16 +3,15 @@ the scheduler), samples the first token, and ships the prompt's KV to an attenti
 
 from __future__ import annotations
 
-import time
-
 import torch
 from afd.attention_nodes.kv_transfer import send_kv
-from afd.attention_nodes.worker import StageClock, build_micro_batch, sample_entries
+from afd.attention_nodes.worker import build_micro_batch, sample_entries
 from afd.comm.control import WorkerChannel, init_world
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import allocate_kv_cache
 from afd.sampling.sampler import Sampler
+from afd.timing import StageClock
 
 
 def run_prefill_worker(spec: dict) -> None:
@@ -33,8 +32,8 @@ def run_prefill_worker(spec: dict) -> None:
             msg = channel.recv()
             if msg["type"] == "shutdown":
                 break
-            clock = StageClock(msg["trace"])
-            t0 = time.monotonic_ns()
+            clock = StageClock(msg["trace"], device)
+            t0 = clock.now()
             sends = [send_kv(caches, blocks, dst, seq_id) for seq_id, dst, blocks in msg["exports"]]
             sampled = []
             if msg["micro_batches"]:
@@ -47,7 +46,7 @@ def run_prefill_worker(spec: dict) -> None:
                         )
             for work, _ in sends:
                 work.wait()
-            clock.record("prefill", "prefill", t0, time.monotonic_ns())
+            clock.record("prefill", "prefill", t0, clock.now())
             channel.send("prefill_result", step=msg["step"], sampled=sampled, times=clock.times,
                          events=clock.events)  # fmt: skip
     except BaseException as e:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ from afd.loader import count_parameter_bytes, load_model
 from afd.models import AttentionMetadata, allocate_kv_cache
 from afd.sampling.params import SamplingParams
 from afd.sampling.sampler import Sampler
+from afd.timing import StageClock
 
 
 @dataclass
@@ -51,20 +51,6 @@ def build_micro_batch(entries: list, block_size: int, device) -> MicroBatch:
         torch.tensor(rows, dtype=torch.int64, device=device),
         sampled,
     )
-
-
-class StageClock:
-    """Accumulates per-stage seconds and, when tracing, (lane, name, start_ns, end_ns) events."""
-
-    def __init__(self, trace: bool):
-        self.trace = trace
-        self.times: dict[str, float] = {}
-        self.events: list[list] = []
-
-    def record(self, stage: str, lane: str, start: int, end: int, label: str = "") -> None:
-        self.times[stage] = self.times.get(stage, 0.0) + (end - start) / 1e9
-        if self.trace:
-            self.events.append([lane, label or stage, start, end])
 
 
 def run_attention_worker(spec: dict) -> None:
@@ -117,16 +103,18 @@ class AttentionWorker:
     @torch.inference_mode()
     def step(self, plan: dict) -> tuple[list, StageClock]:
         """Run the plan's decode steps; the sampled [[seq_id, token, logprobs]] of each step."""
-        clock = StageClock(plan["trace"])
+        clock = StageClock(plan["trace"], self.device)
+        start = clock.now()
         for seq_id in plan["release"]:
             self.generators.pop(seq_id, None)
-        t0 = time.monotonic_ns()
+        t0 = clock.now()
         for seq_id, src, blocks in plan["imports"]:
             recv_kv(self.kv_caches, blocks, src, seq_id)
         if plan["imports"]:
-            clock.record("kv_import", "comm", t0, time.monotonic_ns(), "kv import")
+            clock.record("kv_import", "comm", t0, clock.now(), "kv import")
         num_steps = plan["num_steps"]
         if not plan["micro_batches"]:
+            clock.total("attention_plan", start, clock.now())
             return [[] for _ in range(num_steps)], clock
         entries = plan["micro_batches"]
         mbs = [build_micro_batch(e, self.block_size, self.device) for e in entries]
@@ -138,7 +126,7 @@ class AttentionWorker:
             mb = mbs[i]
             if not mb.sample_entries:  # prefill chunks that do not reach their prompt's end
                 return None
-            t0 = time.monotonic_ns()
+            t0 = clock.now()
             got = sample_entries(
                 self.model, self.sampler, self.generators, mb.sample_entries, hidden[mb.sample_rows]
             )
@@ -151,10 +139,11 @@ class AttentionWorker:
                     for e, (_, tok, _) in zip(entries[i], got, strict=True)
                 ]
                 nxt = mbs[i] = build_micro_batch(entries[i], self.block_size, self.device)
-            clock.record("attention", "attention", t0, time.monotonic_ns(), f"sample mb{i}")
+            clock.record("attention", "attention", t0, clock.now(), f"sample mb{i}")
             return nxt
 
         self.ping_pong(mbs, num_steps, clock, sample)
+        clock.total("attention_plan", start, clock.now())
         return sampled, clock
 
     def ping_pong(self, mbs: list[MicroBatch], num_steps: int, clock: StageClock, on_done) -> None:
@@ -180,28 +169,24 @@ class AttentionWorker:
             if layer.idx == 0 and step > 0 and mb.meta is not None:
                 mb = mbs[i] = on_done(i, step - 1, model.final_norm(hs[i], res[i]))
                 hs[i], res[i] = model.embed(mb.input_ids), None
-            t0 = time.monotonic_ns()
+            t0 = clock.now()
             if mb.meta is None:
                 x = torch.empty(0, model.config.hidden_size, device=self.device)
             else:
                 x, res[i] = layer.attention_part(hs[i], res[i], mb.positions, mb.meta, kv)
             if not layer.is_moe:
                 hs[i] = layer.ffn_part(x) if mb.meta is not None else None
-                clock.record(
-                    "attention", "attention", t0, time.monotonic_ns(), f"attn L{layer.idx} mb{i}"
-                )
+                clock.record("attention", "attention", t0, clock.now(), f"attn L{layer.idx} mb{i}")
                 continue
             weights, ids = layer.mlp.gate(x)
-            t1 = time.monotonic_ns()
+            t1 = clock.now()
             clock.record("attention", "attention", t0, t1, f"attn L{layer.idx} mb{i}")
             handle = self.transport.dispatch(x, ids, weights, exchange_tag(layer.idx, i))
-            t2 = time.monotonic_ns()
+            t2 = clock.now()
             clock.record("dispatch", "comm", t1, t2, f"dispatch L{layer.idx} mb{i}")
             # shared experts run here, while the routed experts work on the other side
             shared = layer.mlp.shared(x) if mb.meta is not None else None
-            clock.record(
-                "attention", "attention", t2, time.monotonic_ns(), f"shared L{layer.idx} mb{i}"
-            )
+            clock.record("attention", "attention", t2, clock.now(), f"shared L{layer.idx} mb{i}")
             pending[i] = (handle, shared)
         for i, mb in enumerate(mbs):
             if pending[i] is not None:
@@ -211,9 +196,11 @@ class AttentionWorker:
 
     def _finish_moe(self, pending, clock: StageClock, layer: int, i: int) -> torch.Tensor:
         handle, shared = pending
-        t0 = time.monotonic_ns()
+        t0, waited = clock.now(), self.transport.wait_ns
         routed = self.transport.combine(handle)
-        clock.record("combine_wait", "comm", t0, time.monotonic_ns(), f"combine L{layer} mb{i}")
+        t1, waited = clock.now(), self.transport.wait_ns - waited
+        # blocked until the experts answered vs. summing their rows (exposed transfer work)
+        clock.split("combine_wait", "combine_copy", t0, t1, waited, f"combine L{layer} mb{i}")
         return routed if shared is None else routed + shared
 
 

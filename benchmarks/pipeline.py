@@ -9,29 +9,20 @@ import statistics
 import time
 from pathlib import Path
 
-from afd.comm.dispatch import DISPATCH_DTYPES, transport_names
-
-BENCH_MODEL = "bench-balanced-moe"
-# Shaped so that on CPU the attention side (projections + paged attention over ~32-64 tokens)
-# and the expert side (top-2 of 4 experts) take about the same time per token. Eight layers:
-# filling and draining the ping-pong costs about one layer of one side per step.
-BENCH_SHAPE = dict(
-    hidden_size=256,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=64,
-    num_hidden_layers=8,
-    mlp_only_layers=[],
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=768,
-    intermediate_size=512,
+from afd.benchmarks.models import resolve_bench_model
+from afd.comm.dispatch import (
+    DISPATCH_DTYPES,
+    MAX_MICRO_BATCHES,
+    resolve_transport_name,
+    transport_names,
 )
+
+BENCH_MODEL = "bench-balanced-moe"  # shapes: afd.benchmarks.models.BENCH_MODELS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default=BENCH_MODEL, help=f"model dir, built-in name or {BENCH_MODEL}"
+        "--model", default=BENCH_MODEL, help=f"model dir, built-in or bench name ({BENCH_MODEL})"
     )
     p.add_argument("--num-attention-workers", type=int, default=1)
     p.add_argument("--num-expert-workers", type=int, default=1)
@@ -42,14 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=10,
-        help="measured decode steps per m (rounded up to whole scheduling steps)",
+        help="measured decode steps per variant at the largest K (rounded up to whole rounds)",
     )
-    p.add_argument("--warmup", type=int, default=3, help="decode steps per m before measuring")
+    p.add_argument("--warmup", type=int, default=3, help="decode steps per variant, unmeasured")
     p.add_argument(
         "--num-scheduler-steps",
-        type=int,
-        default=1,
-        help="decode steps per scheduling step (the pipeline runs on across them)",
+        default="1",
+        metavar="K[,K...]",
+        help="decode steps per scheduling step; a list (1,4) measures each K side by side",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -66,25 +57,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="--device cuda: GPUs the workers share (1 runs the whole topology on one GPU)",
     )
-    p.add_argument("--output-dir", default="results/pipeline", help="JSON, PNG and trace go here")
+    p.add_argument("--name", default="pipeline", help="result name: NAME.json, NAME_timeline.png")
+    add_planner_arguments(p)
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        help="where NAME.json, NAME_timeline.png and NAME_trace.json go "
+        "(default: benchmarks/results/<machine>/)",
+    )
 
 
-def bench_model_path():
-    from afd.builtin import cache_dir
-    from afd.models.tiny import build_tiny_checkpoint
-
-    path = cache_dir() / "models" / f"{BENCH_MODEL}-v5"
-    if not (path / "config.json").is_file():
-        from afd.builtin import VOCAB_SIZE
-        from afd.tokenizer import train_bytelevel_bpe
-
-        train_bytelevel_bpe(path, VOCAB_SIZE)
-        build_tiny_checkpoint("qwen3-moe", path, seed=0, vocab_size=VOCAB_SIZE, **BENCH_SHAPE)
-    return path
+def parse_steps_list(text: str) -> list[int]:
+    """'1,4' -> [1, 4]: distinct positive decode-step counts, in the order given."""
+    try:
+        ks = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"--num-scheduler-steps expects K or K,K,...; got {text!r}") from None
+    if any(k < 1 or k > 1024 for k in ks) or len(set(ks)) != len(ks):
+        raise ValueError(f"--num-scheduler-steps: distinct values in [1, 1024]; got {text!r}")
+    return ks
 
 
 def run(args: argparse.Namespace) -> int:
-    from afd.benchmarks.results import write_result
+    from afd.benchmarks.results import results_dir, write_result
 
     from afd import LLM, SamplingParams
 
@@ -95,19 +90,23 @@ def run(args: argparse.Namespace) -> int:
         "batch_size",
         "context_len",
         "steps",
-        "num_scheduler_steps",
     ):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         raise ValueError("--warmup must be at least 0")
-    model = str(bench_model_path()) if args.model == BENCH_MODEL else args.model
+    if args.max_micro_batches > MAX_MICRO_BATCHES:
+        raise ValueError(f"--max-micro-batches must be at most {MAX_MICRO_BATCHES}")
+    ks = parse_steps_list(args.num_scheduler_steps)
+    model = str(resolve_bench_model(args.model))
+    # Every round runs one scheduling step of every variant (K, m); --steps and --warmup count
+    # decode steps of the largest K, so every variant sees the same contexts.
+    args.warmup_rounds = -(-args.warmup // max(ks))
+    args.rounds = -(-args.steps // max(ks))
+    per_round = sum(ks) * args.max_micro_batches
     # room for every sequence until the last measured step: a preempted sequence would make
     # the steps it misses cheaper and its recompute dearer
-    k = args.num_scheduler_steps
-    # whole scheduling steps of k decode steps each: the contexts grow as much as with k = 1
-    args.warmup_plans, args.plans = -(-args.warmup // k), -(-args.steps // k)
-    longest = args.context_len + (args.warmup_plans + args.plans) * args.max_micro_batches * k + 2
+    longest = args.context_len + (args.warmup_rounds + args.rounds) * per_round + 2
     block_size = 16
     llm = LLM(
         model,
@@ -118,31 +117,41 @@ def run(args: argparse.Namespace) -> int:
         comm_backend=args.comm_backend,
         dispatch_dtype=args.dispatch_dtype,
         gpus_per_node=args.gpus_per_node,
-        num_scheduler_steps=k,
+        num_scheduler_steps=max(ks),
         max_num_seqs=args.batch_size * args.num_attention_workers,
         block_size=block_size,
         num_kv_blocks=args.batch_size * -(-longest // block_size) + 8,
         max_num_batched_tokens=max(512, args.batch_size * args.context_len),
     )
     try:
-        result = measure(llm, args, SamplingParams)
+        result = measure(llm, args, ks, SamplingParams)
     finally:
         llm.shutdown()
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_result("pipeline", result, device=args.device, path=out / "pipeline.json")
-    write_chrome_trace(result, out / "pipeline_trace.json")
-    write_timeline_png(result, out / "pipeline_timeline.png")
-    print_table(result)
-    print(
-        f"wrote {out / 'pipeline.json'}, {out / 'pipeline_timeline.png'}, "
-        f"{out / 'pipeline_trace.json'}"
+    if not args.no_colocated:
+        result["colocated"] = measure_colocated(model, args, ks, longest)
+    if args.profile:
+        add_predictions(result, args, ks)
+    out = Path(args.output_dir) if args.output_dir else results_dir(args.device)
+    events = {f"{r['num_scheduler_steps']},{r['m']}": r.pop("events") for r in result["runs"]}
+    path = write_result(
+        args.name,
+        result,
+        device=args.device,
+        path=out / f"{args.name}.json",
+        argv=getattr(args, "command_argv", None),
     )
+    trace_path, png_path = out / f"{args.name}_trace.json", out / f"{args.name}_timeline.png"
+    write_chrome_trace(result, events, trace_path)
+    write_timeline_png(result, events, png_path)
+    print_table(result)
+    print_predictions(result)
+    print(f"wrote {path}, {png_path}, {trace_path}")
     return 0
 
 
-def measure(llm, args, SamplingParams) -> dict:
+def measure(llm, args, ks: list[int], SamplingParams) -> dict:
     import torch
+    from afd.scheduler.cluster import shares_gpus
 
     eng, ex = llm.engine, llm.engine.executor
     g = torch.Generator().manual_seed(0)
@@ -157,46 +166,61 @@ def measure(llm, args, SamplingParams) -> dict:
         seq.num_output_tokens == 0 for s in eng.schedulers for seq in s.running
     ):
         eng.step()
-    # Steps take turns over m = 1, 2, ..., k: every m sees the same context lengths (attention
-    # cost grows with them) and the same slow drifts of the machine.
-    ms = list(range(1, args.max_micro_batches + 1))
-    walls = {m: [] for m in ms}
-    stage_sums = {m: {} for m in ms}
-    events: dict[int, list] = {}
-    loads = {m: [] for m in ms}
-    wire = {m: {} for m in ms}
-    for i in range((args.warmup_plans + args.plans) * len(ms)):
-        m = ms[i % len(ms)]
-        measured = i >= args.warmup_plans * len(ms)
-        ex.num_micro_batches = m
-        ex.trace = measured and i >= (args.warmup_plans + args.plans - 1) * len(ms)
-        t0 = time.perf_counter()
-        eng.step()
-        wall = time.perf_counter() - t0
-        if not measured:
-            continue
-        running = sum(len(s.running) for s in eng.schedulers)
-        if running != total or ex.last_num_steps != args.num_scheduler_steps:
-            raise RuntimeError(
-                f"{running} of {total} sequences ran {ex.last_num_steps} decode steps in a "
-                f"scheduling step, not {args.num_scheduler_steps}"
-            )
-        walls[m].append(wall)
-        for k, v in ex.last_times.items():
-            stage_sums[m][k] = stage_sums[m].get(k, 0.0) + v
-        loads[m].append(ex.last_load)
-        for key, v in ex.last_wire.items():
-            wire[m][key] = wire[m].get(key, 0) + v
-        if ex.trace:
-            events[m] = ex.last_events
+    # Rounds take turns over every (K, m) on the same batch: every variant sees the same context
+    # lengths (attention cost grows with them) and the same slow drifts of the machine.
+    variants = [(k, m) for k in ks for m in range(1, args.max_micro_batches + 1)]
+    walls: dict[tuple, list[float]] = {v: [] for v in variants}
+    stage_sums: dict[tuple, dict[str, float]] = {v: {} for v in variants}
+    events: dict[tuple, list] = {}
+    loads: dict[tuple, list] = {v: [] for v in variants}
+    wire: dict[tuple, dict[str, int]] = {v: {} for v in variants}
+    last = args.warmup_rounds + args.rounds - 1
+    for rnd in range(args.warmup_rounds + args.rounds):
+        for v in variants:
+            k, m = v
+            eng.config.num_scheduler_steps = k
+            ex.num_micro_batches = m
+            ex.trace = rnd == last
+            t0 = time.perf_counter()
+            eng.step()
+            wall = time.perf_counter() - t0
+            if rnd < args.warmup_rounds:
+                continue
+            running = sum(len(s.running) for s in eng.schedulers)
+            if running != total or ex.last_num_steps != k:
+                raise RuntimeError(
+                    f"{running} of {total} sequences ran {ex.last_num_steps} decode steps in a "
+                    f"scheduling step, not {k}"
+                )
+            walls[v].append(wall)
+            for name, sec in ex.last_times.items():
+                stage_sums[v][name] = stage_sums[v].get(name, 0.0) + sec
+            loads[v].append(ex.last_load)
+            for key, n in ex.last_wire.items():
+                wire[v][key] = wire[v].get(key, 0) + n
+            if ex.trace:
+                events[v] = ex.last_events
     ex.trace = False
     runs = [
-        summarise(m, walls[m], stage_sums[m], events.get(m), loads[m], wire[m], total, args)
-        for m in ms
+        summarise(
+            walls[v],
+            stage_sums[v],
+            loads[v],
+            wire[v],
+            m=v[1],
+            k=v[0],
+            num_attention=args.num_attention_workers,
+            num_expert=args.num_expert_workers,
+            total=total,
+        )
+        for v in variants
     ]
-    base = runs[0]["decode_tokens_per_s"]
-    for r in runs:
-        r["speedup_vs_m1"] = r["decode_tokens_per_s"] / base
+    for r, v in zip(runs, variants, strict=True):
+        r["events"] = events.get(v, [])
+        k, m = v
+        add_speedup(r, "m1", walls[v], k, walls[(k, 1)], k)
+        if len(ks) > 1:
+            add_speedup(r, "first_k", walls[v], k, walls[(ks[0], m)], ks[0])
     return {
         "topology": {
             "attention_workers": args.num_attention_workers,
@@ -204,59 +228,112 @@ def measure(llm, args, SamplingParams) -> dict:
         },
         "batch_size_per_attention_worker": args.batch_size,
         "context_len": args.context_len,
-        "decode_steps": args.plans * args.num_scheduler_steps,
-        "num_scheduler_steps": args.num_scheduler_steps,
-        "dispatch_dtype": args.dispatch_dtype,
-        "dtype": args.dtype,
+        "rounds": args.rounds,
+        "warmup_rounds": args.warmup_rounds,
+        "num_scheduler_steps": ks,
         "device": device_name(args.device),
+        "dtype": args.dtype,
+        "comm_backend": resolve_transport_name(
+            args.comm_backend, args.device, "-", shares_gpus(llm.engine.config)
+        ),
+        "dispatch_dtype": args.dispatch_dtype,
         "model": args.model,
         "runs": runs,
     }
 
 
-def summarise(m, walls, stage_sums, events, loads, wire, total, args) -> dict:
-    """Times, loads and data-plane bytes per decode step (a scheduling step runs
-    num_scheduler_steps of them)."""
-    k = args.num_scheduler_steps
+# Each side's plan time splits into compute, exposed transfers and waiting for the other side;
+# the rest of the host's step is time outside the plan (docs/structures.md, "Pipeline metrics").
+SIDES = {
+    "attention": ("attention_plan", ("dispatch", "combine_copy", "kv_import"), "combine_wait"),
+    "expert": ("expert_plan", ("expert_recv_copy", "expert_send"), "expert_recv_wait"),
+}
+
+
+def side_breakdown(per_step: dict[str, float], step_s: float, side: str, workers: int) -> dict:
+    """Seconds per decode step of one side (mean over its workers) and their fractions of the
+    step: compute + comm + wait + host == step, bubble = (wait + host) / step."""
+    plan, comm_stages, wait_stage = SIDES[side]
+    plan_s = per_step.get(plan, 0.0) / workers
+    comm_s = sum(per_step.get(s, 0.0) for s in comm_stages) / workers
+    wait_s = per_step.get(wait_stage, 0.0) / workers
+    compute_s = plan_s - comm_s - wait_s
+    host_s = step_s - plan_s
+    return {
+        "compute_s": compute_s,
+        "comm_s": comm_s,
+        "wait_s": wait_s,
+        "host_s": host_s,
+        "busy_fraction": (compute_s + comm_s) / step_s,
+        "bubble_fraction": (wait_s + host_s) / step_s,
+        "exposed_comm_fraction": comm_s / step_s,
+    }
+
+
+def summarise(
+    walls: list[float],
+    stage_sums: dict[str, float],
+    loads: list,
+    wire: dict[str, int] | None = None,
+    *,
+    m: int,
+    k: int,
+    num_attention: int,
+    num_expert: int,
+    total: int,
+) -> dict:
+    """One variant's times per decode step (a scheduling step runs k of them). walls: seconds
+    of each measured scheduling step; stage_sums: stage seconds summed over those steps and over
+    the workers of each side; loads: per step, per expert worker, tokens per expert; wire: bytes
+    the attention workers put on the data plane ("dispatch") and got back ("combine")."""
     steps = len(walls) * k
     step_s = statistics.mean(walls) / k
     per_step = {name: v / steps for name, v in stage_sums.items()}
-    a, f = args.num_attention_workers, args.num_expert_workers
-    attn = per_step.get("attention", 0.0) / a
-    combine_wait = per_step.get("combine_wait", 0.0) / a
-    expert = per_step.get("expert", 0.0) / f
-    expert_idle = per_step.get("expert_recv_wait", 0.0) / f
-    per_expert = (
-        [sum(col) for col in zip(*[x for step in loads for x in step], strict=False)]
-        if loads
-        else []
-    )
+    sides = {
+        "attention": side_breakdown(per_step, step_s, "attention", num_attention),
+        "expert": side_breakdown(per_step, step_s, "expert", num_expert),
+    }
+    workers = {"attention": num_attention, "expert": num_expert, "prefill": 1}
+    stages = {
+        name: v / workers["expert" if name.startswith("expert") else "attention"]
+        for name, v in per_step.items()
+    }
+    per_expert = [sum(col) for col in zip(*[x for step in loads for x in step], strict=False)]
     flat = [c / k for step in loads for shard in step for c in shard]
+    a, f = sides["attention"]["compute_s"], sides["expert"]["compute_s"]
     return {
         "m": m,
+        "num_scheduler_steps": k,
         "step_time_s": step_s,
         "step_time_median_s": statistics.median(walls) / k,
         "scheduling_step_times_s": walls,
         "decode_tokens_per_s": total / step_s,
-        "stage_time_per_step_s": {
-            "attention": attn,
-            "dispatch": per_step.get("dispatch", 0.0) / a,
-            "combine_wait": combine_wait,
-            "expert": expert,
-            "expert_recv_wait": expert_idle,
-            "expert_send": per_step.get("expert_send", 0.0) / f,
-        },
-        "bubble_fraction": {"attention": combine_wait / step_s, "expert": expert_idle / step_s},
-        "exposed_comm_ratio": combine_wait / step_s,
-        "attention_expert_balance": attn / expert if expert else None,
+        "stage_time_per_step_s": stages,
+        "attention": sides["attention"],
+        "expert": sides["expert"],
+        "bubble_fraction": {s: sides[s]["bubble_fraction"] for s in sides},
+        "exposed_comm_fraction": {s: sides[s]["exposed_comm_fraction"] for s in sides},
+        "attention_expert_balance": a / f if f > 0 else None,
         "expert_load": {
             "mean_tokens_per_expert_step": statistics.mean(flat) if flat else 0,
             "max_tokens_per_expert_step": max(flat) if flat else 0,
             "total_per_expert": per_expert,
         },
-        # bytes every attention worker together put on the wire (A->F) and got back (F->A)
-        "wire_bytes_per_step": {key: v / steps for key, v in sorted(wire.items())},
-        "events": events or [],
+        "wire_bytes_per_step": {key: n / steps for key, n in sorted((wire or {}).items())},
+    }
+
+
+def add_speedup(run: dict, name: str, walls: list[float], k: int, base: list[float], base_k: int):
+    """run["speedup_vs_<name>"]: decode tokens/s over the baseline's (mean step times), and the
+    same ratio within each round (the two steps ran back to back) as median, min and max."""
+    mean = (statistics.mean(base) / base_k) / (statistics.mean(walls) / k)
+    rounds = [(b / base_k) / (w / k) for w, b in zip(walls, base, strict=True)]
+    run[f"speedup_vs_{name}"] = mean
+    run[f"speedup_vs_{name}_per_round"] = {
+        "median": statistics.median(rounds),
+        "min": min(rounds),
+        "max": max(rounds),
+        "values": rounds,
     }
 
 
@@ -272,36 +349,50 @@ def device_name(device: str) -> str:
 
 def print_table(result: dict) -> None:
     head = (
-        f"{'m':>2} {'tok/s':>9} {'speedup':>8} {'step ms':>8} {'attn ms':>8} {'expert ms':>9} "
-        f"{'wait ms':>8} {'bubble A':>8} {'bubble F':>8} {'A/F':>5} {'A->F MB':>8} {'F->A MB':>8}"
+        f"{'K':>2} {'m':>2} {'tok/s':>9} {'speedup':>8} {'step ms':>8} {'attn ms':>8} "
+        f"{'expert ms':>9} {'comm A':>6} {'comm F':>6} {'bubble A':>8} {'bubble F':>8} {'A/F':>5} "
+        f"{'A->F MB':>8} {'F->A MB':>8}"
     )
     print(head)
     for r in result["runs"]:
-        s = r["stage_time_per_step_s"]
-        bal = r["attention_expert_balance"] or 0
-        wb = r["wire_bytes_per_step"]
+        a, f, wb = r["attention"], r["expert"], r["wire_bytes_per_step"]
         print(
-            f"{r['m']:>2} {r['decode_tokens_per_s']:>9.1f} {r['speedup_vs_m1']:>7.2f}x "
-            f"{r['step_time_s'] * 1e3:>8.1f} {s['attention'] * 1e3:>8.1f} "
-            f"{s['expert'] * 1e3:>9.1f} "
-            f"{s['combine_wait'] * 1e3:>8.1f} {r['bubble_fraction']['attention']:>8.2f} "
-            f"{r['bubble_fraction']['expert']:>8.2f} {bal:>5.2f} "
+            f"{r['num_scheduler_steps']:>2} {r['m']:>2} {r['decode_tokens_per_s']:>9.1f} "
+            f"{r['speedup_vs_m1']:>7.2f}x {r['step_time_s'] * 1e3:>8.1f} "
+            f"{a['compute_s'] * 1e3:>8.1f} {f['compute_s'] * 1e3:>9.1f} "
+            f"{a['exposed_comm_fraction']:>6.3f} {f['exposed_comm_fraction']:>6.3f} "
+            f"{a['bubble_fraction']:>8.2f} {f['bubble_fraction']:>8.2f} "
+            f"{r['attention_expert_balance'] or 0:>5.2f} "
             f"{wb.get('dispatch', 0) / 1e6:>8.3f} {wb.get('combine', 0) / 1e6:>8.3f}"
         )
+    print(
+        "per decode step; attn/expert ms: compute; comm: exposed transfers / step; "
+        "bubble: (waiting for the other side + time outside the plan) / step"
+    )
 
 
-def write_chrome_trace(result: dict, path: Path) -> None:
+def _traced(result: dict, events: dict[str, list]) -> list[tuple[str, dict, list]]:
+    """(title, run, events) of every run with a traced scheduling step."""
+    out = []
+    for r in result["runs"]:
+        evs = events.get(f"{r['num_scheduler_steps']},{r['m']}") or []
+        if evs:
+            k = r["num_scheduler_steps"]
+            title = f"K={k} m={r['m']}" if len(result["num_scheduler_steps"]) > 1 else f"m={r['m']}"
+            out.append((title, r, evs))
+    return out
+
+
+def write_chrome_trace(result: dict, events: dict[str, list], path: Path) -> None:
     trace = []
-    for _pid, r in enumerate(result["runs"]):
-        if not r["events"]:
-            continue
-        t0 = min(e[2] for e in r["events"])
-        for lane, name, start, end, rank in r["events"]:
+    for title, _r, evs in _traced(result, events):
+        t0 = min(e[2] for e in evs)
+        for lane, name, start, end, rank in evs:
             trace.append(
                 {
                     "name": name,
                     "ph": "X",
-                    "pid": f"m={r['m']}",
+                    "pid": title,
                     "tid": f"{lane} rank {rank}",
                     "ts": (start - t0) / 1e3,
                     "dur": (end - start) / 1e3,
@@ -310,30 +401,151 @@ def write_chrome_trace(result: dict, path: Path) -> None:
     path.write_text(json.dumps({"traceEvents": trace}))
 
 
-def write_timeline_png(result: dict, path: Path) -> None:
+def write_timeline_png(result: dict, events: dict[str, list], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in result["runs"] if r["events"]]
-    fig, axes = plt.subplots(len(runs), 1, figsize=(12, 2.2 * len(runs)), squeeze=False)
-    colors = {"attention": "tab:blue", "comm": "tab:orange", "expert": "tab:green"}
-    for ax, r in zip(axes[:, 0], runs, strict=True):
-        t0 = min(e[2] for e in r["events"])
-        lanes = sorted({(e[0], e[4]) for e in r["events"]}, key=lambda x: (x[0] != "attention", x))
+    runs = _traced(result, events)
+    fig, axes = plt.subplots(len(runs), 1, figsize=(12, 2.4 * len(runs)), squeeze=False)
+    colors = {"attention": "tab:blue", "comm": "tab:orange", "wait": "lightgray"}
+    colors["expert"] = "tab:green"
+    order = {"attention": 0, "comm": 1, "wait": 2, "expert": 3}
+    for ax, (title, r, evs) in zip(axes[:, 0], runs, strict=True):
+        t0 = min(e[2] for e in evs)
+        lanes = sorted({(e[0], e[4]) for e in evs}, key=lambda x: (x[1], order.get(x[0], 9)))
         for y, (lane, rank) in enumerate(lanes):
-            spans = [
-                ((e[2] - t0) / 1e6, (e[3] - e[2]) / 1e6)
-                for e in r["events"]
-                if (e[0], e[4]) == (lane, rank)
-            ]
+            mine = [e for e in evs if (e[0], e[4]) == (lane, rank)]
+            spans = [((e[2] - t0) / 1e6, (e[3] - e[2]) / 1e6) for e in mine]
             ax.broken_barh(spans, (y - 0.4, 0.8), color=colors.get(lane, "gray"))
         ax.set_yticks(range(len(lanes)), [f"{lane} r{rank}" for lane, rank in lanes])
-        k = result["num_scheduler_steps"]
+        k = r["num_scheduler_steps"]
         what = "one decode step" if k == 1 else f"one scheduling step ({k} decode steps)"
-        ax.set_title(f"m = {r['m']}: {what}, {r['decode_tokens_per_s']:.0f} tok/s")
+        ax.set_title(f"{title}: {what}, {r['decode_tokens_per_s']:.0f} tok/s")
         ax.set_xlabel("ms")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+# ---- the planner's check: a colocated baseline and predicted figures beside the measured ------
+
+
+def add_planner_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="an afd profile JSON of this machine: print predicted tok/s beside every row",
+    )
+    p.add_argument(
+        "--no-colocated",
+        action="store_true",
+        help="skip the colocated baseline (the same batch in the single-process engine)",
+    )
+
+
+def measure_colocated(model: str, args, ks: list[int], longest: int) -> list[dict]:
+    """The single-process engine on the same model, batch and contexts, with every core: one
+    row per K, steps taken in turns as the disaggregated variants were."""
+    from afd import LLM, SamplingParams
+
+    total = args.batch_size * args.num_attention_workers
+    block_size = 16
+    llm = LLM(
+        model,
+        dtype=args.dtype,
+        device=args.device,
+        num_scheduler_steps=max(ks),
+        max_num_seqs=total,
+        block_size=block_size,
+        num_kv_blocks=total * -(-longest // block_size) + 8,
+        max_num_batched_tokens=max(512, total * args.context_len),
+    )
+    try:
+        eng = llm.engine
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        params = SamplingParams(temperature=0, max_tokens=1_000_000, ignore_eos=True)
+        vocab = eng.model_config.vocab_size
+        for _ in range(total):
+            prompt = torch.randint(3, vocab, (args.context_len,), generator=g).tolist()
+            eng.add_request(prompt, params, stream=False)
+        while any(s.num_waiting for s in eng.schedulers) or any(
+            seq.num_output_tokens == 0 for s in eng.schedulers for seq in s.running
+        ):
+            eng.step()
+        walls: dict[int, list[float]] = {k: [] for k in ks}
+        # as many decode steps per round as the disaggregated variants took: same contexts
+        for rnd in range(args.warmup_rounds + args.rounds):
+            for k in ks:
+                eng.config.num_scheduler_steps = k
+                for _ in range(args.max_micro_batches):
+                    t0 = time.perf_counter()
+                    eng.step()
+                    if rnd >= args.warmup_rounds:
+                        walls[k].append(time.perf_counter() - t0)
+    finally:
+        llm.shutdown()
+    return [
+        {
+            "num_scheduler_steps": k,
+            "step_time_s": statistics.mean(walls[k]) / k,
+            "decode_tokens_per_s": total / (statistics.mean(walls[k]) / k),
+        }
+        for k in ks
+    ]
+
+
+def measured_context(args, ks: list[int]) -> float:
+    """Mean KV length of a sequence over the measured steps (prompt, first token, then every
+    decode step of every earlier variant and round)."""
+    per_round = sum(ks) * args.max_micro_batches
+    return args.context_len + 1 + per_round * (args.warmup_rounds + args.rounds / 2)
+
+
+def add_predictions(result: dict, args, ks: list[int]) -> None:
+    """The step model's tok/s for every measured row (and the colocated rows), from --profile."""
+    from afd.scheduler.profiler import MeasuredCosts
+    from afd.scheduler.step_model import StepConfig, predict
+
+    costs = MeasuredCosts.load(args.profile)
+    context = measured_context(args, ks)
+    a, f = args.num_attention_workers, args.num_expert_workers
+    rows = [(r, "afd") for r in result["runs"]]
+    rows += [(r, "colocated") for r in result.get("colocated", [])]
+    for r, kind in rows:
+        cfg = StepConfig(
+            kind=kind,
+            attention_workers=a if kind == "afd" else 1,
+            expert_workers=f,
+            micro_batches=r.get("m", 1),
+            scheduler_steps=r["num_scheduler_steps"],
+            batch=args.batch_size * (a if kind == "colocated" else 1),
+            context=context,
+        )
+        pred = predict(costs, cfg)
+        r["predicted"] = {
+            "decode_tokens_per_s": pred.decode_tokens_per_s,
+            "step_time_s": pred.step_time_s,
+            "stages_s": pred.stages_s,
+            "bubble_fraction": pred.bubble_fraction,
+            "context": context,
+        }
+        r["prediction_error"] = pred.decode_tokens_per_s / r["decode_tokens_per_s"] - 1.0
+    result["profile"] = str(args.profile)
+
+
+def print_predictions(result: dict) -> None:
+    rows = [(f"{r['num_scheduler_steps']:>2} {r['m']:>2}", r) for r in result["runs"]]
+    rows += [(f"{r['num_scheduler_steps']:>2}  colocated", r) for r in result.get("colocated", [])]
+    if not result.get("colocated") and "profile" not in result:
+        return
+    print(f"{' K  m':>13} {'tok/s':>9} {'predicted':>9} {'error':>7}")
+    for label, r in rows:
+        pred = r.get("predicted")
+        extra = (
+            f"{pred['decode_tokens_per_s']:>9.1f} {r['prediction_error']:>+7.0%}" if pred else ""
+        )
+        print(f"{label:>13} {r['decode_tokens_per_s']:>9.1f} {extra}")

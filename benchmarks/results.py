@@ -87,7 +87,11 @@ def git_commit(repo: Path = _PACKAGE_DIR) -> str | None:
 
 def results_dir(device: str = "cpu") -> Path:
     """`benchmarks/results/<machine>/` of the checkout (or `./results/<machine>/` when AFD is
-    installed from a wheel, where the package folder is no checkout)."""
+    installed from a wheel, where the package folder is no checkout); `$AFD_RESULTS_DIR`
+    replaces the root (the tests point it at a temporary folder)."""
+    override = os.environ.get("AFD_RESULTS_DIR")
+    if override:
+        return Path(override) / machine_name(device)
     root = _PACKAGE_DIR / "results" if (_PACKAGE_DIR.parent / ".git").exists() else None
     return (root or Path.cwd() / "results") / machine_name(device)
 

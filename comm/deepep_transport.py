@@ -22,6 +22,8 @@ return_recv_hook reordering on the expert side, which is not implemented here.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from afd.comm.dispatch import (
@@ -134,11 +136,18 @@ class DeepEPTransport(Transport):
         handle.bytes_sent = x.shape[0] * row
         return handle
 
+    def _waited(self, t0: int) -> None:
+        # DeepEP's kernels wait and transfer in one: all of it counts as waiting for the peer
+        torch.cuda.current_stream(self.device).synchronize()
+        self.wait_ns += time.monotonic_ns() - t0
+
     def combine(self, handle: DispatchHandle) -> torch.Tensor:
         ll_handle, slot_ids, weights = handle.state
+        t0 = time.monotonic_ns()
         combined, _event, _hook = self.buffer.low_latency_combine(
             self._combine_input, slot_ids, weights, ll_handle
         )
+        self._waited(t0)
         self._in_flight = 0
         return combined.to(handle.dtype)  # [T, H], weights applied by DeepEP
 
@@ -147,7 +156,9 @@ class DeepEPTransport(Transport):
         self._begin()
         empty_x = torch.empty(0, self.hidden, dtype=torch.bfloat16, device=self.device)
         empty_ids = torch.empty(0, self.top_k, dtype=torch.int64, device=self.device)
+        t0 = time.monotonic_ns()
         recv_x, recv_count, ll_handle = self._low_latency_dispatch(empty_x, empty_ids)
+        self._waited(t0)
         counts = recv_count.tolist()[: self.own_range[1] - self.own_range[0]]
         fp8 = isinstance(recv_x, tuple)
         packed = recv_x[0] if fp8 else recv_x

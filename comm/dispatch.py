@@ -134,9 +134,14 @@ class ExpertBatch:
 
 
 class Transport(ABC):
-    """Dispatch/combine between attention ranks and expert ranks holding expert ranges."""
+    """Dispatch/combine between attention ranks and expert ranks holding expert ranges.
+
+    `wait_ns` counts the nanoseconds this side spent blocked until a peer's data was there
+    (cumulative); workers read it around combine/receive to tell waiting for the other side
+    from the transfer work (copies, sums) that follows."""
 
     name = "abstract"
+    wait_ns: int = 0
 
     def __init__(
         self,

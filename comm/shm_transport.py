@@ -219,6 +219,7 @@ class _Incoming:
         # slot -> (generation, buffer, pinned)
         self.mapped: dict[int, tuple[int, torch.Tensor, bool]] = {}
         self.early: dict[int, list[int]] = {}  # records that arrived before their tag was asked
+        self.wait_ns = 0  # time blocked in poll(): the peer had not sent yet
 
     def recv(self, tag: int) -> Received:
         record = self.early.pop(tag, None)
@@ -253,7 +254,10 @@ class _Incoming:
         size = RECORD_LEN * 8
         data = b""
         while len(data) < size:
-            if not self.poller.poll(self.timeout_ms):
+            t0 = time.monotonic_ns()
+            ready = self.poller.poll(self.timeout_ms)
+            self.wait_ns += time.monotonic_ns() - t0
+            if not ready:
                 raise TimeoutError(
                     f"no message from rank {self.src} within {self.timeout_ms / 1000:.0f} s"
                 )
@@ -300,6 +304,10 @@ class ShmTransport(Transport):
         self.pin = self.device.type == "cuda"
         self._out: dict[int, _Outgoing] = {}
         self._in: dict[int, _Incoming] = {}
+
+    @property
+    def wait_ns(self) -> int:
+        return sum(link.wait_ns for link in self._in.values())
 
     def _to(self, dst: int) -> _Outgoing:
         if dst not in self._out:

@@ -23,6 +23,8 @@ staged through host memory: gloo moves CPU tensors only.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from afd.comm.dispatch import (
@@ -117,9 +119,20 @@ class TorchTransport(Transport):
         self.stats["bytes_sent"] += handle.bytes_sent
         return handle
 
-    def combine(self, handle: DispatchHandle) -> torch.Tensor:
-        for work in handle.works:
+    def _wait(self, works: list) -> None:
+        """Wait for `works`, counted as waiting for the peer (wait_ns); on CUDA also for the
+        device, where work.wait() only orders the streams."""
+        t0 = time.monotonic_ns()
+        for work in works:
             work.wait()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.wait_ns += time.monotonic_ns() - t0
+
+    def combine(self, handle: DispatchHandle) -> torch.Tensor:
+        # gloo and NCCL move the partial sums in the background: their wire time cannot be told
+        # apart from waiting for the expert side, so all of it counts as waiting
+        self._wait(handle.works)
         handle.works.clear()
         handle.keep.clear()
         # fixed order (expert ranks ascending) and a float32 sum for 16-bit inputs: deterministic
@@ -141,8 +154,9 @@ class TorchTransport(Transport):
             dist.irecv(hd, src, group=self.group, tag=2 * tag)
             for hd, src in zip(headers, sources, strict=True)
         ]
-        for work in works:
-            work.wait()
+        # the headers come first: waiting for them is waiting for the attention side; the rows
+        # behind them are already on their way, so their wait counts as transfer
+        self._wait(works)
         shapes = [tuple(int(v) for v in hd.tolist()) for hd in headers]
         if shapes:
             _, hidden, top_k, code, groups = shapes[0]

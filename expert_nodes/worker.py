@@ -5,7 +5,6 @@ computes them grouped by expert, and returns weighted partial sums."""
 from __future__ import annotations
 
 import itertools
-import time
 
 import torch
 from afd.comm.control import WorkerChannel, init_world, transport_for
@@ -13,6 +12,7 @@ from afd.comm.dispatch import exchange_tag
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import expert_split
+from afd.timing import StageClock
 
 
 def run_expert_worker(spec: dict) -> None:
@@ -58,29 +58,33 @@ def serve_plan(
     shard, transport, plan: dict, start: int, end: int
 ) -> tuple[dict, list, torch.Tensor]:
     """Every (decode step, MoE layer, micro-batch) exchange of one plan, in the order the
-    attention workers send them; returns stage times, trace events and tokens per expert."""
-    times: dict[str, float] = {"expert_recv_wait": 0.0, "expert": 0.0, "expert_send": 0.0}
-    events: list[list] = []
+    attention workers send them; returns stage times, trace events and tokens per expert.
+    Stages: expert_recv_wait (blocked until the rows arrived), expert_recv_copy (unpacking them),
+    expert (compute), expert_send (returning the partial sums), expert_plan (the whole plan)."""
+    clock = StageClock(plan["trace"], transport.device)
+    for stage in ("expert_recv_wait", "expert_recv_copy", "expert", "expert_send"):
+        clock.times[stage] = 0.0
     load = torch.zeros(end - start, dtype=torch.int64)
     exchanges = itertools.product(
         range(plan["num_steps"]), shard.moe_layers, range(plan["num_micro_batches"])
     )
+    plan_start = clock.now()
     for _step, layer, mb in exchanges:
-        t0 = time.monotonic_ns()
+        t0, waited = clock.now(), transport.wait_ns
         tag = exchange_tag(layer, mb)
         batch = transport.receive(plan["sources"], tag)
-        t1 = time.monotonic_ns()
+        t1 = clock.now()
+        label = f"L{layer} mb{mb}"
+        clock.split("expert_recv_wait", "expert_recv_copy", t0, t1, transport.wait_ns - waited,
+                    f"receive {label}")  # fmt: skip
         # the wire carries shard-local ids; ExpertShard takes global ones
         out = shard.forward_layer(layer, batch.x, batch.topk_weights, batch.global_ids(start))
-        t2 = time.monotonic_ns()
+        t2 = clock.now()
+        clock.record("expert", "expert", t1, t2, f"experts {label}")
         transport.send_back(batch, out, tag)
-        t3 = time.monotonic_ns()
+        clock.record("expert_send", "comm", t2, clock.now(), f"send {label}")
         ids = batch.topk_ids[batch.topk_ids >= 0]
         load += torch.bincount(ids, minlength=end - start)
-        times["expert_recv_wait"] += (t1 - t0) / 1e9
-        times["expert"] += (t2 - t1) / 1e9
-        times["expert_send"] += (t3 - t2) / 1e9
-        if plan["trace"]:
-            events.append(["expert", f"experts L{layer} mb{mb}", t1, t2])
     transport.flush()
-    return times, events, load
+    clock.total("expert_plan", plan_start, clock.now())
+    return clock.times, clock.events, load

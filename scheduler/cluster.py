@@ -417,7 +417,7 @@ class AFDExecutor:
         times: dict[str, float] = {}
         events: list = []
         load: list[list[int]] = []
-        wire: dict[str, int] = {}  # data-plane bytes of the attention workers this step
+        wire_bytes: dict[str, int] = {}  # data-plane bytes of the attention workers this step
         self._prefill_busy |= set(prefilling)
         waiting = len(planned) + (len(self.expert_ranks) if active else 0)
         exports_only = {p for p in prefilling if prefill_batches[p].is_empty}
@@ -444,7 +444,7 @@ class AFDExecutor:
             events += [[*e, msg["rank"]] for e in msg["events"]]
             if msg["type"] == "attn_result":
                 for k, v in msg["wire"].items():
-                    wire[k] = wire.get(k, 0) + v
+                    wire_bytes[k] = wire_bytes.get(k, 0) + v
                 for sampled, got in zip(steps, msg["sampled"], strict=True):
                     sampled.update((seq_id, (tok, lps)) for seq_id, tok, lps in got)
             elif msg["type"] == "prefill_result":
@@ -453,9 +453,9 @@ class AFDExecutor:
                 load.append(msg["load"])
         for k, v in times.items():
             self._stage_totals[k] = self._stage_totals.get(k, 0.0) + v
-        for k, v in wire.items():
+        for k, v in wire_bytes.items():
             self._wire_totals[k] = self._wire_totals.get(k, 0) + v
-        self.last_wire = wire
+        self.last_wire = wire_bytes
         while self.inbox.poll(0):  # prefill results that are already here
             msg = self._recv(1.0, f"step {self._step}")
             if msg["type"] == "prefill_result":

@@ -8,6 +8,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Built-in models are generated once per test session, never into the user's cache.
 os.environ.setdefault("AFD_CACHE_DIR", tempfile.mkdtemp(prefix="afd-test-cache-"))
+# Benchmarks run by tests never write into the checkout's benchmarks/results/.
+os.environ.setdefault("AFD_RESULTS_DIR", os.path.join(os.environ["AFD_CACHE_DIR"], "results"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,4 +1,4 @@
-"""`afd` command line: generate, launch, bench."""
+"""`afd` command line: generate, launch, bench, profile, plan."""
 
 from __future__ import annotations
 
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         b.set_defaults(func=_bench_module(module).run)
 
     _add_launch(sub)
+    _add_profile(sub)
+    _add_plan(sub)
     return parser
 
 
@@ -190,6 +192,291 @@ def _add_launch(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="measure this machine on a model's layers (for afd plan)")
+    p.add_argument("--model", default="tiny-qwen3-moe", help="model dir, built-in or bench name")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--comm-backend", default="auto", choices=transport_names())
+    p.add_argument("--quick", action="store_true", help="fewer points (seconds, for a smoke test)")
+    p.add_argument("--output", default=None, help="profile JSON (default: benchmarks/results/...)")
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from afd.benchmarks.results import write_result
+    from afd.scheduler.profiler import run_profile
+
+    profile = run_profile(args.model, args.device, args.comm_backend, args.dtype, args.quick)
+    name = "profile-" + "".join(c if c.isalnum() else "-" for c in str(args.model))[-60:]
+    out = write_result(name, profile, device=args.device, path=args.output)
+    fits = profile["fits"]
+    print(
+        f"afd profile: {profile['model']} on {profile['cores']} cores, "
+        f"{profile['profile_seconds']:.0f} s; transport {profile['comm_backend']}; "
+        f"interference attention x{profile['interference']['attention']:.2f}, "
+        f"expert x{profile['interference']['expert']:.2f}"
+    )
+    for key, f in fits.items():
+        terms = " + ".join(f"{c:.3g}*{n}" for c, n in zip(f["coef"], f["features"], strict=True))
+        print(f"  {key:18s} {terms}  (max error {f['max_rel_error']:.0%})")
+    print(f"wrote {out}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1 or value > 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1..{1 << 20}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return value
+
+
+def _efficiency(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--efficiency takes NAME=VALUE, got {text!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--efficiency {name}: {value!r} is not a number"
+        ) from None
+    return name, number
+
+
+def _add_plan(sub) -> None:
+    from afd.scheduler.hardware import DTYPE_BYTES, PRESETS
+
+    p = sub.add_parser(
+        "plan", help="predict every topology and pick P, A, F, m, K and batch under SLOs"
+    )
+    p.add_argument(
+        "--model",
+        default="tiny-qwen3-moe",
+        help="model dir, built-in, bench or published name (deepseek-v3, step3)",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--profile", default=None, help="an afd profile JSON of this machine")
+    src.add_argument(
+        "--hardware",
+        default=None,
+        type=str.upper,
+        choices=list(PRESETS),
+        help="a GPU preset instead of a profile",
+    )
+    p.add_argument("--weight-dtype", default="bf16", choices=list(DTYPE_BYTES))
+    p.add_argument("--kv-dtype", default="bf16", choices=list(DTYPE_BYTES))
+    p.add_argument(
+        "--efficiency",
+        action="append",
+        type=_efficiency,
+        default=[],
+        help="override a preset efficiency, NAME=VALUE (docs/planner.md)",
+    )
+    p.add_argument("--calibrate", default=None, help="afd bench kernels JSON from that GPU")
+    p.add_argument(
+        "--price-per-hour",
+        type=_positive_float,
+        default=None,
+        help="per GPU (preset: its list price) or per CPU core (1.0)",
+    )
+    p.add_argument("--input-len", type=_positive_int, default=256)
+    p.add_argument("--output-len", type=_positive_int, default=256)
+    p.add_argument("--request-rate", type=_positive_float, default=None, help="requests/s")
+    p.add_argument("--ttft-ms", type=_positive_float, default=1000.0)
+    p.add_argument("--tpot-ms", type=_positive_float, default=100.0)
+    p.add_argument(
+        "--max-workers",
+        type=_positive_int,
+        default=None,
+        help="GPUs, or worker processes on a CPU (default: 8 GPUs / the cores)",
+    )
+    p.add_argument("--objective", default="throughput", choices=["throughput", "cost"])
+    p.add_argument("--ep", action="store_true", help="GPUs: also rank colocated EP deployments")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--output", default=None, help="write the best plan as a cluster YAML")
+    p.add_argument("--frontier", default=None, help="write the throughput-vs-TPOT PNG here")
+    p.add_argument(
+        "--predict",
+        action="store_true",
+        help="predict the one configuration given by the flags below",
+    )
+    p.add_argument("--num-attention-workers", type=int, default=1, help="0: colocated engine")
+    p.add_argument("--num-expert-workers", type=int, default=1)
+    p.add_argument("--num-prefill-workers", type=int, default=0)
+    p.add_argument("--num-micro-batches", type=_positive_int, default=1)
+    p.add_argument("--num-scheduler-steps", type=_positive_int, default=1)
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="per attention worker")
+    p.add_argument("--context-len", type=_positive_float, default=256.0, help="mean KV length")
+    p.add_argument(
+        "--published",
+        action="store_true",
+        help="reproduce the published operating points (docs/planner.md)",
+    )
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+    import math
+    from pathlib import Path
+
+    from afd.scheduler import planner
+
+    if args.published:
+        return _plan_published(args)
+    if args.profile is None and args.hardware is None:
+        raise CLIError("give --profile PROFILE.json (from afd profile) or --hardware NAME")
+    a, f = args.num_attention_workers, args.num_expert_workers
+    costs = planner.load_costs(
+        args.profile,
+        args.hardware,
+        args.model,
+        args.weight_dtype,
+        args.kv_dtype,
+        dict(args.efficiency),
+        args.calibrate,
+        workers=(a + f) if args.predict else (args.max_workers or 8),
+    )
+    if args.predict:
+        from afd.scheduler.step_model import StepConfig, predict
+
+        if a < 0 or f < 0 or args.num_prefill_workers < 0:
+            raise CLIError("worker counts must be >= 0")
+        kind = "colocated" if a == 0 else "afd"
+        if kind == "afd" and f < 1:
+            raise CLIError("--num-attention-workers and --num-expert-workers go together")
+        cfg = StepConfig(
+            kind=kind,
+            attention_workers=max(1, a),
+            expert_workers=f,
+            micro_batches=args.num_micro_batches,
+            scheduler_steps=args.num_scheduler_steps,
+            batch=args.batch_size,
+            context=args.context_len,
+            prefill_workers=args.num_prefill_workers,
+        )
+        pred = predict(costs, cfg)
+        if args.json:
+            print(json.dumps(pred.to_dict(), indent=2))
+        else:
+            print(
+                f"{cfg.label()} m={cfg.micro_batches} K={cfg.scheduler_steps} batch="
+                f"{cfg.batch} context={cfg.context:g}: step {pred.step_time_s * 1e3:.2f} ms, "
+                f"{pred.decode_tokens_per_s:.0f} tok/s, TPOT {pred.tpot_ms:.2f} ms; "
+                f"bottleneck {pred.bottleneck}"
+            )
+            stages = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in pred.stages_s.items())
+            bubbles = ", ".join(f"{k} {v:.2f}" for k, v in pred.bubble_fraction.items())
+            print(f"  stages (ms per step, one worker): {stages}")
+            print(
+                f"  bubbles: {bubbles}; exposed comm {pred.exposed_comm_s * 1e3:.2f} ms"
+                + (f"; {'; '.join(pred.notes)}" if pred.notes else "")
+            )
+        return 0
+    max_workers = args.max_workers or (costs.cores if costs.device == "cpu" else 8)
+    price = args.price_per_hour
+    if price is None:
+        price = costs.hw.price_per_hour if args.hardware else 1.0
+    kinds = ("colocated", "afd", "ep") if args.ep else ("colocated", "afd")
+    req = planner.PlanRequest(
+        input_len=args.input_len,
+        output_len=args.output_len,
+        ttft_ms=args.ttft_ms,
+        tpot_ms=args.tpot_ms,
+        max_workers=max_workers,
+        request_rate=args.request_rate,
+        objective=args.objective,
+        price_per_hour=price,
+        kinds=kinds,
+    )
+    cands = planner.search(costs, req)
+    if not cands:
+        raise CLIError("no configuration fits in memory; use more workers or a smaller batch")
+    best = next((c for c in cands if c.meets_slo and c.config.kind != "ep"), None)
+    if args.json:
+
+        def clean(row):
+            return {
+                k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()
+            }
+
+        print(
+            json.dumps(
+                {
+                    "best": clean(best.row()) if best else None,
+                    "candidates": [clean(c.row()) for c in cands],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(planner.format_table(cands))
+        if best is None:
+            print("afd plan: no configuration meets the SLOs; the table ranks the closest")
+        else:
+            c = best.config
+            if c.kind == "colocated":
+                print("afd plan: the colocated engine (no disaggregation) wins here")
+            else:
+                print(
+                    f"afd plan: {c.label()} with m={c.micro_batches}, K={c.scheduler_steps}, "
+                    f"batch {c.batch} per attention worker, {c.prefill_workers} prefill "
+                    f"worker(s)"
+                )
+    if args.output:
+        if best is None:
+            raise CLIError("no configuration meets the SLOs: no plan YAML written")
+        device = "cpu" if args.profile else "cuda"
+        extra = {} if args.hardware is None else {"dtype": "bfloat16"}
+        text = planner.cluster_yaml(best, args.model, req, device, extra)
+        planner.write_outputs(Path(args.output), text)
+        print(f"wrote {args.output}")
+    if args.frontier:
+        planner.frontier_png(cands, best, req, args.frontier)
+        print(f"wrote {args.frontier}")
+    return 0
+
+
+def _plan_published(args) -> int:
+    import json
+
+    from afd.benchmarks.results import write_result
+    from afd.scheduler.published import reproduce
+
+    rows = reproduce()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(
+            f"{'operating point':48s} {'GPUs':>4} {'published':>9} {'predicted':>9} "
+            f"{'residual':>8} {'step ms':>13}"
+        )
+        for r in rows:
+            print(
+                f"{r['name']:48s} {r['gpus']:>4} {r['published_tokens_per_s_per_gpu']:>9.0f} "
+                f"{r['predicted_tokens_per_s_per_gpu']:>9.0f} {r['residual']:>+8.0%} "
+                f"{r['published_step_ms']:>5.1f} / {r['predicted_step_ms']:>5.1f}"
+            )
+    if args.output:
+        out = write_result("planner-published", {"points": rows}, path=args.output)
+        print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -200,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             launch = parser._subparsers._group_actions[0].choices["launch"]
             apply_config_file(launch, argv[1:])
         args = parser.parse_args(argv)
+        args.command_argv = list(argv)  # what benchmarks record as the command they ran
         return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError) as e:
         print(f"afd: error: {e}", file=sys.stderr)

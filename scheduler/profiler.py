@@ -1,0 +1,694 @@
+"""`afd profile`: measure this machine on a model's own layers and fit compact cost models.
+
+Measured (seconds, median of a few runs each, after a warm-up call):
+* attention side of one MoE layer and one dense layer against decode batch and context
+  (one thread, as a worker runs; and with every core, as the single-process engine runs),
+* expert shard of one MoE layer against routed rows and experts held (both thread counts),
+* sampling (final norm, lm_head, sampler) and micro-batch preparation against batch,
+* dispatch and combine of the chosen transport against bytes, between two processes,
+* how much each side slows while the other runs at the same time (two processes),
+* host time of a scheduling step against batch (the real engine; plus plan messages),
+* prefill forward against prompt tokens.
+Each quantity is fitted as a non-negative linear combination of a few features (1, batch,
+batch x context, ...), weighted for relative error; the raw points are kept beside the fits.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from afd.scheduler.step_model import ModelShape
+
+PROFILE_VERSION = 1
+FEATURES = {
+    # "context": paged attention walks the block columns once per micro-batch, whatever its size
+    "attention": ("1", "batch", "context", "batch*context"),
+    "expert": ("1", "active", "pairs"),
+    "sample": ("1", "batch"),
+    "prep": ("1", "batch", "batch*context"),
+    "transfer": ("1", "bytes"),
+    "host": ("1", "batch"),
+    "plan": ("1", "batch", "batch*context"),
+    "prefill": ("1", "tokens", "tokens^2"),
+}
+
+
+def features(kind: str, **x: float) -> list[float]:
+    """The feature row of one point of fit `kind`."""
+    out = []
+    for name in FEATURES[kind]:
+        if name == "1":
+            out.append(1.0)
+        elif "*" in name:
+            a, b = name.split("*")
+            out.append(float(x[a]) * float(x[b]))
+        elif name.endswith("^2"):
+            out.append(float(x[name[:-2]]) ** 2)
+        else:
+            out.append(float(x[name]))
+    return out
+
+
+def fit(kind: str, points: list[dict]) -> dict:
+    """Non-negative least squares of the points' `seconds` on the kind's features, relative
+    error (every row divided by its time): small and large points count alike."""
+    from scipy.optimize import nnls
+
+    rows = np.array([features(kind, **p) for p in points], dtype=float)
+    y = np.array([p["seconds"] for p in points], dtype=float)
+    w = 1.0 / np.maximum(y, 1e-9)
+    coef, _ = nnls(rows * w[:, None], y * w)
+    pred = rows @ coef
+    return {
+        "features": list(FEATURES[kind]),
+        "coef": coef.tolist(),
+        "max_rel_error": float(np.max(np.abs(pred - y) / np.maximum(y, 1e-9))),
+        "points": points,
+    }
+
+
+def evaluate(f: dict, kind: str, **x: float) -> float:
+    return float(np.dot(f["coef"], features(kind, **x)))
+
+
+_FLUSH: list = []
+
+
+def _flush_caches() -> None:
+    """Touch 64 MB so the next op finds its weights and KV in memory, not in the CPU caches:
+    a worker runs every layer in turn, so each layer's data is cold when it comes round."""
+    import torch
+
+    if not _FLUSH:
+        _FLUSH.append(torch.zeros(16 * 2**20))
+    _FLUSH[0].add_(1.0)
+
+
+def _timeit(fn: Callable[[], Any], reps: int) -> float:
+    fn()  # warm-up: allocations, lazy init
+    samples = []
+    for _ in range(reps):
+        _flush_caches()
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def decode_meta(batch: int, context: int, block_size: int):
+    """Decode metadata: `batch` sequences at `context` tokens, each in its own run of blocks
+    (as a fresh engine allocates them)."""
+    from afd.models.metadata import AttentionMetadata
+
+    per_seq = -(-context // block_size)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+    return AttentionMetadata.build([1] * batch, [context] * batch, tables, block_size)
+
+
+def grid(max_tokens: int, max_context: int) -> list[tuple[int, int]]:
+    """(batch, context) points: batches 8..512 at short context, long contexts at small
+    batches, every point within max_tokens cached tokens."""
+    pts = [(8, 64), (32, 64), (128, 64), (512, 64), (32, 512), (128, 256), (256, 256)]
+    pts += [(64, 1024), (16, 2048), (512, 256)]
+    return [(b, c) for b, c in pts if b * c <= max_tokens and c <= max_context]
+
+
+class _LayerBench:
+    """One decoder layer of the model with a one-layer KV cache, timed in this process."""
+
+    def __init__(self, path: Path, dtype, max_tokens: int, block_size: int = 16):
+        import torch
+
+        from afd.config import ModelConfig
+        from afd.loader import load_model
+        from afd.models import allocate_kv_cache
+
+        self.cfg = ModelConfig.from_pretrained(path)
+        self.model = load_model(path, dtype=dtype, device="cpu")
+        self.dtype = next(self.model.parameters()).dtype
+        self.block_size = block_size
+        self.num_blocks = max_tokens // block_size + 1024
+        one = allocate_kv_cache(self.cfg, self.num_blocks, block_size, self.dtype, "cpu")
+        self.kv = one[0]  # layer 0's shapes serve every layer
+        self.gen = torch.Generator().manual_seed(0)
+        layers = list(self.model.layers)
+        self.moe_layer = next((layer for layer in layers if layer.is_moe), None)
+        self.dense_layer = next((layer for layer in layers if not layer.is_moe), None)
+
+    def attention(self, moe: bool, batch: int, context: int, reps: int) -> float:
+        import torch
+
+        layer = self.moe_layer if moe else self.dense_layer
+        meta = decode_meta(batch, context, self.block_size)
+        h = torch.randn(batch, self.cfg.hidden_size, generator=self.gen).to(self.dtype)
+        pos = torch.full((batch,), context - 1, dtype=torch.int64)
+
+        @torch.inference_mode()
+        def run():
+            x, _ = layer.attention_part(h, h, pos, meta, self.kv)
+            if moe:
+                layer.mlp.gate(x)
+                layer.mlp.shared(x)
+            else:
+                layer.ffn_part(x)
+
+        return _timeit(run, reps)
+
+    def expert(self, tokens: int, held: int, reps: int) -> dict:
+        import torch
+        from afd.kernels import ops
+
+        cfg, shard = self.cfg, self.moe_layer.mlp.experts
+        e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        x = torch.randn(tokens, cfg.hidden_size, generator=self.gen).to(self.dtype)
+        ids = torch.rand(tokens, e, generator=self.gen).topk(k, dim=-1).indices
+        weights = torch.full((tokens, k), 1.0 / k)
+        local = torch.where(ids < held, ids, -1)  # this shard holds experts [0, held)
+        w13, w2 = shard.w13[:held], shard.w2[:held]
+        seconds = _timeit(
+            torch.inference_mode()(lambda: ops.fused_moe(x, w13, w2, weights, local)), reps
+        )
+        pairs = int((local >= 0).sum())
+        active = int(torch.unique(local[local >= 0]).numel())
+        return {
+            "tokens": tokens,
+            "held": held,
+            "pairs": pairs,
+            "active": active,
+            "seconds": seconds,
+        }
+
+    def sample(self, batch: int, reps: int) -> float:
+        import torch
+
+        from afd.sampling.params import SamplingParams
+        from afd.sampling.sampler import Sampler
+
+        h = torch.randn(batch, self.cfg.hidden_size, generator=self.gen).to(self.dtype)
+        params, gens, sampler = [SamplingParams(temperature=0)] * batch, [None] * batch, Sampler()
+
+        @torch.inference_mode()
+        def run():
+            sampler(self.model.compute_logits(self.model.final_norm(h, h)), params, gens)
+
+        return _timeit(run, reps)
+
+    def prep(self, batch: int, context: int, reps: int) -> float:
+        from afd.attention_nodes.worker import build_micro_batch
+
+        per_seq = -(-(context + 1) // self.block_size)
+        entries = [
+            [i, [5], context, list(range(i * per_seq, (i + 1) * per_seq)), True, {}]
+            for i in range(batch)
+        ]
+
+        def run():
+            mb = build_micro_batch(entries, self.block_size, "cpu")
+            self.model.embed(mb.input_ids)
+
+        return _timeit(run, reps)
+
+    def prefill(self, tokens: int, reps: int) -> float:
+        import torch
+
+        from afd.models import allocate_kv_cache
+        from afd.models.metadata import AttentionMetadata
+
+        blocks = -(-tokens // self.block_size)
+        kv = allocate_kv_cache(self.cfg, blocks + 1, self.block_size, self.dtype, "cpu")
+        meta = AttentionMetadata.build([tokens], [tokens], [list(range(blocks))], self.block_size)
+        ids = torch.randint(3, self.cfg.vocab_size, (tokens,), generator=self.gen)
+        pos = torch.arange(tokens)
+        return _timeit(torch.inference_mode()(lambda: self.model(ids, pos, meta, kv)), reps)
+
+
+def plan_message_seconds(batch: int, context: int, block_size: int, reps: int) -> float:
+    """What the disaggregated driver adds per scheduling step for `batch` sequences: plan
+    entries, msgpack encode and decode of the plan and of the sampled tokens."""
+    from afd.comm import wire
+
+    per_seq = -(-(context + 1) // block_size)
+    params = {
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_p": 0.0,
+        "seed": None,
+        "logprobs": None,
+        "index": 0,
+    }
+
+    def run():
+        entries = [
+            [i, [5], context, list(range(i * per_seq, (i + 1) * per_seq)), True, params]
+            for i in range(batch)
+        ]
+        raw = wire.encode(
+            "attn_step",
+            step=1,
+            micro_batches=[entries],
+            release=[],
+            imports=[],
+            num_steps=1,
+            trace=False,
+        )
+        wire.decode(raw)
+        res = wire.encode(
+            "attn_result",
+            step=1,
+            rank=0,
+            sampled=[[[i, 7, None] for i in range(batch)]],
+            times={},
+            events=[],
+        )
+        wire.decode(res)
+
+    return _timeit(run, reps)
+
+
+def host_points(path: Path, dtype: str, batches: list[int], threads: int) -> list[dict]:
+    """Scheduler-side time of a decode step of the single-process engine (wall time of
+    `engine.step()` minus its model execution), at each batch."""
+    import torch
+
+    from afd.entrypoints.llm import LLM
+    from afd.sampling.params import SamplingParams
+
+    torch.set_num_threads(threads)
+    top = max(batches)
+    llm = LLM(
+        str(path),
+        dtype=dtype,
+        max_num_seqs=top,
+        num_kv_blocks=top * 4 + 8,
+        max_num_batched_tokens=max(512, top * 4),
+    )
+    eng = llm.engine
+    runner = eng.executor.runner
+    inner, spent = runner.execute, [0.0]
+
+    def timed(batch):
+        t0 = time.perf_counter()
+        out = inner(batch)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    runner.execute = timed
+    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+    points, added = [], 0
+    try:
+        for b in sorted(batches):
+            for _ in range(b - added):
+                eng.add_request([5, 6, 7, 8], params, stream=False)
+            added = b
+            while any(s.num_waiting for s in eng.schedulers) or any(
+                seq.num_output_tokens == 0 for s in eng.schedulers for seq in s.running
+            ):
+                eng.step()
+            samples = []
+            for _ in range(6):
+                spent[0] = 0.0
+                t0 = time.perf_counter()
+                eng.step()
+                samples.append(time.perf_counter() - t0 - spent[0])
+            points.append({"batch": b, "seconds": statistics.median(samples[1:])})
+    finally:
+        llm.shutdown()
+    return points
+
+
+# ---- two processes: transfers and interference ----------------------------------------------
+
+
+def _pair_worker(role: str, spec: dict, barrier, queue) -> None:
+    """One of the two processes of the transfer and interference measurements."""
+    import torch
+
+    torch.set_num_threads(1)
+    from afd.comm.dispatch import exchange_tag, get_transport
+
+    from afd.config import ModelConfig
+
+    cfg = ModelConfig.from_pretrained(spec["path"])
+    rank = 0 if role == "attention" else 1
+    if spec["backend"] == "torch":
+        from afd.comm import dist
+
+        dist.init_world(rank, 2, "127.0.0.1", spec["port"], "gloo", "cpu", 60.0)
+    transport = get_transport(
+        spec["backend"],
+        [1],
+        [(0, cfg.n_routed_experts)],
+        "cpu",
+        rank=rank,
+        shm_dir=spec["shm_dir"],
+        hidden_size=cfg.hidden_size,
+        top_k=cfg.num_experts_per_tok,
+        combine_group=None,
+    )
+    bench = _LayerBench(Path(spec["path"]), spec["dtype"], spec["max_tokens"])
+    dtype, k, gen = bench.dtype, cfg.num_experts_per_tok, torch.Generator().manual_seed(1)
+    out: dict[str, Any] = {"transfer": []}
+    reps = spec["reps"]
+    with torch.inference_mode():
+        for rows in spec["rows"]:
+            x = torch.randn(rows, cfg.hidden_size, generator=gen).to(dtype)
+            ids = torch.rand(rows, cfg.n_routed_experts, generator=gen).topk(k, -1).indices
+            w = torch.full((rows, k), 1.0 / k)
+            calls, trips = [], []
+            for rep in range(reps + 1):
+                tag = exchange_tag(0, rep % 2)
+                barrier.wait()
+                if role == "attention":
+                    t0 = time.perf_counter()
+                    h = transport.dispatch(x, ids, w, tag)
+                    t1 = time.perf_counter()
+                    transport.combine(h)
+                    t2 = time.perf_counter()
+                    calls.append(t1 - t0)
+                    trips.append(t2 - t0)
+                else:
+                    b = transport.receive([0], tag)
+                    t0 = time.perf_counter()
+                    transport.send_back(b, b.x.clone(), tag)
+                    calls.append(time.perf_counter() - t0)
+                    transport.flush()
+            nbytes = rows * (cfg.hidden_size * dtype.itemsize + 8 * k)
+            trip = statistics.median(trips[1:]) if trips else None
+            out["transfer"].append(
+                {"rows": rows, "bytes": nbytes, "call": statistics.median(calls[1:]), "trip": trip}
+            )
+        # interference: each side alone, then both at once, same work
+        b, c = spec["interference_point"]
+        solo, both = [], []
+        for phase in ("attention", "expert", "both"):
+            barrier.wait()
+            mine = phase in (role, "both")
+            if not mine:
+                continue
+            t_end = time.perf_counter() + spec["interference_s"]
+            samples = both if phase == "both" else solo
+            while time.perf_counter() < t_end:
+                if role == "attention":
+                    samples.append(bench.attention(True, b, c, 1))
+                else:
+                    samples.append(bench.expert(b * 4, cfg.n_routed_experts, 1)["seconds"])
+        out["solo"], out["both"] = statistics.median(solo), statistics.median(both)
+    barrier.wait()
+    transport.close()
+    queue.put((role, out))
+
+
+def pair_measurements(path: Path, dtype: str, backend: str, max_tokens: int, quick: bool) -> dict:
+    """Transfers between two processes over `backend` and the interference of both sides."""
+    import shutil
+
+    from afd.comm.control import shm_dir
+    from afd.comm.dispatch import resolve_transport_name
+
+    folder = shm_dir()
+    name = resolve_transport_name(backend, "cpu", folder)
+    spec = {
+        "path": str(path),
+        "dtype": dtype,
+        "backend": name,
+        "shm_dir": folder,
+        "port": _free_port(),
+        "max_tokens": 128 * 256,
+        "reps": 5 if quick else 15,
+        "rows": [8, 64, 512, 2048],
+        "interference_point": (128, 256),
+        "interference_s": 1.0 if quick else 2.0,
+    }
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(target=_pair_worker, args=(r, spec, barrier, queue), daemon=True)
+        for r in ("attention", "expert")
+    ]
+    try:
+        for p in procs:
+            p.start()
+        got = dict(queue.get(timeout=300) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        shutil.rmtree(folder, ignore_errors=True)
+    a, f = got["attention"], got["expert"]
+    transfers = []
+    for ra, rf in zip(a["transfer"], f["transfer"], strict=True):
+        # the link part: what the round trip spends beyond both sides' copies, each way
+        one_way = max(0.0, (ra["trip"] - ra["call"] - rf["call"]) / 2)
+        transfers.append(
+            {"bytes": ra["bytes"], "dispatch": ra["call"], "combine": rf["call"], "link": one_way}
+        )
+    return {
+        "backend": name,
+        "transfers": transfers,
+        "interference": {
+            "attention": max(1.0, a["both"] / a["solo"]),
+            "expert": max(1.0, f["both"] / f["solo"]),
+            "raw": {"attention": [a["solo"], a["both"]], "expert": [f["solo"], f["both"]]},
+        },
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the whole profile ----------------------------------------------------------------------
+
+
+def run_profile(
+    model: str,
+    device: str = "cpu",
+    comm_backend: str = "auto",
+    dtype: str = "float32",
+    quick: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Measure this machine for `model` and return the profile (fits + raw points)."""
+    import torch
+    from afd.benchmarks.models import resolve_bench_model
+    from tqdm import tqdm
+
+    if device != "cpu":
+        raise ValueError("afd profile measures CPU workers today; use --hardware presets for GPUs")
+    path = resolve_bench_model(model)
+    from afd.config import ModelConfig
+
+    cfg = ModelConfig.from_pretrained(path)
+    cores = os.cpu_count() or 1
+    reps = 2 if quick else 3
+    max_tokens = 32 * 1024 if quick else 128 * 1024
+    pts = grid(max_tokens, cfg.max_position_embeddings - 1)
+    if quick:
+        pts = [p for p in pts if p[0] <= 128 and p[1] <= 512]
+    shape = ModelShape.from_config(cfg, name=model)
+    has_dense = shape.dense_layers > 0
+    start = time.perf_counter()
+    threads0 = torch.get_num_threads()
+    tasks = [
+        "layers x1 thread",
+        f"layers x{cores} threads",
+        "transfers + interference",
+        "host",
+        "prefill",
+    ]
+    bar = tqdm(total=len(tasks), desc="afd profile", disable=not progress, unit="part")
+    fits: dict[str, dict] = {}
+    try:
+        bench = _LayerBench(path, dtype, max_tokens)
+        for suffix, threads in (("", 1), ("_mt", cores)):
+            torch.set_num_threads(threads)
+            bar.set_postfix_str(f"layers, {threads} thread(s)")
+            raw: dict[str, list] = {
+                "attention_moe": [],
+                "attention_dense": [],
+                "sample": [],
+                "prep": [],
+                "expert": [],
+            }
+            for b, c in pts:
+                raw["attention_moe"].append(
+                    {"batch": b, "context": c, "seconds": bench.attention(True, b, c, reps)}
+                )
+                if has_dense:
+                    raw["attention_dense"].append(
+                        {"batch": b, "context": c, "seconds": bench.attention(False, b, c, reps)}
+                    )
+            for b in sorted({b for b, _ in pts}):
+                raw["sample"].append({"batch": b, "seconds": bench.sample(b, reps)})
+                if not suffix:
+                    for c in (64, 1024):
+                        raw["prep"].append(
+                            {"batch": b, "context": c, "seconds": bench.prep(b, c, reps)}
+                        )
+            e = cfg.n_routed_experts
+            for held in sorted({e, max(1, e // 2), max(1, e // 4)}):
+                for t in (4, 16, 64, 256, 1024, 2048):
+                    if quick and t > 512:
+                        continue
+                    raw["expert"].append(bench.expert(t, held, reps))
+            fits[f"attention_moe{suffix}"] = fit("attention", raw["attention_moe"])
+            if has_dense:
+                fits[f"attention_dense{suffix}"] = fit("attention", raw["attention_dense"])
+            fits[f"sample{suffix}"] = fit("sample", raw["sample"])
+            fits[f"expert{suffix}"] = fit("expert", raw["expert"])
+            if not suffix:
+                fits["prep"] = fit("prep", raw["prep"])
+            bar.update(1)
+        torch.set_num_threads(1)
+        bar.set_postfix_str("transfers + interference (2 processes)")
+        pair = pair_measurements(path, dtype, comm_backend, max_tokens, quick)
+        for part in ("dispatch", "combine", "link"):
+            points = [{"bytes": t["bytes"], "seconds": t[part]} for t in pair["transfers"]]
+            fits[f"transfer_{part}"] = fit("transfer", points)
+        bar.update(1)
+        bar.set_postfix_str("host time (engine)")
+        batches = [8, 64, 256] if quick else [8, 64, 256, 512]
+        fits["host"] = fit("host", host_points(path, dtype, batches, cores))
+        plan = [
+            {"batch": b, "context": c, "seconds": plan_message_seconds(b, c, 16, reps)}
+            for b in batches
+            for c in (64, 1024)
+        ]
+        fits["plan"] = fit("plan", plan)
+        bar.update(1)
+        torch.set_num_threads(1)
+        bar.set_postfix_str("prefill")
+        prefill = [
+            {"tokens": t, "seconds": bench.prefill(t, reps)}
+            for t in ((32, 128, 512) if quick else (32, 128, 512, 1024))
+            if t < cfg.max_position_embeddings
+        ]
+        fits["prefill"] = fit("prefill", prefill)
+        bar.update(1)
+    finally:
+        torch.set_num_threads(threads0)
+        bar.close()
+    from dataclasses import asdict
+
+    from afd.benchmarks.results import machine_info
+
+    return {
+        "profile_version": PROFILE_VERSION,
+        "model": model,
+        "shape": asdict(shape),
+        "device": device,
+        "cores": cores,
+        "dtype": dtype,
+        "act_bytes": bench.dtype.itemsize,
+        "comm_backend": pair["backend"],
+        "memory_bytes": _machine_memory(),
+        "interference": pair["interference"],
+        "fits": fits,
+        "profile_seconds": time.perf_counter() - start,
+        "machine_profiled": machine_info(device),
+    }
+
+
+def _machine_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+# ---- costs from a profile -------------------------------------------------------------------
+
+
+class MeasuredCosts:
+    """scheduler/step_model.Costs evaluated from a profile's fits."""
+
+    device = "cpu"
+
+    def __init__(self, profile: dict):
+        if profile.get("profile_version") != PROFILE_VERSION:
+            raise ValueError("not an afd profile (or from another version): run afd profile again")
+        try:
+            self.shape = ModelShape(**profile["shape"])
+            self.fits = profile["fits"]
+            self.cores = int(profile["cores"])
+            inter = profile["interference"]
+            self.interference = (float(inter["attention"]), float(inter["expert"]))
+            self.act_bytes = int(profile["act_bytes"])
+            self.memory_per_worker = 0.8 * float(profile["memory_bytes"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed profile: {e}") from e
+        self.weight_bytes = self.kv_bytes = float(self.act_bytes)
+        self.model = profile.get("model")
+
+    @classmethod
+    def load(cls, path: str | Path) -> MeasuredCosts:
+        import json
+
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise FileNotFoundError(f"cannot read profile {path}: {e.strerror}") from e
+        except ValueError as e:
+            raise ValueError(f"profile {path} is not JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"profile {path} is not an afd profile")
+        return cls(data)
+
+    def _f(self, name: str, kind: str, **x: float) -> float:
+        return evaluate(self.fits[name], kind, **x)
+
+    def attention_layer(self, moe: bool, batch: int, context: float, threads: str = "") -> float:
+        name = f"attention_{'moe' if moe else 'dense'}{threads}"
+        if name not in self.fits:  # a model without dense layers never asks for them
+            return 0.0
+        return self._f(name, "attention", batch=batch, context=context)
+
+    def expert_layer(self, pairs: float, active: float, held: int, threads: str = "") -> float:
+        return self._f(f"expert{threads}", "expert", pairs=pairs, active=active)
+
+    def sample(self, batch: int, threads: str = "") -> float:
+        return self._f(f"sample{threads}", "sample", batch=batch)
+
+    def prep(self, batch: int, context: float = 64) -> float:
+        return self._f("prep", "prep", batch=batch, context=context)
+
+    def transfer(self, nbytes: float, direction: str = "dispatch") -> tuple[float, float, float]:
+        sender = self._f(f"transfer_{direction}", "transfer", bytes=nbytes)
+        return sender, self._f("transfer_link", "transfer", bytes=nbytes), 0.0
+
+    def host(self, batch: int, disaggregated: bool, context: float = 256) -> float:
+        t = self._f("host", "host", batch=batch)
+        if disaggregated:
+            t += self._f("plan", "plan", batch=batch, context=context)
+        return t
+
+    def colocated_step(self, batch: int, context: float) -> float:
+        """The engine in one process with every core: each layer's attention side and its
+        experts one after the other, then sampling."""
+        from afd.scheduler.step_model import active_experts, layer_kinds
+
+        s = self.shape
+        act = active_experts(s.experts, s.experts, s.top_k, batch)
+        t = 0.0
+        for moe in layer_kinds(s):
+            t += self.attention_layer(moe, batch, context, "_mt")
+            if moe:
+                t += self.expert_layer(batch * s.top_k, act, s.experts, "_mt")
+        return t + self.sample(batch, "_mt") + self.prep(batch, context)
+
+    def prefill(self, tokens: int) -> float:
+        return self._f("prefill", "prefill", tokens=tokens)
