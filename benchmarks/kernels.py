@@ -5,7 +5,6 @@ measured in the same run. JSON output."""
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -40,6 +39,18 @@ GPU_SWEEP = {
         # One of 8 expert workers for DeepSeek-V3: 32 local experts of 256, ids elsewhere skipped.
         dict(tokens=4096, hidden=7168, inter=2048, experts=256, top_k=8, shard=8),
     ],
+    # Block-FP8 weights (DeepSeek-V3's checkpoints): the same MoE shapes as fused_moe, and dense
+    # layers of DeepSeek-V3 (q_b_proj 1536 -> 24576, the dense MLP's gate 7168 -> 18432).
+    "fused_moe_fp8": [
+        dict(tokens=512, hidden=2048, inter=768, experts=128, top_k=8, shard=1),
+        dict(tokens=4096, hidden=2048, inter=768, experts=128, top_k=8, shard=1),
+        dict(tokens=4096, hidden=7168, inter=2048, experts=256, top_k=8, shard=8),
+    ],
+    "fp8_linear": [
+        dict(tokens=64, in_features=7168, out_features=18432),
+        dict(tokens=4096, in_features=7168, out_features=18432),
+        dict(tokens=4096, in_features=1536, out_features=24576),
+    ],
 }
 
 # Runs on a CPU in seconds with the torch backend.
@@ -50,6 +61,8 @@ QUICK_SWEEP = {
     ],
     "mla_attention": [dict(batch=4, context=128, q_heads=8, latent=64, rope=16, block_size=16)],
     "fused_moe": [dict(tokens=32, hidden=128, inter=64, experts=8, top_k=2, shard=1)],
+    "fused_moe_fp8": [dict(tokens=32, hidden=256, inter=128, experts=8, top_k=2, shard=1)],
+    "fp8_linear": [dict(tokens=16, in_features=256, out_features=384)],
 }
 
 
@@ -184,7 +197,15 @@ def make_case(kernel: str, shape: dict, device: torch.device, dtype: torch.dtype
         )
         kv_bytes = b * ctx * (lat + r) * elt
         return Case(kernel, shape, call, bytes_moved=kv_bytes + b * h * (2 * lat + r) * elt)
-    if kernel == "fused_moe":
+    if kernel == "fp8_linear":
+        from afd.kernels.torch_ops import quant_fp8_blocks
+
+        t, k, n = shape["tokens"], shape["in_features"], shape["out_features"]
+        x = torch.randn(t, k, **kw)
+        wq, ws = quant_fp8_blocks(torch.randn(n, k, device=device) * k**-0.5, (128, 128))
+        call = lambda be: lambda: _impl("fp8_linear", be)(x, wq, ws, (128, 128))
+        return Case(kernel, shape, call, flops=2 * t * k * n, bytes_moved=n * k + 2 * t * k * elt)
+    if kernel in ("fused_moe", "fused_moe_fp8"):
         t, hid, inter = shape["tokens"], shape["hidden"], shape["inter"]
         experts, top_k, shard = shape["experts"], shape["top_k"], shape["shard"]
         local = experts // shard
@@ -196,13 +217,22 @@ def make_case(kernel: str, shape: dict, device: torch.device, dtype: torch.dtype
         ids = torch.where(ids < local, ids, -1)  # this shard holds experts [0, local)
         routed = int((ids >= 0).sum())
         active = int(torch.unique(ids[ids >= 0]).numel())
-        call = lambda be: lambda: _impl("fused_moe", be)(x, w13, w2, weights, ids)
+        if kernel == "fused_moe":
+            call = lambda be: lambda: _impl("fused_moe", be)(x, w13, w2, weights, ids)
+            weight_elt = elt
+        else:
+            from afd.kernels.torch_ops import quant_fp8_experts
+
+            fp8 = quant_fp8_experts(w13.float(), w2.float())
+            block = (128, 128)
+            call = lambda be: lambda: _impl("fused_moe_fp8", be)(x, *fp8, weights, ids, block)
+            weight_elt = 1
         return Case(
             kernel,
             shape,
             call,
             flops=2 * routed * 3 * hid * inter,
-            bytes_moved=active * 3 * hid * inter * elt,
+            bytes_moved=active * 3 * hid * inter * weight_elt,
             extra={"routed_tokens": routed, "active_experts": active},
         )
     raise ValueError(f"unknown kernel {kernel!r}")
@@ -293,8 +323,8 @@ def run(args: argparse.Namespace) -> int:
         "limits": limits,
         "results": results,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    from afd.benchmarks.results import write_result
+
+    out = write_result("kernels", report, device=device.type, path=Path(args.output))
     print(f"wrote {out}")
     return 0

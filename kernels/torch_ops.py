@@ -90,6 +90,24 @@ def quant_fp8(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Te
     return quant_fp8_blocks(x, (1, group))
 
 
+def quant_fp8_experts(
+    w13: torch.Tensor, w2: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stacked experts w13 [E, 2I, H], w2 [E, H, I] -> (w13 fp8, w13 scales [E, 2 Ib, Hb] (gate
+    blocks, then up blocks), w2 fp8, w2 scales [E, Hb, Ib]): what the loader builds from a
+    checkpoint's per-expert FP8 tensors."""
+    inter = w13.shape[1] // 2
+
+    def stack(ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [quant_fp8_blocks(w, block) for w in ws]
+        return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+
+    gq, gs = stack(w13[:, :inter])
+    uq, us = stack(w13[:, inter:])
+    dq, ds = stack(w2)
+    return torch.cat([gq, uq], 1), torch.cat([gs, us], 1), dq, ds
+
+
 def fp8_linear(
     x: torch.Tensor,  # [T, K]
     weight: torch.Tensor,  # [N, K] float8_e4m3fn

@@ -86,21 +86,6 @@ def test_fp8_gemm_other_block_shapes():
     torch.testing.assert_close(out, torch_ops.fp8_linear(x, wq, ws, (64, 32)), **TOL[torch.float32])
 
 
-def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, block=BLOCK):
-    """Stacked experts -> (w13 fp8, w13 scales (gate blocks then up blocks), w2 fp8, w2 scales),
-    the layout the loader builds from per-expert FP8 tensors."""
-    inter = w13.shape[1] // 2
-
-    def stack(ws):
-        pairs = [torch_ops.quant_fp8_blocks(w, block) for w in ws]
-        return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
-
-    gq, gs = stack(w13[:, :inter])
-    uq, us = stack(w13[:, inter:])
-    dq, ds = stack(w2)
-    return torch.cat([gq, uq], 1), torch.cat([gs, us], 1), dq, ds
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens,hidden,inter", [(13, 300, 200), (1, 256, 128), (40, 96, 72)])
 def test_fused_moe_fp8_matches_reference(dtype, num_tokens, hidden, inter):
@@ -108,7 +93,7 @@ def test_fused_moe_fp8_matches_reference(dtype, num_tokens, hidden, inter):
     num_experts, top_k = 6, 3
     w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) * hidden**-0.5
     w2 = torch.randn(num_experts, hidden, inter, generator=g) * inter**-0.5
-    w13q, w13s, w2q, w2s = quantize_experts(w13, w2)
+    w13q, w13s, w2q, w2s = torch_ops.quant_fp8_experts(w13, w2)
     x = torch.randn(num_tokens, hidden, generator=g).to(dtype)
     ids = torch.rand(num_tokens, num_experts, generator=g).topk(top_k, dim=1).indices
     ids[0, 1] = -1  # what a shard sees for experts elsewhere
@@ -124,7 +109,8 @@ def test_fused_moe_fp8_matches_reference(dtype, num_tokens, hidden, inter):
 
 
 def test_fused_moe_fp8_no_valid_ids_and_empty():
-    w13q, w13s, w2q, w2s = quantize_experts(torch.randn(2, 64, 48), torch.randn(2, 48, 32))
+    experts = torch_ops.quant_fp8_experts(torch.randn(2, 64, 48), torch.randn(2, 48, 32))
+    w13q, w13s, w2q, w2s = experts
     x = torch.randn(3, 48)
     ids = torch.tensor([[-1, 2], [5, -3], [2, 2]])
     args = (w13q, w13s, w2q, w2s)
