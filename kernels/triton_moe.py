@@ -280,7 +280,10 @@ def _fused_moe(x, w13, w2, topk_weights, topk_ids, block_m, fp8=None) -> torch.T
     sorted_ids, block_experts = moe_align_block_size(topk_ids, num_experts, block_m)
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
-    inter = torch.empty(num_slots, inter_size, dtype=x.dtype, device=x.device)  # [T*k, I]
+    # [T*k, I]; rows of skipped slots stay unwritten (FP8 quantizes them all: zeros under the
+    # interpreter, which warns about garbage it divides)
+    alloc = torch.zeros if fp8 is not None and INTERPRET else torch.empty
+    inter = alloc(num_slots, inter_size, dtype=x.dtype, device=x.device)
     partial = torch.empty(num_slots, hidden, dtype=x.dtype, device=x.device)  # [T*k, H]
     upcast = INTERPRET  # the interpreter gets bf16 arithmetic wrong; compute in fp32 there
     ieee = x.dtype == torch.float32 and not INTERPRET
