@@ -108,6 +108,7 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> l
                     SPLIT=split,
                     UPCAST=dt == "fp32",
                     IEEE=ie,
+                    HEADS_FASTEST=rope,
                 ),
             )
         _compile(

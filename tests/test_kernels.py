@@ -210,6 +210,21 @@ def test_mla_decode(dtype, num_splits):
     assert_close(out, ref, dtype)
 
 
+def test_mla_decode_at_deepseek_v3_width():
+    """128 heads (8 head blocks, launched next to each other), latent 512, rope 64, 64-token
+    pages: DeepSeek-V3's decode shape."""
+    latent, rope, block_size = 512, 64, 64
+    meta = _paged_batch([70, 5], block_size, num_blocks=4, seed=3)
+    g = torch.Generator().manual_seed(12)
+    q_latent = torch.randn(2, 128, latent, generator=g).to(torch.bfloat16)
+    q_rope = torch.randn(2, 128, rope, generator=g).to(torch.bfloat16)
+    kv_cache = torch.randn(4, block_size, latent + rope, generator=g).to(torch.bfloat16)
+    scale = (128 + rope) ** -0.5
+    ref = torch_ops.mla_attention(q_latent, q_rope, kv_cache, meta, scale)
+    out = mla_decode_attention(q_latent, q_rope, kv_cache, meta.block_tables, meta.seq_lens, scale)
+    assert_close(out, ref, torch.bfloat16)
+
+
 # ---- selection through ops --------------------------------------------------------------------
 
 
