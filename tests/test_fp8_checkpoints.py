@@ -272,3 +272,27 @@ def test_quantization_flag_values(fp8_models, capsys):
         LLM(str(fp8), quantization="int4")
     assert main(["generate", "--model", str(fp8), "--quantization", "fp8", "--max-tokens", "2",
                  "hi"]) == 0  # fmt: skip
+
+
+def test_broken_fp8_tensors_are_clear_errors(fp8_models, tmp_path):
+    """A weight without its scale, or a scale of the wrong shape: one clear error, kept or not."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    fp8, _ = fp8_models["qwen3-moe"]
+    with safe_open(str(fp8 / "model.safetensors"), framework="pt") as st:
+        tensors = {n: st.get_tensor(n) for n in st.keys()}  # noqa: SIM118
+    name = "model.layers.0.self_attn.q_proj.weight_scale_inv"
+    for case, edit in (("missing", None), ("shape", torch.ones(1, 1))):
+        model = tmp_path / case
+        model.mkdir()
+        for f in fp8.iterdir():
+            if f.name != "model.safetensors":
+                (model / f.name).symlink_to(f)
+        broken = {n: t for n, t in tensors.items() if n != name}
+        if edit is not None:
+            broken[name] = edit
+        save_file(broken, str(model / "model.safetensors"))
+        for quantization in ("none", "fp8"):
+            with pytest.raises(ValueError, match="q_proj.weight"):
+                load_model(model, dtype="float32", quantization=quantization)
