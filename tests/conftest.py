@@ -1,7 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 
 # Must be set before any @triton.jit is defined (Triton reads it at decoration time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -37,6 +43,47 @@ def hf_greedy(model_dir, prompts: list[list[int]], new_tokens: int):
         tokens.append(r.sequences[0, len(p) :].tolist())
         logprobs.append([torch.log_softmax(s[0].float(), -1) for s in r.logits])
     return tokens, logprobs
+
+
+@contextlib.contextmanager
+def launched(args: list[str], timeout_s: float = 180.0):
+    """`afd launch ARGS --port P` in a new session, yielded as (base url, process) once /health
+    answers 200; stopped with SIGINT (SIGKILL to the group after 30 s) on exit."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "afd", "launch", *args, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, f"afd launch not up within {timeout_s:.0f} s"
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield base, proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def mixed_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -6,15 +6,13 @@ refusal is checked); scripts/gpu_check.sh runs it with TRITON_INTERPRET=0."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 import torch
+from conftest import launched
 
 from afd import LLM, SamplingParams
 
@@ -22,12 +20,6 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 PROMPTS = ["Hello there", "The quick brown fox", "1, 2, 3,"]
 MAX_TOKENS = 12
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu_text(model: str) -> list[str]:
@@ -47,24 +39,10 @@ def test_cluster_on_one_gpu_answers_the_openai_client(model, p, a, f):
     import openai
 
     want = _cpu_text(model)
-    port = _free_port()
-    argv = [sys.executable, "-m", "afd", "launch", "--model", model, "--device", "cuda",
-            "--gpus-per-node", "1", "--dtype", "float32", "--num-prefill-workers", str(p),
-            "--num-attention-workers", str(a), "--num-expert-workers", str(f),
-            "--num-micro-batches", "2", "--port", str(port)]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "the cluster did not come up within 180 s"
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    args = ["--model", model, "--device", "cuda", "--gpus-per-node", "1", "--dtype", "float32",
+            "--num-prefill-workers", str(p), "--num-attention-workers", str(a),
+            "--num-expert-workers", str(f), "--num-micro-batches", "2"]  # fmt: skip
+    with launched(args) as (base, _):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         for prompt, text in zip(PROMPTS, want, strict=True):
             r = client.completions.create(
@@ -78,13 +56,6 @@ def test_cluster_on_one_gpu_answers_the_openai_client(model, p, a, f):
             assert r.usage.completion_tokens == MAX_TOKENS
         metrics = httpx.get(f"{base}/metrics", timeout=5).text
         assert "afd:dispatch_bytes_total" in metrics
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without")
