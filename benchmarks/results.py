@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+PROVENANCE = frozenset({"name", "command", "commit", "machine", "date"})
 
 
 def _slug(text: str) -> str:
@@ -112,6 +113,9 @@ def write_result(
 ) -> Path:
     """Write `payload` with its provenance (command, commit, machine, date) to `path`, default
     `results_dir(device)/<name>.json`; returns the path written."""
+    clash = PROVENANCE & payload.keys()
+    if clash:
+        raise ValueError(f"result payload keys {sorted(clash)} would hide the provenance")
     out = Path(path) if path is not None else results_dir(device) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {

@@ -102,7 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--result-file", default=None, help="write the metrics as JSON here")
+    parser.add_argument("--name", default="serve", help="result name (NAME.json)")
+    parser.add_argument(
+        "--result-file",
+        default=None,
+        help="write the metrics as JSON here (default: benchmarks/results/<machine>/NAME.json)",
+    )
 
 
 def parse_goodput(items: list[str] | None) -> dict[str, float]:
@@ -410,7 +415,6 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     metrics = compute_metrics(specs, list(results), duration, slos, percentiles)
     config = {
-        "date": time.strftime("%Y%m%d-%H%M%S"),
         "backend": "openai",
         "base_url": base_url,
         "endpoint": args.endpoint,
@@ -432,9 +436,9 @@ def run(args: argparse.Namespace) -> int:
     metrics = asyncio.run(benchmark(args))
     percentiles = [float(p) for p in str(args.metric_percentiles).split(",") if p.strip()]
     print(format_table(metrics, percentiles))
-    if args.result_file:
-        path = Path(args.result_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"results written to {path}")
+    from afd.benchmarks.results import results_dir, write_result
+
+    path = Path(args.result_file) if args.result_file else results_dir() / f"{args.name}.json"
+    path = write_result(args.name, metrics, path=path, argv=getattr(args, "command_argv", None))
+    print(f"results written to {path}")
     return 0 if metrics["completed"] > 0 else 1

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -96,3 +97,60 @@ def builtin_path():
     from afd.builtin import resolve_model
 
     return resolve_model
+
+
+def hf_rows(model_dir, sequences: list[list[int]], dtype=torch.float32, device="cpu"):
+    """transformers' log-softmax rows over each whole sequence (teacher forcing), float32:
+    row j is the distribution of token j + 1 given tokens 0..j."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    rows = []
+    for seq in sequences:
+        with torch.no_grad():
+            logits = hf(torch.tensor([seq], device=device)).logits[0]
+        rows.append(torch.log_softmax(logits.float(), -1).cpu())
+    return rows
+
+
+def logprob_errors(prompts, outs, rows) -> tuple[list[float], list[float]]:
+    """Per generated token of `outs` (one completion per prompt, logprobs on): |its logprob -
+    the reference's| and the reference's margin of its best token over this one. `rows` are the
+    reference's log-softmax rows over prompt + completion (hf_rows)."""
+    deltas, margins = [], []
+    for prompt, out, row in zip(prompts, outs, rows, strict=True):
+        got = out.outputs[0]
+        for j, tok in enumerate(got.token_ids):
+            ref = row[len(prompt) - 1 + j]
+            deltas.append(abs(got.logprobs[j][tok] - float(ref[tok])))
+            margins.append(float(ref.max() - ref[tok]))
+    return deltas, margins
+
+
+def check_bf16_logprobs(prompts, outs, ref_rows, yardstick_rows) -> dict:
+    """The bf16 bounds: against the fp32 reference rows, the engine's logprob errors may be at
+    most 1.5x as large on average (at least 0.002) and 2x at worst (at least 0.02) as those of
+    transformers run in bf16 on the same tokens (yardstick_rows), and every chosen token must be
+    the reference's best or within that worst-case bound of it (a near-tie)."""
+    deltas, margins = logprob_errors(prompts, outs, ref_rows)
+    seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs, strict=True)]
+    yard = []
+    for seq, p, ref, y in zip(seqs, prompts, ref_rows, yardstick_rows, strict=True):
+        yard += [
+            abs(float(y[i, seq[i + 1]] - ref[i, seq[i + 1]]))
+            for i in range(len(p) - 1, len(seq) - 1)
+        ]
+    missing = [d for d in deltas + yard if not math.isfinite(d)]
+    assert not missing, "a chosen token is missing from the reference rows"
+    mean_bound = max(1.5 * sum(yard) / len(yard), 0.002)
+    max_bound = max(2 * max(yard), 0.02)
+    stats = {
+        "mean": sum(deltas) / len(deltas),
+        "max": max(deltas),
+        "mean_bound": mean_bound,
+        "max_bound": max_bound,
+        "worst_margin": max(margins),
+    }
+    assert stats["mean"] <= mean_bound and stats["max"] <= max_bound, stats
+    assert stats["worst_margin"] <= max_bound, stats
+    return stats

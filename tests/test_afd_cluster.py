@@ -1,5 +1,6 @@
-"""Disaggregated decode across real processes: same tokens as the single-process engine, over the
-shm transport (what "auto" picks on one CPU host) and over gloo (the torch transport)."""
+"""Disaggregated decode across real processes: same tokens as the single-process engine and
+logprobs within 1e-3 of transformers (fp32), over the shm transport (what "auto" picks on one CPU
+host) and over gloo (the torch transport)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 import pytest
 from afd.scheduler.supervisor import WorkerDiedError
-from conftest import mixed_prompts
+from conftest import hf_rows, mixed_prompts
 
 from afd import LLM, SamplingParams
 from afd.builtin import resolve_model
@@ -29,16 +30,32 @@ CASES += [("tiny-qwen3-moe", 0, 2, 2, "torch"), ("tiny-deepseek-v3", 1, 3, 2, "t
 
 @pytest.fixture(scope="module")
 def reference():
+    """Per model: prompts, the single-process engine's tokens, and transformers' log-softmax rows
+    over prompt + those tokens (whose argmax must be those tokens)."""
     cache = {}
 
     def get(model):
         if model not in cache:
             prompts = mixed_prompts(6, 512, seed=1)
             llm = LLM(model, dtype="float32", block_size=4)
-            cache[model] = (prompts, run_continuous(llm, prompts))
+            tokens = [t for t, _ in run_continuous(llm, prompts)]
+            seqs = [p + t for p, t in zip(prompts, tokens, strict=True)]
+            rows = hf_rows(resolve_model(model), seqs)
+            for p, t, row in zip(prompts, tokens, rows, strict=True):
+                assert row[len(p) - 1 : -1].argmax(-1).tolist() == t, "not transformers' tokens"
+            cache[model] = (prompts, tokens, rows)
         return cache[model]
 
     return get
+
+
+def assert_matches(got, prompts, tokens, rows, what: str) -> None:
+    """Tokens equal the reference's; each one's logprob within 1e-3 of transformers'."""
+    for i, ((ids, lps), p, want, row) in enumerate(zip(got, prompts, tokens, rows, strict=True)):
+        assert ids == want, f"{what}: prompt {i}"
+        for j, (tok, lp) in enumerate(zip(ids, lps, strict=True)):
+            ref = float(row[len(p) - 1 + j, tok])
+            assert abs(lp[tok] - ref) < 1e-3, f"{what}: prompt {i} token {j}: {lp[tok]} vs {ref}"
 
 
 def run_continuous(llm, prompts):
@@ -46,7 +63,7 @@ def run_continuous(llm, prompts):
     eng = llm.engine
     ids, done = {}, {}
     params = [
-        SamplingParams(temperature=0, max_tokens=6 + 3 * i, ignore_eos=True)
+        SamplingParams(temperature=0, max_tokens=6 + 3 * i, ignore_eos=True, logprobs=1)
         for i in range(len(prompts))
     ]
     for i in range(2):
@@ -58,7 +75,7 @@ def run_continuous(llm, prompts):
             ids[eng.add_request(prompts[i], params[i])] = i
         for out in eng.step():
             if out.finished:
-                done[ids[out.request_id]] = out.outputs[0].token_ids
+                done[ids[out.request_id]] = (out.outputs[0].token_ids, out.outputs[0].logprobs)
         step += 1
     return [done[i] for i in range(len(prompts))]
 
@@ -77,12 +94,12 @@ def cluster(model: str, p: int, a: int, f: int, dtype: str = "float32", **kw) ->
 
 @pytest.mark.parametrize("model,p,a,f,comm", CASES)
 def test_topology_matches_single_process(reference, model, p, a, f, comm):
-    prompts, expected = reference(model)
+    prompts, tokens, rows = reference(model)
     llm = cluster(model, p, a, f, comm_backend=comm)
     try:
         for m in (1, 2, 3):
             llm.engine.executor.num_micro_batches = m
-            assert run_continuous(llm, prompts) == expected, f"m={m}"
+            assert_matches(run_continuous(llm, prompts), prompts, tokens, rows, f"m={m}")
             blocks = [
                 s.block_manager for s in llm.engine.schedulers + llm.engine.prefill_schedulers
             ]
@@ -107,7 +124,7 @@ def test_topology_matches_single_process(reference, model, p, a, f, comm):
 def test_multi_step_plans_match_single_process(reference, model, p, a, f):
     """num_scheduler_steps=3: attention workers feed their sampled tokens back and run the
     micro-batch pipeline on across the steps of a plan; experts follow in lockstep."""
-    prompts, expected = reference(model)
+    prompts, tokens, rows = reference(model)
     llm = cluster(model, p, a, f, num_scheduler_steps=3)
     ex = llm.engine.executor
     steps_run = []
@@ -123,7 +140,7 @@ def test_multi_step_plans_match_single_process(reference, model, p, a, f):
         for m in (1, 2, 3):
             ex.num_micro_batches = m
             steps_run.clear()
-            assert run_continuous(llm, prompts) == expected, f"m={m}"
+            assert_matches(run_continuous(llm, prompts), prompts, tokens, rows, f"m={m}")
             assert 3 in steps_run, f"m={m}: no multi-step plan ran"
             blocks = [
                 s.block_manager for s in llm.engine.schedulers + llm.engine.prefill_schedulers

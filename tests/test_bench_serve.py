@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 import uvicorn
 from afd.benchmarks import serve
@@ -191,3 +192,60 @@ def test_unreachable_server_fails_requests_not_the_run():
     assert serve.run(args) == 1
     with pytest.raises(ValueError, match="cannot list models"):
         asyncio.run(serve.benchmark(_args("--base-url", f"http://127.0.0.1:{port}")))
+
+
+def _synthetic_run():
+    """Four finished requests and one failed one, with hand-picked timestamps (seconds)."""
+    R = serve.RequestResult
+    results = [
+        R(True, prompt_tokens=10, output_tokens=5, ttft=0.1, latency=0.5, itl=[0.1] * 4),
+        R(True, prompt_tokens=0, output_tokens=3, ttft=0.3, latency=0.5, itl=[0.05, 0.15]),
+        R(True, prompt_tokens=10, output_tokens=5, ttft=0.2, latency=1.4, itl=[0.3] * 4),
+        R(True, prompt_tokens=10, output_tokens=1, ttft=0.05, latency=0.05),
+        R(False, error="HTTP 503: overloaded"),
+    ]
+    specs = [serve.RequestSpec("w " * 7, 7, 5) for _ in results]
+    return specs, results
+
+
+def test_latency_metrics_exact_values():
+    """vLLM's definitions on exact inputs: TPOT = (E2EL - TTFT) / (output tokens - 1) per request
+    with more than one token; ITL pools every gap; failed requests count nowhere."""
+    specs, results = _synthetic_run()
+    m = serve.compute_metrics(specs, results, 2.0, {}, [50.0, 99.0])
+    approx = pytest.approx
+    assert (m["completed"], m["failed"], m["errors"]) == (4, 1, ["HTTP 503: overloaded"])
+    assert m["total_input_tokens"] == 10 + 7 + 10 + 10  # word count where usage had none
+    assert m["total_output_tokens"] == 14
+    assert m["request_throughput"] == approx(2.0) and m["output_throughput"] == approx(7.0)
+    assert m["total_token_throughput"] == approx((37 + 14) / 2.0)
+    assert m["request_goodput"] is None  # no SLOs given
+    # TPOT per request: 0.4 / 4, 0.2 / 2, 1.2 / 4; the one-token request has none
+    assert m["mean_tpot_ms"] == approx(500 / 3)
+    assert m["median_tpot_ms"] == approx(100.0)
+    assert m["p99_tpot_ms"] == approx(100 + 0.98 * 200)  # numpy's linear interpolation
+    assert m["std_tpot_ms"] == approx(float(np.std([100.0, 100.0, 300.0])))
+    # ITL: ten gaps
+    assert m["mean_itl_ms"] == approx(180.0)
+    assert m["median_itl_ms"] == approx(125.0)
+    assert m["p99_itl_ms"] == approx(300.0)
+    assert m["mean_ttft_ms"] == approx(162.5) and m["median_ttft_ms"] == approx(150.0)
+    assert m["mean_e2el_ms"] == approx(612.5) and m["median_e2el_ms"] == approx(500.0)
+    assert m["p50_e2el_ms"] == approx(500.0)
+
+
+@pytest.mark.parametrize(
+    "slos,good",
+    [
+        ({"ttft": 150.0}, 2),  # 100 and 50 ms pass; 300, 200 ms fail
+        ({"tpot": 150.0}, 3),  # 100, 100 and the one-token request pass; 300 ms fails
+        ({"e2el": 600.0}, 3),  # 500, 500, 50 pass; 1400 fails
+        ({"ttft": 250.0, "tpot": 150.0, "e2el": 600.0}, 2),  # every SLO must hold
+        ({"ttft": 1000.0, "tpot": 1000.0, "e2el": 2000.0}, 4),
+        ({"ttft": 0.0}, 0),
+    ],
+)
+def test_goodput_exact_values(slos, good):
+    specs, results = _synthetic_run()
+    m = serve.compute_metrics(specs, results, 2.0, slos, [99.0])
+    assert m["request_goodput"] == pytest.approx(good / 2.0)

@@ -2,22 +2,22 @@
 
 Tolerances: fp32 atol = rtol = 1e-4 (reassociated sums only); bf16 atol = rtol = 3e-2 (the
 kernels accumulate in fp32 where the references round some intermediates to bf16).
+Triton is a test dependency: if it fails to import, these tests fail (never skip).
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from afd.kernels import ops, torch_ops
+from afd.kernels.triton_attention import mla_decode_attention, paged_decode_attention
+from afd.kernels.triton_moe import fused_moe as triton_fused_moe
+from afd.kernels.triton_moe import moe_align_block_size
+from afd.kernels.triton_norm import rms_norm as triton_rms_norm
 
-pytest.importorskip("triton")
-
-from afd.kernels import ops, torch_ops  # noqa: E402
-from afd.kernels.triton_attention import mla_decode_attention, paged_decode_attention  # noqa: E402
-from afd.kernels.triton_moe import fused_moe as triton_fused_moe  # noqa: E402
-from afd.kernels.triton_moe import moe_align_block_size  # noqa: E402
-from afd.kernels.triton_norm import rms_norm as triton_rms_norm  # noqa: E402
-
-from afd.models.metadata import AttentionMetadata  # noqa: E402
+from afd.models.metadata import AttentionMetadata
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 DTYPES = [torch.float32, torch.bfloat16]
@@ -243,8 +243,30 @@ def test_backend_selection(backend):
         assert ops._pick(name, x) is impl
 
 
-def test_ops_triton_backend_matches_torch(backend):
-    """The engine's call sites under the triton backend: decode and prefill batches."""
+def naive_paged_attention(q, k_cache, v_cache, meta, scale):
+    """Causal attention written out: each query row against its sequence's keys, gathered page by
+    page from the block table one position at a time, softmax in float64."""
+    out = torch.zeros(q.shape[0], q.shape[1], v_cache.shape[-1], dtype=torch.float64)
+    starts, bs = meta.query_start_loc.tolist(), k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[2]
+    for b, seq_len in enumerate(meta.seq_lens.tolist()):
+        table = meta.block_tables[b].tolist()
+        keys = torch.stack([k_cache[table[p // bs], p % bs] for p in range(seq_len)]).double()
+        vals = torch.stack([v_cache[table[p // bs], p % bs] for p in range(seq_len)]).double()
+        q_len = starts[b + 1] - starts[b]
+        for i in range(q_len):
+            row, visible = starts[b] + i, seq_len - q_len + i + 1  # keys 0 .. own position
+            for h in range(q.shape[1]):
+                kv = h // group
+                scores = keys[:visible, kv] @ q[row, h].double() * scale
+                out[row, h] = torch.softmax(scores, 0) @ vals[:visible, kv]
+    return out.to(q.dtype)
+
+
+def test_ops_triton_backend_against_naive_attention(backend):
+    """The engine's call sites under both backends, decode and prefill batches, against attention
+    written out by hand (prefill under the triton backend runs the torch path: this checks that
+    routing, and that the torch path is right)."""
     g = torch.Generator().manual_seed(3)
     block_size = 4
     k_cache = torch.randn(16, block_size, 2, 16, generator=g)
@@ -252,23 +274,34 @@ def test_ops_triton_backend_matches_torch(backend):
     kv_cache = torch.randn(16, block_size, 40, generator=g)
     decode = _paged_batch([3, 9], block_size, 16, seed=4)
     prefill = AttentionMetadata.build([3, 2], [3, 9], decode.block_tables.tolist(), block_size)
-    results = {}
     for name in ("torch", "triton"):
         backend(name)
-        for tag, meta in (("decode", decode), ("prefill", prefill)):
+        for meta in (decode, prefill):
             t = meta.slot_mapping.shape[0]
             q = torch.randn(t, 4, 16, generator=torch.Generator().manual_seed(t))
             ql = torch.randn(t, 4, 32, generator=torch.Generator().manual_seed(t + 1))
-            results[name, tag] = (
-                ops.paged_attention(q, k_cache, v_cache, meta, 0.25),
-                ops.mla_attention(ql, q[..., :8], kv_cache, meta, 0.25),
-            )
-    for tag in ("decode", "prefill"):
-        for got, want in zip(results["triton", tag], results["torch", tag], strict=True):
+            want = naive_paged_attention(q, k_cache, v_cache, meta, 0.25)
+            assert_close(ops.paged_attention(q, k_cache, v_cache, meta, 0.25), want, torch.float32)
+            # absorbed MLA: keys are [latent, rope key], values the latent
+            mla_k = kv_cache.unsqueeze(2)
+            mla_v = kv_cache[..., :32].unsqueeze(2)
+            want = naive_paged_attention(torch.cat([ql, q[..., :8]], -1), mla_k, mla_v, meta, 0.25)
+            got = ops.mla_attention(ql, q[..., :8], kv_cache, meta, 0.25)
             assert_close(got, want, torch.float32)
 
 
 # ---- rotary -----------------------------------------------------------------------------------
+
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 512,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 0.5,  # != mscale, so the attention factor is not 1
+}
 
 
 def _rope_config(kind: str):
@@ -276,29 +309,67 @@ def _rope_config(kind: str):
 
     if kind == "yarn":
         return DeepseekV3Config(
-            qk_rope_head_dim=16,
-            max_position_embeddings=2048,
-            rope_parameters={
-                "rope_type": "yarn",
-                "rope_theta": 10000.0,
-                "factor": 4.0,
-                "original_max_position_embeddings": 512,
-                "beta_fast": 32,
-                "beta_slow": 1,
-                "mscale": 1.0,
-                "mscale_all_dim": 0.5,  # != mscale, so the attention factor is not 1
-            },
+            qk_rope_head_dim=16, max_position_embeddings=2048, rope_parameters=dict(YARN)
         )
     default = {"rope_theta": 10000.0, "rope_type": "default"}
     return Qwen3MoeConfig(head_dim=16, rope_parameters=default)
 
 
+def yarn_naive(dim, base, factor, original_max, beta_fast, beta_slow, mscale, mscale_all_dim):
+    """YaRN (Peng et al. 2023, as in DeepSeek's reference code), written out: rotation counts
+    beta_fast / beta_slow over the original context mark the dimensions kept / interpolated by
+    `factor`, with a linear ramp between; attention factor from the two mscales."""
+    rotations = lambda i: original_max / (2 * math.pi * base ** (2 * i / dim))  # noqa: E731
+    low = next(i for i in range(dim // 2) if rotations(i) < beta_fast) - 1
+    high = next(i for i in range(dim // 2) if rotations(i) < beta_slow)
+    inv_freq = []
+    for i in range(dim // 2):
+        theta = base ** (-2 * i / dim)
+        ramp = min(1.0, max(0.0, (i - low) / (high - low)))  # 0: keep, 1: interpolate
+        inv_freq.append(theta * (1 - ramp) + theta / factor * ramp)
+    get = lambda m: 0.1 * m * math.log(factor) + 1.0  # noqa: E731
+    return torch.tensor(inv_freq, dtype=torch.float64), get(mscale) / get(mscale_all_dim)
+
+
+def test_yarn_frequencies_match_the_formula():
+    from afd.models.layers import RotaryEmbedding
+
+    rotary = RotaryEmbedding(_rope_config("yarn"), 16, interleaved=True)
+    inv_freq = rotary._init_freqs()
+    want, scaling = yarn_naive(
+        16, YARN["rope_theta"], YARN["factor"], YARN["original_max_position_embeddings"],
+        YARN["beta_fast"], YARN["beta_slow"], YARN["mscale"], YARN["mscale_all_dim"],
+    )  # fmt: skip
+    torch.testing.assert_close(inv_freq.double(), want, atol=0, rtol=1e-6)
+    assert rotary.attention_scaling == pytest.approx(scaling, rel=1e-9)
+    # the case is not degenerate: the fastest frequency is kept, the slowest interpolated
+    plain = YARN["rope_theta"] ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    assert want[0] == pytest.approx(float(plain[0]))
+    assert want[-1] == pytest.approx(float(plain[-1]) / YARN["factor"])
+    assert scaling != 1.0
+
+
+def _hf_rotary(kind: str, interleaved: bool, positions, q, k):
+    """transformers' own rotary module and apply function: [T, H, d] -> [T, H, d]."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as qw
+
+    cfg = _rope_config(kind)
+    module = (
+        ds.DeepseekV3RotaryEmbedding(cfg) if kind == "yarn" else qw.Qwen3MoeRotaryEmbedding(cfg)
+    )
+    cos, sin = module(q.float(), positions[None])  # [1, T, d], attention factor folded in
+    apply = ds.apply_rotary_pos_emb_interleave if interleaved else ds.apply_rotary_pos_emb
+    qh, kh = (t.float().transpose(0, 1)[None] for t in (q, k))  # [1, H, T, d]
+    q_out, k_out = apply(qh, kh, cos, sin)
+    return q_out[0].transpose(0, 1).to(q.dtype), k_out[0].transpose(0, 1).to(k.dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind,interleaved", [("default", False), ("yarn", True), ("yarn", False)])
-def test_rotary_matches_model_rotary(dtype, kind, interleaved):
-    """Both backends against the model's RotaryEmbedding (transformers' frequency init, YaRN)."""
-    from afd.kernels.triton_rope import rotary_embedding
-
+def test_rotary_matches_transformers(dtype, kind, interleaved, backend):
+    """The model's RotaryEmbedding under both kernel backends against transformers' rotary
+    module and apply functions (its frequency init, YaRN and the interleaved layout)."""
     from afd.models.layers import RotaryEmbedding
 
     rotary = RotaryEmbedding(_rope_config(kind), 16, interleaved=interleaved)
@@ -306,12 +377,10 @@ def test_rotary_matches_model_rotary(dtype, kind, interleaved):
     positions = torch.tensor([0, 1, 7, 600, 1500])  # past the original 512 for YaRN
     q = torch.randn(5, 3, 16, generator=g).to(dtype)
     k = torch.randn(5, 1, 16, generator=g).to(dtype)
-    q_ref, k_ref = rotary(positions, q, k)
-    cos, sin = rotary.cos_sin(positions, dtype)
-    if kind == "yarn":
-        assert rotary.attention_scaling != 1.0  # the YaRN factor is really in play
-    for impl in (torch_ops.rotary_embedding, rotary_embedding):
-        q_out, k_out = impl(q, k, cos, sin, interleaved)
+    q_ref, k_ref = _hf_rotary(kind, interleaved, positions, q, k)
+    for name in ("torch", "triton"):
+        backend(name)
+        q_out, k_out = rotary(positions, q, k)
         assert_close(q_out, q_ref, dtype)
         assert_close(k_out, k_ref, dtype)
 
@@ -319,25 +388,135 @@ def test_rotary_matches_model_rotary(dtype, kind, interleaved):
 # ---- benchmark --------------------------------------------------------------------------------
 
 
-def test_bench_kernels_quick(tmp_path):
+def _bench_args(*argv: str):
     import argparse
 
     from afd.benchmarks import kernels as bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    out = tmp_path / "kernels.json"
-    args = parser.parse_args(["--quick", "--device", "cpu", "--iters", "1", "--output", str(out)])
-    assert bench.run(args) == 0
+    return parser.parse_args(["--quick", "--device", "cpu", "--warmup", "0", "--iters", "1",
+                              "--min-time", "0", *argv])  # fmt: skip
+
+
+def test_bench_kernels_checks_then_times_every_kernel(tmp_path):
     import json
 
+    from afd.benchmarks import kernels as bench
+
+    out = tmp_path / "kernels.json"
+    assert bench.run(_bench_args("--backends", "triton,torch", "--output", str(out))) == 0
     report = json.loads(out.read_text())
-    assert report["device"].startswith("cpu") and report["limits"]["copy_GBps"] > 0
-    assert {r["kernel"] for r in report["results"]} == set(bench.QUICK_SWEEP)
-    for row in report["results"]:
-        assert row["time_us"] > 0 and row["fraction_of_copy_bw"] > 0
-        if row["kernel"] == "fused_moe":
-            assert row["TFLOPs"] > 0 and row["routed_tokens"] == 32 * 2
+    assert report["name"] == "kernels" and report["date"] and "commit" in report
+    assert report["failed_checks"] == 0
+    rows = report["results"]
+    assert [(r["kernel"], r["backend"]) for r in rows] == [
+        (k, be) for k in bench.QUICK_SWEEP for be in ("triton", "torch")
+    ]
+    for triton_row, torch_row in zip(rows[::2], rows[1::2], strict=True):
+        for r in (triton_row, torch_row):
+            check = r["check"]
+            assert check["passed"] and check["error_norm"] <= check["bound_norm"], r
+            assert r["calls"] == 1 and r["warmup"] == 0
+        speedup = torch_row["time_us"] / triton_row["time_us"]
+        assert triton_row["speedup_vs_torch"] == pytest.approx(speedup)
+    moe = rows[-1]
+    assert moe["routed_tokens"] == 32 * 2  # tokens x top_k, one shard holding every expert
+    flops = 2 * 64 * 3 * 128 * 64  # routed rows x (gate, up, down) x hidden x inter
+    assert moe["TFLOPs"] == pytest.approx(flops / (moe["time_us"] * 1e-6) / 1e12)
+    # the ceilings are warmed up and repeated whatever the sweep
+    for timing in (report["limits"]["copy_timing"], report["limits"]["matmul_timing"]):
+        assert timing["warmup"] >= 3 and timing["calls"] >= 10
+
+
+def test_bench_kernels_refuses_to_time_a_wrong_kernel(tmp_path, monkeypatch, capsys):
+    """A Triton kernel 1% off is reported as failed and never timed; the run exits non-zero."""
+    import json
+
+    from afd.benchmarks import kernels as bench
+    from afd.kernels import triton_ops
+
+    real = triton_ops.TRITON_IMPLS["rms_norm"]
+
+    def one_percent_off(x, w, eps, residual=None):
+        y, r = real(x, w, eps, residual)
+        return y * 1.01, r
+
+    monkeypatch.setitem(triton_ops.TRITON_IMPLS, "rms_norm", one_percent_off)
+    out = tmp_path / "kernels.json"
+    args = _bench_args("--kernels", "rms_norm", "--backends", "triton,torch", "--output", str(out))
+    assert bench.run(args) == 1
+    rows = json.loads(out.read_text())["results"]
+    assert not rows[0]["check"]["passed"] and "time_us" not in rows[0]
+    assert rows[0]["check"]["error_norm"] == pytest.approx(0.01, rel=0.05)
+    assert rows[1]["check"]["passed"] and "time_us" in rows[1]
+    assert "FAILED output check" in capsys.readouterr().out
+
+
+def test_bench_kernels_reports_a_ratio_above_the_ceiling_as_an_error(tmp_path, monkeypatch, capsys):
+    import json
+
+    from afd.benchmarks import kernels as bench
+
+    tiny = {"copy_GBps": 1e-9, "matmul_TFLOPs": 1e-12}
+    monkeypatch.setattr(bench, "device_limits", lambda device, dtype: tiny)
+    out = tmp_path / "kernels.json"
+    assert bench.run(_bench_args("--kernels", "fused_moe", "--output", str(out))) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["fraction_of_copy_bw"] is None and row["fraction_of_matmul"] is None
+    assert len(row["measurement_error"]) == 2
+    assert "MEASUREMENT ERROR" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_output_check_tells_a_low_precision_accumulator_from_fp32(dtype):
+    """[64, 4096] x [4096, 256] in 64-wide blocks: an fp32 accumulator rounded once at the end
+    passes the bench's output check; rounding the accumulator to the input dtype after every
+    block (the bug of dropping the fp32 accumulator) fails it."""
+    from afd.benchmarks.kernels import check_output
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 4096, generator=g).to(dtype)
+    b = (torch.randn(4096, 256, generator=g) * 4096**-0.5).to(dtype)
+    ref32 = a.float() @ b.float()
+
+    def blocked(round_accumulator: bool) -> torch.Tensor:
+        acc = torch.zeros(64, 256)
+        for k0 in range(0, 4096, 64):
+            acc = acc + a[:, k0 : k0 + 64].float() @ b[k0 : k0 + 64].float()
+            if round_accumulator:
+                acc = acc.to(dtype).float()
+        return acc.to(dtype)
+
+    assert check_output(blocked(False), ref32, a @ b, dtype)["passed"]
+    assert not check_output(blocked(True), ref32, a @ b, dtype)["passed"]
+
+
+PAGED = dict(batch=2, context=1000, q_heads=4, kv_heads=2, head_dim=64, block_size=16)
+LONG_REDUCTIONS = [
+    ("fused_moe", dict(tokens=16, hidden=1024, inter=128, experts=4, top_k=2, shard=1)),
+    ("paged_attention", PAGED),
+    ("paged_attention", dict(PAGED, splits=2)),
+    ("mla_attention", dict(batch=2, context=1000, q_heads=4, latent=64, rope=16, block_size=16)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "kernel,shape",
+    LONG_REDUCTIONS,
+    ids=[k + ("-split" * ("splits" in s)) for k, s in LONG_REDUCTIONS],
+)
+def test_long_reductions_pass_the_gpu_gate_interpreted(kernel, shape, dtype):
+    """The GPU gate's check (tests/test_gpu_kernels.py) on CPU: reductions over 16 or more
+    blocks in 16-bit dtypes, where an accumulator rounded to the input dtype would show."""
+    from afd.benchmarks import kernels as bench
+
+    torch.manual_seed(0)
+    case = bench.make_case(kernel, shape, torch.device("cpu"), dtype)
+    out = case.call("triton")()
+    check = bench.check_output(out, case.reference(fp32=True), case.reference(fp32=False), dtype)
+    assert check["passed"], check
 
 
 @pytest.mark.slow

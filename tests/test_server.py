@@ -430,7 +430,8 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
 
 
 def test_openai_client_against_uvicorn(engine, tokenizer):
-    openai = pytest.importorskip("openai")
+    import openai
+
     engine.step_s = 0.001
     with ServerThread(build_app(engine, api_key="sk-test")) as srv:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="sk-test", max_retries=0)
