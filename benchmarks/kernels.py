@@ -122,6 +122,7 @@ class Case:
     bytes_moved: float = 0.0
     flops: float = 0.0
     extra: dict = field(default_factory=dict)
+    floors: tuple[float, float] | None = None  # (norm-wise, max-wise) error always allowed
 
     def call(self, backend: str) -> Callable[[], object]:
         impl = self.impls[backend]
@@ -151,15 +152,24 @@ def relative_errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]
     return float(diff.norm()) / ref_norm, err_max
 
 
-def check_output(out: object, ref32: object, ref_lowp: object, dtype: torch.dtype) -> dict:
+def check_output(
+    out: object,
+    ref32: object,
+    ref_lowp: object,
+    dtype: torch.dtype,
+    floors: tuple[float, float] | None = None,
+) -> dict:
     """Does a kernel's output match the fp32 torch reference as well as the torch reference run
     in the same dtype does? Passes when, for every output tensor, the norm-wise relative error
     is within max(1.5 x torch's, u) and the max-wise within max(3 x torch's, 2u), u being the
     dtype's unit roundoff (at least 1e-5 norm-wise and 1e-4 max-wise, for fp32 reassociation).
     A kernel that accumulates in bf16 where it should in fp32 errs about twice as much as the
-    reference on long reductions; the bounds are set to tell the two apart."""
+    reference on long reductions; the bounds are set to tell the two apart. `floors` raises the
+    floors for kernels whose exact result hangs on a rounding the reference cannot reproduce."""
     u = torch.finfo(dtype).eps / 2
     floor_norm, floor_max = max(u, 1e-5), max(2 * u, 1e-4)
+    if floors is not None:
+        floor_norm, floor_max = max(floor_norm, floors[0]), max(floor_max, floors[1])
     outs, refs, lows = _outputs(out), _outputs(ref32), _outputs(ref_lowp)
     if len(outs) != len(refs) or any(o.shape != r.shape for o, r in zip(outs, refs, strict=True)):
         shapes = [tuple(o.shape) for o in outs], [tuple(r.shape) for r in refs]
@@ -348,12 +358,17 @@ def make_case(kernel: str, shape: dict, device: torch.device, dtype: torch.dtype
         ids = torch.where(ids < local, ids, -1)  # this shard holds experts [0, local)
         routed = int((ids >= 0).sum())
         active = int(torch.unique(ids[ids >= 0]).numel())
-        inputs, weight_elt = (x, w13, w2, weights, ids), elt
+        inputs, weight_elt, floors = (x, w13, w2, weights, ids), elt, None
         if kernel == "fused_moe_fp8":
             from afd.kernels.torch_ops import quant_fp8_experts
 
             w13q, w13s, w2q, w2s = quant_fp8_experts(w13.float(), w2.float())
             inputs, weight_elt = (x, w13q, w13s, w2q, w2s, weights, ids, (128, 128)), 1
+            # The SiLU-and-mul output is quantized to e4m3 again: a last-bit difference in the
+            # fp32 sums before it can round an element to the neighbouring e4m3 value (1/16 to
+            # 1/8 of it), which no reference reproduces. Measured under the interpreter at fp32:
+            # 1.4e-4 norm-wise, 5.4e-4 max-wise over 20 seeds; a wrong scale or index errs by ~1.
+            floors = (2**-10, 2**-7)
         return Case(
             kernel,
             shape,
@@ -362,6 +377,7 @@ def make_case(kernel: str, shape: dict, device: torch.device, dtype: torch.dtype
             flops=2 * routed * 3 * hid * inter,
             bytes_moved=active * 3 * hid * inter * weight_elt,
             extra={"routed_tokens": routed, "active_experts": active},
+            floors=floors,
         )
     raise ValueError(f"unknown kernel {kernel!r}; choose from {', '.join(KERNELS)}")
 
@@ -419,7 +435,7 @@ def measure_case(case: Case, backends: list[str], dtype: torch.dtype, timer: Tim
     rows, times = [], {}
     for be in backends:
         row = {"kernel": case.kernel, "backend": be, "shape": case.shape, **case.extra}
-        check = check_output(case.call(be)(), ref32, ref_lowp, dtype)
+        check = check_output(case.call(be)(), ref32, ref_lowp, dtype, case.floors)
         row["check"] = check
         if not check["passed"]:
             row["error"] = "output does not match the torch reference: not timed"

@@ -73,7 +73,7 @@ def test_triton_kernel_matches_torch_reference(kernel, shape, dtype):
     ref_lowp = case.reference(fp32=False)
     out = case.call("triton")()
     torch.cuda.synchronize()
-    check = bench.check_output(out, ref32, ref_lowp, dtype)
+    check = bench.check_output(out, ref32, ref_lowp, dtype, case.floors)
     assert check["passed"], check
 
 

@@ -420,7 +420,7 @@ def test_bench_kernels_checks_then_times_every_kernel(tmp_path):
             assert r["calls"] == 1 and r["warmup"] == 0
         speedup = torch_row["time_us"] / triton_row["time_us"]
         assert triton_row["speedup_vs_torch"] == pytest.approx(speedup)
-    moe = rows[-1]
+    moe = next(r for r in rows if r["kernel"] == "fused_moe")
     assert moe["routed_tokens"] == 32 * 2  # tokens x top_k, one shard holding every expert
     flops = 2 * 64 * 3 * 128 * 64  # routed rows x (gate, up, down) x hidden x inter
     assert moe["TFLOPs"] == pytest.approx(flops / (moe["time_us"] * 1e-6) / 1e12)
