@@ -20,8 +20,9 @@ def run_prefill_worker(spec: dict) -> None:
         torch.set_num_threads(spec.get("threads", 1))
         device = torch.device(spec["device"])
         init_world(spec)
-        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="full")
-        dtype = next(model.parameters()).dtype
+        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="full",
+                           quantization=spec["quantization"])  # fmt: skip
+        dtype = getattr(torch, spec["dtype"])  # (FP8 layers hold other dtypes)
         caches = allocate_kv_cache(
             model.config, spec["num_kv_blocks"], spec["block_size"], dtype, device
         )

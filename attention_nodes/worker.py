@@ -69,9 +69,10 @@ def run_attention_worker(spec: dict) -> None:
         torch.set_num_threads(spec.get("threads", 1))
         device = torch.device(spec["device"])
         init_world(spec)
-        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="attention")
+        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device,
+                           part="attention", quantization=spec["quantization"])  # fmt: skip
         cfg = model.config
-        dtype = next(model.parameters()).dtype
+        dtype = getattr(torch, spec["dtype"])  # (FP8 layers hold other dtypes)
         kv_caches = allocate_kv_cache(cfg, spec["num_kv_blocks"], spec["block_size"], dtype, device)
         transport = transport_for(spec, cfg, device)
         sampler = Sampler(spec.get("eos_token_ids", ()), spec["model_path"])
@@ -81,6 +82,7 @@ def run_attention_worker(spec: dict) -> None:
             msg = channel.recv()
             if msg["type"] == "shutdown":
                 break
+            sent, got = transport.stats["bytes_sent"], transport.stats["bytes_received"]
             sampled, prompt_logprobs, clock = worker.step(msg)
             channel.send(
                 "attn_result",
@@ -89,6 +91,10 @@ def run_attention_worker(spec: dict) -> None:
                 prompt_logprobs=prompt_logprobs,
                 times=clock.times,
                 events=clock.events,
+                wire={
+                    "dispatch": transport.stats["bytes_sent"] - sent,
+                    "combine": transport.stats["bytes_received"] - got,
+                },
             )
     except BaseException as e:  # report anything, then die: the driver turns it into an error
         channel.report_error(e)

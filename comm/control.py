@@ -56,14 +56,12 @@ class WorkerChannel:
 def init_world(spec: dict, timeout_s: float = 300.0) -> None:
     """Join the cluster's torch.distributed world over a TCP store rendezvous at init_addr."""
     host, _, port = spec["init_addr"].rpartition(":")
-    nccl = dist_backend(spec["device"]) == "nccl"
+    # gloo when workers share a GPU (NCCL allows no two ranks on one GPU)
+    backend = afd_dist.resolve_backend(spec.get("dist_backend", "auto"), spec["device"])
     afd_dist.init_world(
-        spec["rank"], spec["world_size"], host, int(port), "auto", spec["device"], timeout_s, nccl
-    )
-
-
-def dist_backend(device: str) -> str:
-    return afd_dist.resolve_backend("auto", device)
+        spec["rank"], spec["world_size"], host, int(port), backend, spec["device"], timeout_s,
+        combine_group=backend == "nccl",
+    )  # fmt: skip
 
 
 def transport_for(spec: dict, model_config, device):
@@ -81,5 +79,6 @@ def transport_for(spec: dict, model_config, device):
         shm_dir=spec.get("shm_dir"),
         hidden_size=model_config.hidden_size,
         top_k=model_config.num_experts_per_tok,
+        dispatch_dtype=spec.get("dispatch_dtype", "auto"),
         combine_group=afd_dist.get_combine_group(),
     )

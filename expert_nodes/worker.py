@@ -33,6 +33,7 @@ def run_expert_worker(spec: dict) -> None:
             device=device,
             part="experts",
             expert_range=ranges[index],
+            quantization=spec["quantization"],
         )
         transport = transport_for(spec, cfg, device)
         channel.send("ready", role="expert", param_bytes=count_parameter_bytes(shard))

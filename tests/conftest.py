@@ -81,8 +81,9 @@ def launched(*args: str, timeout_s: float = 180.0):
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
             assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, f"afd launch not up within {timeout_s:.0f} s"
             try:
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                     break

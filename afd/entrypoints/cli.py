@@ -7,8 +7,9 @@ import importlib
 import importlib.util
 import sys
 
-from afd.comm.dispatch import transport_names
+from afd.comm.dispatch import DISPATCH_DTYPES, transport_names
 from afd.config import DTYPES, EngineConfig
+from afd.quantization import QUANTIZATION_MODES
 
 
 class CLIError(Exception):
@@ -49,6 +50,27 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="decode steps per scheduling step (workers feed sampled tokens back themselves)",
     )
     p.add_argument("--comm-backend", default="auto", choices=transport_names())
+    p.add_argument(
+        "--quantization",
+        default="auto",
+        choices=QUANTIZATION_MODES,
+        help="fp8: keep (or make) block-FP8 weights; none: dequantize FP8 checkpoints while "
+        "loading; auto: FP8 checkpoints stay FP8 on CUDA, are dequantized on CPU",
+    )
+    p.add_argument(
+        "--dispatch-dtype",
+        default="auto",
+        choices=DISPATCH_DTYPES,
+        help="A->F activations: the compute dtype (auto) or e4m3 + a float32 scale per 128 "
+        "channels (fp8); combine stays in the compute dtype",
+    )
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs a node's workers share, several workers per GPU when fewer than workers "
+        "(default: one GPU per worker)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -65,6 +87,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         raise CLIError("worker counts must be >= 0")
     if args.num_prefill_workers and not args.num_attention_workers:
         raise CLIError("--num-prefill-workers needs attention and expert workers")
+    if args.gpus_per_node is not None and args.gpus_per_node < 1:
+        raise CLIError("--gpus-per-node must be at least 1")
     if (args.num_attention_workers > 0) != (args.num_expert_workers > 0):
         raise CLIError("--num-attention-workers and --num-expert-workers go together (both > 0)")
     return EngineConfig(
@@ -85,6 +109,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         num_micro_batches=args.num_micro_batches,
         num_scheduler_steps=args.num_scheduler_steps,
         comm_backend=args.comm_backend,
+        quantization=args.quantization,
+        dispatch_dtype=args.dispatch_dtype,
+        gpus_per_node=args.gpus_per_node,
     )
 
 
