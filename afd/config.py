@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from afd.quantization import Fp8Config
+
 SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 
 
@@ -57,6 +59,8 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()
     first_k_dense_replace: int = 0
     moe_layer_freq: int = 1
+    # block-FP8 checkpoint (quantization_config); None for bf16/fp32 weights
+    quant: Fp8Config | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
@@ -137,6 +141,7 @@ class ModelConfig:
             mlp_only_layers=tuple(getattr(hf, "mlp_only_layers", None) or ()),
             first_k_dense_replace=getattr(hf, "first_k_dense_replace", None) or 0,
             moe_layer_freq=getattr(hf, "moe_layer_freq", None) or 1,
+            quant=Fp8Config.from_hf(getattr(hf, "quantization_config", None)),
         )
 
     def is_moe_layer(self, i: int) -> bool:
@@ -183,6 +188,9 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     kernel_backend: str = "auto"
+    # auto: keep a block-FP8 checkpoint in FP8 on CUDA, dequantize it on CPU; fp8: keep (or
+    # quantize) the weights in FP8; none: dequantize while loading (vLLM's names)
+    quantization: str = "auto"
     # Disaggregated decode (0 attention workers = everything in this process).
     num_prefill_workers: int = 0  # 0: attention workers prefill too
     num_attention_workers: int = 0
@@ -192,6 +200,12 @@ class EngineConfig:
     # token back themselves, and the micro-batch pipeline runs on across the steps.
     num_scheduler_steps: int = 1
     comm_backend: str = "auto"
+    # A->F activations on the wire: auto = the compute dtype; fp8 = e4m3 + a float32 scale per
+    # 128 channels (DeepEP's low-latency format), dequantized by the expert worker
+    dispatch_dtype: str = "auto"
+    # GPUs a node's workers share (None: one GPU per worker, an error when a node has too few);
+    # fewer GPUs than workers puts several workers on one GPU (the world then runs over gloo)
+    gpus_per_node: int | None = None
     # Several nodes: node 0 runs the scheduler and HTTP server (see `afd launch --nnodes`).
     nnodes: int = 1
     dist_init_addr: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -10,10 +11,18 @@ import torch
 from torch import nn
 
 from afd.config import ModelConfig
+from afd.kernels import torch_ops
 from afd.models import build_model
+from afd.quantization import (
+    SCALE_SUFFIX,
+    Fp8Config,
+    convert_to_fp8,
+    resolve_quantization,
+    scale_name,
+)
 
 _EXPERT_KEY = re.compile(
-    r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$"
+    r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight(_scale_inv)?$"
 )
 
 
@@ -36,60 +45,133 @@ def safetensors_files(model_dir: Path) -> dict[str, Path]:
     return names
 
 
+class _Checkpoint:
+    """Open safetensors files by tensor name (each file opened once), for reads out of order:
+    a weight's scale may live in another shard."""
+
+    def __init__(self, files: dict[str, Path], stack: contextlib.ExitStack):
+        self.files, self.stack = files, stack
+        self.handles: dict[Path, object] = {}
+
+    def handle(self, f: Path):
+        if f not in self.handles:
+            if not f.is_file():
+                raise FileNotFoundError(f"weight file {f} named in the checkpoint index is missing")
+            from safetensors import safe_open
+
+            self.handles[f] = self.stack.enter_context(safe_open(str(f), framework="pt"))
+        return self.handles[f]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise ValueError(f"checkpoint has an FP8 tensor {name[: -len(SCALE_SUFFIX)]} "
+                             f"but no {name}")  # fmt: skip
+        return self.handle(self.files[name]).get_tensor(name)
+
+    def fp8_names(self) -> set[str]:
+        """Names of the float8_e4m3fn tensors, read from the file headers only."""
+        out = set()
+        for name, f in self.files.items():
+            if self.handle(f).get_slice(name).get_dtype() == "F8_E4M3":
+                out.add(name)
+        return out
+
+
 def load_model(
     model_dir: str | Path,
     dtype: torch.dtype | str = "auto",
     device: str | torch.device = "cpu",
     part: str = "full",
     expert_range: tuple[int, int] | None = None,
+    quantization: str = "auto",
 ) -> nn.Module:
-    """Build the `part` ('full', 'attention', 'experts') and fill it from the checkpoint."""
-    from safetensors import safe_open
+    """Build the `part` ('full', 'attention', 'experts') and fill it from the checkpoint.
 
+    Block-FP8 weights stay FP8 where `quantization` keeps them (see resolve_quantization) and
+    are otherwise dequantized one tensor at a time as they are read."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     config = ModelConfig.from_pretrained(model_dir)
     dtype = _resolve_dtype(dtype, config)
+    keep = resolve_quantization(quantization, config.quant, device)
     with torch.device("meta"):
         model = build_model(config, part, expert_range)
     # cast on meta first so only the target dtype is ever allocated
-    model = model.to(dtype).to_empty(device=device)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    _keep_router_bias_fp32(model)
-    targets = dict(model.named_parameters())
-    targets.update(
-        {k: v for k, v in model.named_buffers() if k.endswith("e_score_correction_bias")}
-    )
-    loaded: set[str] = set()
+    model = model.to(dtype)
     files = safetensors_files(model_dir)
-    by_file: dict[Path, list[str]] = {}
-    for name, f in files.items():
-        by_file.setdefault(f, []).append(name)
-    for f, names in by_file.items():
-        if not f.is_file():
-            raise FileNotFoundError(f"weight file {f} named in the checkpoint index is missing")
-        with safe_open(str(f), framework="pt") as st:
+    with contextlib.ExitStack() as stack:
+        ckpt = _Checkpoint(files, stack)
+        if keep is not None:
+            fp8 = ckpt.fp8_names() if config.quant is not None else None
+            convert_to_fp8(model, keep, lambda n: fp8 is None or n in fp8)  # None: quantize all
+        model = model.to_empty(device=device)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        _keep_router_bias_fp32(model)
+        targets = dict(model.named_parameters())
+        targets.update(
+            {k: v for k, v in model.named_buffers() if k.endswith("e_score_correction_bias")}
+        )
+        loaded: set[str] = set()
+        by_file: dict[Path, list[str]] = {}
+        for name, f in files.items():
+            by_file.setdefault(f, []).append(name)
+        block = (config.quant or keep or Fp8Config()).block
+
+        def store(name: str, tensor: torch.Tensor) -> None:
+            target_name, param, index = _destination(name, model, part, targets)
+            with torch.no_grad():
+                view = param if index is None else param[index]
+                if view.shape != tensor.shape:
+                    raise ValueError(
+                        f"{name}: checkpoint shape {tuple(tensor.shape)} does not match "
+                        f"the model's {tuple(view.shape)}"
+                    )
+                view.copy_(tensor.to(param.dtype))
+            loaded.add(target_name if index is None else f"{target_name}[{index}]")
+
+        for f, names in by_file.items():
+            st = ckpt.handle(f)
             for name in names:
                 dest = _destination(name, model, part, targets)
-                if dest is None:
-                    continue
-                target_name, param, index = dest
-                if target_name not in targets:
+                if dest is None or dest[0] not in targets:
                     continue
                 tensor = st.get_tensor(name)
-                with torch.no_grad():
-                    view = param if index is None else param[index]
-                    if view.shape != tensor.shape:
-                        raise ValueError(
-                            f"{name}: checkpoint shape {tuple(tensor.shape)} does not match "
-                            f"the model's {tuple(view.shape)}"
-                        )
-                    view.copy_(tensor.to(param.dtype))
-                loaded.add(target_name if index is None else f"{target_name}[{index}]")
+                if not name.endswith(SCALE_SUFFIX):
+                    tensor = _convert(tensor, name, dest[1], block, ckpt, store)
+                store(name, tensor)
     _check_complete(model, targets, loaded, part)
     return model.eval()
+
+
+def _convert(tensor, name, param, block, ckpt: _Checkpoint, store_scale):
+    """A checkpoint weight in the form its parameter holds: dequantized when the checkpoint is FP8
+    and the parameter is not; quantized (scales handed to store_scale) in the opposite case."""
+    fp8 = torch_ops.FP8_DTYPE
+    if tensor.dtype == fp8 and param.dtype != fp8:
+        scale = ckpt.get(scale_name(name))
+        want = tuple(-(-d // b) for d, b in zip(tensor.shape, block, strict=True))
+        if tuple(scale.shape) != want:
+            raise ValueError(
+                f"{scale_name(name)}: shape {tuple(scale.shape)} does not match {want} "
+                f"for a {tuple(tensor.shape)} weight in {list(block)} blocks"
+            )
+        return torch_ops.dequant_fp8(tensor, scale, block, param.dtype)
+    if tensor.dtype != fp8 and param.dtype == fp8:
+        q, scale = torch_ops.quant_fp8_blocks(tensor, block)
+        store_scale(scale_name(name), scale)
+        return q
+    return tensor
+
+
+def _expert_scale(shard, prefix: str, local: int, proj: str):
+    """(name, scale parameter, index) of expert `local`'s `proj` scales in an FP8 shard."""
+    if proj == "down":
+        return f"{prefix}.w2_scale", shard.w2_scale, local
+    half = shard.w13_scale.shape[1] // 2
+    rows = slice(0, half) if proj == "gate" else slice(half, 2 * half)
+    return f"{prefix}.w13_scale", shard.w13_scale, (local, rows)
 
 
 def _resolve_dtype(dtype: torch.dtype | str, config: ModelConfig) -> torch.dtype:
@@ -127,14 +209,16 @@ def _destination(name: str, model: nn.Module, part: str, targets: dict[str, torc
         if not shard.start <= expert < shard.end:
             return None
         local = expert - shard.start
-        inter = shard.w2.shape[-1]
         prefix = f"experts.{layer}" if part == "experts" else f"model.layers.{layer}.mlp.experts"
+        if m.group(4):  # a scale: an FP8 shard holds it, others dequantize with the weight
+            return None if shard.block is None else _expert_scale(shard, prefix, local, proj)
+        inter = shard.w2.shape[-1]
         if proj == "down":
             return f"{prefix}.w2", shard.w2, local
         rows = slice(0, inter) if proj == "gate" else slice(inter, 2 * inter)
         return f"{prefix}.w13", shard.w13, (local, rows)
     if part == "experts" or name not in targets:
-        return None
+        return None  # (a scale of a weight dequantized here is read along with the weight)
     return name, targets[name], None
 
 
@@ -148,9 +232,10 @@ def _check_complete(
             stacked[base] = stacked.get(base, 0) + 1
     missing = []
     for name in sorted(targets):
-        if name.endswith(".w13") or name.endswith(".w2"):
-            per = 2 if name.endswith(".w13") else 1
-            if stacked.get(name, 0) != per * targets[name].shape[0]:
+        per = {".w13": 2, ".w2": 1, ".w13_scale": 2, ".w2_scale": 1}
+        suffix = next((s for s in per if name.endswith(s)), None)
+        if suffix is not None:
+            if stacked.get(name, 0) != per[suffix] * targets[name].shape[0]:
                 missing.append(name)
         elif name not in loaded:
             if name == "lm_head.weight" and model.config.tie_word_embeddings:

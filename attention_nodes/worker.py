@@ -105,9 +105,12 @@ class AttentionWorker(RoleWorker):
 
     def run(self, plan: dict) -> tuple[str, dict]:
         errors: list = []
+        stats = self.transport.stats
+        sent, got = stats["bytes_sent"], stats["bytes_received"]
         sampled, prompt_logprobs, clock = self.step(plan, errors)
+        wire = {"dispatch": stats["bytes_sent"] - sent, "combine": stats["bytes_received"] - got}
         fields = dict(sampled=sampled, prompt_logprobs=prompt_logprobs, errors=errors,
-                      times=clock.times, events=clock.events)  # fmt: skip
+                      times=clock.times, events=clock.events, wire=wire)  # fmt: skip
         return "attn_result", fields
 
     @torch.inference_mode()

@@ -10,7 +10,12 @@ import time
 from pathlib import Path
 
 from afd.benchmarks.models import resolve_bench_model
-from afd.comm.dispatch import MAX_MICRO_BATCHES, resolve_transport_name, transport_names
+from afd.comm.dispatch import (
+    DISPATCH_DTYPES,
+    MAX_MICRO_BATCHES,
+    resolve_transport_name,
+    transport_names,
+)
 
 BENCH_MODEL = "bench-balanced-moe"  # shapes: afd.benchmarks.models.BENCH_MODELS
 
@@ -40,6 +45,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--comm-backend", default="auto", choices=transport_names())
+    p.add_argument(
+        "--dispatch-dtype",
+        default="auto",
+        choices=DISPATCH_DTYPES,
+        help="A->F activations in the compute dtype (auto) or e4m3 + per-128-channel scales",
+    )
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="--device cuda: GPUs the workers share (1 runs the whole topology on one GPU)",
+    )
     p.add_argument("--name", default="pipeline", help="result name: NAME.json, NAME_timeline.png")
     add_planner_arguments(p)
     p.add_argument(
@@ -98,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         num_attention_workers=args.num_attention_workers,
         num_expert_workers=args.num_expert_workers,
         comm_backend=args.comm_backend,
+        dispatch_dtype=args.dispatch_dtype,
+        gpus_per_node=args.gpus_per_node,
         num_scheduler_steps=max(ks),
         max_num_seqs=args.batch_size * args.num_attention_workers,
         block_size=block_size,
@@ -132,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
 def measure(llm, args, ks: list[int], SamplingParams) -> dict:
     import torch
+    from afd.scheduler.cluster import shares_gpus
 
     eng, ex = llm.engine, llm.engine.executor
     g = torch.Generator().manual_seed(0)
@@ -153,6 +173,7 @@ def measure(llm, args, ks: list[int], SamplingParams) -> dict:
     stage_sums: dict[tuple, dict[str, float]] = {v: {} for v in variants}
     events: dict[tuple, list] = {}
     loads: dict[tuple, list] = {v: [] for v in variants}
+    wire: dict[tuple, dict[str, int]] = {v: {} for v in variants}
     last = args.warmup_rounds + args.rounds - 1
     for rnd in range(args.warmup_rounds + args.rounds):
         for v in variants:
@@ -175,6 +196,8 @@ def measure(llm, args, ks: list[int], SamplingParams) -> dict:
             for name, sec in ex.last_times.items():
                 stage_sums[v][name] = stage_sums[v].get(name, 0.0) + sec
             loads[v].append(ex.last_load)
+            for key, n in ex.last_wire.items():
+                wire[v][key] = wire[v].get(key, 0) + n
             if ex.trace:
                 events[v] = ex.last_events
     ex.trace = False
@@ -183,6 +206,7 @@ def measure(llm, args, ks: list[int], SamplingParams) -> dict:
             walls[v],
             stage_sums[v],
             loads[v],
+            wire[v],
             m=v[1],
             k=v[0],
             num_attention=args.num_attention_workers,
@@ -209,7 +233,10 @@ def measure(llm, args, ks: list[int], SamplingParams) -> dict:
         "num_scheduler_steps": ks,
         "device": device_name(args.device),
         "dtype": args.dtype,
-        "comm_backend": resolve_transport_name(args.comm_backend, args.device, "-"),
+        "comm_backend": resolve_transport_name(
+            args.comm_backend, args.device, "-", shares_gpus(llm.engine.config)
+        ),
+        "dispatch_dtype": args.dispatch_dtype,
         "model": args.model,
         "runs": runs,
     }
@@ -247,6 +274,7 @@ def summarise(
     walls: list[float],
     stage_sums: dict[str, float],
     loads: list,
+    wire: dict[str, int] | None = None,
     *,
     m: int,
     k: int,
@@ -256,7 +284,8 @@ def summarise(
 ) -> dict:
     """One variant's times per decode step (a scheduling step runs k of them). walls: seconds
     of each measured scheduling step; stage_sums: stage seconds summed over those steps and over
-    the workers of each side; loads: per step, per expert worker, tokens per expert."""
+    the workers of each side; loads: per step, per expert worker, tokens per expert; wire: bytes
+    the attention workers put on the data plane ("dispatch") and got back ("combine")."""
     steps = len(walls) * k
     step_s = statistics.mean(walls) / k
     per_step = {name: v / steps for name, v in stage_sums.items()}
@@ -290,6 +319,7 @@ def summarise(
             "max_tokens_per_expert_step": max(flat) if flat else 0,
             "total_per_expert": per_expert,
         },
+        "wire_bytes_per_step": {key: n / steps for key, n in sorted((wire or {}).items())},
     }
 
 
@@ -320,18 +350,20 @@ def device_name(device: str) -> str:
 def print_table(result: dict) -> None:
     head = (
         f"{'K':>2} {'m':>2} {'tok/s':>9} {'speedup':>8} {'step ms':>8} {'attn ms':>8} "
-        f"{'expert ms':>9} {'comm A':>6} {'comm F':>6} {'bubble A':>8} {'bubble F':>8} {'A/F':>5}"
+        f"{'expert ms':>9} {'comm A':>6} {'comm F':>6} {'bubble A':>8} {'bubble F':>8} {'A/F':>5} "
+        f"{'A->F MB':>8} {'F->A MB':>8}"
     )
     print(head)
     for r in result["runs"]:
-        a, f = r["attention"], r["expert"]
+        a, f, wb = r["attention"], r["expert"], r["wire_bytes_per_step"]
         print(
             f"{r['num_scheduler_steps']:>2} {r['m']:>2} {r['decode_tokens_per_s']:>9.1f} "
             f"{r['speedup_vs_m1']:>7.2f}x {r['step_time_s'] * 1e3:>8.1f} "
             f"{a['compute_s'] * 1e3:>8.1f} {f['compute_s'] * 1e3:>9.1f} "
             f"{a['exposed_comm_fraction']:>6.3f} {f['exposed_comm_fraction']:>6.3f} "
             f"{a['bubble_fraction']:>8.2f} {f['bubble_fraction']:>8.2f} "
-            f"{r['attention_expert_balance'] or 0:>5.2f}"
+            f"{r['attention_expert_balance'] or 0:>5.2f} "
+            f"{wb.get('dispatch', 0) / 1e6:>8.3f} {wb.get('combine', 0) / 1e6:>8.3f}"
         )
     print(
         "per decode step; attn/expert ms: compute; comm: exposed transfers / step; "

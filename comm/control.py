@@ -111,19 +111,17 @@ def init_world(spec: dict, generation: int = 0) -> None:
     timeout = timedelta(seconds=spec.get("dist_timeout_s", 300.0))
     if _store is None:
         _store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
-    nccl = dist_backend(spec["device"]) == "nccl"
+    # gloo when workers share a GPU (NCCL allows no two ranks on one GPU)
+    backend = afd_dist.resolve_backend(spec.get("dist_backend", "auto"), spec["device"])
     afd_dist.init_world(
         spec["rank"],
         spec["world_size"],
+        backend=backend,
         store=dist.PrefixStore(f"afd/g{generation}/", _store),
         device=spec["device"],
         timeout_s=timeout.total_seconds(),
-        combine_group=nccl,
+        combine_group=backend == "nccl",
     )
-
-
-def dist_backend(device: str) -> str:
-    return afd_dist.resolve_backend("auto", device)
 
 
 def transport_for(spec: dict, model_config, device, generation: int = 0):
@@ -141,6 +139,7 @@ def transport_for(spec: dict, model_config, device, generation: int = 0):
         shm_dir=generation_dir(spec.get("shm_dir"), generation),
         hidden_size=model_config.hidden_size,
         top_k=model_config.num_experts_per_tok,
+        dispatch_dtype=spec.get("dispatch_dtype", "auto"),
         combine_group=afd_dist.get_combine_group(),
     )
 

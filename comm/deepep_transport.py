@@ -10,6 +10,9 @@ sits in slots r*S .. r*S + (end - start); attention ranks own slots nobody route
 ranks dispatch zero tokens and attention ranks combine zero expert rows, so every rank issues
 the same sequence of kernels, which DeepEP requires.
 
+FP8 dispatch (dispatch_dtype="fp8") is DeepEP's own `use_fp8`: it quantizes the bf16 rows to
+e4m3 with a float32 scale per 128 channels on the wire, and this side dequantizes what arrives.
+
 Limits (DeepEP's, see DESIGN.md): bf16 [T, H] activations, H from DeepEP's supported list,
 T <= max_tokens_per_rank, every group rank takes part in every exchange (so all attention ranks
 must join every step), and the low-latency buffers alternate per call, so all ranks must issue
@@ -23,7 +26,13 @@ import time
 
 import torch
 import torch.distributed as dist
-from afd.comm.dispatch import DispatchHandle, ExpertBatch, Transport
+from afd.comm.dispatch import (
+    DispatchHandle,
+    ExpertBatch,
+    Transport,
+    fp8_groups,
+    unpack_rows,
+)
 
 INSTALL_HINT = (
     "the deepep comm backend needs DeepEP (build deepseek-ai/DeepEP from source with NVSHMEM on "
@@ -53,9 +62,10 @@ class DeepEPTransport(Transport):
         hidden_size: int | None = None,
         top_k: int | None = None,
         max_tokens_per_rank: int = 128,
+        dispatch_dtype: str = "auto",
         **_ignored,
     ):
-        super().__init__(expert_ranks, expert_ranges, device)
+        super().__init__(expert_ranks, expert_ranges, device, dispatch_dtype)
         if self.device.type != "cuda":
             raise ValueError("the deepep comm backend needs a CUDA device")
         if hidden_size is None or top_k is None:
@@ -107,9 +117,9 @@ class DeepEPTransport(Transport):
         if x.shape[0] > self.max_tokens:
             raise ValueError(f"{x.shape[0]} tokens > max_tokens_per_rank {self.max_tokens}")
         recv_x, recv_count, handle, _event, _hook = self.buffer.low_latency_dispatch(
-            x, slot_ids, self.max_tokens, self.num_slots, use_fp8=False
+            x, slot_ids, self.max_tokens, self.num_slots, use_fp8=self.dispatch_dtype == "fp8"
         )
-        return recv_x, recv_count, handle
+        return recv_x, recv_count, handle  # fp8: recv_x = (e4m3 [S, M, H], scales [S, M, H/128])
 
     # ---- attention side -------------------------------------------------------------------
     def dispatch(self, x, topk_ids, topk_weights, tag: int) -> DispatchHandle:
@@ -120,7 +130,10 @@ class DeepEPTransport(Transport):
         _, _, ll_handle = self._low_latency_dispatch(x16, slot_ids)
         handle = DispatchHandle(tag, x.shape[0], x.shape[1], x.dtype, [], [])
         handle.state = (ll_handle, slot_ids, topk_weights.float().contiguous())
-        handle.bytes_sent = x16.numel() * 2  # payload once per row, before DeepEP's fan-out
+        # payload once per row, before DeepEP's fan-out
+        h = x.shape[1]
+        row = h + 4 * fp8_groups(h) if self.dispatch_dtype == "fp8" else 2 * h
+        handle.bytes_sent = x.shape[0] * row
         return handle
 
     def _waited(self, t0: int) -> None:
@@ -147,9 +160,14 @@ class DeepEPTransport(Transport):
         recv_x, recv_count, ll_handle = self._low_latency_dispatch(empty_x, empty_ids)
         self._waited(t0)
         counts = recv_count.tolist()[: self.own_range[1] - self.own_range[0]]
+        fp8 = isinstance(recv_x, tuple)
+        packed = recv_x[0] if fp8 else recv_x
         xs, ids = [], []
         for slot, n in enumerate(counts):
-            xs.append(recv_x[slot, :n])
+            if fp8:  # dequantized on this side, to the bf16 DeepEP computes in
+                xs.append(unpack_rows(recv_x[0][slot, :n], recv_x[1][slot, :n], torch.bfloat16))
+            else:
+                xs.append(recv_x[slot, :n])
             ids.append(torch.full((n, 1), slot, dtype=torch.int64, device=self.device))
         x = torch.cat(xs) if xs else empty_x
         local = torch.cat(ids) if ids else empty_ids[:, :1]
@@ -157,7 +175,7 @@ class DeepEPTransport(Transport):
         # applies the routing weights on the attention side
         weights = torch.ones(x.shape[0], 1, dtype=torch.float32, device=self.device)
         batch = ExpertBatch(tag, x, local, weights, counts, list(sources))
-        batch.state = (ll_handle, recv_x.shape)
+        batch.state = (ll_handle, packed.shape)
         return batch
 
     def send_back(self, batch: ExpertBatch, out: torch.Tensor, tag: int | None = None) -> None:

@@ -14,6 +14,10 @@ rewritten to that rank's local expert ids, -1 where the expert lives elsewhere. 
 rows for a destination still sends a header with a zero count, so every exchange completes.
 
 `tag` names one exchange (see exchange_tag); a transport may derive several wire tags from it.
+
+`dispatch_dtype="fp8"` sends x as e4m3 plus one float32 scale per token and 128 channels
+(DeepEP's low-latency format; pack_rows), and the expert side dequantizes it back to the compute
+dtype named on the wire (unpack_rows); combine always travels in the compute dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_MICRO_BATCHES = 64
+DISPATCH_DTYPES = ("auto", "fp8")
+FP8_GROUP = 128  # channels per scale of an FP8 payload
 # KV handoffs use tags from 2^24 (docs/structures.md); exchange tags x2 + direction stay below.
 MAX_EXCHANGE_TAG = 2**23
 
@@ -38,6 +44,7 @@ DTYPE_CODES = {
     torch.float64: 3,
     torch.int32: 4,
     torch.int64: 5,
+    torch.float8_e4m3fn: 6,
 }
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
@@ -50,6 +57,36 @@ def exchange_tag(layer: int, micro_batch: int) -> int:
     if not 0 <= tag < MAX_EXCHANGE_TAG:
         raise ValueError(f"layer {layer} gives tag {tag} outside [0, {MAX_EXCHANGE_TAG})")
     return tag
+
+
+def pack_rows(x: torch.Tensor, dispatch_dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [T, H] -> (payload, scales): x itself and None, or for "fp8" e4m3 [T, H] and float32
+    [T, ceil(H/128)] (quantized per token, so any subset of rows can be sent alone)."""
+    if dispatch_dtype == "auto":
+        return x, None
+    if dispatch_dtype != "fp8":
+        raise ValueError(
+            f"unknown dispatch dtype {dispatch_dtype!r}; choose from {', '.join(DISPATCH_DTYPES)}"
+        )
+    from afd.kernels import ops
+
+    return ops.quant_fp8(x, FP8_GROUP)
+
+
+def unpack_rows(
+    payload: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of pack_rows: the rows in `dtype` (a copy when they were FP8)."""
+    if scales is None:
+        return payload
+    from afd.kernels.torch_ops import dequant_fp8
+
+    return dequant_fp8(payload, scales, (1, FP8_GROUP), dtype)
+
+
+def fp8_groups(hidden: int) -> int:
+    """Float32 scales per row of an FP8 payload."""
+    return -(-hidden // FP8_GROUP)
 
 
 def local_ids(topk_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -111,7 +148,14 @@ class Transport(ABC):
         expert_ranks: list[int],
         expert_ranges: list[tuple[int, int]],
         device: str | torch.device,
+        dispatch_dtype: str = "auto",
     ):
+        if dispatch_dtype not in DISPATCH_DTYPES:
+            raise ValueError(
+                f"unknown dispatch dtype {dispatch_dtype!r}; "
+                f"choose from {', '.join(DISPATCH_DTYPES)}"
+            )
+        self.dispatch_dtype = dispatch_dtype
         if len(expert_ranks) != len(expert_ranges):
             raise ValueError("one expert range per expert rank")
         prev_end = 0
@@ -190,19 +234,23 @@ def deep_ep_available() -> bool:
 
 
 def resolve_transport_name(
-    name: str, device: str | torch.device, shm_dir: str | None = None
+    name: str, device: str | torch.device, shm_dir: str | None = None, shared_gpus: bool = False
 ) -> str:
-    """'auto' -> deepep when deep_ep imports and the device is CUDA; shm on CPU when every rank
-    shares one host (a shared folder is given); else torch."""
+    """'auto' -> deepep when deep_ep imports and the device is CUDA with a GPU per worker; shm
+    when every rank shares one host (a shared folder is given) on CPU or on shared GPUs (staged
+    through host memory); else torch."""
+    kind = torch.device(device).type
     if name == "auto":
-        kind = torch.device(device).type
-        if kind == "cuda" and "deepep" in _REGISTRY and deep_ep_available():
+        if kind == "cuda" and not shared_gpus and "deepep" in _REGISTRY and deep_ep_available():
             return "deepep"
-        return "shm" if kind == "cpu" and shm_dir and "shm" in _REGISTRY else "torch"
+        one_host = shm_dir and "shm" in _REGISTRY
+        return "shm" if one_host and (kind == "cpu" or shared_gpus) else "torch"
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown comm backend {name!r}; choose from {', '.join(transport_names())}"
         )
+    if name == "deepep" and shared_gpus:
+        raise ValueError("--comm-backend deepep needs one GPU per worker; drop --gpus-per-node")
     return name
 
 

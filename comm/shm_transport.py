@@ -8,7 +8,7 @@ for them. No helper thread runs on either side, and a receiver that waits sleeps
 
 Per directed pair (src -> dst), in `shm_dir`:
     fifo-{src}-{dst}          records, in send order: int64 [16] =
-                              (tag, slot, generation, capacity, num_tensors, 0,
+                              (tag, slot, generation, capacity, num_tensors, aux,
                                then per tensor (dtype code, rows, cols) for up to 3 tensors)
     slot-{src}-{dst}-{slot}-{generation}
                               int64 [8] control words (0: sequence written, 1: sequence released)
@@ -18,7 +18,14 @@ so any number of exchanges may be in flight. Receivers read the rows in place (n
 they release the slot: the expert side after send_back, the attention side inside combine.
 
 Attention -> expert carries (x [n, H], meta int32 [n, 2k]) with the same layout as the torch
-transport, also when n = 0; expert -> attention carries the partial sums [n, H].
+transport, also when n = 0; expert -> attention carries the partial sums [n, H]. With the FP8
+dispatch x is e4m3 [n, H], meta [n, 2k + G] ends with the float32 scale bits, and aux names the
+compute dtype to dequantize to.
+
+On CUDA (workers sharing one GPU, where NCCL cannot run) the same segments stage the rows
+through host memory: senders copy device rows into the slot, receivers copy them out to their
+device. The segments are page-locked (cudaHostRegister) where CUDA allows, so those copies are
+DMA transfers.
 """
 
 from __future__ import annotations
@@ -37,7 +44,10 @@ from afd.comm.dispatch import (
     DispatchHandle,
     ExpertBatch,
     Transport,
+    fp8_groups,
     local_ids,
+    pack_rows,
+    unpack_rows,
 )
 
 RECORD_LEN = 16  # int64 words per FIFO record (128 bytes: one atomic pipe write)
@@ -70,6 +80,22 @@ def _views(buf: torch.Tensor, specs: list[tuple[torch.dtype, int, int]]) -> list
     return out
 
 
+def _pin(buf: torch.Tensor) -> bool:
+    """Page-lock a shared segment for fast GPU copies; False (and unpinned) where CUDA refuses."""
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+        return int(err) == 0
+    except Exception:  # no CUDA runtime, or a build without the binding: plain copies still work
+        return False
+
+
+def _unpin(buf: torch.Tensor) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+    except Exception:
+        pass
+
+
 def _fifo(path: str) -> int:
     try:
         os.mkfifo(path, 0o600)
@@ -88,6 +114,7 @@ class _Slot:
     buf: torch.Tensor  # [capacity] uint8, shared
     control: torch.Tensor  # int64 [8] view of the first 64 bytes
     sequence: int = 0  # messages written into this slot so far
+    pinned: bool = False
 
     @property
     def released(self) -> bool:
@@ -101,6 +128,7 @@ class Received:
     tensors: list[torch.Tensor]
     control: torch.Tensor | None
     sequence: int
+    aux: int = 0
 
     def release(self) -> None:
         if self.control is not None:
@@ -111,13 +139,15 @@ class Received:
 class _Outgoing:
     """src -> dst: slots this side writes and the FIFO it announces them on."""
 
-    def __init__(self, folder: str, src: int, dst: int):
+    def __init__(self, folder: str, src: int, dst: int, pin: bool = False):
         self.prefix = os.path.join(folder, f"slot-{src}-{dst}")
         self.fd = _fifo(os.path.join(folder, f"fifo-{src}-{dst}"))
         self.slots: list[_Slot] = []
+        self.pin = pin
 
-    def send(self, tag: int, tensors: list[torch.Tensor | tuple]) -> int:
-        """tensors: filled tensors, or (dtype, rows, cols, fill(view)) to write in place."""
+    def send(self, tag: int, tensors: list[torch.Tensor | tuple], aux: int = 0) -> int:
+        """tensors: filled tensors (any device), or (dtype, rows, cols, fill(view)) to write in
+        place; `aux` travels in the record."""
         specs = [
             (t.dtype, t.shape[0], t.shape[1]) if isinstance(t, torch.Tensor) else t[:3]
             for t in tensors
@@ -126,7 +156,7 @@ class _Outgoing:
             raise ValueError(f"at most {MAX_TENSORS} tensors per message")
         need = CONTROL_BYTES + sum(_align(_nbytes((r, c), d)) for d, r, c in specs)
         slot = self._free_slot(need)
-        record = [tag, slot.index, slot.generation, slot.capacity, len(specs), 0]
+        record = [tag, slot.index, slot.generation, slot.capacity, len(specs), aux]
         for view, t, (dtype, rows, cols) in zip(
             _views(slot.buf, specs), tensors, specs, strict=True
         ):
@@ -149,6 +179,8 @@ class _Outgoing:
         capacity = max(1 << 16, 1 << (need - 1).bit_length())
         if free:  # grow a free slot: a new generation replaces its file
             old = free[0]
+            if old.pinned:
+                _unpin(old.buf)
             os.unlink(old.path)
             index, generation = old.index, old.generation + 1
             self.slots.remove(old)
@@ -157,6 +189,7 @@ class _Outgoing:
         path = f"{self.prefix}-{index}-{generation}"
         buf = _map(path, capacity, create=True)
         slot = _Slot(path, index, generation, capacity, buf, buf[:CONTROL_BYTES].view(torch.int64))
+        slot.pinned = self.pin and _pin(buf)
         self.slots.append(slot)
         return slot
 
@@ -166,6 +199,8 @@ class _Outgoing:
         while not all(s.released for s in self.slots) and time.monotonic() < deadline:
             time.sleep(0.001)
         for s in self.slots:
+            if s.pinned:
+                _unpin(s.buf)
             try:
                 os.unlink(s.path)
             except FileNotFoundError:
@@ -177,13 +212,14 @@ class _Outgoing:
 class _Incoming:
     """src -> dst as seen by dst: the FIFO it reads and the peer's slots it maps."""
 
-    def __init__(self, folder: str, src: int, dst: int, timeout_s: float):
-        self.folder, self.src, self.dst = folder, src, dst
+    def __init__(self, folder: str, src: int, dst: int, timeout_s: float, pin: bool = False):
+        self.folder, self.src, self.dst, self.pin = folder, src, dst, pin
         self.fd = _fifo(os.path.join(folder, f"fifo-{src}-{dst}"))
         self.poller = select.poll()
         self.poller.register(self.fd, select.POLLIN)
         self.timeout_ms = int(timeout_s * 1000)
-        self.mapped: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> (generation, buffer)
+        # slot -> (generation, buffer, pinned)
+        self.mapped: dict[int, tuple[int, torch.Tensor, bool]] = {}
         self.early: dict[int, list[int]] = {}  # records that arrived before their tag was asked
         self.wait_ns = 0  # time blocked in poll(): the peer had not sent yet
 
@@ -197,7 +233,7 @@ class _Incoming:
                 raise RuntimeError(f"rank {self.src} sent exchange {got[0]} twice")
             else:
                 self.early[got[0]] = got
-        _, index, generation, capacity, count = record[:5]
+        _, index, generation, capacity, count, aux = record[:6]
         specs = [
             (CODE_DTYPES[record[6 + 3 * i]], record[7 + 3 * i], record[8 + 3 * i])
             for i in range(count)
@@ -207,11 +243,14 @@ class _Incoming:
             path = os.path.join(self.folder, f"slot-{self.src}-{self.dst}-{index}-{generation}")
             if not os.path.exists(path):
                 raise RuntimeError(f"rank {self.src} removed its segment {path} before it was read")
-            have = (generation, _map(path, capacity, create=False))
+            if have is not None and have[2]:
+                _unpin(have[1])
+            buf = _map(path, capacity, create=False)
+            have = (generation, buf, self.pin and _pin(buf))
             self.mapped[index] = have
         buf = have[1]
         control = buf[:CONTROL_BYTES].view(torch.int64)
-        return Received(_views(buf, specs), control, int(control[0]))
+        return Received(_views(buf, specs), control, int(control[0]), aux)
 
     def _read_record(self) -> list[int]:
         size = RECORD_LEN * 8
@@ -240,6 +279,9 @@ class _Incoming:
         return torch.frombuffer(bytearray(data), dtype=torch.int64).tolist()
 
     def close(self) -> None:
+        for _, buf, pinned in self.mapped.values():
+            if pinned:
+                _unpin(buf)
         self.mapped.clear()
         os.close(self.fd)
 
@@ -257,14 +299,17 @@ class ShmTransport(Transport):
         rank: int | None = None,
         shm_dir: str | None = None,
         timeout_s: float = 600.0,
+        dispatch_dtype: str = "auto",
         **_ignored,
     ):
-        super().__init__(expert_ranks, expert_ranges, device)
-        if self.device.type != "cpu":
-            raise ValueError("the shm comm backend moves CPU tensors; use torch on GPUs")
+        super().__init__(expert_ranks, expert_ranges, device, dispatch_dtype)
         if rank is None or not shm_dir:
             raise ValueError("the shm comm backend needs this process's rank and a shared folder")
         self.rank, self.folder, self.timeout_s = rank, shm_dir, timeout_s
+        # GPU rows travel through the segments: copied in by senders, out by receivers (the
+        # same code path runs on CPU when a test sets it)
+        self.staged = self.device.type != "cpu"
+        self.pin = self.device.type == "cuda"
         self._out: dict[int, _Outgoing] = {}
         self._in: dict[int, _Incoming] = {}
 
@@ -274,12 +319,12 @@ class ShmTransport(Transport):
 
     def _to(self, dst: int) -> _Outgoing:
         if dst not in self._out:
-            self._out[dst] = _Outgoing(self.folder, self.rank, dst)
+            self._out[dst] = _Outgoing(self.folder, self.rank, dst, self.pin)
         return self._out[dst]
 
     def _from(self, src: int) -> _Incoming:
         if src not in self._in:
-            self._in[src] = _Incoming(self.folder, src, self.rank, self.timeout_s)
+            self._in[src] = _Incoming(self.folder, src, self.rank, self.timeout_s, self.pin)
         return self._in[src]
 
     # ---- attention side -------------------------------------------------------------------
@@ -288,25 +333,30 @@ class ShmTransport(Transport):
         if x.dtype not in DTYPE_CODES or not x.dtype.is_floating_point:
             raise TypeError(f"dispatch of {x.dtype} hidden states is not supported")
         handle = DispatchHandle(tag, num_tokens, hidden, x.dtype, [], [])
-        weight_bits = topk_weights.to(torch.float32).contiguous().view(torch.int32)
+        payload, scales = pack_rows(x, self.dispatch_dtype)  # [T, H] (e4m3), [T, G]
+        rest = [topk_weights.to(torch.float32).contiguous().view(torch.int32)]
+        if scales is not None:
+            rest.append(scales.view(torch.int32))
+        rest = torch.cat(rest, dim=1)  # [T, k + G]: weight bits (then scale bits)
+        in_place = not self.staged
         for dst, (start, end) in zip(self.expert_ranks, self.expert_ranges, strict=True):
             local = local_ids(topk_ids, start, end)  # [T, k]
             on_rank = (local >= 0).any(dim=1)
             if bool(on_rank.all()):
-                rows = torch.arange(num_tokens)
-                parts = [x, torch.cat([local.to(torch.int32), weight_bits], dim=1)]
+                rows = torch.arange(num_tokens, device=x.device)
+                parts = [payload, torch.cat([local.to(torch.int32), rest], dim=1)]
             else:
                 rows = on_rank.nonzero().flatten()  # each token crosses once
                 n = int(rows.numel())
 
                 def gather(view, rows=rows):  # straight into the shared segment
-                    torch.index_select(x, 0, rows, out=view)
+                    torch.index_select(payload, 0, rows, out=view)
 
                 parts = [
-                    (x.dtype, n, hidden, gather),
-                    torch.cat([local[rows].to(torch.int32), weight_bits[rows]], dim=1),
+                    (payload.dtype, n, hidden, gather) if in_place else payload[rows],
+                    torch.cat([local[rows].to(torch.int32), rest[rows]], dim=1),
                 ]
-            sent = self._to(dst).send(2 * tag, parts)
+            sent = self._to(dst).send(2 * tag, parts, aux=DTYPE_CODES[x.dtype])
             handle.rows.append(rows)
             handle.bytes_sent += sent
             self.stats["rows_sent"] += int(rows.numel())
@@ -319,7 +369,7 @@ class ShmTransport(Transport):
         received = []
         for dst, rows in zip(self.expert_ranks, handle.rows, strict=True):
             msg = self._from(dst).recv(2 * handle.tag + 1)
-            part = msg.tensors[0]  # [n, H]
+            part = msg.tensors[0].to(self.device)  # [n, H]; read in place on CPU
             if part.shape[0] != rows.numel():
                 raise RuntimeError(
                     f"exchange {handle.tag}: rank {dst} returned {part.shape[0]} rows "
@@ -333,12 +383,17 @@ class ShmTransport(Transport):
                 acc = part.clone()  # rows are 0..T-1 in order: the whole batch went there
                 continue
             if acc is None:
-                acc = torch.zeros(handle.num_tokens, handle.hidden, dtype=acc_dtype or handle.dtype)
+                acc = torch.zeros(
+                    handle.num_tokens, handle.hidden, dtype=acc_dtype or handle.dtype,
+                    device=self.device,
+                )  # fmt: skip
             acc.index_add_(0, rows, part.to(acc.dtype))
         for msg in received:
             msg.release()
         if acc is None:
-            return torch.zeros(handle.num_tokens, handle.hidden, dtype=handle.dtype)
+            return torch.zeros(
+                handle.num_tokens, handle.hidden, dtype=handle.dtype, device=self.device
+            )
         return acc.to(handle.dtype)
 
     # ---- expert side ----------------------------------------------------------------------
@@ -346,20 +401,30 @@ class ShmTransport(Transport):
         msgs = [self._from(src).recv(2 * tag) for src in sources]
         xs = [m.tensors[0] for m in msgs]
         metas = [m.tensors[1] for m in msgs]
-        first = (xs[0].shape[1], xs[0].dtype, metas[0].shape[1]) if xs else None
-        for src, x, meta in zip(sources, xs, metas, strict=True):
-            if (x.shape[1], x.dtype, meta.shape[1]) != first:
+        first = (xs[0].shape[1], xs[0].dtype, metas[0].shape[1], msgs[0].aux) if xs else None
+        for src, x, meta, m in zip(sources, xs, metas, msgs, strict=True):
+            if (x.shape[1], x.dtype, meta.shape[1], m.aux) != first:
                 raise RuntimeError(f"exchange {tag}: rank {src} sent a different hidden/top_k")
-        if len(msgs) == 1:
+        received = sum(t.numel() * t.element_size() for t in (*xs, *metas))
+        if len(msgs) == 1 and not self.staged:
             x, meta = xs[0], metas[0]  # read in place until send_back releases the slot
         else:
-            x, meta = torch.cat(xs), torch.cat(metas)
+            x = torch.cat(xs).to(self.device)
+            meta = torch.cat(metas).to(self.device)
             for m in msgs:
                 m.release()
+            msgs = []
+        if x.dtype == torch.float8_e4m3fn:
+            top_k = (meta.shape[1] - fp8_groups(x.shape[1])) // 2
+            scales = meta[:, 2 * top_k :].contiguous().view(torch.float32)  # [R, G]
+            x = unpack_rows(x, scales, CODE_DTYPES[first[3]])  # a copy: the slot can go
+            meta = meta[:, : 2 * top_k]
+            for m in msgs:
+                m.release()
+            msgs = []
         top_k = meta.shape[1] // 2
         ids = meta[:, :top_k].to(torch.int64)  # [R, k]
         weights = meta[:, top_k:].contiguous().view(torch.float32)  # [R, k]
-        received = sum(t.numel() * t.element_size() for t in (*xs, *metas))
         self.stats["bytes_received"] += received
         counts = [int(t.shape[0]) for t in xs]
         return ExpertBatch(tag, x, ids, weights, counts, list(sources), received, state=msgs)

@@ -1,9 +1,10 @@
 """Dispatch/combine over torch.distributed point-to-point (gloo on CPU, NCCL on GPU).
 
 Wire format per (attention rank a, expert rank f, exchange tag t):
-    a -> f, wire tag 2t:     header int64 [4] = (rows, hidden, top_k, dtype code)
-                             then, if rows > 0: x [rows, H] (x's dtype),
-                             meta int32 [rows, 2k] = (local expert ids | float32 weight bits)
+    a -> f, wire tag 2t:     header int64 [5] = (rows, hidden, top_k, dtype code, scale groups G)
+                             then, if rows > 0: x [rows, H] (x's dtype; uint8 e4m3 bytes when
+                             G > 0, the FP8 dispatch), meta int32 [rows, 2k + G] =
+                             (local expert ids | float32 weight bits | float32 scale bits)
     f -> a, wire tag 2t + 1: partial sums [rows, H] (x's dtype), if rows > 0
 
 Matching: gloo matches by (peer, tag), so any interleaving of exchanges is safe there. NCCL
@@ -15,6 +16,9 @@ them, which the step plan fixes. On NCCL the workers pass a separate `combine_gr
 afd.comm.dist.init_world(combine_group=True)): otherwise the combine receive of micro-batch i sits
 in front of the dispatch of micro-batch i + 1 on the pair's one NCCL stream and the ping-pong
 overlap is lost.
+
+CUDA tensors over a gloo world (several workers sharing one GPU, where NCCL cannot run) are
+staged through host memory: gloo moves CPU tensors only.
 """
 
 from __future__ import annotations
@@ -30,10 +34,13 @@ from afd.comm.dispatch import (
     DispatchHandle,
     ExpertBatch,
     Transport,
+    fp8_groups,
     local_ids,
+    pack_rows,
+    unpack_rows,
 )
 
-HEADER_LEN = 4
+HEADER_LEN = 5
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -52,12 +59,19 @@ class TorchTransport(Transport):
         device: str | torch.device,
         group=None,
         combine_group=None,
+        dispatch_dtype: str = "auto",
         **_ignored,
     ):
-        super().__init__(expert_ranks, expert_ranges, device)
+        super().__init__(expert_ranks, expert_ranges, device, dispatch_dtype)
         self.group = group
         self.combine_group = combine_group if combine_group is not None else group
         self._pending_sends: list[tuple[object, torch.Tensor]] = []
+        staged = (
+            self.device.type == "cuda"
+            and dist.is_initialized()
+            and dist.get_backend(self.group) == "gloo"
+        )
+        self.wire_device = torch.device("cpu") if staged else self.device
 
     # ---- attention side -------------------------------------------------------------------
     def dispatch(
@@ -72,21 +86,27 @@ class TorchTransport(Transport):
         num_tokens, hidden = x.shape
         top_k = topk_ids.shape[1]
         handle = DispatchHandle(tag, num_tokens, hidden, x.dtype, [], [])
+        wire = self.wire_device
         ids = topk_ids.to(self.device, torch.int64)
-        weight_bits = topk_weights.to(self.device, torch.float32).contiguous().view(torch.int32)
-        x = x.to(self.device)
+        payload, scales = pack_rows(x.to(self.device), self.dispatch_dtype)  # [T, H], [T, G]
+        rest = [topk_weights.to(self.device, torch.float32).contiguous().view(torch.int32)]
+        if scales is not None:
+            rest.append(scales.view(torch.int32))
+            payload = payload.view(torch.uint8)  # gloo and NCCL move bytes, not e4m3
+        rest = torch.cat(rest, dim=1)  # [T, k + G] int32
+        groups = 0 if scales is None else scales.shape[1]
         for dst, (start, end) in zip(self.expert_ranks, self.expert_ranges, strict=True):
             local = local_ids(ids, start, end)  # [T, k]
             rows = (local >= 0).any(dim=1).nonzero().flatten()  # each token crosses once
             n = int(rows.numel())
             header = torch.tensor(
-                [n, hidden, top_k, DTYPE_CODES[x.dtype]], dtype=torch.int64, device=self.device
+                [n, hidden, top_k, DTYPE_CODES[x.dtype], groups], dtype=torch.int64, device=wire
             )
             sends = [header]
-            out = torch.empty(n, hidden, dtype=x.dtype, device=self.device)
+            out = torch.empty(n, hidden, dtype=x.dtype, device=wire)
             if n:
-                meta = torch.cat([local[rows].to(torch.int32), weight_bits[rows]], dim=1)
-                sends += [x[rows].contiguous(), meta]  # [n, H], [n, 2k]
+                meta = torch.cat([local[rows].to(torch.int32), rest[rows]], dim=1)  # [n, 2k + G]
+                sends += [payload[rows].to(wire), meta.to(wire)]  # [n, H], [n, 2k + G]
             for buf in sends:
                 handle.works.append(dist.isend(buf, dst, group=self.group, tag=2 * tag))
                 handle.bytes_sent += _nbytes(buf)
@@ -123,13 +143,14 @@ class TorchTransport(Transport):
         )
         for rows, part in zip(handle.rows, handle.outs, strict=True):
             if rows.numel():
-                acc.index_add_(0, rows, part.to(acc.dtype))
+                acc.index_add_(0, rows, part.to(self.device, acc.dtype))
                 self.stats["bytes_received"] += _nbytes(part)
         return acc.to(handle.dtype)
 
     # ---- expert side ----------------------------------------------------------------------
     def receive(self, sources: list[int], tag: int) -> ExpertBatch:
-        headers = [torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device) for _ in sources]
+        wire = self.wire_device
+        headers = [torch.empty(HEADER_LEN, dtype=torch.int64, device=wire) for _ in sources]
         works = [
             dist.irecv(hd, src, group=self.group, tag=2 * tag)
             for hd, src in zip(headers, sources, strict=True)
@@ -139,36 +160,45 @@ class TorchTransport(Transport):
         self._wait(works)
         shapes = [tuple(int(v) for v in hd.tolist()) for hd in headers]
         if shapes:
-            _, hidden, top_k, code = shapes[0]
+            _, hidden, top_k, code, groups = shapes[0]
         else:
-            hidden, top_k, code = 0, 0, DTYPE_CODES[torch.float32]
-        for src, (n, h, k, c) in zip(sources, shapes, strict=True):
-            if n < 0 or (h, k, c) != (hidden, top_k, code) or c not in CODE_DTYPES:
+            hidden, top_k, code, groups = 0, 0, DTYPE_CODES[torch.float32], 0
+        for src, (n, h, k, c, g) in zip(sources, shapes, strict=True):
+            if (
+                n < 0
+                or (h, k, c, g) != (hidden, top_k, code, groups)
+                or c not in CODE_DTYPES
+                or g not in (0, fp8_groups(h))
+            ):
                 raise RuntimeError(
-                    f"exchange {tag}: rank {src} sent header {(n, h, k, c)}, "
-                    f"expected (rows >= 0, {hidden}, {top_k}, {code})"
+                    f"exchange {tag}: rank {src} sent header {(n, h, k, c, g)}, "
+                    f"expected (rows >= 0, {hidden}, {top_k}, {code}, {groups})"
                 )
         dtype = CODE_DTYPES[code]
+        payload_dtype = torch.uint8 if groups else dtype
         counts = [s[0] for s in shapes]
         xs, metas, works = [], [], []
         for src, n in zip(sources, counts, strict=True):
             if n == 0:
                 continue
-            x = torch.empty(n, hidden, dtype=dtype, device=self.device)
-            meta = torch.empty(n, 2 * top_k, dtype=torch.int32, device=self.device)
+            x = torch.empty(n, hidden, dtype=payload_dtype, device=wire)
+            meta = torch.empty(n, 2 * top_k + groups, dtype=torch.int32, device=wire)
             works += [dist.irecv(buf, src, group=self.group, tag=2 * tag) for buf in (x, meta)]
             xs.append(x)
             metas.append(meta)
         for work in works:
             liveness.wait_work(work, self.device)
         if xs:
-            x, meta = torch.cat(xs), torch.cat(metas)
+            x, meta = torch.cat(xs).to(self.device), torch.cat(metas).to(self.device)
         else:
-            x = torch.empty(0, hidden, dtype=dtype, device=self.device)
-            meta = torch.empty(0, 2 * top_k, dtype=torch.int32, device=self.device)
-        ids = meta[:, :top_k].to(torch.int64)  # [R, k]
-        weights = meta[:, top_k:].contiguous().view(torch.float32)  # [R, k]
+            x = torch.empty(0, hidden, dtype=payload_dtype, device=self.device)
+            meta = torch.empty(0, 2 * top_k + groups, dtype=torch.int32, device=self.device)
         received = sum(_nbytes(h) for h in headers) + _nbytes(x) + _nbytes(meta)
+        if groups:
+            scales = meta[:, 2 * top_k :].contiguous().view(torch.float32)  # [R, G]
+            x = unpack_rows(x.view(torch.float8_e4m3fn), scales, dtype)
+        ids = meta[:, :top_k].to(torch.int64)  # [R, k]
+        weights = meta[:, top_k : 2 * top_k].contiguous().view(torch.float32)  # [R, k]
         self.stats["bytes_received"] += received
         return ExpertBatch(tag, x, ids, weights, counts, list(sources), received)
 
@@ -181,7 +211,7 @@ class TorchTransport(Transport):
         for src, n in zip(batch.sources, batch.counts, strict=True):
             if n == 0:
                 continue  # the source posted no receive for an empty share
-            part = out[offset : offset + n].contiguous()
+            part = out[offset : offset + n].to(self.wire_device).contiguous()
             work = dist.isend(part, src, group=self.combine_group, tag=2 * tag + 1)
             self._pending_sends.append((work, part))
             self.stats["bytes_sent"] += _nbytes(part)

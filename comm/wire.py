@@ -77,7 +77,8 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "num_steps": int,
         "trace": bool,
     },
-    # sampled: one [[seq_id, token, logprobs], ...] list per decode step of the plan
+    # sampled: one [[seq_id, token, logprobs], ...] list per decode step of the plan;
+    # wire: bytes this attention worker put on the data plane ("dispatch") and got ("combine")
     "attn_result": {
         "rank": int,
         "step": int,
@@ -86,6 +87,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "prompt_logprobs": list,
         "times": dict,
         "events": list,
+        "wire": dict,
     },
     "expert_result": {"rank": int, "step": int, "times": dict, "events": list, "load": list},
     "shutdown": {},

@@ -80,6 +80,37 @@ def fused_moe(
     return _pick("fused_moe", x)(x, w13, w2, topk_weights, topk_ids)
 
 
+def fused_moe_fp8(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H] float8_e4m3fn
+    w13_scale: torch.Tensor,  # [E, 2 * ceil(I/bn), ceil(H/bk)]: gate blocks, then up blocks
+    w2: torch.Tensor,  # [E, H, I] float8_e4m3fn
+    w2_scale: torch.Tensor,  # [E, ceil(H/bn), ceil(I/bk)]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k] shard-local; ids < 0 or >= E are skipped
+    block: tuple[int, int],  # (bn, bk) of the weight scales
+) -> torch.Tensor:
+    """fused_moe with block-FP8 experts; activations quantized per token and bk channels."""
+    impl = _pick("fused_moe_fp8", x)
+    return impl(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, block)
+
+
+def fp8_linear(
+    x: torch.Tensor,  # [T, K]
+    weight: torch.Tensor,  # [N, K] float8_e4m3fn
+    scale: torch.Tensor,  # [ceil(N/bn), ceil(K/bk)] float32
+    block: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ weight.T (+ bias) -> [T, N] in x's dtype; x quantized per token and bk channels."""
+    return _pick("fp8_linear", x)(x, weight, scale, block, bias)
+
+
+def quant_fp8(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (float8_e4m3fn [T, K], float32 scales [T, ceil(K/group)])."""
+    return _pick("quant_fp8", x)(x, group)
+
+
 def store_kv(
     k: torch.Tensor,
     k_cache: torch.Tensor,

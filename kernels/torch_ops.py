@@ -48,6 +48,118 @@ def fused_moe(
     return out
 
 
+# ---- FP8 (e4m3, block scales) ---------------------------------------------------------------
+# The format of DeepSeek-V3's and Qwen3's FP8 checkpoints: a float8_e4m3fn tensor and one float32
+# scale per block (`weight_scale_inv`: value = fp8 * scale). Weights use [128, 128] blocks;
+# activations are quantized on the fly per token and 128 channels ("dynamic", block [1, 128]).
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+FP8_MIN_AMAX = 1e-10  # an all-zero block gets a tiny scale instead of a division by zero
+
+
+def quant_fp8_blocks(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp8 [M, K], float32 scales [ceil(M/bm), ceil(K/bk)]): max |x| of each block
+    maps to the largest e4m3 value; partial edge blocks are scaled by their own max."""
+    bm, bk = block
+    m, k = x.shape
+    mb, kb = -(-m // bm), -(-k // bk)
+    padded = F.pad(x.float(), (0, kb * bk - k, 0, mb * bm - m))
+    amax = padded.view(mb, bm, kb, bk).abs().amax(dim=(1, 3))  # [Mb, Kb]
+    scale = amax.clamp(min=FP8_MIN_AMAX) / FP8_MAX
+    q = (x.float() / expand_blocks(scale, block, (m, k))).clamp(-FP8_MAX, FP8_MAX)
+    return q.to(FP8_DTYPE), scale
+
+
+def expand_blocks(scale: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]):
+    """Per-block scales [Mb, Kb] -> one value per element [M, K]."""
+    bm, bk = block
+    full = scale.repeat_interleave(bm, dim=0).repeat_interleave(bk, dim=1)
+    return full[: shape[0], : shape[1]]
+
+
+def dequant_fp8(
+    q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype=torch.float32
+) -> torch.Tensor:
+    """fp8 [M, K] with block scales -> dtype [M, K] (through float32)."""
+    return (q.float() * expand_blocks(scale.float(), block, tuple(q.shape))).to(dtype)
+
+
+def quant_fp8(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic activation quantization: x [T, K] -> (fp8 [T, K], scales [T, ceil(K/group)])."""
+    return quant_fp8_blocks(x, (1, group))
+
+
+def quant_fp8_experts(
+    w13: torch.Tensor, w2: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stacked experts w13 [E, 2I, H], w2 [E, H, I] -> (w13 fp8, w13 scales [E, 2 Ib, Hb] (gate
+    blocks, then up blocks), w2 fp8, w2 scales [E, Hb, Ib]): what the loader builds from a
+    checkpoint's per-expert FP8 tensors."""
+    inter = w13.shape[1] // 2
+
+    def stack(ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [quant_fp8_blocks(w, block) for w in ws]
+        return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+
+    gq, gs = stack(w13[:, :inter])
+    uq, us = stack(w13[:, inter:])
+    dq, ds = stack(w2)
+    return torch.cat([gq, uq], 1), torch.cat([gs, us], 1), dq, ds
+
+
+def fp8_linear(
+    x: torch.Tensor,  # [T, K]
+    weight: torch.Tensor,  # [N, K] float8_e4m3fn
+    scale: torch.Tensor,  # [ceil(N/bn), ceil(K/bk)] float32
+    block: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ weight.T with x quantized per token and bk channels, as the FP8 GEMM computes it."""
+    xq, xs = quant_fp8(x, block[1])
+    out = dequant_fp8(xq, xs, (1, block[1])) @ dequant_fp8(weight, scale, block).t()  # [T, N]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def fused_moe_fp8(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H] float8_e4m3fn
+    w13_scale: torch.Tensor,  # [E, 2 * ceil(I/bn), ceil(H/bk)]: gate blocks, then up blocks
+    w2: torch.Tensor,  # [E, H, I] float8_e4m3fn
+    w2_scale: torch.Tensor,  # [E, ceil(H/bn), ceil(I/bk)]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k] shard-local; out-of-range ids are skipped
+    block: tuple[int, int],
+) -> torch.Tensor:
+    """fused_moe with block-FP8 experts: both GEMMs take activations quantized per token and bk
+    channels (the input, then the SiLU-and-mul output), rounded to x's dtype where the Triton
+    kernel rounds."""
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    gate_blocks = -(-inter // block[0])
+    dtype = x.dtype
+    out = torch.zeros_like(x)
+    valid = (topk_ids >= 0) & (topk_ids < num_experts)
+    if not bool(valid.any()):
+        return out
+    xq, xs = quant_fp8(x, block[1])
+    xd = dequant_fp8(xq, xs, (1, block[1]))  # [T, H] float32
+    weights = topk_weights.to(dtype)
+    for e in torch.unique(topk_ids[valid]).tolist():
+        tok, slot = torch.where(topk_ids == e)
+        gate = dequant_fp8(w13[e, :inter], w13_scale[e, :gate_blocks], block)
+        up = dequant_fp8(w13[e, inter:], w13_scale[e, gate_blocks:], block)
+        g = (xd[tok] @ gate.t()).to(dtype).float()
+        u = (xd[tok] @ up.t()).to(dtype).float()
+        act = (F.silu(g).to(dtype).float() * u).to(dtype)  # [t_e, I]
+        aq, as_ = quant_fp8(act, block[1])
+        h = dequant_fp8(aq, as_, (1, block[1])) @ dequant_fp8(w2[e], w2_scale[e], block).t()
+        out.index_add_(0, tok, h.to(dtype) * weights[tok, slot, None])
+    return out
+
+
 def store_kv(
     k: torch.Tensor,  # [T, Hkv, D] (or [T, D] for MLA)
     k_cache: torch.Tensor,  # [N, bs, Hkv, D] (or [N, bs, D])

@@ -67,10 +67,19 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    HEADS_FASTEST: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1) // head_blocks
-    head_in_group = (tl.program_id(1) % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    # HEADS_FASTEST (MLA with several head blocks): the head blocks of one sequence are adjacent
+    # in the launch order, so they run together and stream the same latent pages: one read from
+    # memory, cache hits for the other head blocks (instead of one full read per head block).
+    if HEADS_FASTEST:
+        seq = tl.program_id(1).to(tl.int64)
+        head_block = tl.program_id(0)
+    else:
+        seq = tl.program_id(0).to(tl.int64)
+        head_block = tl.program_id(1)
+    kv_head = head_block // head_blocks
+    head_in_group = (head_block % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = head_in_group < group_size
     heads = (kv_head * group_size + head_in_group).to(tl.int64)  # [BH] query heads
     split = tl.program_id(2)
@@ -259,7 +268,9 @@ def _decode(
     qr = q_rope if q_rope is not None else q
     kr = k_rope if k_rope is not None else k
     gpu_opts = {} if INTERPRET else {"num_warps": 8 if big else 4, "num_stages": 2}
-    _paged_decode_kernel[(bsz, num_kv_heads * head_blocks, num_splits)](
+    heads_fastest = num_kv_heads == 1 and head_blocks > 1
+    grid = (num_kv_heads * head_blocks, bsz) if heads_fastest else (bsz, num_kv_heads * head_blocks)
+    _paged_decode_kernel[(*grid, num_splits)](
         q,
         qr,
         k,
@@ -300,6 +311,7 @@ def _decode(
         SPLIT=split,
         UPCAST=INTERPRET or q.dtype == torch.float32,
         IEEE=q.dtype == torch.float32 and not INTERPRET,
+        HEADS_FASTEST=heads_fastest,
         **gpu_opts,
     )
     if split:

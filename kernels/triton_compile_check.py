@@ -55,9 +55,11 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> l
                 "inter_ptr": f"*{dt}",
                 "sorted_ids_ptr": "*i32",
                 "block_experts_ptr": "*i32",
+                "xs_ptr": f"*{dt}",
+                "ws_ptr": f"*{dt}",
             },
             (),
-            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UPCAST=False, IEEE=ie),
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UPCAST=False, IEEE=ie, FP8=False),
         )
         _compile(
             triton_moe._moe_down_kernel,
@@ -68,10 +70,13 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> l
                 "weights_ptr": "*fp32",
                 "sorted_ids_ptr": "*i32",
                 "block_experts_ptr": "*i32",
+                "is_ptr": f"*{dt}",
+                "ws_ptr": f"*{dt}",
             },
             (),
-            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UPCAST=False, IEEE=ie),
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UPCAST=False, IEEE=ie, FP8=False),
         )
+        _compile_fp8(dt)
         _compile(
             triton_moe._moe_combine_kernel,
             {"partial_ptr": f"*{dt}", "ids_ptr": "*i64", "out_ptr": f"*{dt}"},
@@ -103,6 +108,7 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> l
                     SPLIT=split,
                     UPCAST=dt == "fp32",
                     IEEE=ie,
+                    HEADS_FASTEST=rope,
                 ),
             )
         _compile(
@@ -118,6 +124,42 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> l
             dict(INTERLEAVED=True, BLOCK_H=16, BLOCK_F=32),
         )
     return list(_compiled)
+
+
+def _compile_fp8(dt: str) -> None:
+    """The block-FP8 kernels with `dt` activations: quantization, GEMM, both fused-MoE GEMMs."""
+    from afd.kernels import triton_fp8, triton_moe
+
+    f8 = "*fp8e4nv"
+    _compile(
+        triton_fp8._quant_fp8_kernel,
+        {"x_ptr": f"*{dt}", "q_ptr": f8, "s_ptr": "*fp32"},
+        (),
+        dict(BLOCK_T=16, GROUP_P2=128),
+    )
+    _compile(
+        triton_fp8._fp8_gemm_kernel,
+        {"a_ptr": f8, "as_ptr": "*fp32", "b_ptr": f8, "bs_ptr": "*fp32", "bias_ptr": f"*{dt}",
+         "c_ptr": f"*{dt}"},
+        (),
+        dict(HAS_BIAS=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128),
+    )  # fmt: skip
+    moe = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, UPCAST=False, IEEE=False, FP8=True)
+    _compile(
+        triton_moe._moe_gate_up_kernel,
+        {"x_ptr": f8, "w13_ptr": f8, "inter_ptr": f"*{dt}", "sorted_ids_ptr": "*i32",
+         "block_experts_ptr": "*i32", "xs_ptr": "*fp32", "ws_ptr": "*fp32"},
+        (),
+        moe,
+    )  # fmt: skip
+    _compile(
+        triton_moe._moe_down_kernel,
+        {"inter_ptr": f8, "w2_ptr": f8, "out_ptr": f"*{dt}", "weights_ptr": "*fp32",
+         "sorted_ids_ptr": "*i32", "block_experts_ptr": "*i32", "is_ptr": "*fp32",
+         "ws_ptr": "*fp32"},
+        (),
+        moe,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

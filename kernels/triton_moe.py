@@ -53,6 +53,8 @@ def _moe_gate_up_kernel(
     inter_ptr,
     sorted_ids_ptr,
     block_experts_ptr,
+    xs_ptr,
+    ws_ptr,
     num_slots,
     top_k,
     hidden,
@@ -63,12 +65,21 @@ def _moe_gate_up_kernel(
     stride_wn,
     stride_wk,
     stride_it,
+    stride_xst,
+    stride_wse,
+    stride_wsn,
+    group_n,
+    group_k,
+    up_block_row,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
+    # FP8: x and w13 are e4m3; xs [T, Kb] per-token-group scales, ws [E, 2 * Nb, Kb] block
+    # scales (gate blocks, then up blocks from up_block_row); one k-step = one scale block.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
@@ -86,22 +97,32 @@ def _moe_gate_up_kernel(
     u_ptrs = g_ptrs + inter_size * stride_wn  # up rows follow the gate rows in w13
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k_mask = offs_k < hidden - k0
+    step = group_k if FP8 else BLOCK_K
+    if FP8:
+        xs_ptrs = xs_ptr + token * stride_xst  # [BM], plus the k-block
+        gs_ptrs = ws_ptr + expert * stride_wse + (offs_n // group_n) * stride_wsn  # [BN]
+        us_ptrs = gs_ptrs + up_block_row * stride_wsn
+    for kb in range(0, tl.cdiv(hidden, step)):
+        k_mask = (offs_k < step) & (offs_k < hidden - kb * step)
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         wg = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         wu = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if UPCAST:
-            a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
-        if IEEE:
-            acc_g = tl.dot(a, wg, acc_g, input_precision="ieee")
-            acc_u = tl.dot(a, wu, acc_u, input_precision="ieee")
+        if FP8:
+            a_s = tl.load(xs_ptrs + kb, mask=row_mask, other=0.0)[:, None]
+            acc_g += tl.dot(a, wg) * a_s * tl.load(gs_ptrs + kb, mask=n_mask, other=0.0)[None, :]
+            acc_u += tl.dot(a, wu) * a_s * tl.load(us_ptrs + kb, mask=n_mask, other=0.0)[None, :]
         else:
-            acc_g = tl.dot(a, wg, acc_g)
-            acc_u = tl.dot(a, wu, acc_u)
-        a_ptrs += BLOCK_K * stride_xh
-        g_ptrs += BLOCK_K * stride_wk
-        u_ptrs += BLOCK_K * stride_wk
+            if UPCAST:
+                a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+            if IEEE:
+                acc_g = tl.dot(a, wg, acc_g, input_precision="ieee")
+                acc_u = tl.dot(a, wu, acc_u, input_precision="ieee")
+            else:
+                acc_g = tl.dot(a, wg, acc_g)
+                acc_u = tl.dot(a, wu, acc_u)
+        a_ptrs += step * stride_xh
+        g_ptrs += step * stride_wk
+        u_ptrs += step * stride_wk
     dtype = inter_ptr.dtype.element_ty
     # Round like the torch path: the projections come out in the activation dtype.
     g = cast_to(acc_g, dtype).to(tl.float32)
@@ -119,6 +140,8 @@ def _moe_down_kernel(
     weights_ptr,
     sorted_ids_ptr,
     block_experts_ptr,
+    is_ptr,
+    ws_ptr,
     num_slots,
     hidden,
     inter_size,
@@ -127,12 +150,19 @@ def _moe_down_kernel(
     stride_wn,
     stride_wk,
     stride_ot,
+    stride_ist,
+    stride_wse,
+    stride_wsn,
+    group_n,
+    group_k,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
+    # FP8: the intermediate and w2 are e4m3; is [T*k, Kb] per-row-group scales, ws [E, Nb, Kb].
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
@@ -146,18 +176,27 @@ def _moe_down_kernel(
     a_ptrs = inter_ptr + slot[:, None] * stride_it + offs_k[None, :]  # [BM, BK]
     b_ptrs = w2_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, inter_size, BLOCK_K):
-        k_mask = offs_k < inter_size - k0
+    step = group_k if FP8 else BLOCK_K
+    if FP8:
+        as_ptrs = is_ptr + slot * stride_ist  # [BM], plus the k-block
+        bs_ptrs = ws_ptr + expert * stride_wse + (offs_n // group_n) * stride_wsn  # [BN]
+    for kb in range(0, tl.cdiv(inter_size, step)):
+        k_mask = (offs_k < step) & (offs_k < inter_size - kb * step)
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+        if FP8:
+            a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
+            b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wk
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        a_ptrs += step
+        b_ptrs += step * stride_wk
     dtype = out_ptr.dtype.element_ty
     w = tl.load(weights_ptr + slot, mask=row_mask, other=0.0)  # [BM] router weights
     w = cast_to(w, dtype).to(tl.float32)
@@ -209,6 +248,25 @@ def fused_moe(
     block_m: int | None = None,
 ) -> torch.Tensor:
     """Triton fused MoE with the contract of torch_ops.fused_moe."""
+    return _fused_moe(x, w13, w2, topk_weights, topk_ids, block_m)
+
+
+def fused_moe_fp8(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H] fp8
+    w13_scale: torch.Tensor,  # [E, 2 * ceil(I/bn), ceil(H/bk)]
+    w2: torch.Tensor,  # [E, H, I] fp8
+    w2_scale: torch.Tensor,  # [E, ceil(H/bn), ceil(I/bk)]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k], shard-local; out-of-range ids are skipped
+    block: tuple[int, int],
+    block_m: int | None = None,
+) -> torch.Tensor:
+    """Triton fused MoE on block-FP8 experts: torch_ops.fused_moe_fp8's contract."""
+    return _fused_moe(x, w13, w2, topk_weights, topk_ids, block_m, (w13_scale, w2_scale, block))
+
+
+def _fused_moe(x, w13, w2, topk_weights, topk_ids, block_m, fp8=None) -> torch.Tensor:
     check_tensor(x, "fused_moe")
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = w13.shape
@@ -222,36 +280,63 @@ def fused_moe(
     sorted_ids, block_experts = moe_align_block_size(topk_ids, num_experts, block_m)
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
-    inter = torch.empty(num_slots, inter_size, dtype=x.dtype, device=x.device)  # [T*k, I]
+    # [T*k, I]; rows of skipped slots stay unwritten (FP8 quantizes them all: zeros under the
+    # interpreter, which warns about garbage it divides)
+    alloc = torch.zeros if fp8 is not None and INTERPRET else torch.empty
+    inter = alloc(num_slots, inter_size, dtype=x.dtype, device=x.device)
     partial = torch.empty(num_slots, hidden, dtype=x.dtype, device=x.device)  # [T*k, H]
     upcast = INTERPRET  # the interpreter gets bf16 arithmetic wrong; compute in fp32 there
     ieee = x.dtype == torch.float32 and not INTERPRET
     block_n, block_k = 64, 64
     num_blocks = block_experts.shape[0]
     gpu_opts = {} if INTERPRET else {"num_warps": 4, "num_stages": 3}
+    if fp8 is not None:
+        from afd.kernels.triton_fp8 import quant_fp8
+
+        w13_scale, w2_scale, (group_n, group_k) = fp8
+        block_k = max(16, next_pow2(group_k))
+        a, a_scale = quant_fp8(x, group_k)  # [T, H] fp8, [T, Hb]
+        up_block_row = triton.cdiv(inter_size, group_n)
+    else:
+        w13_scale = w2_scale = a_scale = x  # unused pointers
+        group_n = group_k = up_block_row = 1
+        a = x
     _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter_size, block_n))](
-        x,
+        a,
         w13,
         inter,
         sorted_ids,
         block_experts,
+        a_scale,
+        w13_scale,
         num_slots,
         top_k,
         hidden,
         inter_size,
-        x.stride(0),
-        x.stride(1),
+        a.stride(0),
+        a.stride(1),
         w13.stride(0),
         w13.stride(1),
         w13.stride(2),
         inter.stride(0),
+        a_scale.stride(0),
+        w13_scale.stride(0),
+        w13_scale.stride(1),
+        group_n,
+        group_k,
+        up_block_row,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         UPCAST=upcast,
         IEEE=ieee,
+        FP8=fp8 is not None,
         **gpu_opts,
     )
+    if fp8 is not None:
+        inter, inter_scale = quant_fp8(inter, group_k)  # [T*k, I] fp8, [T*k, Ib]
+    else:
+        inter_scale = inter
     _moe_down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
         inter,
         w2,
@@ -259,6 +344,8 @@ def fused_moe(
         weights,
         sorted_ids,
         block_experts,
+        inter_scale,
+        w2_scale,
         num_slots,
         hidden,
         inter_size,
@@ -267,11 +354,17 @@ def fused_moe(
         w2.stride(1),
         w2.stride(2),
         partial.stride(0),
+        inter_scale.stride(0),
+        w2_scale.stride(0),
+        w2_scale.stride(1),
+        group_n,
+        group_k,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         UPCAST=upcast,
         IEEE=ieee,
+        FP8=fp8 is not None,
         **gpu_opts,
     )
     combine_n = min(1024, next_pow2(hidden))

@@ -161,14 +161,10 @@ def layout_for(config, model_config: ModelConfig) -> ClusterLayout:
     nnodes = config.nnodes
     if nnodes < 1:
         raise ValueError("--nnodes must be at least 1")
-    backend = resolve_transport_name(
-        config.comm_backend, config.device, "-" if nnodes == 1 else None
-    )
-    if backend == "shm" and nnodes > 1:
-        raise ValueError("--comm-backend shm needs every worker on one node; use torch")
-    if backend == "shm" and config.device != "cpu":
-        raise ValueError("--comm-backend shm moves CPU tensors; use torch on GPUs")
+    if config.gpus_per_node is not None and config.gpus_per_node < 1:
+        raise ValueError("--gpus-per-node must be at least 1")
     if nnodes == 1:
+        _check_comm_backend(config, shares_gpus(config))  # before making folders
         return ClusterLayout(a, f, p, port=free_port(), ipc=ipc_dir(), shm=shm_dir())
     if not config.dist_init_addr or ":" not in config.dist_init_addr:
         raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
@@ -177,9 +173,32 @@ def layout_for(config, model_config: ModelConfig) -> ClusterLayout:
     layout = ClusterLayout(a, f, p, nnodes, roles, host, int(port))
     for rank in range(layout.world_size):
         layout.node_of(rank)  # every role must have a node
-    if "attention" not in roles.get(0, []) and nnodes > 1:
-        pass  # the scheduler on node 0 reaches attention workers anywhere
+    _check_comm_backend(config, shares_gpus(config, layout))
     return layout
+
+
+def _check_comm_backend(config, shared_gpus: bool) -> None:
+    one_host = "-" if config.nnodes == 1 else None
+    backend = resolve_transport_name(config.comm_backend, config.device, one_host, shared_gpus)
+    if backend == "shm" and config.nnodes > 1:
+        raise ValueError("--comm-backend shm needs every worker on one node; use torch")
+
+
+def shares_gpus(config, layout: ClusterLayout | None = None) -> bool:
+    """Whether some GPU runs several workers (--gpus-per-node below a node's worker count). NCCL
+    allows no two ranks on one GPU, so such a cluster's world runs over gloo and its data plane
+    stages through host memory."""
+    if config.device != "cuda" or config.gpus_per_node is None:
+        return False
+    if layout is None:  # one node: it runs every worker
+        workers = (
+            config.num_attention_workers + config.num_expert_workers + config.num_prefill_workers
+        )
+        return workers > config.gpus_per_node
+    per_node = [0] * layout.nnodes
+    for rank in range(layout.world_size):
+        per_node[layout.node_of(rank)] += 1
+    return max(per_node) > config.gpus_per_node
 
 
 def worker_spec(config, model_path, model_config: ModelConfig, layout: ClusterLayout) -> dict:
@@ -188,6 +207,7 @@ def worker_spec(config, model_path, model_config: ModelConfig, layout: ClusterLa
 
     dtype = config.torch_dtype(model_config)
     a, f = layout.num_attention, layout.num_expert
+    shared = shares_gpus(config, layout)
     return {
         "model_path": str(model_path),
         "dtype": str(dtype).removeprefix("torch."),
@@ -201,25 +221,39 @@ def worker_spec(config, model_path, model_config: ModelConfig, layout: ClusterLa
         "num_attention_workers": a,
         "num_expert_workers": f,
         "expert_ranks": list(range(a, a + f)),
-        "comm_backend": config.comm_backend,
+        # "auto" resolved here, once, with what the workers cannot see (shared GPUs, one node)
+        "comm_backend": resolve_transport_name(
+            config.comm_backend, config.device, layout.shm, shared
+        ),
+        "dist_backend": "gloo" if shared else "auto",
+        "gpus_per_node": config.gpus_per_node,
+        "dispatch_dtype": config.dispatch_dtype,
+        "quantization": config.quantization,
         "shm_dir": layout.shm,
         "threads": int(config.extra.get("worker_threads", 1)),
         "dist_timeout_s": REFORM_TIMEOUT_S,
     }
 
 
-def node_devices(layout: ClusterLayout, node: int, device: str, num_gpus: int) -> dict[int, str]:
-    """The device of every worker on this node: one GPU each (NCCL allows no two ranks on one
-    GPU), in rank order; CPU workers share the CPU."""
+def node_devices(
+    layout: ClusterLayout, node: int, device: str, num_gpus: int, gpus_per_node: int | None = None
+) -> dict[int, str]:
+    """The device of every worker on this node. By default one GPU each in rank order (NCCL
+    allows no two ranks on one GPU); with gpus_per_node G the workers take cuda:0..G-1 round-robin,
+    several per GPU when there are more workers than G. CPU workers share the CPU."""
     ranks = [r for r in range(layout.world_size) if layout.node_of(r) == node]
     if device != "cuda":
         return dict.fromkeys(ranks, device)
-    if len(ranks) > num_gpus:
-        raise ValueError(
-            f"{len(ranks)} workers on node {node} need one GPU each, but it has {num_gpus}; "
-            "use fewer workers per node or --device cpu"
-        )
-    return {r: f"cuda:{i}" for i, r in enumerate(ranks)}
+    if gpus_per_node is None:
+        if len(ranks) > num_gpus:
+            raise ValueError(
+                f"{len(ranks)} workers on node {node} need one GPU each, but it has {num_gpus}; "
+                "use fewer workers per node, --gpus-per-node to share GPUs, or --device cpu"
+            )
+        return {r: f"cuda:{i}" for i, r in enumerate(ranks)}
+    if not 1 <= gpus_per_node <= num_gpus:
+        raise ValueError(f"--gpus-per-node {gpus_per_node}, but node {node} has {num_gpus} GPUs")
+    return {r: f"cuda:{i % gpus_per_node}" for i, r in enumerate(ranks)}
 
 
 def spawn_node_workers(supervisor: Supervisor, spec: dict, layout: ClusterLayout, node: int):
@@ -231,7 +265,8 @@ def spawn_node_workers(supervisor: Supervisor, spec: dict, layout: ClusterLayout
     roles = {"attention": run_attention_worker, "expert": run_expert_worker,
              "prefill": run_prefill_worker}  # fmt: skip
     num_gpus = torch.cuda.device_count() if spec["device"] == "cuda" else 0
-    for rank, device in node_devices(layout, node, spec["device"], num_gpus).items():
+    devices = node_devices(layout, node, spec["device"], num_gpus, spec["gpus_per_node"])
+    for rank, device in devices.items():
         role = layout.role(rank)
         supervisor.spawn(role, rank, roles[role], {**spec, "rank": rank, "device": device})
 
@@ -272,6 +307,8 @@ class AFDExecutor(ClusterRecovery):
         self.generation = -1
         self.progress = bool(config.extra.get("progress"))
         self._stage_totals: dict[str, float] = {}
+        self._wire_totals: dict[str, int] = {}
+        self.last_wire: dict[str, int] = {}
         self._released: dict[int, list[int]] = {}
         # per attention replica: sequences whose sampler state it holds (history was sent)
         self._has_history: dict[int, set[int]] = {}
@@ -490,6 +527,7 @@ class AFDExecutor(ClusterRecovery):
         times: dict[str, float] = {}
         events: list = []
         load: list[list[int]] = []
+        wire_bytes: dict[str, int] = {}  # data-plane bytes of the attention workers this step
         self._prefill_busy |= set(prefilling)
         waiting = {self.attention_ranks[r] for r in planned}
         waiting |= set(self.expert_ranks) if active else set()
@@ -521,7 +559,8 @@ class AFDExecutor(ClusterRecovery):
             self._add_times(times, events, msg)
             if msg["type"] == "attn_result":
                 prompt_lps += msg["prompt_logprobs"]
-            if msg["type"] == "attn_result":
+                for k, v in msg["wire"].items():
+                    wire_bytes[k] = wire_bytes.get(k, 0) + v
                 for sampled, got in zip(steps, msg["sampled"], strict=True):
                     sampled.update((seq_id, (tok, lps)) for seq_id, tok, lps in got)
                 self.sample_errors.update((seq_id, text) for seq_id, text in msg["errors"])
@@ -539,6 +578,9 @@ class AFDExecutor(ClusterRecovery):
         self._attempt_prefill = set()
         for k, v in times.items():
             self._stage_totals[k] = self._stage_totals.get(k, 0.0) + v
+        for k, v in wire_bytes.items():
+            self._wire_totals[k] = self._wire_totals.get(k, 0) + v
+        self.last_wire = wire_bytes
         self.last_times, self.last_events, self.last_load, self.last_m = times, events, load, m
         self.last_num_steps = num_steps
         return steps, done
@@ -554,7 +596,10 @@ class AFDExecutor(ClusterRecovery):
             self._prompt_logprobs.setdefault(seq_id, []).append([pos, entries])
 
     def stage_times(self) -> dict[str, float]:
-        return {f"afd_stage_{k}_seconds": v for k, v in self._stage_totals.items()}
+        """Cumulative stage seconds, and the data plane's bytes (A->F dispatch, F->A combine)."""
+        out = {f"afd_stage_{k}_seconds": v for k, v in self._stage_totals.items()}
+        out.update({f"{k}_bytes_total": float(v) for k, v in self._wire_totals.items()})
+        return out
 
     def shutdown(self) -> None:
         if getattr(self, "_shut", False):

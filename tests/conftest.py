@@ -84,8 +84,9 @@ def launched(*args: str, timeout_s: float = 180.0):
     threading.Thread(target=lambda: proc.lines.extend(proc.stdout), daemon=True).start()
     try:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
             assert proc.poll() is None, "".join(proc.lines)
+            assert time.monotonic() < deadline, f"afd launch not up within {timeout_s:.0f} s"
             try:
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                     break

@@ -11,6 +11,7 @@ from conftest import hf_rows, mixed_prompts
 
 from afd import LLM, SamplingParams
 from afd.builtin import resolve_model
+from afd.config import ModelConfig
 
 pytestmark = pytest.mark.slow
 
@@ -77,10 +78,10 @@ def run_continuous(llm, prompts):
     return [done[i] for i in range(len(prompts))]
 
 
-def cluster(model: str, p: int, a: int, f: int, **kw) -> LLM:
+def cluster(model: str, p: int, a: int, f: int, dtype: str = "float32", **kw) -> LLM:
     return LLM(
         model,
-        dtype="float32",
+        dtype=dtype,
         block_size=4,
         num_prefill_workers=p,
         num_attention_workers=a,
@@ -170,3 +171,28 @@ def test_decode_keeps_going_while_a_long_prompt_prefills():
         assert progressed_during_prefill >= 3, "decode waited for the long prefill"
     finally:
         llm.shutdown()
+
+
+def test_fp8_dispatch_serves_with_about_half_the_bytes():
+    """2A2F in bfloat16: --dispatch-dtype fp8 sends e4m3 rows + a float32 scale per 128 channels
+    (DeepEP's format); the A->F bytes drop to about half, combine stays in bfloat16."""
+    prompts = mixed_prompts(4, 512, seed=7)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    wire = {}
+    for dd in ("auto", "fp8"):
+        llm = cluster("tiny-qwen3-moe", 0, 2, 2, "bfloat16", num_micro_batches=2, dispatch_dtype=dd)
+        try:
+            outs = llm.generate(prompts, params)
+            assert [len(o.outputs[0].token_ids) for o in outs] == [5] * len(prompts)
+            wire[dd] = {k: v for k, v in llm.engine.stats().items() if k.endswith("_bytes_total")}
+        finally:
+            llm.shutdown()
+    # the same rows go out and come back (which rows depends on the routing, and FP8 rounding
+    # changes the routing): per row, combine carries H bfloat16 values, dispatch H values in the
+    # dispatch dtype plus k ids and k weights (int32) and, for FP8, one float32 scale
+    cfg = ModelConfig.from_pretrained(resolve_model("tiny-qwen3-moe"))
+    h, k = cfg.hidden_size, cfg.num_experts_per_tok
+    per_row = {dd: w["dispatch_bytes_total"] / w["combine_bytes_total"] for dd, w in wire.items()}
+    assert per_row["auto"] == (2 * h + 2 * k * 4) / (2 * h)
+    assert per_row["fp8"] == (h + (2 * k + 1) * 4) / (2 * h)
+    assert 0.5 < per_row["fp8"] / per_row["auto"] < 0.6  # hidden 64: ids and weights weigh in

@@ -38,6 +38,7 @@ def test_summarise_exact_values():
         [0.8, 1.2],
         _stage_sums(per_step, 4),
         loads,
+        {"dispatch": 4000, "combine": 3000},
         m=2,
         k=2,
         num_attention=2,
@@ -68,6 +69,7 @@ def test_summarise_exact_values():
     assert load["mean_tokens_per_expert_step"] == approx(1.0)  # (4 + 2 + 2 + 0) / 4 / k
     assert load["max_tokens_per_expert_step"] == approx(2.0)
     assert load["total_per_expert"] == [6, 2]
+    assert r["wire_bytes_per_step"] == {"combine": 750, "dispatch": 1000}
 
 
 def test_speedups_exact_values():
@@ -129,6 +131,12 @@ def test_bench_pipeline_writes_json_png_and_trace(tmp_path, capsys):
         routed = 6 * cfg.num_experts_per_tok * len(cfg.moe_layers)
         assert load["mean_tokens_per_expert_step"] * cfg.n_routed_experts == routed
         assert sum(load["total_per_expert"]) == 2 * k * routed
+        # every token row crosses to the one expert worker once per MoE layer and comes back
+        wire, row = r["wire_bytes_per_step"], cfg.hidden_size * 4  # float32
+        assert wire["combine"] == 6 * row * len(cfg.moe_layers)
+        meta = 2 * cfg.num_experts_per_tok * 4  # ids and weights, int32
+        assert wire["dispatch"] == 6 * (row + meta) * len(cfg.moe_layers)
+    assert result["dispatch_dtype"] == "auto"
     trace = json.loads((out / "tiny_trace.json").read_text())["traceEvents"]
     assert {e["pid"] for e in trace} == {f"K={k} m={m}" for k in (1, 2) for m in (1, 2, 3)}
     # the traced scheduling step has every decode step of every micro-batch and MoE layer
@@ -139,7 +147,7 @@ def test_bench_pipeline_writes_json_png_and_trace(tmp_path, capsys):
                 assert names.count(f"experts L0 mb{i}") == names.count(f"attn L0 mb{i}") == k
     assert (out / "tiny_timeline.png").read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
-    assert "speedup" in table and "bubble A" in table
+    assert "speedup" in table and "bubble A" in table and "A->F MB" in table
 
 
 def test_bench_pipeline_rejects_bad_sizes(capsys):

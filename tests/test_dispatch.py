@@ -1,5 +1,6 @@
 """Dispatch/combine with real spawned processes, M attention ranks and N expert ranks: over gloo
-(torch transport) and over shared memory (shm transport)."""
+(torch transport) and over shared memory (shm transport), with activations sent in the compute
+dtype and as FP8 (e4m3 + a float32 scale per token and 128 channels)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import traceback
 
 import pytest
 import torch
-from afd.comm.dispatch import exchange_tag, get_transport, local_ids, resolve_transport_name
+from afd.comm.dispatch import (
+    exchange_tag,
+    get_transport,
+    local_ids,
+    pack_rows,
+    resolve_transport_name,
+    unpack_rows,
+)
 from afd.kernels.torch_ops import fused_moe
 
 from afd.models.model import expert_split
@@ -50,20 +58,26 @@ def _batch(attn: int, layer: int, mb: int, num_experts_hi: int = NUM_EXPERTS):
 
 
 BACKENDS = ("torch", "shm")
+DISPATCH_DTYPES = ("auto", "fp8")
 
 
-def _transport(backend, expert_ranks, ranges, rank, shm_dir):
+def _transport(backend, expert_ranks, ranges, rank, shm_dir, dispatch_dtype):
     from afd.comm.dist import get_combine_group
 
     # torch: the F->A direction on its own group, as workers do on NCCL
     return get_transport(
         backend, expert_ranks, ranges, "cpu", rank=rank, shm_dir=shm_dir,
-        combine_group=get_combine_group(),
+        combine_group=get_combine_group(), dispatch_dtype=dispatch_dtype,
     )  # fmt: skip
 
 
-def _attention_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> None:
-    transport = _transport(backend, expert_ranks, ranges, rank, shm_dir)
+def _as_sent(x: torch.Tensor, dispatch_dtype: str) -> torch.Tensor:
+    """The rows an expert computes with: x, or x through e4m3 and back."""
+    return unpack_rows(*pack_rows(x, dispatch_dtype), x.dtype)
+
+
+def _attention_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir, dd) -> None:
+    transport = _transport(backend, expert_ranks, ranges, rank, shm_dir, dd)
     weights = [_weights(layer) for layer in range(NUM_LAYERS + 1)]
     handles = {}
     # every exchange of every layer and micro-batch in flight before any combine
@@ -83,7 +97,7 @@ def _attention_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> N
     for (layer, mb), handle in reversed(handles.items()):
         x, ids, w = _batch(rank, layer, mb)
         out = transport.combine(handle)
-        ref = fused_moe(x, *weights[layer], w, ids)
+        ref = fused_moe(_as_sent(x, dd), *weights[layer], w, ids)
         assert out.shape == (x.shape[0], HIDDEN) and out.dtype == x.dtype
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         expected_rows = [
@@ -94,24 +108,25 @@ def _attention_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> N
             assert handle.rows_per_rank[0] == 0 and handle.rows_per_rank[1] == x.shape[0]
 
     out16 = transport.combine(h16)
-    ref16 = fused_moe(x16.float(), *weights[BF16_LAYER], w16, ids16)
+    ref16 = fused_moe(_as_sent(x16, dd).float(), *weights[BF16_LAYER], w16, ids16)
     assert out16.dtype == torch.bfloat16
     torch.testing.assert_close(out16.float(), ref16, atol=3e-2, rtol=3e-2)
 
     outb = transport.combine(hb)
     assert ranges[0][1] >= 4  # experts 0..3 all live on expert rank 0
     assert hb.rows_per_rank == [5] + [0] * (len(ranges) - 1)  # 5 tokens, 10 routes
-    header = 4 * 8 if backend == "torch" else 0  # shm: the header travels in the FIFO record
-    row_bytes = HIDDEN * 4 + 2 * 2 * 4  # x fp32 + (ids | weight bits) int32
+    header = 5 * 8 if backend == "torch" else 0  # shm: the header travels in the FIFO record
+    # x fp32 + (ids | weight bits) int32; fp8: x e4m3 + (ids | weight bits | one scale) int32
+    row_bytes = HIDDEN * 4 + 2 * 2 * 4 if dd == "auto" else HIDDEN + (2 * 2 + 1) * 4
     expected_bytes = header * len(ranges) + 5 * row_bytes
     assert hb.bytes_sent == expected_bytes, (hb.bytes_sent, expected_bytes)
-    refb = fused_moe(xb, *_weights(BYTES_LAYER), wb, idsb)
+    refb = fused_moe(_as_sent(xb, dd), *_weights(BYTES_LAYER), wb, idsb)
     torch.testing.assert_close(outb, refb, atol=1e-5, rtol=1e-5)
     transport.close()
 
 
-def _expert_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> None:
-    transport = _transport(backend, expert_ranks, ranges, rank, shm_dir)
+def _expert_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir, dd) -> None:
+    transport = _transport(backend, expert_ranks, ranges, rank, shm_dir, dd)
     start, end = ranges[expert_ranks.index(rank)]
     sources = list(range(num_attn))
     exchanges = [(layer, mb) for layer in range(NUM_LAYERS) for mb in range(NUM_MICRO_BATCHES)]
@@ -123,6 +138,19 @@ def _expert_rank(rank, expert_ranks, ranges, num_attn, backend, shm_dir) -> None
         assert batch.x.shape[0] == sum(batch.counts) == batch.topk_ids.shape[0]
         assert bool(((batch.topk_ids >= -1) & (batch.topk_ids < end - start)).all())
         assert bool((batch.topk_ids >= 0).any(1).all()), "a row with no expert here was sent"
+        if layer < NUM_LAYERS:  # the rows, back in the compute dtype, are the ones sent
+            sent = []
+            for src in sources:
+                xs, ids, _ = _batch(src, layer, mb)
+                sent.append(xs[(local_ids(ids, start, end) >= 0).any(1)])
+            sent = torch.cat(sent)
+            assert batch.x.dtype == sent.dtype
+            # e4m3 keeps 3 mantissa bits: at most 2^-4 relative (plus the subnormal step)
+            scale = sent.abs().amax(1, keepdim=True) / 448
+            bound = sent.abs() * 2**-4 + scale * 2**-9 if dd == "fp8" else 0 * sent
+            assert bool(((batch.x - sent).abs() <= bound).all())
+            if dd == "fp8" and sent.numel():
+                assert not torch.equal(batch.x, sent)  # it did travel as FP8
         x = batch.x.float()
         out = fused_moe(x, w13[start:end], w2[start:end], batch.topk_weights, batch.topk_ids)
         transport.send_back(batch, out.to(batch.x.dtype))
@@ -139,16 +167,18 @@ def _run_rank(rank: int, port: int, err_dir: str) -> None:
     from afd.comm.dist import destroy_world, init_world
 
     torch.set_num_threads(1)
-    backend = topology = None
+    backend = topology = dd = None
     try:
         world = MAX_ATTN + MAX_EXPERT
         init_world(rank, world, "127.0.0.1", port, "gloo", "cpu", timeout_s=60, combine_group=True)
-        for backend, topology in [(b, t) for b in BACKENDS for t in TOPOLOGIES]:
+        runs = [(b, t, "auto") for b in BACKENDS for t in TOPOLOGIES]
+        runs += [(b, t, "fp8") for b in BACKENDS for t in ((1, 2), (3, 2))]
+        for backend, topology, dd in runs:
             num_attn, num_expert = topology
             # attention ranks 0..M-1, expert ranks MAX_ATTN..MAX_ATTN+N-1; the rest sit out
             expert_ranks = list(range(MAX_ATTN, MAX_ATTN + num_expert))
             ranges = expert_split(NUM_EXPERTS, num_expert)
-            args = (rank, expert_ranks, ranges, num_attn, backend, err_dir)
+            args = (rank, expert_ranks, ranges, num_attn, backend, err_dir, dd)
             if rank < num_attn:
                 _attention_rank(*args)
             elif rank in expert_ranks:
@@ -157,7 +187,7 @@ def _run_rank(rank: int, port: int, err_dir: str) -> None:
         destroy_world()
     except BaseException:
         with open(os.path.join(err_dir, f"rank{rank}.err"), "w") as f:
-            f.write(f"{backend} (M, N) = {topology}, rank {rank}\n{traceback.format_exc()}")
+            f.write(f"{backend} (M, N) = {topology} {dd}, rank {rank}\n{traceback.format_exc()}")
         raise SystemExit(1) from None
 
 
@@ -250,6 +280,42 @@ def test_shm_slots_are_reused_grown_and_released(tmp_path):
     assert not [f for f in os.listdir(folder) if f.startswith("slot-")]
 
 
+@pytest.mark.parametrize("staged", [False, True])
+def test_shm_fp8_dispatch_in_one_process(tmp_path, staged):
+    """FP8 rows through the shm segments, read in place (CPU) or copied out as GPU workers
+    sharing one GPU do (`staged`, exercised here on CPU): the expert computes on the rows
+    dequantized to the compute dtype named in the record, combine stays in that dtype."""
+    folder = str(tmp_path)
+    kw = dict(shm_dir=folder, dispatch_dtype="fp8")
+    attn = get_transport("shm", [1, 2], [(0, 3), (3, 7)], "cpu", rank=0, **kw)
+    experts = [get_transport("shm", [1, 2], [(0, 3), (3, 7)], "cpu", rank=r, **kw) for r in (1, 2)]
+    for t in (attn, *experts):
+        t.staged = staged
+    w13, w2 = _weights(0)
+    g = torch.Generator().manual_seed(9)
+    for dtype, tokens in ((torch.bfloat16, 6), (torch.float32, 200)):
+        x = torch.randn(tokens, HIDDEN, generator=g).to(dtype)
+        ids = torch.rand(tokens, NUM_EXPERTS, generator=g).topk(TOP_K, dim=1).indices
+        w = torch.rand(tokens, TOP_K, generator=g)
+        handle = attn.dispatch(x, ids, w, 3)
+        for rank, t in zip((1, 2), experts, strict=True):
+            start, end = t.expert_ranges[rank - 1]
+            b = t.receive([0], 3)
+            assert b.x.dtype == dtype
+            rows = (local_ids(ids, start, end) >= 0).any(1)
+            torch.testing.assert_close(b.x, _as_sent(x[rows], "fp8"), atol=0, rtol=0)
+            out = fused_moe(b.x.float(), w13[start:end], w2[start:end], b.topk_weights, b.topk_ids)
+            t.send_back(b, out.to(dtype))
+        got = attn.combine(handle)
+        assert got.dtype == dtype
+        want = fused_moe(_as_sent(x, "fp8").float(), w13, w2, w, ids)
+        torch.testing.assert_close(got.float(), want, **({} if dtype == torch.float32 else
+                                                         dict(atol=3e-2, rtol=3e-2)))  # fmt: skip
+    for t in (attn, *experts):
+        t.close()
+    assert not [f for f in os.listdir(folder) if f.startswith("slot-")]
+
+
 def test_cluster_layout_checks_the_comm_backend():
     import shutil
     from types import SimpleNamespace
@@ -280,9 +346,63 @@ def test_every_gpu_worker_of_a_node_gets_its_own_gpu():
     one = ClusterLayout(2, 2, 1)
     assert node_devices(one, 0, "cpu", 0) == dict.fromkeys(range(5), "cpu")
     assert node_devices(one, 0, "cuda", 8) == {r: f"cuda:{r}" for r in range(5)}
-    with pytest.raises(ValueError, match="5 workers on node 0 need one GPU each, but it has 1"):
+    with pytest.raises(ValueError, match="5 workers on node 0 need one GPU each, but it has 1;"):
         node_devices(one, 0, "cuda", 1)
     # two nodes: attention and prefill on node 0, experts on node 1; each node counts from 0
     two = ClusterLayout(2, 3, 1, nnodes=2, node_roles=parse_node_roles(None, 2))
     assert node_devices(two, 0, "cuda", 4) == {0: "cuda:0", 1: "cuda:1", 5: "cuda:2"}
     assert node_devices(two, 1, "cuda", 4) == {2: "cuda:0", 3: "cuda:1", 4: "cuda:2"}
+
+
+def test_workers_share_gpus_when_asked(builtin_path):
+    """--gpus-per-node G: a node's workers take cuda:0..G-1 round-robin; a cluster where some GPU
+    runs several workers forms its world over gloo (NCCL allows no two ranks on one GPU) and
+    moves the data plane through host memory (shm on one node, torch over gloo across nodes)."""
+    import shutil
+
+    from afd.comm.dispatch import resolve_transport_name
+    from afd.scheduler.cluster import (
+        ClusterLayout,
+        layout_for,
+        node_devices,
+        parse_node_roles,
+        shares_gpus,
+        worker_spec,
+    )
+
+    from afd.config import EngineConfig, ModelConfig
+
+    one = ClusterLayout(2, 2, 1)  # 1P + 2A + 2F on one node
+    assert node_devices(one, 0, "cuda", 1, gpus_per_node=1) == dict.fromkeys(range(5), "cuda:0")
+    assert node_devices(one, 0, "cuda", 8, gpus_per_node=2) == {
+        0: "cuda:0", 1: "cuda:1", 2: "cuda:0", 3: "cuda:1", 4: "cuda:0"
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="--gpus-per-node 2, but node 0 has 1 GPUs"):
+        node_devices(one, 0, "cuda", 1, gpus_per_node=2)
+    two = ClusterLayout(2, 2, 0, nnodes=2, node_roles=parse_node_roles(None, 2))
+    cfg = dict(device="cuda", num_attention_workers=2, num_expert_workers=2)
+    assert not shares_gpus(EngineConfig(**cfg), two)  # default: one GPU per worker
+    assert not shares_gpus(EngineConfig(gpus_per_node=2, **cfg), two)  # 2 workers per node
+    assert shares_gpus(EngineConfig(gpus_per_node=1, **cfg), two)
+    assert not shares_gpus(EngineConfig(gpus_per_node=1, **{**cfg, "device": "cpu"}), two)
+    assert resolve_transport_name("auto", "cuda", "/dev/shm/x", shared_gpus=True) == "shm"
+    assert resolve_transport_name("auto", "cuda", None, shared_gpus=True) == "torch"
+    with pytest.raises(ValueError, match="one GPU per worker"):
+        resolve_transport_name("deepep", "cuda", None, shared_gpus=True)
+
+    path = builtin_path("tiny-qwen3-moe")
+    model = ModelConfig.from_pretrained(path)
+    config = EngineConfig(model=str(path), gpus_per_node=1, num_prefill_workers=1, **cfg)
+    layout = layout_for(config, model)
+    try:
+        spec = worker_spec(config, path, model, layout)
+        assert spec["dist_backend"] == "gloo" and spec["comm_backend"] == "shm"
+        assert spec["gpus_per_node"] == 1
+        own = EngineConfig(model=str(path), comm_backend="torch", **cfg)
+        spec = worker_spec(own, path, model, layout)
+        assert spec["dist_backend"] == "auto" and spec["comm_backend"] == "torch"
+    finally:
+        shutil.rmtree(layout.shm, ignore_errors=True)
+        shutil.rmtree(layout.ipc, ignore_errors=True)
+    with pytest.raises(ValueError, match="at least 1"):
+        layout_for(EngineConfig(model="m", gpus_per_node=0, **cfg), model)

@@ -80,7 +80,9 @@ class LocalExecutor:
 
         set_kernel_backend(config.kernel_backend)
         dtype = config.torch_dtype(model_config)
-        model = load_model(model_path, dtype=dtype, device=config.device)
+        model = load_model(
+            model_path, dtype=dtype, device=config.device, quantization=config.quantization
+        )
         self.num_kv_blocks = num_kv_blocks_for(config, model_config, dtype)
         kv_caches = allocate_kv_cache(
             model_config, self.num_kv_blocks, config.block_size, dtype, config.device

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from afd.builtin import resolve_model
+from afd.comm.dispatch import DISPATCH_DTYPES
 from afd.config import EngineConfig, ModelConfig
 from afd.engine.executor import Sampled, StepInterrupted
 from afd.outputs import CompletionOutput, Logprob, LogprobsEntry, RequestOutput
+from afd.quantization import resolve_quantization
 from afd.sampling.params import SamplingParams
 from afd.sampling.structured import grammar_backend
 from afd.scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -96,6 +98,14 @@ class LLMEngine:
         self.config = config
         self.model_path: Path = resolve_model(config.model)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
+        resolve_quantization(config.quantization, self.model_config.quant, config.device)
+        if config.dispatch_dtype not in DISPATCH_DTYPES:
+            raise ValueError(
+                f"unknown dispatch dtype {config.dispatch_dtype!r}; "
+                f"choose from {', '.join(DISPATCH_DTYPES)}"
+            )
+        if config.gpus_per_node is not None and config.gpus_per_node < 1:
+            raise ValueError("gpus_per_node must be at least 1")
         self.tokenizer = Tokenizer.from_pretrained(self.model_path)
         self.eos_token_ids: set[int] = set(self.tokenizer.eos_token_ids) | set(
             self.model_config.eos_token_ids

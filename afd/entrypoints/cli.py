@@ -7,8 +7,9 @@ import importlib
 import importlib.util
 import sys
 
-from afd.comm.dispatch import transport_names
+from afd.comm.dispatch import DISPATCH_DTYPES, transport_names
 from afd.config import DTYPES, EngineConfig
+from afd.quantization import QUANTIZATION_MODES
 
 
 class CLIError(Exception):
@@ -50,6 +51,27 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--comm-backend", default="auto", choices=transport_names())
     p.add_argument(
+        "--quantization",
+        default="auto",
+        choices=QUANTIZATION_MODES,
+        help="fp8: keep (or make) block-FP8 weights; none: dequantize FP8 checkpoints while "
+        "loading; auto: FP8 checkpoints stay FP8 on CUDA, are dequantized on CPU",
+    )
+    p.add_argument(
+        "--dispatch-dtype",
+        default="auto",
+        choices=DISPATCH_DTYPES,
+        help="A->F activations: the compute dtype (auto) or e4m3 + a float32 scale per 128 "
+        "channels (fp8); combine stays in the compute dtype",
+    )
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs a node's workers share, several workers per GPU when fewer than workers "
+        "(default: one GPU per worker)",
+    )
+    p.add_argument(
         "--max-worker-restarts",
         type=int,
         default=5,
@@ -79,6 +101,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         raise CLIError("worker counts must be >= 0")
     if args.num_prefill_workers and not args.num_attention_workers:
         raise CLIError("--num-prefill-workers needs attention and expert workers")
+    if args.gpus_per_node is not None and args.gpus_per_node < 1:
+        raise CLIError("--gpus-per-node must be at least 1")
     if (args.num_attention_workers > 0) != (args.num_expert_workers > 0):
         raise CLIError("--num-attention-workers and --num-expert-workers go together (both > 0)")
     if args.max_worker_restarts < 0:
@@ -105,6 +129,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         num_micro_batches=args.num_micro_batches,
         num_scheduler_steps=args.num_scheduler_steps,
         comm_backend=args.comm_backend,
+        quantization=args.quantization,
+        dispatch_dtype=args.dispatch_dtype,
+        gpus_per_node=args.gpus_per_node,
         max_worker_restarts=args.max_worker_restarts,
         restart_window_s=args.restart_window_s,
         worker_timeout_s=args.worker_timeout_s,

@@ -152,6 +152,45 @@ class Router(nn.Module):
         return torch.topk(scores.masked_fill(~keep, fill), self.top_k, dim=-1, sorted=False)[1]
 
 
+def _fp8_param(*shape: int, device) -> nn.Parameter:
+    data = torch.empty(*shape, dtype=torch.float8_e4m3fn, device=device)
+    return nn.Parameter(data, requires_grad=False)
+
+
+def _scale_param(rows: int, cols: int, block: tuple[int, int], *lead: int, device) -> nn.Parameter:
+    """float32 scales of an [rows, cols] weight in `block` blocks: [*lead, Rb, Cb]."""
+    shape = (*lead, -(-rows // block[0]), -(-cols // block[1]))
+    return nn.Parameter(torch.empty(shape, dtype=torch.float32, device=device), requires_grad=False)
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer holding a block-FP8 weight [out, in] and its float32 `weight_scale_inv`
+    [ceil(out/bn), ceil(in/bk)] as the checkpoint stores them; activations are quantized per
+    token and bk channels on every call (ops.fp8_linear)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, block, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, tuple(block)
+        self.weight = _fp8_param(out_features, in_features, device=device)
+        self.weight_scale_inv = _scale_param(out_features, in_features, self.block, device=device)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    @classmethod
+    def like(cls, linear: nn.Linear, block) -> Fp8Linear:
+        """An FP8 twin of `linear` (same device, the bias keeps its dtype)."""
+        dev = linear.weight.device
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, block, dev)
+        if linear.bias is not None:
+            new.bias = nn.Parameter(torch.empty_like(linear.bias))
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = ops.fp8_linear(x.reshape(-1, shape[-1]), self.weight, self.weight_scale_inv,
+                             self.block, self.bias)  # fmt: skip
+        return out.view(*shape[:-1], self.out_features)
+
+
 class ExpertShard(nn.Module):
     """Routed experts [start, end) stacked for a grouped GEMM; other ids contribute zero."""
 
@@ -161,12 +200,28 @@ class ExpertShard(nn.Module):
         n = end - start
         self.w13 = nn.Parameter(torch.empty(n, 2 * intermediate_size, hidden_size))  # [E, 2I, H]
         self.w2 = nn.Parameter(torch.empty(n, hidden_size, intermediate_size))  # [E, H, I]
+        self.block: tuple[int, int] | None = None  # set by to_fp8
+
+    def to_fp8(self, block: tuple[int, int]) -> None:
+        """Hold block-FP8 experts: w13/w2 in e4m3 plus float32 scales; w13_scale stacks the
+        gate's scale blocks, then the up projection's, so I need not be a multiple of bn."""
+        n, two_inter, hidden = self.w13.shape
+        inter, dev = two_inter // 2, self.w13.device
+        self.block = tuple(block)
+        self.w13 = _fp8_param(n, two_inter, hidden, device=dev)
+        self.w2 = _fp8_param(n, hidden, inter, device=dev)
+        gate = _scale_param(inter, hidden, self.block, n, device=dev)  # [E, Ib, Hb]
+        self.w13_scale = nn.Parameter(torch.cat([gate, gate], dim=1), requires_grad=False)
+        self.w2_scale = _scale_param(hidden, inter, self.block, n, device=dev)  # [E, Hb, Ib]
 
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
         local = topk_ids - self.start
         local = torch.where((topk_ids >= self.start) & (topk_ids < self.end), local, -1)
+        if self.block is not None:
+            return ops.fused_moe_fp8(x, self.w13, self.w13_scale, self.w2, self.w2_scale,
+                                     topk_weights, local, self.block)  # fmt: skip
         return ops.fused_moe(x, self.w13, self.w2, topk_weights, local)
 
 

@@ -129,3 +129,58 @@ def build_tiny_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def build_random_checkpoint(
+    config: dict[str, Any],
+    out_dir: str | Path,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    std: float = 0.02,
+) -> Path:
+    """A checkpoint of any size from a config.json dict, in the hub's per-expert layout, with
+    random weights drawn tensor by tensor (no transformers init: at real widths that is the slow
+    part). Linear weights ~ N(0, std), norms 1 + N(0, 0.1), e_score_correction_bias U(0, 0.1)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from afd.config import ModelConfig
+    from afd.models import build_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = ModelConfig.from_hf_dict(config)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    shapes.update({n: tuple(b.shape) for n, b in model.named_buffers() if "correction" in n})
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    gen = torch.Generator().manual_seed(seed)
+    wdtype = getattr(torch, dtype)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def draw(shape, mean=0.0, scale=std, dt=wdtype):
+        return torch.empty(shape, dtype=dt).normal_(mean, scale, generator=gen)
+
+    for name, shape in shapes.items():
+        if name.endswith(("w13", "w2")):  # stacked experts -> one tensor per expert and proj
+            prefix = name.rsplit(".", 1)[0]
+            for e in range(shape[0]):
+                if name.endswith("w13"):
+                    inter = shape[1] // 2
+                    tensors[f"{prefix}.{e}.gate_proj.weight"] = draw((inter, shape[2]))
+                    tensors[f"{prefix}.{e}.up_proj.weight"] = draw((inter, shape[2]))
+                else:
+                    tensors[f"{prefix}.{e}.down_proj.weight"] = draw(shape[1:])
+        elif name.endswith("e_score_correction_bias"):
+            tensors[name] = torch.rand(shape, generator=gen) * 0.1  # float32, as released
+        elif "norm" in name.rsplit(".", 2)[-2]:
+            tensors[name] = draw(shape, 1.0, 0.1)
+        else:
+            tensors[name] = draw(shape)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2))
+    return out
