@@ -284,9 +284,9 @@ def _validate(model: type[BaseModel], body: dict) -> Any:
     if isinstance(body, dict):
         for name, value in body.items():
             if _lone_surrogate(name):
-                raise bad_request("a field name is not valid Unicode (a lone surrogate)")
+                raise bad_request("a field name is not valid UTF-8 text (a lone surrogate)")
             if _lone_surrogate(value):
-                raise bad_request(f"'{name}' is not valid Unicode (a lone surrogate)", name)
+                raise bad_request(f"'{name}' is not valid UTF-8 text (a lone surrogate)", name)
     try:
         return model.model_validate(body)
     except ValidationError as e:
