@@ -210,6 +210,14 @@ class EngineConfig:
     nnodes: int = 1
     dist_init_addr: str | None = None
     node_roles: str | None = None
+    # Failures: each node's supervisor replaces a dead (or hung) worker at most
+    # max_worker_restarts times within restart_window_s; past that the cluster stops serving.
+    # A worker whose main thread makes no progress for worker_timeout_s (or that stops sending
+    # heartbeats, e.g. SIGSTOP) is killed and replaced; a healthy step of a batch of 512 on 2 CPU
+    # cores takes ~0.5 s, and the check counts each layer and each wait as progress.
+    max_worker_restarts: int = 5
+    restart_window_s: float = 600.0
+    worker_timeout_s: float = 60.0
     extra: dict = field(default_factory=dict)
 
     def torch_dtype(self, model_config: ModelConfig) -> torch.dtype:

@@ -43,3 +43,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     prompt_logprobs: list[LogprobsEntry | None] | None = None
+    error: str | None = None  # why the request failed (it finished with finish_reason "abort")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from afd.attention_nodes.kv_transfer import send_kv
 from afd.attention_nodes.worker import build_micro_batch, entry_prompt_logprobs, sample_entries
-from afd.comm.control import WorkerChannel, init_world
+from afd.comm import liveness
+from afd.comm.control import RoleWorker, serve
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import allocate_kv_cache
@@ -15,11 +16,21 @@ from afd.timing import StageClock
 
 
 def run_prefill_worker(spec: dict) -> None:
-    channel = WorkerChannel(spec, "prefill")
-    try:
-        torch.set_num_threads(spec.get("threads", 1))
+    serve(spec, "prefill", PrefillWorker.build)
+
+
+class PrefillWorker(RoleWorker):
+    """One prefill batch per plan, and the KV exports the plan names (torch.distributed)."""
+
+    role = "prefill"
+
+    def __init__(self, model, caches, block_size: int, device, sampler: Sampler):
+        self.model, self.caches, self.block_size, self.device = model, caches, block_size, device
+        self.sampler = sampler
+
+    @classmethod
+    def build(cls, spec: dict) -> PrefillWorker:
         device = torch.device(spec["device"])
-        init_world(spec)
         model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="full",
                            quantization=spec["quantization"])  # fmt: skip
         dtype = getattr(torch, spec["dtype"])  # (FP8 layers hold other dtypes)
@@ -27,34 +38,33 @@ def run_prefill_worker(spec: dict) -> None:
             model.config, spec["num_kv_blocks"], spec["block_size"], dtype, device
         )
         sampler = Sampler(spec.get("eos_token_ids", ()), spec["model_path"])
-        channel.send("ready", role="prefill", param_bytes=count_parameter_bytes(model))
-        while True:
-            msg = channel.recv()
-            if msg["type"] == "shutdown":
-                break
-            clock = StageClock(msg["trace"], device)
-            t0 = clock.now()
-            sends = [send_kv(caches, blocks, dst, seq_id) for seq_id, dst, blocks in msg["exports"]]
-            sampled, prompt_logprobs = [], []
-            if msg["micro_batches"]:
-                mb = build_micro_batch(msg["micro_batches"][0], spec["block_size"], device)
-                with torch.inference_mode():
-                    hidden = model(mb.input_ids, mb.positions, mb.meta, caches)
-                    if mb.prompt_entries:
-                        prompt_logprobs = entry_prompt_logprobs(model, sampler, mb, hidden)
-                    if mb.sample_entries:
-                        # no sampler state is kept here: each entry brings its history
-                        sampled = sample_entries(
-                            model, sampler, {}, mb.sample_entries, hidden[mb.sample_rows], {}
-                        )
-            for work, _ in sends:
-                work.wait()
-            clock.record("prefill", "prefill", t0, clock.now())
-            channel.send("prefill_result", step=msg["step"], sampled=sampled,
-                         prompt_logprobs=prompt_logprobs, times=clock.times,
-                         events=clock.events)  # fmt: skip
-    except BaseException as e:
-        channel.report_error(e)
-        raise SystemExit(1) from None
-    finally:
-        channel.close()
+        worker = cls(model, caches, spec["block_size"], device, sampler)
+        worker.param_bytes = count_parameter_bytes(model)
+        return worker
+
+    def run(self, msg: dict) -> tuple[str, dict]:
+        clock = StageClock(msg["trace"], self.device)
+        t0 = clock.now()
+        sends = [
+            send_kv(self.caches, blocks, dst, seq_id) for seq_id, dst, blocks in msg["exports"]
+        ]
+        sampled, prompt_logprobs, errors = [], [], []
+        if msg["micro_batches"]:
+            mb = build_micro_batch(msg["micro_batches"][0], self.block_size, self.device)
+            with torch.inference_mode():
+                hidden = self.model(mb.input_ids, mb.positions, mb.meta, self.caches)
+                liveness.beat()
+                if mb.prompt_entries:
+                    prompt_logprobs = entry_prompt_logprobs(self.model, self.sampler, mb, hidden)
+                if mb.sample_entries:
+                    # no sampler state is kept here: each entry brings its history
+                    sampled = sample_entries(
+                        self.model, self.sampler, mb.sample_entries, hidden[mb.sample_rows], {},
+                        errors,
+                    )  # fmt: skip
+        for work, buf in sends:
+            liveness.wait_work(work, buf.device)
+        clock.record("prefill", "prefill", t0, clock.now())
+        fields = dict(sampled=sampled, prompt_logprobs=prompt_logprobs, errors=errors,
+                      times=clock.times, events=clock.events)  # fmt: skip
+        return "prefill_result", fields

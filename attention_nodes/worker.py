@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 
 import torch
 from afd.attention_nodes.kv_transfer import recv_kv
-from afd.comm.control import WorkerChannel, init_world, transport_for
+from afd.comm import liveness
+from afd.comm.control import RoleWorker, serve, transport_for
 from afd.comm.dispatch import exchange_tag
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import AttentionMetadata, allocate_kv_cache
 from afd.sampling.params import SamplingParams
-from afd.sampling.sampler import Sampler, SequenceState, sequence_state
+from afd.sampling.sampler import Sampler, SequenceState, row_generator, sequence_state
 from afd.timing import StageClock
 
 
@@ -64,63 +65,63 @@ def build_micro_batch(entries: list, block_size: int, device) -> MicroBatch:
 
 
 def run_attention_worker(spec: dict) -> None:
-    channel = WorkerChannel(spec, "attention")
-    try:
-        torch.set_num_threads(spec.get("threads", 1))
-        device = torch.device(spec["device"])
-        init_world(spec)
-        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device,
-                           part="attention", quantization=spec["quantization"])  # fmt: skip
-        cfg = model.config
-        dtype = getattr(torch, spec["dtype"])  # (FP8 layers hold other dtypes)
-        kv_caches = allocate_kv_cache(cfg, spec["num_kv_blocks"], spec["block_size"], dtype, device)
-        transport = transport_for(spec, cfg, device)
-        sampler = Sampler(spec.get("eos_token_ids", ()), spec["model_path"])
-        worker = AttentionWorker(model, kv_caches, transport, spec["block_size"], device, sampler)
-        channel.send("ready", role="attention", param_bytes=count_parameter_bytes(model))
-        while True:
-            msg = channel.recv()
-            if msg["type"] == "shutdown":
-                break
-            sent, got = transport.stats["bytes_sent"], transport.stats["bytes_received"]
-            sampled, prompt_logprobs, clock = worker.step(msg)
-            channel.send(
-                "attn_result",
-                step=msg["step"],
-                sampled=sampled,
-                prompt_logprobs=prompt_logprobs,
-                times=clock.times,
-                events=clock.events,
-                wire={
-                    "dispatch": transport.stats["bytes_sent"] - sent,
-                    "combine": transport.stats["bytes_received"] - got,
-                },
-            )
-    except BaseException as e:  # report anything, then die: the driver turns it into an error
-        channel.report_error(e)
-        raise SystemExit(1) from None
-    finally:
-        channel.close()
+    serve(spec, "attention", AttentionWorker.build)
 
 
-class AttentionWorker:
-    """Runs one step plan: m micro-batches through every layer, MoE layers via the transport."""
+class AttentionWorker(RoleWorker):
+    """Runs one step plan: m micro-batches through every layer, MoE layers via the transport.
+    The KV cache lives as long as the process; the transport is rebuilt per data-plane
+    generation."""
+
+    role = "attention"
 
     def __init__(self, model, kv_caches, transport, block_size: int, device, sampler=None):
         self.model, self.kv_caches, self.transport = model, kv_caches, transport
         self.block_size, self.device = block_size, device
         self.sampler = sampler or Sampler()
-        self.generators: dict[int, torch.Generator] = {}
         self.states: dict[int, SequenceState] = {}
 
+    @classmethod
+    def build(cls, spec: dict) -> AttentionWorker:
+        device = torch.device(spec["device"])
+        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device,
+                           part="attention", quantization=spec["quantization"])  # fmt: skip
+        dtype = getattr(torch, spec["dtype"])  # (FP8 layers hold other dtypes)
+        kv_caches = allocate_kv_cache(
+            model.config, spec["num_kv_blocks"], spec["block_size"], dtype, device
+        )
+        sampler = Sampler(spec.get("eos_token_ids", ()), spec["model_path"])
+        worker = cls(model, kv_caches, None, spec["block_size"], device, sampler)
+        worker.param_bytes = count_parameter_bytes(model)
+        return worker
+
+    def join(self, spec: dict, generation: int) -> None:
+        self.transport = transport_for(spec, self.model.config, self.device, generation)
+
+    def leave(self) -> None:
+        if self.transport is not None:
+            self.transport.abandon()
+            self.transport = None
+
+    def run(self, plan: dict) -> tuple[str, dict]:
+        errors: list = []
+        stats = self.transport.stats
+        sent, got = stats["bytes_sent"], stats["bytes_received"]
+        sampled, prompt_logprobs, clock = self.step(plan, errors)
+        wire = {"dispatch": stats["bytes_sent"] - sent, "combine": stats["bytes_received"] - got}
+        fields = dict(sampled=sampled, prompt_logprobs=prompt_logprobs, errors=errors,
+                      times=clock.times, events=clock.events, wire=wire)  # fmt: skip
+        return "attn_result", fields
+
     @torch.inference_mode()
-    def step(self, plan: dict) -> tuple[list, list, StageClock]:
+    def step(self, plan: dict, errors: list | None = None) -> tuple[list, list, StageClock]:
         """Run the plan's decode steps: the sampled [[seq_id, token, logprobs]] of each step, and
-        the prompt logprobs [[seq_id, first position, entries]] of prompt chunks."""
+        the prompt logprobs [[seq_id, first position, entries]] of prompt chunks. Sequences
+        whose sampling failed get token -1 and [seq_id, reason] in `errors`."""
         clock = StageClock(plan["trace"], self.device)
+        errors = [] if errors is None else errors
         start = clock.now()
         for seq_id in plan["release"]:
-            self.generators.pop(seq_id, None)
             self.states.pop(seq_id, None)
         t0 = clock.now()
         for seq_id, src, blocks in plan["imports"]:
@@ -146,19 +147,16 @@ class AttentionWorker:
                 return None
             t0 = clock.now()
             got = sample_entries(
-                self.model,
-                self.sampler,
-                self.generators,
-                mb.sample_entries,
-                hidden[mb.sample_rows],
-                self.states,
-            )
+                self.model, self.sampler, mb.sample_entries, hidden[mb.sample_rows], self.states,
+                errors,
+            )  # fmt: skip
             sampled[step].extend(got)
             nxt = None
             if step + 1 < num_steps:
                 # a multi-step plan is pure decode: one token per entry, every entry samples
+                # (a sequence whose sampling failed has finished; any valid id keeps it going)
                 entries[i] = [
-                    [e[0], [tok], e[2] + 1, *e[3:]]
+                    [e[0], [max(tok, 0)], e[2] + 1, *e[3:]]
                     for e, (_, tok, _) in zip(entries[i], got, strict=True)
                 ]
                 nxt = mbs[i] = build_micro_batch(entries[i], self.block_size, self.device)
@@ -184,6 +182,7 @@ class AttentionWorker:
                 hs[i] = model.embed(mb.input_ids)
         layers = list(zip(model.layers, self.kv_caches, strict=True))
         for step, (layer, kv), i in itertools.product(range(num_steps), layers, range(m)):
+            liveness.beat()
             if pending[i] is not None:
                 # the layer before; layer 0's is the last layer of the step before
                 hs[i] = self._finish_moe(pending[i], clock, (layer.idx - 1) % len(layers), i)
@@ -250,24 +249,29 @@ def _thaw(value):
 
 
 def sample_entries(
-    model, sampler: Sampler, generators: dict, entries: list, hidden, states: dict
+    model, sampler: Sampler, entries: list, hidden, states: dict, errors: list | None = None
 ) -> list:
     """Sample one token per plan entry from its final hidden row; [[seq_id, token, logprobs]].
-    Seeded sequences keep one generator per seq_id in `generators`; requests that need their
-    history keep a SequenceState per seq_id in `states`."""
+    Seeded sequences draw from a generator derived from (seed, index, position), never from
+    worker state; requests that need their history keep a SequenceState per seq_id in `states`
+    (rebuilt from the plan's history on a new worker). A sequence whose sampling fails gets
+    token -1 and [seq_id, reason] in `errors`."""
     logits = model.compute_logits(hidden)
     params, gens, seq_states, num_out = [], [], [], []
     for seq_id, tokens, start, _, _, p in entries:
         sp = _sampling_params(_cache_key(p))
         params.append(sp)
-        if sp.seed is not None and seq_id not in generators:
-            generators[seq_id] = torch.Generator().manual_seed(sp.seed + p["index"])
-        gens.append(generators.get(seq_id))
+        position = start + len(tokens)  # of the token being sampled
+        gens.append(row_generator(sp.seed, p["index"], position) if sp.seed is not None else None)
         num_out.append(start + len(tokens) - p["prompt_len"])
         seq_states.append(
             sequence_state(states, seq_id, sp, p["prompt_len"], start, tokens, p.get("history"))
         )
-    out = sampler(logits, params, gens, seq_states, num_out)
+    out = sampler.sample_isolated(
+        logits, params, gens, seq_states, num_out, [f"seq {e[0]}" for e in entries]
+    )
+    if errors is not None:
+        errors.extend([entries[j][0], msg] for j, msg in out.errors.items())
     return [
         [e[0], tok, out.logprobs[j] if out.logprobs is not None else None]
         for j, (e, tok) in enumerate(zip(entries, out.token_ids, strict=True))

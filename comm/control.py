@@ -1,14 +1,22 @@
-"""Control plane between the driver (scheduler) and workers: ZMQ PUSH/PULL over IPC, msgpack."""
+"""Control plane between the driver (scheduler) and workers: ZMQ PUSH/PULL over IPC or TCP,
+msgpack; and the worker main loop every role shares (start-up, data-plane generations, steps,
+aborts). The driver binds every socket, so a replacement worker connects to the same addresses."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import tempfile
 import traceback
+from collections.abc import Callable
+from datetime import timedelta
 
 import zmq
 from afd.comm import dist as afd_dist
-from afd.comm import wire
+from afd.comm import liveness, wire
+
+RECV_SLICE_MS = 100
 
 
 def ipc_dir() -> str:
@@ -22,11 +30,31 @@ def shm_dir() -> str:
     return tempfile.mkdtemp(prefix="afd-shm-", dir=folder)
 
 
+def generation_dir(shm: str | None, generation: int) -> str | None:
+    """The shm transport's folder of one data-plane generation (segments and FIFOs of an
+    abandoned generation may hold half-written exchanges, so each generation starts empty)."""
+    return None if not shm else os.path.join(shm, f"g{generation}")
+
+
+def remove_generation_dirs(shm: str | None, keep: int) -> None:
+    """Remove the folders of generations before `keep`."""
+    if not shm or not os.path.isdir(shm):
+        return
+    for name in os.listdir(shm):
+        if name.startswith("g") and name[1:].isdigit() and int(name[1:]) < keep:
+            shutil.rmtree(os.path.join(shm, name), ignore_errors=True)
+
+
 class WorkerChannel:
-    """A worker's two sockets: plans in from the driver, results out to it."""
+    """A worker's two sockets: plans in from the driver, results out to it. Every message out
+    carries the worker's incarnation (`inc`, new for each process) and data-plane generation
+    (`gen`), so the driver can tell a replacement's messages from its predecessor's."""
 
     def __init__(self, spec: dict, role: str):
         self.role, self.rank = role, spec["rank"]
+        self.inc = int.from_bytes(os.urandom(6), "little")
+        self.gen = -1
+        self.pending: dict | None = None  # a driver message that arrived in the middle of a step
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.connect(spec["inbox_addrs"][self.rank])
@@ -35,10 +63,26 @@ class WorkerChannel:
         self.outbox.connect(spec["driver_addr"])
 
     def recv(self) -> dict:
+        """The next driver message; waiting for it counts as progress (liveness)."""
+        if self.pending is not None:
+            msg, self.pending = self.pending, None
+            return msg
+        while not self.inbox.poll(RECV_SLICE_MS):
+            liveness.beat()
+        liveness.beat()
         return wire.decode(self.inbox.recv())
 
+    def interrupt(self) -> None:
+        """The liveness hook during a step: the driver only writes mid-step to abort it."""
+        if self.pending is None and self.inbox.poll(0):
+            self.pending = wire.decode(self.inbox.recv())
+        if self.pending is not None:
+            raise liveness.StepAborted(self.pending["type"])
+
     def send(self, msg_type: str, **fields) -> None:
-        self.outbox.send(wire.encode(msg_type, rank=self.rank, **fields))
+        self.outbox.send(
+            wire.encode(msg_type, rank=self.rank, inc=self.inc, gen=self.gen, **fields)
+        )
 
     def report_error(self, exc: BaseException) -> None:
         text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -53,18 +97,34 @@ class WorkerChannel:
         self.ctx.term()
 
 
-def init_world(spec: dict, timeout_s: float = 300.0) -> None:
-    """Join the cluster's torch.distributed world over a TCP store rendezvous at init_addr."""
+_store = None  # the client of the driver's TCPStore, kept across generations
+
+
+def init_world(spec: dict, generation: int = 0) -> None:
+    """Join data-plane generation `generation`: a torch.distributed world over the driver's
+    TCP store, under a key prefix of its own (one rank cannot rejoin a live group, so every
+    generation is a new world of every rank)."""
+    import torch.distributed as dist
+
+    global _store
     host, _, port = spec["init_addr"].rpartition(":")
+    timeout = timedelta(seconds=spec.get("dist_timeout_s", 300.0))
+    if _store is None:
+        _store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
     # gloo when workers share a GPU (NCCL allows no two ranks on one GPU)
     backend = afd_dist.resolve_backend(spec.get("dist_backend", "auto"), spec["device"])
     afd_dist.init_world(
-        spec["rank"], spec["world_size"], host, int(port), backend, spec["device"], timeout_s,
+        spec["rank"],
+        spec["world_size"],
+        backend=backend,
+        store=dist.PrefixStore(f"afd/g{generation}/", _store),
+        device=spec["device"],
+        timeout_s=timeout.total_seconds(),
         combine_group=backend == "nccl",
-    )  # fmt: skip
+    )
 
 
-def transport_for(spec: dict, model_config, device):
+def transport_for(spec: dict, model_config, device, generation: int = 0):
     """The dispatch/combine transport a worker of this cluster uses (spec from worker_spec)."""
     from afd.comm.dispatch import get_transport
 
@@ -76,9 +136,102 @@ def transport_for(spec: dict, model_config, device):
         expert_split(model_config.n_routed_experts, spec["num_expert_workers"]),
         device,
         rank=spec["rank"],
-        shm_dir=spec.get("shm_dir"),
+        shm_dir=generation_dir(spec.get("shm_dir"), generation),
         hidden_size=model_config.hidden_size,
         top_k=model_config.num_experts_per_tok,
         dispatch_dtype=spec.get("dispatch_dtype", "auto"),
         combine_group=afd_dist.get_combine_group(),
     )
+
+
+class RoleWorker:
+    """What a role plugs into `serve`: weights and state loaded once, a data plane per
+    generation, and one step per plan."""
+
+    role = "abstract"
+    param_bytes = 0
+
+    def join(self, spec: dict, generation: int) -> None:
+        """Build this generation's data plane (the world is already formed)."""
+
+    def leave(self) -> None:
+        """Drop the data plane of the current generation; keep weights and KV caches."""
+
+    def run(self, plan: dict) -> tuple[str, dict]:
+        """Run one plan; (result message type, its fields)."""
+        raise NotImplementedError
+
+
+def serve(spec: dict, role: str, build: Callable[[dict], RoleWorker]) -> None:
+    """A worker process's life: load (build), say ready, then serve plans. The driver forms the
+    data plane with `reform` (at start-up and after every failure), ends a step early with
+    `abort`, and stops the worker with `shutdown`. A step that fails (a peer died, or a bug)
+    is reported and the worker waits for the driver's re-form; only start-up failures and
+    errors outside a step end the process."""
+    import torch
+
+    channel = WorkerChannel(spec, role)
+    worker: RoleWorker | None = None
+    joined = False
+
+    def leave() -> None:
+        nonlocal joined
+        if worker is not None:
+            worker.leave()
+        liveness.drop_waits()
+        afd_dist.destroy_world()
+        joined = False
+
+    try:
+        torch.set_num_threads(spec.get("threads", 1))
+        worker = build(spec)
+        channel.send("ready", role=role, param_bytes=worker.param_bytes, pid=os.getpid())
+        liveness.set_interrupt(channel.interrupt)
+        liveness.start()
+        while True:
+            msg = channel.recv()
+            kind = msg["type"]
+            if kind == "shutdown":
+                break
+            if kind == "abort":
+                leave()
+                channel.gen = msg["gen"]
+                channel.send("aborted")
+                continue
+            if kind == "reform":
+                leave()
+                channel.gen = msg["gen"]
+                try:
+                    with liveness.bounded(spec.get("dist_timeout_s", 300.0)):
+                        init_world(spec, msg["gen"])
+                    joined = True
+                    worker.join(spec, msg["gen"])
+                except Exception as e:  # e.g. a peer died during the rendezvous: try again
+                    leave()
+                    channel.send("reform_failed", message=f"{type(e).__name__}: {e}"[:2000])
+                    continue
+                channel.send("joined")
+                continue
+            if not joined:
+                continue  # a plan of a generation this worker has left
+            try:
+                result_type, fields = worker.run(msg)
+            except liveness.StepAborted:
+                continue  # the driver's message is handled next
+            except Exception as e:
+                text = f"{type(e).__name__}: {e}"
+                print(f"afd: {role} worker {channel.rank}: step {msg.get('step')} failed: "
+                      f"{text}", file=sys.stderr, flush=True)  # fmt: skip
+                leave()
+                channel.send("step_failed", step=msg.get("step", -1), message=text[:2000])
+                continue
+            channel.send(result_type, step=msg["step"], **fields)
+    except BaseException as e:  # report anything, then die: the supervisor replaces us
+        channel.report_error(e)
+        raise SystemExit(1) from None
+    finally:
+        liveness.set_interrupt(None)
+        try:
+            leave()
+        finally:
+            channel.close()

@@ -200,6 +200,11 @@ class Transport(ABC):
     def close(self) -> None:
         self.flush()
 
+    def abandon(self) -> None:
+        """Drop in-flight exchanges without waiting for them (a peer may be gone): after a
+        failed step, before the data plane is re-formed."""
+        return None
+
 
 # name -> "module:Class" (imported on first use, so optional backends cost nothing) or a factory
 _REGISTRY: dict[str, str | Callable[..., Transport]] = {

@@ -30,14 +30,16 @@ def resolve_backend(backend: str, device: str | torch.device) -> str:
 def init_world(
     rank: int,
     world_size: int,
-    master_addr: str,
-    master_port: int,
+    master_addr: str | None = None,
+    master_port: int | None = None,
     backend: str = "auto",
     device: str | torch.device = "cpu",
     timeout_s: float = 300.0,
     combine_group: bool = False,
+    store=None,
 ) -> str:
-    """Join the world at tcp://master_addr:master_port (rank 0 hosts the store); returns the
+    """Join the world at tcp://master_addr:master_port (rank 0 hosts the store), or over a
+    given `store` (the cluster driver hosts one that outlives any worker); returns the
     backend used. Raises after `timeout_s` if some rank never shows up. combine_group=True (on
     every rank) also makes a second group over all ranks for the F->A direction: NCCL runs a
     pair's point-to-point messages on one stream in posting order, so without it a posted
@@ -46,12 +48,17 @@ def init_world(
     device = torch.device(device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
+    where = (
+        {"store": store}
+        if store is not None
+        else {"init_method": f"tcp://{master_addr}:{int(master_port)}"}
+    )
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://{master_addr}:{int(master_port)}",
         rank=rank,
         world_size=world_size,
         timeout=timedelta(seconds=timeout_s),
+        **where,
     )
     global _combine_group
     _combine_group = new_group(None, timeout_s) if combine_group else None

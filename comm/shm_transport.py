@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from afd.comm import liveness
 from afd.comm.dispatch import (
     CODE_DTYPES,
     DTYPE_CODES,
@@ -52,6 +53,7 @@ from afd.comm.dispatch import (
 RECORD_LEN = 16  # int64 words per FIFO record (128 bytes: one atomic pipe write)
 CONTROL_BYTES = 64
 MAX_TENSORS = 3
+WAIT_SLICE_MS = 50
 
 
 def _align(n: int) -> int:
@@ -253,14 +255,20 @@ class _Incoming:
     def _read_record(self) -> list[int]:
         size = RECORD_LEN * 8
         data = b""
+        deadline = time.monotonic() + self.timeout_ms / 1000
         while len(data) < size:
+            # wait in slices: a peer that died or hangs never writes, and the driver's abort
+            # must be able to end the wait (liveness.check raises StepAborted then)
             t0 = time.monotonic_ns()
-            ready = self.poller.poll(self.timeout_ms)
+            ready = self.poller.poll(WAIT_SLICE_MS)
             self.wait_ns += time.monotonic_ns() - t0
             if not ready:
-                raise TimeoutError(
-                    f"no message from rank {self.src} within {self.timeout_ms / 1000:.0f} s"
-                )
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"no message from rank {self.src} within {self.timeout_ms / 1000:.0f} s"
+                    )
+                liveness.check()
+                continue
             try:
                 chunk = os.read(self.fd, size - len(data))
             except OSError as e:
@@ -435,6 +443,9 @@ class ShmTransport(Transport):
 
     def flush(self) -> None:
         pass  # sends complete when send_back returns
+
+    def abandon(self) -> None:
+        self.close(timeout_s=0.0)
 
     def close(self, timeout_s: float = 10.0) -> None:
         for link in self._in.values():

@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from afd.comm import liveness
 from afd.comm.dispatch import (
     CODE_DTYPES,
     DTYPE_CODES,
@@ -124,7 +125,7 @@ class TorchTransport(Transport):
         device, where work.wait() only orders the streams."""
         t0 = time.monotonic_ns()
         for work in works:
-            work.wait()
+            liveness.wait_work(work, self.device)  # abandoned when the driver aborts the step
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         self.wait_ns += time.monotonic_ns() - t0
@@ -186,7 +187,7 @@ class TorchTransport(Transport):
             xs.append(x)
             metas.append(meta)
         for work in works:
-            work.wait()
+            liveness.wait_work(work, self.device)
         if xs:
             x, meta = torch.cat(xs).to(self.device), torch.cat(metas).to(self.device)
         else:
@@ -218,5 +219,8 @@ class TorchTransport(Transport):
 
     def flush(self) -> None:
         for work, _ in self._pending_sends:
-            work.wait()
+            liveness.wait_work(work, self.device)
+        self._pending_sends.clear()
+
+    def abandon(self) -> None:
         self._pending_sends.clear()

@@ -37,9 +37,19 @@ _DTYPES = {
 }
 
 # message type -> required fields and their python types
+# Every worker message also carries `inc` (the incarnation: new for each process of a rank) and
+# `gen` (the data-plane generation it is in), checked by the driver.
 SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "ready": {"rank": int, "role": str, "param_bytes": int},
+    "ready": {"rank": int, "inc": int, "role": str, "param_bytes": int, "pid": int},
     "error": {"rank": int, "role": str, "message": str},
+    # failures: driver -> worker `abort` (leave the step and the data plane), `reform` (join
+    # generation gen); worker -> driver `aborted`, `joined`, `step_failed`, `reform_failed`
+    "abort": {"gen": int},
+    "reform": {"gen": int},
+    "aborted": {"rank": int, "inc": int, "gen": int},
+    "joined": {"rank": int, "inc": int, "gen": int},
+    "step_failed": {"rank": int, "inc": int, "step": int, "message": str},
+    "reform_failed": {"rank": int, "inc": int, "message": str},
     "attn_step": {
         "step": int,
         "micro_batches": list,
@@ -49,11 +59,13 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "trace": bool,
     },
     "prefill_step": {"step": int, "micro_batches": list, "exports": list, "trace": bool},
+    # errors: [[seq_id, why its sampling failed]] (its token is -1)
     # prompt_logprobs: [[seq_id, first position, [{token: [logprob, rank]}, ...]], ...]
     "prefill_result": {
         "rank": int,
         "step": int,
         "sampled": list,
+        "errors": list,
         "prompt_logprobs": list,
         "times": dict,
         "events": list,
@@ -71,6 +83,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "rank": int,
         "step": int,
         "sampled": list,
+        "errors": list,
         "prompt_logprobs": list,
         "times": dict,
         "events": list,

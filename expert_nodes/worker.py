@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-from afd.comm.control import WorkerChannel, init_world, transport_for
+from afd.comm.control import RoleWorker, serve, transport_for
 from afd.comm.dispatch import exchange_tag
 
 from afd.loader import count_parameter_bytes, load_model
@@ -16,41 +16,49 @@ from afd.timing import StageClock
 
 
 def run_expert_worker(spec: dict) -> None:
-    rank = spec["rank"]
-    index = rank - spec["num_attention_workers"]
-    channel = WorkerChannel(spec, "expert")
-    try:
-        torch.set_num_threads(spec.get("threads", 1))
-        device = torch.device(spec["device"])
-        init_world(spec)
+    serve(spec, "expert", ExpertWorker.build)
+
+
+class ExpertWorker(RoleWorker):
+    """A shard of the routed experts (loaded once) and this generation's transport."""
+
+    role = "expert"
+
+    def __init__(self, shard, cfg, start: int, end: int, device):
+        self.shard, self.cfg, self.start, self.end, self.device = shard, cfg, start, end, device
+        self.transport = None
+
+    @classmethod
+    def build(cls, spec: dict) -> ExpertWorker:
         from afd.config import ModelConfig
 
+        device = torch.device(spec["device"])
+        index = spec["rank"] - spec["num_attention_workers"]
         cfg = ModelConfig.from_pretrained(spec["model_path"])
-        ranges = expert_split(cfg.n_routed_experts, spec["num_expert_workers"])
+        start, end = expert_split(cfg.n_routed_experts, spec["num_expert_workers"])[index]
         shard = load_model(
             spec["model_path"],
             dtype=spec["dtype"],
             device=device,
             part="experts",
-            expert_range=ranges[index],
+            expert_range=(start, end),
             quantization=spec["quantization"],
         )
-        transport = transport_for(spec, cfg, device)
-        channel.send("ready", role="expert", param_bytes=count_parameter_bytes(shard))
-        start, end = ranges[index]
-        while True:
-            msg = channel.recv()
-            if msg["type"] == "shutdown":
-                break
-            times, events, load = serve_plan(shard, transport, msg, start, end)
-            channel.send(
-                "expert_result", step=msg["step"], times=times, events=events, load=load.tolist()
-            )
-    except BaseException as e:
-        channel.report_error(e)
-        raise SystemExit(1) from None
-    finally:
-        channel.close()
+        worker = cls(shard, cfg, start, end, device)
+        worker.param_bytes = count_parameter_bytes(shard)
+        return worker
+
+    def join(self, spec: dict, generation: int) -> None:
+        self.transport = transport_for(spec, self.cfg, self.device, generation)
+
+    def leave(self) -> None:
+        if self.transport is not None:
+            self.transport.abandon()
+            self.transport = None
+
+    def run(self, plan: dict) -> tuple[str, dict]:
+        times, events, load = serve_plan(self.shard, self.transport, plan, self.start, self.end)
+        return "expert_result", dict(times=times, events=events, load=load.tolist())
 
 
 @torch.inference_mode()

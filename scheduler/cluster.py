@@ -1,5 +1,7 @@
-"""The disaggregated executor: spawns attention and expert workers in one torch.distributed
-world, sends them step plans, and gathers sampled tokens. Runs in the scheduler's process."""
+"""The disaggregated executor: spawns attention, expert and prefill workers, forms their data
+plane (one torch.distributed world per generation), sends them step plans, gathers sampled
+tokens, and heals the cluster when a worker fails (see `AFDExecutor._recover`). Runs in the
+scheduler's process."""
 
 from __future__ import annotations
 
@@ -8,18 +10,28 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import zmq
 from afd.comm import wire
 from afd.comm.control import ipc_dir, shm_dir
 from afd.comm.dispatch import resolve_transport_name
+from afd.scheduler.recovery import (
+    REFORM_TIMEOUT_S,
+    STARTUP_TIMEOUT_S,
+    ClusterRecovery,
+    RecoveryStats,
+    _Failure,
+    node_supervisor,
+)
 from afd.scheduler.scheduler import ScheduledBatch
 from afd.scheduler.supervisor import Supervisor, WorkerDiedError
 
 from afd.config import ModelConfig
 
-STARTUP_TIMEOUT_S = 300.0
+STEP_TIMEOUT_S = 600.0
+SEND_TIMEOUT_MS = 5000  # a plan to a worker that is gone must not block the driver
 
 
 def free_port() -> int:
@@ -219,6 +231,7 @@ def worker_spec(config, model_path, model_config: ModelConfig, layout: ClusterLa
         "quantization": config.quantization,
         "shm_dir": layout.shm,
         "threads": int(config.extra.get("worker_threads", 1)),
+        "dist_timeout_s": REFORM_TIMEOUT_S,
     }
 
 
@@ -258,11 +271,20 @@ def spawn_node_workers(supervisor: Supervisor, spec: dict, layout: ClusterLayout
         supervisor.spawn(role, rank, roles[role], {**spec, "rank": rank, "device": device})
 
 
-class AFDExecutor:
+class AFDExecutor(ClusterRecovery):
     """A attention workers (data-parallel replicas, one KV cache each), F expert workers and P
-    prefill workers; on one node or several (this process is node 0)."""
+    prefill workers; on one node or several (this process is node 0).
+
+    Failures: a worker that dies is replaced by its node's supervisor (same rank and role, within
+    the restart policy); one that hangs is killed by it first. This driver then re-forms the
+    data plane as a new generation: every living worker abandons its step (`abort`), the
+    replacement loads only what its role owns and says `ready`, and every rank joins the new
+    generation (`reform` -> `joined`). Living workers keep their KV caches and expert shards.
+    The step is then replayed (StepInterrupted tells the engine which replicas lost their KV)."""
 
     def __init__(self, config, model_path: Path, model_config: ModelConfig, eos_token_ids=()):
+        import torch.distributed as dist
+
         layout = layout_for(config, model_config)
         a, f, p = layout.num_attention, layout.num_expert, layout.num_prefill
         self.config = config
@@ -278,6 +300,12 @@ class AFDExecutor:
         self.last_times: dict[str, float] = {}
         self.last_load: list[list[int]] = []
         self.param_bytes: dict[tuple[str, int], int] = {}
+        self.sample_errors: dict[int, str] = {}  # seq_id -> why its sampling failed
+        self.recovery = RecoveryStats()
+        self.recovering: str | None = None  # what is being recovered (for /health)
+        self.fatal: str | None = None  # why the cluster cannot serve any more
+        self.generation = -1
+        self.progress = bool(config.extra.get("progress"))
         self._stage_totals: dict[str, float] = {}
         self._wire_totals: dict[str, int] = {}
         self.last_wire: dict[str, int] = {}
@@ -286,57 +314,112 @@ class AFDExecutor:
         self._has_history: dict[int, set[int]] = {}
         self._prompt_logprobs: dict[int, list] = {}
         self._prefill_busy: set[int] = set()
+        self._prefill_plans: dict[int, dict] = {}  # busy prefill replica -> its plan's fields
+        self._prefill_done: dict[int, tuple] = {}  # results not yet returned
+        self._attempt_prefill: set[int] = set()  # prefill plans sent by the running execute()
+        self._inc: dict[int, int] = {}  # rank -> incarnation of its current process
+        self.pids: dict[int, int] = {}  # rank -> pid of its current process (any node)
+        self._replaced: set[int] = set()  # ranks seen with a new incarnation, not yet handled
+        self._failures_seen = 0
         self._step = 0
         self.ipc = layout.ipc
         self.zctx = zmq.Context()
         self.inbox = self.zctx.socket(zmq.PULL)
         self.inbox.bind(layout.driver_addr())
-        self.outboxes: dict[tuple[str, int], zmq.Socket] = {}
-        self.supervisor = Supervisor()
+        self.outboxes: dict[int, zmq.Socket] = {}
+        self.supervisor = node_supervisor(config)
         self.attention_ranks = list(range(a))
         self.expert_ranks = list(range(a, a + f))
         self.prefill_ranks = list(range(a + f, a + f + p))
+        self.ranks = list(range(layout.world_size))
         try:
-            for rank in range(layout.world_size):
+            # the rendezvous of every generation; here, so it outlives any worker
+            self.store = dist.TCPStore(
+                layout.host, layout.port, is_master=True, wait_for_workers=False,
+                timeout=timedelta(seconds=REFORM_TIMEOUT_S),
+            )  # fmt: skip
+            for rank in self.ranks:
                 sock = self.zctx.socket(zmq.PUSH)
                 sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
                 sock.bind(layout.inbox_addr(rank))
-                self.outboxes[(layout.role(rank), rank)] = sock
+                self.outboxes[rank] = sock
             spawn_node_workers(self.supervisor, spec, layout, node=0)
-            ready = 0
-            while ready < layout.world_size:
-                msg = self._recv(STARTUP_TIMEOUT_S, "worker start-up")
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while len(self._inc) < layout.world_size:
+                msg = self._next(deadline, "worker start-up")
+                if msg is None:
+                    continue
+                if msg["type"] == "error":
+                    raise RuntimeError(
+                        f"{msg['role']} worker {msg['rank']} failed: {msg['message']}"
+                    )
                 if msg["type"] == "ready":
-                    self.param_bytes[(msg["role"], msg["rank"])] = msg["param_bytes"]
-                    ready += 1
-                    if config.extra.get("progress"):
-                        print(
-                            f"afd: {msg['role']} worker {msg['rank']} ready "
-                            f"({msg['param_bytes'] / 2**20:.1f} MiB of weights; "
-                            f"{ready}/{layout.world_size})",
-                            flush=True,
-                        )
+                    self._adopt(msg)
+            self.generation = 0
+            if not self._form(0, time.monotonic() + STARTUP_TIMEOUT_S):
+                raise RuntimeError("a worker failed while the cluster formed")
+            self._replaced.clear()
+            self.supervisor.enable_restarts()
         except BaseException:
             self.shutdown()
             raise
 
     # ---- messaging -----------------------------------------------------------------------
-    def _send(self, role: str, rank: int, msg_type: str, **fields) -> None:
-        self.outboxes[(role, rank)].send(wire.encode(msg_type, **fields))
+    def role(self, rank: int) -> str:
+        return self.layout.role(rank)
 
-    def _recv(self, timeout_s: float, what: str) -> dict:
-        """Next worker message; a dead worker or a reported error raises within ~0.1 s."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.inbox.poll(100):
-                msg = wire.decode(self.inbox.recv())
-                if msg["type"] == "error":
-                    raise RuntimeError(
-                        f"{msg['role']} worker {msg['rank']} failed: {msg['message']}"
-                    )
-                return msg
-            self.supervisor.check()
-        raise TimeoutError(f"no answer from the workers within {timeout_s:.0f} s during {what}")
+    def _send(self, rank: int, msg_type: str, **fields) -> None:
+        """A plan or instruction; a worker that cannot take it is a failure."""
+        try:
+            self.outboxes[rank].send(wire.encode(msg_type, **fields))
+        except zmq.Again:
+            raise _Failure(f"{self.role(rank)} worker {rank} does not take messages") from None
+
+    def _send_nowait(self, rank: int, msg_type: str, **fields) -> None:
+        try:
+            self.outboxes[rank].send(wire.encode(msg_type, **fields), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # not connected: gone; its replacement starts fresh
+
+    def _next(self, deadline: float, what: str) -> dict | None:
+        """The next worker message, or None after 0.1 s; raises WorkerDiedError when a worker
+        is gone for good (restart budget spent) and TimeoutError past the deadline."""
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no answer from the workers in time during {what}")
+        if self.inbox.poll(100):
+            try:
+                return wire.decode(self.inbox.recv())
+            except wire.WireError:
+                return None
+        self.supervisor.check()
+        return None
+
+    def _adopt(self, msg: dict) -> None:
+        """A (new) process of a rank said ready: its incarnation is the one to listen to."""
+        rank = msg["rank"]
+        if self._inc.get(rank) is not None:
+            self._replaced.add(rank)
+        self._inc[rank] = msg["inc"]
+        self.pids[rank] = msg["pid"]
+        self.param_bytes[(msg["role"], rank)] = msg["param_bytes"]
+        if self.progress and self.generation < 0:
+            print(f"afd: {msg['role']} worker {rank} ready (pid {msg.get('pid')}, "
+                  f"{msg['param_bytes'] / 2**20:.1f} MiB of weights; "
+                  f"{len(self._inc)}/{self.layout.world_size})", flush=True)  # fmt: skip
+
+    def _take_prefill_result(self, msg: dict) -> bool:
+        if msg["type"] != "prefill_result" or not self._current(msg):
+            return False
+        if msg["gen"] != self.generation:
+            return False
+        p = self.prefill_ranks.index(msg["rank"])
+        if p not in self._prefill_busy:
+            return False
+        self._prefill_busy.discard(p)
+        self._prefill_plans.pop(p, None)
+        self._prefill_done[p] = (msg["sampled"], msg["errors"], msg["prompt_logprobs"])
+        return True
 
     # ---- executor API --------------------------------------------------------------------
     def release(self, replica: int, seq_ids: list[int]) -> None:
@@ -357,17 +440,24 @@ class AFDExecutor:
 
     def execute(self, batches: list[ScheduledBatch], prefill_batches=None, transfers=()):
         """Run one step. Without a prefill pool: sampled tokens per decode step. With one: (those,
-        prefill replicas whose earlier plan finished); a busy prefill worker is not waited for."""
+        prefill replicas whose earlier plan finished); a busy prefill worker is not waited for.
+        Raises StepInterrupted after healing a failure (run the step again), WorkerDiedError
+        when the cluster cannot be healed."""
+        if self.fatal is not None:
+            raise WorkerDiedError(self.fatal)
         try:
+            self._drain()
             sampled, done = self._execute(batches, list(prefill_batches or []), list(transfers))
             return sampled if prefill_batches is None else (sampled, done)
-        except (WorkerDiedError, RuntimeError, TimeoutError):
-            self.shutdown()
-            raise
+        except _Failure as f:
+            raise self._guarded(self._interrupted, str(f)) from None
+        except Exception as e:
+            self._die(e)
 
     def _execute(self, batches: list[ScheduledBatch], prefill_batches, transfers) -> tuple:
         self._step += 1
-        self.supervisor.check()  # any dead worker fails the step, even one this step skips
+        self.sample_errors = {}
+        self._attempt_prefill = set()
         active = [r for r, b in enumerate(batches) if not b.is_empty]
         m = max(
             1, min(self.num_micro_batches, max((len(batches[r].seqs) for r in active), default=1))
@@ -382,6 +472,10 @@ class AFDExecutor:
             prefill_rank, attn_rank = self.prefill_ranks[t.prefill], self.attention_ranks[t.replica]
             imports.setdefault(t.replica, []).append([t.seq.seq_id, prefill_rank, dst_blocks])
             exports.setdefault(t.prefill, []).append([t.seq.seq_id, attn_rank, src_blocks])
+        # prefill batches abandoned by a recovery run again first (their KV slots are the same)
+        for p, plan in self._prefill_plans.items():
+            if plan.pop("resend", False):
+                self._send(self.prefill_ranks[p], "prefill_step", **{**plan, "exports": []})
         planned = sorted(set(active) | set(imports))
         for r in planned:
             mbs = []
@@ -395,8 +489,7 @@ class AFDExecutor:
                     for g in split_micro_batches(b, m)
                 ]
             self._send(
-                "attention",
-                r,
+                self.attention_ranks[r],
                 "attn_step",
                 step=self._step,
                 micro_batches=mbs,
@@ -408,7 +501,6 @@ class AFDExecutor:
         if active:
             for rank in self.expert_ranks:
                 self._send(
-                    "expert",
                     rank,
                     "expert_step",
                     step=self._step,
@@ -425,79 +517,83 @@ class AFDExecutor:
                 plan_entry(seq, n, smp, with_history=True)
                 for seq, n, smp in zip(b.seqs, b.num_new_tokens, b.sample, strict=True)
             ]
-            self._send(
-                "prefill",
-                self.prefill_ranks[p],
-                "prefill_step",
-                step=self._step,
-                micro_batches=[entries] if entries else [],
-                exports=exports.get(p, []),
-                trace=self.trace,
-            )
+            plan = dict(step=self._step, micro_batches=[entries] if entries else [],
+                        trace=self.trace)  # fmt: skip
+            self._send(self.prefill_ranks[p], "prefill_step", exports=exports.get(p, []), **plan)
+            self._prefill_plans[p] = plan
+            self._attempt_prefill.add(p)
         steps: list[dict] = [{} for _ in range(num_steps)]  # sampled tokens per decode step
+        prompt_lps: list = []  # [seq_id, first position, entries] of this step
         times: dict[str, float] = {}
         events: list = []
         load: list[list[int]] = []
         wire_bytes: dict[str, int] = {}  # data-plane bytes of the attention workers this step
         self._prefill_busy |= set(prefilling)
-        waiting = len(planned) + (len(self.expert_ranks) if active else 0)
+        waiting = {self.attention_ranks[r] for r in planned}
+        waiting |= set(self.expert_ranks) if active else set()
         exports_only = {p for p in prefilling if prefill_batches[p].is_empty}
-        done: list[int] = []
+        deadline = time.monotonic() + STEP_TIMEOUT_S
         # Wait for the decode side and for export-only prefill plans; long prefills only when
         # nothing else is running (otherwise their results are collected when they arrive).
-        while (
-            waiting
-            or exports_only
-            or (not waiting and not done and not active and self._prefill_busy)
-        ):
-            msg = self._recv(600.0, f"step {self._step}")
-            if msg["type"] == "prefill_result":
-                p = self.prefill_ranks.index(msg["rank"])
-                self._prefill_busy.discard(p)
-                exports_only.discard(p)
-                done.append(p)
-            elif msg.get("step") != self._step:
+        while waiting or exports_only or (not active and not self._prefill_done
+                                           and self._prefill_busy):  # fmt: skip
+            msg = self._next(deadline, f"step {self._step}")
+            self._check_failures()
+            if msg is None:
                 continue
-            else:
-                waiting -= 1
-            for k, v in msg["times"].items():
-                times[k] = times.get(k, 0.0) + v
-            events += [[*e, msg["rank"]] for e in msg["events"]]
-            if msg["type"] in ("attn_result", "prefill_result"):
-                self._collect_prompt_logprobs(msg)
+            reason = self._failure_in(msg)
+            if reason is not None:
+                raise _Failure(reason)
+            if self._take_prefill_result(msg):
+                exports_only.discard(self.prefill_ranks.index(msg["rank"]))
+                self._add_times(times, events, msg)
+                continue
+            if (
+                msg["type"] not in ("attn_result", "expert_result")
+                or not self._current(msg)
+                or msg["gen"] != self.generation
+                or msg["step"] != self._step
+            ):
+                continue  # stale: from an abandoned step or generation
+            waiting.discard(msg["rank"])
+            self._add_times(times, events, msg)
             if msg["type"] == "attn_result":
+                prompt_lps += msg["prompt_logprobs"]
                 for k, v in msg["wire"].items():
                     wire_bytes[k] = wire_bytes.get(k, 0) + v
                 for sampled, got in zip(steps, msg["sampled"], strict=True):
                     sampled.update((seq_id, (tok, lps)) for seq_id, tok, lps in got)
-            elif msg["type"] == "prefill_result":
-                steps[0].update((seq_id, (tok, lps)) for seq_id, tok, lps in msg["sampled"])
+                self.sample_errors.update((seq_id, text) for seq_id, text in msg["errors"])
             else:
                 load.append(msg["load"])
+        self._drain()  # prefill results that are already here
+        done = sorted(self._prefill_done)
+        for p in done:
+            sampled, errors, found = self._prefill_done.pop(p)
+            steps[0].update((seq_id, (tok, lps)) for seq_id, tok, lps in sampled)
+            self.sample_errors.update((seq_id, text) for seq_id, text in errors)
+            prompt_lps += found
+        # only now: an attempt that fails is replayed and would report them again
+        self._collect_prompt_logprobs(prompt_lps)
+        self._attempt_prefill = set()
         for k, v in times.items():
             self._stage_totals[k] = self._stage_totals.get(k, 0.0) + v
         for k, v in wire_bytes.items():
             self._wire_totals[k] = self._wire_totals.get(k, 0) + v
         self.last_wire = wire_bytes
-        while self.inbox.poll(0):  # prefill results that are already here
-            msg = self._recv(1.0, f"step {self._step}")
-            if msg["type"] == "prefill_result":
-                p = self.prefill_ranks.index(msg["rank"])
-                self._prefill_busy.discard(p)
-                done.append(p)
-                steps[0].update((seq_id, (tok, lps)) for seq_id, tok, lps in msg["sampled"])
-                self._collect_prompt_logprobs(msg)
         self.last_times, self.last_events, self.last_load, self.last_m = times, events, load, m
         self.last_num_steps = num_steps
         return steps, done
 
-    def _collect_prompt_logprobs(self, msg: dict) -> None:
-        for seq_id, pos, entries in msg["prompt_logprobs"]:
-            self._prompt_logprobs.setdefault(seq_id, []).append([pos, entries])
+    @staticmethod
+    def _add_times(times: dict, events: list, msg: dict) -> None:
+        for k, v in msg["times"].items():
+            times[k] = times.get(k, 0.0) + v
+        events += [[*e, msg["rank"]] for e in msg["events"]]
 
-    def check_alive(self) -> None:
-        """Raise WorkerDiedError if any worker is gone."""
-        self.supervisor.check()
+    def _collect_prompt_logprobs(self, found: list) -> None:
+        for seq_id, pos, entries in found:
+            self._prompt_logprobs.setdefault(seq_id, []).append([pos, entries])
 
     def stage_times(self) -> dict[str, float]:
         """Cumulative stage seconds, and the data plane's bytes (A->F dispatch, F->A combine)."""
@@ -509,7 +605,8 @@ class AFDExecutor:
         if getattr(self, "_shut", False):
             return
         self._shut = True
-        for (_role, _rank), sock in self.outboxes.items():
+        self.supervisor.restarting = False  # what exits now is told to
+        for sock in self.outboxes.values():
             try:
                 sock.send(wire.encode("shutdown"), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -519,6 +616,7 @@ class AFDExecutor:
             sock.close(linger=0)
         self.inbox.close(linger=0)
         self.zctx.term()
+        self.store = None
         for folder in (self.ipc, self.layout.shm):
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)

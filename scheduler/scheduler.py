@@ -174,6 +174,10 @@ class Scheduler:
             if not do_sample or seq.seq_id not in sampled:
                 continue
             token, logprobs = sampled[seq.seq_id]
+            if token < 0:  # its sampling failed: the request fails alone
+                self.finish(seq.seq_id, SequenceStatus.FINISHED_ABORTED)
+                finished.append(seq)
+                continue
             seq.append_token(token, logprobs)
             status = self._stop_status(seq, token, eos_token_ids)
             if status is not None:
@@ -222,6 +226,30 @@ class Scheduler:
         """Take over a sequence whose blocks were just allocated here (P/D handoff)."""
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
+        self.seqs[seq.seq_id] = seq
+
+    def reset(self) -> list[Sequence]:
+        """This replica's KV cache died with its worker: every sequence starts over from its
+        tokens (prompt and output so far), like a recompute preemption, in a fresh block
+        manager. Returns the sequences that had KV to recompute."""
+        had_kv = [s for s in self.running if s.num_computed_tokens > 0]
+        seqs = self.running + list(self.waiting)
+        c = self.config
+        self.block_manager = BlockManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
+        self.running, self.waiting = [], deque()
+        for seq in seqs:
+            self.requeue(seq, front=False)
+        return had_kv
+
+    def requeue(self, seq: Sequence, front: bool = True) -> None:
+        """Queue a sequence to be computed again from its first token (its KV is gone)."""
+        seq.block_table = []
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
         self.seqs[seq.seq_id] = seq
 
     def abort_request(self, request_id: str) -> None:

@@ -6,8 +6,6 @@ import enum
 import itertools
 import time
 
-import torch
-
 from afd.sampling.params import SamplingParams
 
 
@@ -45,9 +43,6 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.output_logprobs: list[dict[int, float]] = []
         self.arrival_time = time.monotonic()
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed + index)
 
     @property
     def num_tokens(self) -> int:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 # Must be set before any @triton.jit is defined (Triton reads it at decoration time).
@@ -79,10 +80,12 @@ def launched(*args: str, timeout_s: float = 180.0):
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
+    proc.lines = []  # the launcher's output, read all along so its pipe never fills
+    threading.Thread(target=lambda: proc.lines.extend(proc.stdout), daemon=True).start()
     try:
         deadline = time.monotonic() + timeout_s
         while True:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, "".join(proc.lines)
             assert time.monotonic() < deadline, f"afd launch not up within {timeout_s:.0f} s"
             try:
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:

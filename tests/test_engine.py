@@ -145,8 +145,12 @@ def test_sampling_options_and_stops():
         [p], SamplingParams(temperature=1.0, top_p=0.9, top_k=20, seed=7, max_tokens=12)
     )[0]
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
-    many = llm.generate([p], SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8))[0]
+    many = llm.generate(
+        [p], SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True)
+    )[0]
     assert len(many.outputs) == 3 and all(len(o.token_ids) == 8 for o in many.outputs)
+    # each sequence draws from its own (seed, index, position) stream
+    assert len({tuple(o.token_ids) for o in many.outputs}) == 3
     g = llm.generate([p], greedy())[0].outputs[0]
     stop_tok = g.token_ids[5]
     s = llm.generate([p], SamplingParams(temperature=0, max_tokens=NEW, stop_token_ids=[stop_tok]))[
@@ -337,3 +341,30 @@ def test_max_decode_steps_respects_blocks_limits_and_prefill():
     b.sampling_params = SamplingParams(max_tokens=b.num_output_tokens + 1)
     a.sampling_params = SamplingParams(max_tokens=a.num_output_tokens + 1)
     assert sched.max_decode_steps(both, 8) == 1
+
+
+def test_a_step_that_keeps_failing_fails_its_requests_and_the_engine_goes_on():
+    """Failures with no worker to blame (StepInterrupted, nothing lost) are replayed once; the
+    second time the step's requests fail alone with an error and later requests run as usual."""
+    from afd.engine.executor import StepInterrupted
+
+    llm = LLM("tiny-qwen3-moe", dtype="float32")
+    eng = llm.engine
+    rid = eng.add_request([5, 6, 7], greedy())
+    eng.step()
+    real, calls = eng.executor.execute, []
+
+    def flaky(batches):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise StepInterrupted("boom", set(), set())
+        return real(batches)
+
+    eng.executor.execute = flaky
+    outs = {o.request_id: o for o in eng.step()}
+    assert outs[rid].finished and "boom" in outs[rid].error
+    assert outs[rid].outputs[0].finish_reason == "abort"
+    eng.executor.execute = real
+    assert eng.schedulers[0].block_manager.num_free_blocks == eng.schedulers[0].config.num_blocks
+    again = llm.generate([[5, 6, 7]], greedy())[0]
+    assert again.error is None and len(again.outputs[0].token_ids) == NEW

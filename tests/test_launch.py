@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -172,10 +174,110 @@ def test_64_concurrent_streams_half_disconnect_leak_nothing(server):
     assert _metric(base, "kv_cache_usage_perc") == idle
 
 
+def worker_pid(proc, role: str) -> int:
+    from afd.benchmarks.chaos import worker_pid as from_lines
+
+    pid = from_lines(proc.lines, role)
+    assert pid is not None, f"no {role} worker in the launcher's output"
+    return pid
+
+
+HOSTILE = [  # (body, expected status): issue 10's inputs and their neighbours
+    ({"prompt": "Hello", "max_tokens": 2, "temperature": 1e-300}, 200),
+    ({"prompt": "Hello", "max_tokens": 2, "temperature": 1e-39}, 200),
+    ({"prompt": "Hello", "max_tokens": 2, "temperature": 5e-324}, 200),
+    ({"prompt": "Hello", "max_tokens": 2, "top_p": 1e-300, "top_k": 2**63 - 1}, 200),
+    ({"prompt": "Hello", "max_tokens": 2, "top_k": 18446744073709551616}, 400),
+    ({"prompt": "Hello", "max_tokens": 2, "top_k": -7}, 400),
+    ({"prompt": "Hello", "max_tokens": 2, "seed": 2**64}, 400),
+    ({"prompt": "Hello", "max_tokens": 2, "seed": -(2**63), "temperature": 0.5}, 200),
+    ({"prompt": "Hello", "max_tokens": 2, "n": 10**9}, 400),
+    ({"prompt": "Hello", "max_tokens": 2**64}, 400),
+    ({"prompt": "Hello", "logprobs": 2**64}, 400),
+    ({"prompt": [2**64]}, 400),
+    ('{"prompt": "Hello", "temperature": NaN}', 400),
+    ('{"prompt": "Hello", "top_p": Infinity}', 400),
+    (r'{"prompt": "Hello\ud800"}', 400),
+    ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+      "temperature": 1e-300}, 200),
+]  # fmt: skip
+
+
+def test_hostile_inputs_and_a_killed_worker_leave_8_streams_unaffected(server):
+    """While 8 greedy streams run: every hostile input gets a 200 or an OpenAI-shaped 400, the
+    expert worker is SIGKILLed and replaced, /health stays 200, and every stream's text equals
+    the offline engine's."""
+    import asyncio
+
+    base, proc = server
+    headers = {"Authorization": "Bearer sk-test"}
+    prompts = [f"stream number {i}" for i in range(8)]
+    sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    want = [o.outputs[0].text for o in LLM("tiny-qwen3-moe", dtype="float32").generate(prompts, sp)]
+    health: list[int] = []
+    stop = threading.Event()
+
+    def watch_health():
+        while not stop.is_set():
+            health.append(httpx.get(f"{base}/health", timeout=10).status_code)
+            time.sleep(0.1)
+
+    async def stream(client, prompt: str, started: list) -> str:
+        body = {"prompt": prompt, "max_tokens": 48, "temperature": 0, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        text = ""
+        async with client.stream("POST", f"{base}/v1/completions", json=body,
+                                 headers=headers) as r:  # fmt: skip
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text += chunk["choices"][0]["text"]
+                started.append(1)
+        return text
+
+    async def hostile(client, body, status: int):
+        path = "/v1/chat/completions" if "messages" in str(body) else "/v1/completions"
+        kw = {"content": body} if isinstance(body, str) else {"json": body}
+        r = await client.post(f"{base}{path}", headers={**headers, "Content-Type":
+                              "application/json"}, **kw)  # fmt: skip
+        assert r.status_code == status, (body, r.text)
+        if status == 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    async def main():
+        started: list = []
+        async with httpx.AsyncClient(timeout=120) as client:
+            streams = [asyncio.create_task(stream(client, p, started)) for p in prompts]
+            while len(started) < 16:
+                await asyncio.sleep(0.02)
+            os.kill(worker_pid(proc, "expert"), signal.SIGKILL)
+            await asyncio.gather(*(hostile(client, b, s) for b, s in HOSTILE))
+            return await asyncio.gather(*streams)
+
+    watcher = threading.Thread(target=watch_health)
+    watcher.start()
+    try:
+        texts = asyncio.run(main())
+    finally:
+        stop.set()
+        watcher.join()
+    assert texts == want
+    assert health and set(health) == {200}
+    text = httpx.get(f"{base}/metrics").text
+    assert 'afd:worker_restarts_total{role="expert"} 1.0' in text
+    assert "afd:recovery_seconds_count 1.0" in text
+    assert any("recovered in" in line for line in proc.lines)
+
+
 def test_killed_worker_makes_health_503_and_requests_fail():
+    """Restart budget spent (--max-worker-restarts 0): the old fail-fast behaviour."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "afd", "launch", "--port", str(port), "--dtype", "float32"],
+        [sys.executable, "-m", "afd", "launch", "--port", str(port), "--dtype", "float32",
+         "--max-worker-restarts", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -211,6 +313,7 @@ def test_killed_worker_makes_health_503_and_requests_fail():
         assert r.status_code == 503 and "worker" in r.text
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=15)
         assert r.status_code == 503 and r.json()["error"]["message"]
+        assert proc.wait(timeout=30) == 1  # the launcher gives up and says so
     finally:
         stop(proc)
     left = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
@@ -236,7 +339,8 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path, capsys):
 
 
 def test_two_nodes_on_loopback(tmp_path):
-    """Node 1 hosts the expert worker, node 0 the rest and the API; one torch.distributed world."""
+    """Node 1 hosts the expert worker, node 0 the rest and the API; one torch.distributed world.
+    Node 1's launcher replaces its expert worker when it is killed, and the cluster re-forms."""
     init = f"127.0.0.1:{free_port()}"
     port = free_port()
     common = ["--nnodes", "2", "--dist-init-addr", init, "--dtype", "float32"]
@@ -248,6 +352,9 @@ def test_two_nodes_on_loopback(tmp_path):
         [sys.executable, "-m", "afd", "launch", "--node-rank", "0", "--port", str(port), *common],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
+    for proc in (node0, node1):
+        proc.lines = []
+        threading.Thread(target=lambda p=proc: p.lines.extend(p.stdout), daemon=True).start()
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -264,6 +371,11 @@ def test_two_nodes_on_loopback(tmp_path):
             [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         )
         assert got["choices"][0]["text"] == want[0].outputs[0].text
+        os.kill(worker_pid(node0, "expert"), signal.SIGKILL)  # a process of node 1
+        again = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == got[
+            "choices"][0]["text"]  # fmt: skip
+        assert any("recovered in" in line for line in node0.lines), "".join(node0.lines)
         node0.send_signal(signal.SIGINT)
         assert node0.wait(timeout=30) in (0, 130)  # 130: stopped by Ctrl-C
         assert node1.wait(timeout=30) == 0  # node 1 follows node 0 down

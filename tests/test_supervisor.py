@@ -10,12 +10,19 @@ import textwrap
 import time
 
 import pytest
-from afd.scheduler.supervisor import Supervisor, WorkerDiedError
+from afd.scheduler.supervisor import RestartPolicy, Supervisor, WorkerDiedError
 
 
 def _raise_after(delay: float) -> None:
     time.sleep(delay)
     raise ValueError("boom from the worker")
+
+
+def _stuck_main_thread() -> None:
+    from afd.comm import liveness
+
+    liveness.start()
+    time.sleep(60)  # like a deadlock: the heartbeat thread runs, the main thread makes no progress
 
 
 def _ignore_sigterm_and_sleep() -> None:
@@ -34,6 +41,15 @@ def _gone(pid: int) -> bool:
             return any(line.split()[:2] == ["State:", "Z"] for line in f)
     except FileNotFoundError:
         return True
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    except (FileNotFoundError, StopIteration):
+        return False
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
@@ -90,7 +106,8 @@ def test_shutdown_leaves_no_child():
     sup = Supervisor(handle_signals=False)
     stubborn = sup.spawn("expert", 0, _ignore_sigterm_and_sleep)
     plain = sup.spawn("attention", 0, time.sleep, 60)
-    time.sleep(0.5)  # let the stubborn child install its handler
+    # let the stubborn child install its handler (slow to start on a loaded machine)
+    assert _wait_for(lambda: _ignores_sigterm(stubborn.process.pid), 30)
     pids = [stubborn.process.pid, plain.process.pid]
     assert not any(_gone(pid) for pid in pids)
     t0 = time.monotonic()
@@ -142,3 +159,54 @@ def test_children_die_with_parent(how):
         if parent.poll() is None:
             parent.kill()
             parent.wait(5)
+
+
+def _wait_for(cond, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+@pytest.mark.slow
+def test_dead_and_hung_workers_are_replaced_until_the_budget_is_spent():
+    sup = Supervisor(handle_signals=False, restart_policy=RestartPolicy(2, 60.0),
+                     worker_timeout_s=2.0)  # fmt: skip
+    try:
+        first = sup.spawn("expert", 3, time.sleep, 60)
+        sup.enable_restarts()
+        assert _wait_for(lambda: first.last_heartbeat is not None, 30)
+        os.kill(first.process.pid, signal.SIGKILL)  # dead: replaced, same role and rank
+        assert _wait_for(lambda: sup.workers[0] is not first, 10)
+        second = sup.workers[0]
+        assert (second.role, second.rank) == ("expert", 3) and second.process.is_alive()
+        sup.check()  # being replaced is not gone
+        assert _wait_for(lambda: second.last_heartbeat is not None, 30)
+        os.kill(second.process.pid, signal.SIGSTOP)  # hung: no heartbeat -> killed, replaced
+        assert _wait_for(lambda: sup.workers[0] is not second, 15)
+        assert "hung: no heartbeat" in sup.restarts[-1].failure.error
+        third = sup.workers[0]
+        assert _wait_for(lambda: third.last_heartbeat is not None, 30)
+        os.kill(third.process.pid, signal.SIGKILL)  # a third failure within the window: fatal
+        assert _wait_for(lambda: sup.fatal is not None, 10)
+        assert len(sup.restarts) == 2 and sup.workers[0] is third
+        with pytest.raises(WorkerDiedError, match="expert worker 3"):
+            sup.check()
+    finally:
+        sup.shutdown(grace=0.0)
+    assert all(_gone(w.process.pid) for w in sup.workers + sup.retired)
+
+
+@pytest.mark.slow
+def test_a_main_thread_without_progress_is_killed_as_hung():
+    failures = []
+    sup = Supervisor(on_failure=failures.append, handle_signals=False, worker_timeout_s=1.5)
+    try:
+        w = sup.spawn("attention", 0, _stuck_main_thread)
+        assert _wait_for(lambda: bool(failures), 30)
+        assert failures[0].exitcode == -signal.SIGKILL
+        assert "hung: no progress" in failures[0].error and w.last_heartbeat is not None
+    finally:
+        sup.shutdown(grace=0.0)

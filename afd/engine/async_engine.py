@@ -20,7 +20,11 @@ class EngineOverloadedError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop stopped (a worker died or a step failed)."""
+    """The engine loop stopped (a worker died for good or a step failed)."""
+
+
+class RequestFailedError(RuntimeError):
+    """This request failed alone (e.g. its sampling raised on a worker); the engine goes on."""
 
 
 class AsyncEngine:
@@ -41,16 +45,20 @@ class AsyncEngine:
         self._thread.start()
 
     def health(self) -> tuple[bool, str]:
-        """(healthy, reason); a dead worker is noticed here even while no request runs."""
+        """(can serve, reason): a worker being replaced is still healthy ("recovering: ...");
+        a cluster that cannot heal (restart budget spent) is not, also while no request runs."""
         if self.error is None:
-            try:
-                self.engine.executor.check_alive()
-            except RuntimeError as e:
-                self.error = str(e)
-        return (self.error is None, self.error or "ok")
+            ok, reason = self.engine.executor.health()
+            if not ok:
+                self.error = reason
+            return ok, reason
+        return False, self.error
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
+
+    def failure_stats(self) -> dict:
+        return self.engine.failure_stats()
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -62,6 +70,8 @@ class AsyncEngine:
             # compiling a grammar may take a while: not on the event loop, nor in the engine
             # thread (which then finds it in the cache)
             await asyncio.to_thread(self.engine.validate_params, params)
+        else:
+            self.engine.validate_params(params)
         if len(self._streams) >= self.max_queue_len + self.engine.config.max_num_seqs:
             raise EngineOverloadedError(
                 f"the server is at capacity ({len(self._streams)} requests in flight); retry later"
@@ -110,11 +120,12 @@ class AsyncEngine:
                         self._deliver(rid, e)
                 else:
                     eng.abort_request(cmd[1])
-            if not eng.has_unfinished_requests():
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
             try:
+                if not eng.has_unfinished_requests():
+                    eng.maintain()  # heal a worker that failed while idle
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
                 outputs = eng.step()
             except Exception as e:  # the engine is unusable now: fail every open request
                 self.error = f"engine step failed: {e}"
@@ -122,7 +133,8 @@ class AsyncEngine:
                     self._deliver(rid, EngineDeadError(self.error))
                 return
             for out in outputs:
-                self._deliver(out.request_id, out)
+                failed = out.error is not None
+                self._deliver(out.request_id, RequestFailedError(out.error) if failed else out)
 
     def shutdown(self) -> None:
         self._stop = True

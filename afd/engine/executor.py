@@ -12,6 +12,16 @@ from afd.scheduler.scheduler import ScheduledBatch
 Sampled = dict[int, tuple[int, dict[int, tuple[float, int]] | None]]
 
 
+class StepInterrupted(RuntimeError):
+    """A worker failed during a step and the cluster has been healed: the engine fixes up the
+    requests whose KV died (`lost_attention`, `lost_prefill`: replicas whose worker was
+    replaced) and runs the step again (a replay writes the same KV slots)."""
+
+    def __init__(self, reason: str, lost_attention: set[int], lost_prefill: set[int]):
+        super().__init__(reason)
+        self.reason, self.lost_attention, self.lost_prefill = reason, lost_attention, lost_prefill
+
+
 class Executor(Protocol):
     """What the engine needs from whatever runs the model."""
 
@@ -19,8 +29,11 @@ class Executor(Protocol):
     num_kv_blocks: int  # blocks per replica
 
     def execute(self, batches: list[ScheduledBatch]) -> list[Sampled]:
-        """Run one scheduled batch per replica; one Sampled per decode step (see num_steps)."""
+        """Run one scheduled batch per replica; one Sampled per decode step (see num_steps).
+        A sequence whose sampling failed gets token -1, its reason in `sample_errors`."""
         ...
+
+    sample_errors: dict[int, str]  # seq_id -> why its sampling failed, for the last execute
 
     def stage_times(self) -> dict[str, float]: ...
 
@@ -33,6 +46,10 @@ class Executor(Protocol):
         ...
 
     def check_alive(self) -> None: ...
+
+    def health(self) -> tuple[bool, str]:
+        """(can serve, why not or what is being recovered)."""
+        ...
 
     def shutdown(self) -> None: ...
 
@@ -74,7 +91,12 @@ class LocalExecutor:
         self.runner = ModelRunner(model, kv_caches, config.block_size, config.device, sampler)
 
     def execute(self, batches: list[ScheduledBatch]) -> list[Sampled]:
+        self.runner.sample_errors.clear()
         return self.runner.execute(batches[0])
+
+    @property
+    def sample_errors(self) -> dict[int, str]:
+        return self.runner.sample_errors
 
     def release(self, replica: int, seq_ids: list[int]) -> None:
         self.runner.release(seq_ids)
@@ -88,6 +110,9 @@ class LocalExecutor:
 
     def check_alive(self) -> None:
         pass
+
+    def health(self) -> tuple[bool, str]:
+        return True, "ok"
 
     def shutdown(self) -> None:
         pass

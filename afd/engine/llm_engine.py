@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from afd.builtin import resolve_model
 from afd.comm.dispatch import DISPATCH_DTYPES
 from afd.config import EngineConfig, ModelConfig
-from afd.engine.executor import Sampled
+from afd.engine.executor import Sampled, StepInterrupted
 from afd.outputs import CompletionOutput, Logprob, LogprobsEntry, RequestOutput
 from afd.quantization import resolve_quantization
 from afd.sampling.params import SamplingParams
@@ -18,6 +19,12 @@ from afd.sampling.structured import grammar_backend
 from afd.scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from afd.scheduler.sequence import Sequence, SequenceStatus
 from afd.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("afd.engine")
+
+# a step that fails this many times in a row with no worker replaced (a fault the requests
+# themselves trigger, not the cluster) fails its requests instead of being replayed again
+MAX_FAILED_REPLAYS = 2
 
 
 @dataclass
@@ -52,6 +59,7 @@ class RequestState:
     first_token_time: float | None = None
     stream: bool = True  # False: step() reports the request only once it has finished
     prompt_logprobs: list[LogprobsEntry | None] | None = None
+    error: str | None = None  # why it failed (finish_reason "abort")
 
     @property
     def finished(self) -> bool:
@@ -74,6 +82,7 @@ class RequestState:
             ],
             finished=self.finished,
             prompt_logprobs=self.prompt_logprobs,
+            error=self.error,
         )
 
 
@@ -127,6 +136,7 @@ class LLMEngine:
         self._seq_owner: dict[int, RequestState] = {}
         self._replica_of: dict[str, tuple[int, int | None]] = {}  # (decode, prefill)
         self._ids = itertools.count()
+        self.requests_recomputed = 0  # requests whose KV died with a worker and was recomputed
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -192,7 +202,12 @@ class LLMEngine:
 
     def validate_params(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check alone: token ids against the vocabulary, and that a
-        structured-output spec compiles (compiled once per process, then cached)."""
+        structured-output spec compiles (compiled once per process, then cached), and n within
+        max_num_seqs (each of the n sequences is scheduled like a request)."""
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(
+                f"n must be at most {self.config.max_num_seqs} (max_num_seqs), got {params.n}"
+            )
         vocab = self.model_config.vocab_size
         if params.max_token_id() >= vocab:
             raise ValueError(
@@ -263,16 +278,14 @@ class LLMEngine:
             for p, b in enumerate(new_prefill):
                 if not b.is_empty:
                     self._prefill_inflight[p] = b
-            steps, done = self.executor.execute(batches, new_prefill, transfers)
-        else:
-            steps, done = self.executor.execute(batches), []
+        touched: dict[str, RequestState] = {}
+        steps, done = self._execute(batches, new_prefill, transfers, touched)
         for t in transfers:
             self.prefill_schedulers[t.prefill].block_manager.free_table(t.prefill_table)
         prefill_batches = [
             self._prefill_inflight.pop(p, empty) if p in done else empty
             for p in range(len(self.prefill_schedulers))
         ]
-        touched: dict[str, RequestState] = {}
         pairs = list(zip(self.schedulers, batches, strict=True))
         pairs += list(zip(self.prefill_schedulers, prefill_batches, strict=True))
         self._apply_prompt_logprobs(self.executor.take_prompt_logprobs())
@@ -286,11 +299,101 @@ class LLMEngine:
                 if seq.seq_id in steps[0] and seq.status == SequenceStatus.RUNNING:
                     replica = self._replica_of[seq.request_id][0]
                     self._handoff.append(Handoff(seq, p, replica, scheduler.detach(seq)))
+        for state in touched.values():
+            if state.error is not None and not state.finished:
+                self.abort_request(state.request_id)  # its other sequences stop too
+                for seq in state.seqs:
+                    seq.status = SequenceStatus.FINISHED_ABORTED
         outputs = [state.output() for state in touched.values() if state.stream or state.finished]
         for out in outputs:
             if out.finished:
                 self._drop(out.request_id)
         return outputs
+
+    def _execute(self, batches, new_prefill, transfers: list[Handoff], touched: dict) -> tuple:
+        """Run the step; when a worker failed and the cluster healed, fix up what its failure
+        lost and run the step again (the same batches: a replay writes the same KV slots)."""
+        failed_replays = 0
+        while True:
+            try:
+                if self.prefill_schedulers:
+                    return self.executor.execute(batches, new_prefill, transfers)
+                return self.executor.execute(batches), []
+            except StepInterrupted as e:
+                self._on_recovered(e, batches, new_prefill, transfers)
+                failed_replays = 0 if e.lost_attention or e.lost_prefill else failed_replays + 1
+                if failed_replays >= MAX_FAILED_REPLAYS:
+                    self._fail_step(e.reason, batches, new_prefill, transfers, touched)
+                    if not self.prefill_schedulers:
+                        return [{}], []  # nothing left to run (an empty step for any executor)
+
+    def maintain(self) -> None:
+        """While idle: let the executor notice and heal a failure now, so the next request (and
+        /health) finds the cluster whole; replicas whose KV died start empty."""
+        poll = getattr(self.executor, "poll_failures", None)
+        e = poll() if poll is not None else None
+        if e is not None:
+            empty = [ScheduledBatch() for _ in self.schedulers]
+            self._on_recovered(e, empty, [ScheduledBatch() for _ in self.prefill_schedulers], [])
+
+    def _on_recovered(self, e: StepInterrupted, batches, new_prefill, transfers) -> None:
+        """Requests whose KV lived on a replaced attention or prefill worker are recomputed from
+        their prompt and the tokens produced so far; lists are fixed up in place."""
+        recomputed: set[str] = set()
+        for r in e.lost_attention:
+            recomputed |= {s.request_id for s in self.schedulers[r].reset()}
+            batches[r] = ScheduledBatch()
+            for t in [t for t in transfers if t.replica == r]:
+                transfers.remove(t)  # adopted by replica r, so reset with it
+                if t.prefill not in e.lost_prefill:
+                    self.prefill_schedulers[t.prefill].block_manager.free_table(t.prefill_table)
+        for p in e.lost_prefill:
+            scheduler = self.prefill_schedulers[p]
+            recomputed |= {s.request_id for s in scheduler.reset()}
+            self._prefill_inflight.pop(p, None)
+            new_prefill[p] = ScheduledBatch()
+            for h in [h for h in self._handoff if h.prefill == p]:
+                self._handoff.remove(h)  # its KV died before the copy: prefill it again
+                scheduler.requeue(h.seq)
+                recomputed.add(h.seq.request_id)
+            for t in [t for t in transfers if t.prefill == p]:
+                transfers.remove(t)  # the copy cannot happen: recompute on the replica
+                replica, batch = self.schedulers[t.replica], batches[t.replica]
+                if t.seq in batch.seqs:
+                    i = batch.seqs.index(t.seq)
+                    for lst in (batch.seqs, batch.num_new_tokens, batch.sample):
+                        del lst[i]
+                if t.seq in replica.running:
+                    replica._preempt(t.seq)
+                recomputed.add(t.seq.request_id)
+        recomputed &= set(self.requests)
+        self.requests_recomputed += len(recomputed)
+        if recomputed:
+            logger.warning("recomputing %d request(s) whose KV died: %s", len(recomputed),
+                           ", ".join(sorted(recomputed)[:8]))  # fmt: skip
+
+    def _fail_step(self, reason: str, batches, new_prefill, transfers, touched: dict) -> None:
+        """A step keeps failing with no worker to blame: its requests fail (alone), the rest
+        of the engine goes on."""
+        ids = {s.request_id for b in [*batches, *new_prefill] for s in b.seqs}
+        ids |= {t.seq.request_id for t in transfers}
+        logger.warning("step failed %d times (%s); failing request(s) %s", MAX_FAILED_REPLAYS,
+                       reason, ", ".join(sorted(ids)))  # fmt: skip
+        for rid in ids:
+            state = self.requests.get(rid)
+            if state is None:
+                continue
+            self.abort_request(rid)
+            state.error = f"the engine failed on this request: {reason}"
+            touched[rid] = state
+        for p, b in enumerate(new_prefill):
+            if not b.is_empty:
+                self._prefill_inflight.pop(p, None)
+        for b in [*batches, *new_prefill]:
+            b.seqs.clear(), b.num_new_tokens.clear(), b.sample.clear()
+        for t in transfers:  # the copies will not run: their source blocks are free again
+            self.prefill_schedulers[t.prefill].block_manager.free_table(t.prefill_table)
+        transfers.clear()
 
     def _plan_decode_steps(self, batches: list[ScheduledBatch]) -> None:
         """With num_scheduler_steps > 1, pure-decode batches run several steps per plan; every
@@ -321,6 +424,12 @@ class LLMEngine:
                 state.first_token_time = state.first_token_time or now
                 detok = state.detokenizers[seq.index]
                 token = sampled[seq.seq_id][0]
+                if token < 0:  # its sampling failed on the worker: this request fails alone
+                    why = self.executor.sample_errors.get(seq.seq_id, "sampling failed")
+                    logger.warning("request %s failed: %s", state.request_id, why)
+                    state.error = f"the engine failed on this request: {why}"
+                    touched[state.request_id] = state
+                    continue
                 if self._stopped_by_token(seq, token, state.params):
                     # the EOS or stop token's own text is left out, as in vLLM
                     detok.finalize()
@@ -398,6 +507,15 @@ class LLMEngine:
         if state is not None:
             for seq in state.seqs:
                 self._seq_owner.pop(seq.seq_id, None)
+
+    def failure_stats(self) -> dict:
+        """Worker replacements per role, recovery durations (s), requests recomputed."""
+        rec = getattr(self.executor, "recovery", None)
+        return {
+            "worker_restarts": dict(rec.restarts) if rec is not None else {},
+            "recovery_seconds": list(rec.seconds) if rec is not None else [],
+            "requests_recomputed": self.requests_recomputed,
+        }
 
     def stats(self) -> dict[str, float]:
         """Gauges for /metrics: running/waiting requests and KV usage (mean over replicas)."""

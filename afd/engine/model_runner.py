@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 import torch
 
 from afd.models.metadata import AttentionMetadata
-from afd.sampling.sampler import Sampler, SamplerOutput, SequenceState, sequence_state
+from afd.sampling.sampler import (
+    Sampler,
+    SamplerOutput,
+    SequenceState,
+    row_generator,
+    sequence_state,
+)
 from afd.scheduler.scheduler import ScheduledBatch
 
 
@@ -80,9 +86,11 @@ def sample_batch(
     states: dict[int, SequenceState],
     step: int = 0,
     fed_back: dict[int, int] | None = None,
+    errors: dict[int, str] | None = None,
 ) -> dict[int, tuple[int, dict | None]]:
     """Sample one token for every sequence whose chunk reached its end; keyed by seq_id.
-    `states` keeps the sampler state of sequences whose requests need their history."""
+    `states` keeps the sampler state of sequences whose requests need their history. A
+    sequence whose sampling fails gets token -1 and its reason in `errors` (by seq_id)."""
     if not inputs.sample_seq_index:
         return {}
     seqs = [batch.seqs[i] for i in inputs.sample_seq_index]
@@ -99,7 +107,17 @@ def sample_batch(
         seq_states[j] = sequence_state(
             states, s.seq_id, p, s.num_prompt_tokens, start, tokens, s.token_ids[:start]
         )
-    out: SamplerOutput = sampler(logits, params, [s.generator for s in seqs], seq_states, num_out)
+    # the new token's position: one past the last computed row
+    positions = (inputs.positions[inputs.sample_rows] + 1).tolist()
+    gens = [
+        row_generator(p.seed, s.index, pos) if p.seed is not None else None
+        for s, p, pos in zip(seqs, params, positions, strict=True)
+    ]
+    out: SamplerOutput = sampler.sample_isolated(
+        logits, params, gens, seq_states, num_out, [s.request_id for s in seqs]
+    )
+    if errors is not None:
+        errors.update((seqs[j].seq_id, msg) for j, msg in out.errors.items())
     return {
         s.seq_id: (tok, out.logprobs[j] if out.logprobs is not None else None)
         for j, (s, tok) in enumerate(zip(seqs, out.token_ids, strict=True))
@@ -124,6 +142,7 @@ class ModelRunner:
         self.sampler = sampler or Sampler()
         self.states: dict[int, SequenceState] = {}
         self.prompt_logprobs: dict[int, list] = {}  # seq_id -> [[position, entries], ...]
+        self.sample_errors: dict[int, str] = {}  # seq_id -> why its sampling failed
 
     def release(self, seq_ids: list[int]) -> None:
         """Drop the sampler state of finished sequences."""
@@ -144,11 +163,15 @@ class ModelRunner:
             )  # [T, H]
             logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [S, V]
             steps.append(
-                sample_batch(self.sampler, logits, batch, inputs, self.states, step, fed_back)
-            )
+                sample_batch(
+                    self.sampler, logits, batch, inputs, self.states, step, fed_back,
+                    self.sample_errors,
+                )
+            )  # fmt: skip
             if inputs.prompt_rows:
                 self._prompt_logprobs(hidden, batch, inputs)
-            fed_back = {seq_id: tok for seq_id, (tok, _) in steps[-1].items()}
+            # a sequence whose sampling failed (-1) has finished: any valid id keeps it going
+            fed_back = {seq_id: max(tok, 0) for seq_id, (tok, _) in steps[-1].items()}
         return steps
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: ScheduledBatch, inputs) -> None:

@@ -71,6 +71,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="GPUs a node's workers share, several workers per GPU when fewer than workers "
         "(default: one GPU per worker)",
     )
+    p.add_argument(
+        "--max-worker-restarts",
+        type=int,
+        default=5,
+        help="replacements of dead or hung workers allowed per node within --restart-window-s; "
+        "past that the service stops (HTTP 503, exit code 1)",
+    )
+    p.add_argument("--restart-window-s", type=float, default=600.0)
+    p.add_argument(
+        "--worker-timeout-s",
+        type=float,
+        default=60.0,
+        help="a worker without progress (or heartbeat) this long is killed and replaced",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -91,6 +105,12 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         raise CLIError("--gpus-per-node must be at least 1")
     if (args.num_attention_workers > 0) != (args.num_expert_workers > 0):
         raise CLIError("--num-attention-workers and --num-expert-workers go together (both > 0)")
+    if args.max_worker_restarts < 0:
+        raise CLIError("--max-worker-restarts must be >= 0")
+    for name in ("restart_window_s", "worker_timeout_s"):
+        value = getattr(args, name)
+        if not 0 < value < 1e9:  # also NaN and inf
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive number of seconds")
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
@@ -112,6 +132,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         quantization=args.quantization,
         dispatch_dtype=args.dispatch_dtype,
         gpus_per_node=args.gpus_per_node,
+        max_worker_restarts=args.max_worker_restarts,
+        restart_window_s=args.restart_window_s,
+        worker_timeout_s=args.worker_timeout_s,
     )
 
 
@@ -176,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_BENCHES = {"kernels": "kernels", "pipeline": "pipeline", "serve": "serve"}
+_BENCHES = {"kernels": "kernels", "pipeline": "pipeline", "serve": "serve", "chaos": "chaos"}
 
 
 def _bench_module(name: str):

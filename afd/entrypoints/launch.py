@@ -154,8 +154,8 @@ def run_worker_node(config, node_rank: int) -> int:
 
     from afd.builtin import resolve_model
     from afd.config import ModelConfig
-    from afd.scheduler.cluster import layout_for, spawn_node_workers, worker_spec
-    from afd.scheduler.supervisor import Supervisor, WorkerDiedError
+    from afd.scheduler.cluster import layout_for, node_supervisor, spawn_node_workers, worker_spec
+    from afd.scheduler.supervisor import WorkerDiedError
 
     if config.nnodes < 2 or not config.num_attention_workers:
         raise ValueError("--node-rank > 0 needs --nnodes > 1 and a disaggregated cluster")
@@ -163,8 +163,9 @@ def run_worker_node(config, node_rank: int) -> int:
     model_config = ModelConfig.from_pretrained(path)
     layout = layout_for(config, model_config)
     spec = worker_spec(config, path, model_config, layout)
-    supervisor = Supervisor()
+    supervisor = node_supervisor(config)  # replaces this node's workers when they fail
     spawn_node_workers(supervisor, spec, layout, node_rank)
+    supervisor.enable_restarts()
     roles = [f"{w.role} {w.rank}" for w in supervisor.workers]
     print(f"afd: node {node_rank}: workers {', '.join(roles) or 'none'}; "
           f"cluster at {config.dist_init_addr}", flush=True)  # fmt: skip
@@ -174,7 +175,8 @@ def run_worker_node(config, node_rank: int) -> int:
         while True:
             try:
                 supervisor.check()
-            except WorkerDiedError as e:
+            except WorkerDiedError as e:  # told to stop by node 0, or out of restarts
+                supervisor.restarting = False
                 supervisor.shutdown(grace=5.0)  # node 0 said shutdown: the rest follow
                 if any(w.process.exitcode != 0 for w in supervisor.workers):
                     print(f"afd: node {node_rank}: {e}", file=sys.stderr, flush=True)

@@ -247,6 +247,18 @@ class ServerMetrics:
             "afd:stage_seconds_total",
             "Cumulative seconds spent in each AFD pipeline stage (attention, expert, comm ...).",
         )
+        self.worker_restarts = r.counter(
+            "afd:worker_restarts_total", "Workers replaced after they died or hung, by role."
+        )
+        self.recovery_seconds = r.histogram(
+            "afd:recovery_seconds",
+            "Failure noticed to cluster re-formed (replacement started and joined).",
+        )
+        self.requests_recomputed = r.counter(
+            "afd:requests_recomputed_total",
+            "Requests whose KV died with a worker and were recomputed from their tokens.",
+        )
+        self._recoveries_seen = 0
         self._extra: dict[str, Gauge] = {}
 
     def observe_first_token(self, seconds: float, prompt_tokens: int, new_tokens: int) -> None:
@@ -284,6 +296,17 @@ class ServerMetrics:
                 if name not in self._extra:
                     self._extra[name] = self.registry.gauge(name, f"engine stat {key}")
                 self._extra[name].set(value)
+
+    def update_failures(self, failures: Mapping) -> None:
+        """From engine.failure_stats(): restarts per role, recovery durations (cumulative
+        list; new ones are observed), requests recomputed."""
+        for role, n in failures.get("worker_restarts", {}).items():
+            self.worker_restarts.set_total(n, role=role)
+        seconds = list(failures.get("recovery_seconds", []))
+        for value in seconds[self._recoveries_seen :]:
+            self.recovery_seconds.observe(float(value))
+        self._recoveries_seen = max(self._recoveries_seen, len(seconds))
+        self.requests_recomputed.set_total(float(failures.get("requests_recomputed", 0)))
 
     def render(self, stats: Mapping[str, float] | None = None) -> str:
         if stats:

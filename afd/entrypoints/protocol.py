@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, runtime_che
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from afd.outputs import RequestOutput
-from afd.sampling.params import SamplingParams, StructuredOutputsParams
+from afd.sampling.params import INT64_MAX, INT64_MIN, SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from afd.tokenizer import Tokenizer
@@ -38,7 +38,10 @@ class EngineClient(Protocol):
         """Stop the request and free its KV blocks; unknown ids are ignored."""
         ...
 
-    def health(self) -> tuple[bool, str]: ...
+    def health(self) -> tuple[bool, str]:
+        """(can serve, reason): "ok", or what is being recovered while a worker is replaced
+        (still True), or why the engine cannot serve (False -> 503)."""
+        ...
 
     def stats(self) -> dict[str, float]:
         """num_requests_running, num_requests_waiting, kv_cache_usage_perc and cumulative
@@ -109,7 +112,8 @@ def _integral(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_integral)]
+# nothing a request says needs more than 64 bits, and msgpack carries no more to the workers
+Int = Annotated[int, BeforeValidator(_integral), Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
 class _Schema(BaseModel):
@@ -261,7 +265,28 @@ def _validation_error(e: ValidationError, body: dict) -> APIError:
     return bad_request(f"'{where}': {err['msg']}", name)
 
 
+def _lone_surrogate(value: Any) -> bool:
+    """JSON can escape lone surrogates (\\ud800), which are no text a tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate(v) for v in value)
+    return False
+
+
 def _validate(model: type[BaseModel], body: dict) -> Any:
+    if isinstance(body, dict):
+        for name, value in body.items():
+            if _lone_surrogate(name):
+                raise bad_request("a field name is not valid UTF-8 text (a lone surrogate)")
+            if _lone_surrogate(value):
+                raise bad_request(f"'{name}' is not valid UTF-8 text (a lone surrogate)", name)
     try:
         return model.model_validate(body)
     except ValidationError as e:

@@ -487,14 +487,19 @@ def build_app(
     @app.get("/health")
     async def health():
         ok, reason = engine.health()
-        if ok:
+        if ok and reason == "ok":
             return JSONResponse({"status": "ok"})
+        if ok:  # a worker is being replaced: requests wait a little, nothing is lost
+            return JSONResponse({"status": "recovering", "reason": reason})
         return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
 
     @app.get("/metrics")
     async def metrics_page():
         try:
             stats = engine.stats()
+            failures = getattr(engine, "failure_stats", None)
+            if failures is not None:
+                metrics.update_failures(failures())
         except Exception as e:  # a scrape must still show the server's own metrics
             logger.warning("engine.stats() failed: %r", e)
             stats = {}

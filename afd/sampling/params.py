@@ -14,14 +14,19 @@ MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_LOGPROBS = 20
 MAX_SPEC_CHARS = 100_000  # a JSON schema, regex or grammar, as text
 MAX_CHOICES = 1024
+# Temperatures below this sample greedily (as in vLLM): dividing logits by a smaller one
+# overflows float32 and makes the probabilities NaN, and the distribution is argmax anyway.
+MIN_TEMPERATURE = 1e-5
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _is_int(x: Any, lo: int = INT64_MIN, hi: int = INT64_MAX) -> bool:
+    # ints travel to workers in msgpack, which holds 64 bits; bool is not a number here
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
 
 
 @dataclass
@@ -116,9 +121,9 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 or -1 disables
+    top_k: int = 0  # 0 or -1 disables; values at or above the vocabulary size do too
     min_p: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # any signed 64-bit integer
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     max_tokens: int | None = 16
@@ -139,32 +144,43 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        ids = list(self.stop_token_ids or [])
+        if not all(_is_int(t) for t in ids):
+            raise ValueError("stop_token_ids must be 64-bit integers")
+        self.stop_token_ids = ids
         if self.top_k == -1:
             self.top_k = 0
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self.logit_bias = self._normalise_logit_bias(self.logit_bias)
         checks = [
-            (isinstance(self.n, int) and self.n >= 1, f"n must be at least 1, got {self.n}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (_is_int(self.n, 1), f"n must be at least 1, got {self.n}"),
             (
-                isinstance(self.top_k, int) and self.top_k >= 0,
-                f"top_k must be -1, 0 or positive, got {self.top_k}",
+                _is_number(self.temperature) and self.temperature >= 0,
+                f"temperature must be a finite number >= 0, got {self.temperature}",
             ),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (
-                self.max_tokens is None
-                or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+                _is_number(self.top_p) and 0 < self.top_p <= 1,
+                f"top_p must be in (0, 1], got {self.top_p}",
+            ),
+            (_is_int(self.top_k, 0), f"top_k must be -1, 0 or positive, got {self.top_k}"),
+            (
+                _is_number(self.min_p) and 0 <= self.min_p <= 1,
+                f"min_p must be in [0, 1], got {self.min_p}",
+            ),
+            (
+                self.seed is None or _is_int(self.seed),
+                f"seed must be a signed 64-bit integer, got {self.seed}",
+            ),
+            (
+                self.max_tokens is None or _is_int(self.max_tokens, 1),
                 f"max_tokens must be at least 1, got {self.max_tokens}",
             ),
             (
-                self.logprobs is None
-                or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+                self.logprobs is None or _is_int(self.logprobs, 0, MAX_LOGPROBS),
                 f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}",
             ),
-            (all(s for s in self.stop), "stop strings must not be empty"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must not be empty"),
             (
                 _is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
                 f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
@@ -242,7 +258,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     @cached_property
     def needs_history(self) -> bool:

@@ -3,12 +3,16 @@ then greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from afd.sampling.params import SamplingParams
+
+logger = logging.getLogger("afd.sampling")
 
 # per row: token id -> (logprob, rank); rank 1 is the most likely token
 TokenLogprobs = dict[int, tuple[float, int]]
@@ -16,8 +20,18 @@ TokenLogprobs = dict[int, tuple[float, int]]
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
+    token_ids: list[int]  # -1 where the row failed (see errors)
     logprobs: list[TokenLogprobs] | None  # per row: the sampled id and the top-k
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why its sampling failed
+
+
+def row_generator(seed: int, index: int, position: int) -> torch.Generator:
+    """The generator that samples the token at `position` of sequence `index` of a seeded
+    request. It depends on request state only, so any worker (a replacement, or a replica that
+    recomputes the sequence) draws the same token."""
+    key = f"{seed}:{index}:{position}".encode()
+    derived = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+    return torch.Generator().manual_seed(derived)
 
 
 class SequenceState:
@@ -205,7 +219,9 @@ class Sampler:
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         temps = torch.tensor([p.temperature for p in params], device=logits.device)
-        logits = logits / temps[:, None]
+        # the largest logit becomes 0: small temperatures stretch the others towards -inf
+        # instead of overflowing to +inf
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None]
         vocab = logits.shape[-1]
         for j, p in enumerate(params):
             row = logits[j]
@@ -217,6 +233,7 @@ class Sampler:
                 cum = sorted_logits.softmax(-1).cumsum(-1)
                 # drop tokens once the mass before them already reaches top_p (keep at least one)
                 drop = (cum - sorted_logits.softmax(-1)) >= p.top_p
+                drop[0] = False  # a top_p below float32's range rounds to 0
                 row[order[drop]] = float("-inf")
             if p.min_p > 0.0:
                 probs = row.softmax(-1)
@@ -253,6 +270,49 @@ class Sampler:
                 entry.setdefault(top_i[j][r], (top_v[j][r], r + 1))
             out[i] = entry
         return out
+
+    def sample_isolated(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        states: list[SequenceState | None] | None = None,
+        num_output_tokens: list[int] | None = None,
+        names: list[object] | None = None,
+    ) -> SamplerOutput:
+        """Like __call__, but a row whose sampling raises fails alone: its token is -1 and
+        `errors[row]` says why; the other rows are sampled as usual. `names` label the log."""
+        seeds = [g.get_state() if g is not None else None for g in generators]
+        try:
+            return self(logits, params, generators, states, num_output_tokens)
+        except Exception:
+            pass  # find the rows at fault one by one, each from its generator's first state
+        for g, seed in zip(generators, seeds, strict=True):
+            if g is not None:
+                g.set_state(seed)
+        tokens: list[int] = []
+        logprobs: list[TokenLogprobs] = []
+        errors: dict[int, str] = {}
+        for i, p in enumerate(params):
+            try:
+                out = self(
+                    logits[i : i + 1],
+                    [p],
+                    [generators[i]],
+                    None if states is None else [states[i]],
+                    None if not num_output_tokens else [num_output_tokens[i]],
+                )
+            except Exception as e:
+                errors[i] = f"sampling failed: {type(e).__name__}: {e}"
+                name = names[i] if names is not None else i
+                logger.warning("sampling of %s failed: %r", name, e)
+                tokens.append(-1)
+                logprobs.append({})
+                continue
+            tokens.append(out.token_ids[0])
+            logprobs.append(out.logprobs[0] if out.logprobs is not None else {})
+        keep = any(p.logprobs is not None for p in params)
+        return SamplerOutput(tokens, logprobs if keep else None, errors)
 
     def prompt_logprobs(self, logits: torch.Tensor, targets: list[int], k: int) -> list:
         """Rows of logits [P, V] each predicting targets[p]: {target and top-k: (logprob, rank)}."""

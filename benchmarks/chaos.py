@@ -1,0 +1,216 @@
+"""`afd bench chaos`: kill workers of a local cluster at intervals during a load run.
+
+Starts `afd launch` with the given topology, runs the `afd bench serve` load against it, and
+every `--kill-every` seconds sends `--kill-signal` to the current worker of `--kill-worker`
+(`any` takes expert, attention and prefill in turn). Reports, next to the serving table: kills,
+recoveries, recovery time p50/max (from the launcher's "recovered in" lines), requests failed
+(the target is 0) and requests recomputed (`afd:requests_recomputed_total`). Writes the result
+with `afd.benchmarks.results.write_result` (command, commit, machine, date inside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROLES = ("expert", "attention", "prefill")
+SIGNALS = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+
+    from afd.entrypoints.cli import add_engine_args
+
+    add_engine_args(p)
+    p.set_defaults(num_prefill_workers=1, num_attention_workers=1, num_expert_workers=1)
+    p.add_argument("--kill-worker", default="any", choices=[*ROLES, "any"])
+    p.add_argument("--kill-every", type=float, default=10.0, help="seconds between kills")
+    p.add_argument("--kill-signal", default="KILL", choices=sorted(SIGNALS))
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--request-rate", type=float, default=4.0, help="requests per second")
+    p.add_argument("--random-input-len", type=int, default=16)
+    p.add_argument("--random-output-len", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--result-name", default="chaos", help="results/<machine>/<name>.json")
+    p.add_argument("--output", default=None, help="write the JSON here instead")
+    p.add_argument(
+        "--launch-arg",
+        action="append",
+        default=[],
+        help="extra `afd launch` argument, e.g. --launch-arg=--max-num-seqs=128",
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_pid(lines: list[str], role: str) -> int | None:
+    """The current pid of the launcher's `role` worker, from its ready and recovery lines."""
+    pid = None
+    for line in list(lines):
+        m = re.search(rf"{role} worker \d+ (?:ready \(pid|\(now pid) (\d+)", line)
+        if m:
+            pid = int(m.group(1))
+    return pid
+
+
+def recovery_times(lines: list[str]) -> list[float]:
+    """Durations of the launcher's recoveries, in order."""
+    found = (re.search(r"recovered in ([\d.]+) s", line) for line in list(lines))
+    return [float(m.group(1)) for m in found if m]
+
+
+def _launch_argv(args: argparse.Namespace, port: int) -> list[str]:
+    flags = {
+        "--model": args.model, "--dtype": args.dtype, "--device": args.device,
+        "--block-size": args.block_size, "--kv-cache-memory-mb": args.kv_cache_memory_mb,
+        "--max-num-seqs": args.max_num_seqs, "--max-num-batched-tokens":
+        args.max_num_batched_tokens, "--num-prefill-workers": args.num_prefill_workers,
+        "--num-attention-workers": args.num_attention_workers,
+        "--num-expert-workers": args.num_expert_workers,
+        "--num-micro-batches": args.num_micro_batches,
+        "--num-scheduler-steps": args.num_scheduler_steps, "--comm-backend": args.comm_backend,
+        "--max-worker-restarts": args.max_worker_restarts,
+        "--restart-window-s": args.restart_window_s, "--worker-timeout-s": args.worker_timeout_s,
+        "--port": port,
+    }  # fmt: skip
+    argv = [sys.executable, "-m", "afd", "launch"]
+    for k, v in flags.items():
+        argv += [k, str(v)]
+    if args.max_model_len:
+        argv += ["--max-model-len", str(args.max_model_len)]
+    return argv + list(args.launch_arg)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `afd bench chaos`; 0 when no request failed."""
+    import httpx
+    from afd.benchmarks import serve
+    from afd.benchmarks.results import write_result
+
+    if not args.num_attention_workers or not args.num_expert_workers:
+        raise ValueError("bench chaos needs a disaggregated cluster (attention and expert workers)")
+    if args.kill_worker == "prefill" and not args.num_prefill_workers:
+        raise ValueError("--kill-worker prefill needs --num-prefill-workers >= 1")
+    if not 0 < args.kill_every < 1e6:
+        raise ValueError("--kill-every must be a positive number of seconds")
+    port = _free_port()
+    proc = subprocess.Popen(
+        _launch_argv(args, port),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    base = f"http://127.0.0.1:{port}"
+    kills: list[dict] = []
+    try:
+        deadline = time.monotonic() + args.startup_timeout
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not start:\n" + "".join(lines[-20:]))
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        roles = [r for r in ROLES if r != "prefill" or args.num_prefill_workers]
+        order = roles if args.kill_worker == "any" else [args.kill_worker]
+        done = threading.Event()
+
+        def killer() -> None:
+            i = 0
+            while not done.wait(args.kill_every):
+                role = order[i % len(order)]
+                pid = worker_pid(lines, role)
+                if pid is None:
+                    continue
+                try:
+                    os.kill(pid, SIGNALS[args.kill_signal])
+                except ProcessLookupError:
+                    continue
+                kills.append({"role": role, "pid": pid, "at": time.monotonic()})
+                print(f"chaos: {args.kill_signal} {role} worker (pid {pid})", flush=True)
+                i += 1
+
+        load = argparse.Namespace(
+            base_url=base, endpoint="/v1/completions", model=None, api_key=None,
+            num_prompts=args.num_prompts, random_input_len=args.random_input_len,
+            random_output_len=args.random_output_len, random_range_ratio=0.0,
+            request_rate=args.request_rate, burstiness=1.0, max_concurrency=None,
+            goodput=None, metric_percentiles="50,99", temperature=args.temperature,
+            request_timeout=args.request_timeout, seed=args.seed,
+        )  # fmt: skip
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        try:
+            metrics = asyncio.run(serve.benchmark(load))
+        finally:
+            done.set()
+            thread.join()
+        # let the last recovery finish before reading the counts
+        deadline = time.monotonic() + args.startup_timeout
+        while time.monotonic() < deadline and len(recovery_times(lines)) < len(kills):
+            time.sleep(0.5)
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        m = re.search(r"^afd:requests_recomputed_total (\S+)$", text, re.M)
+        recomputed = int(float(m.group(1))) if m else 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    times = recovery_times(lines)
+    chaos = {
+        "kill_worker": args.kill_worker,
+        "kill_every_s": args.kill_every,
+        "kill_signal": args.kill_signal,
+        "kills": len(kills),
+        "kills_by_role": {r: sum(k["role"] == r for k in kills) for r in ROLES},
+        "recoveries": len(times),
+        "recovery_seconds": times,
+        "recovery_p50_s": statistics.median(times) if times else None,
+        "recovery_max_s": max(times) if times else None,
+        "requests_failed": metrics["failed"],
+        "requests_recomputed": recomputed,
+        "topology": {
+            "prefill": args.num_prefill_workers,
+            "attention": args.num_attention_workers,
+            "expert": args.num_expert_workers,
+            "micro_batches": args.num_micro_batches,
+            "model": args.model,
+        },  # fmt: skip
+    }
+    print(serve.format_table(metrics, [50.0, 99.0]))
+    print("{s:{c}^60}".format(s=" Chaos ", c="-"))
+    for label, value in [("Kills:", chaos["kills"]), ("Recoveries:", chaos["recoveries"]),
+                         ("Recovery p50 (s):", chaos["recovery_p50_s"]),
+                         ("Recovery max (s):", chaos["recovery_max_s"]),
+                         ("Requests failed:", chaos["requests_failed"]),
+                         ("Requests recomputed:", chaos["requests_recomputed"])]:  # fmt: skip
+        shown = "n/a" if value is None else f"{value:.2f}" if isinstance(value, float) else value
+        print(f"{label:<44}{shown:>16}")
+    path = write_result(args.result_name, {"chaos": chaos, "serve": metrics}, path=args.output,
+                        device=args.device)  # fmt: skip
+    print(f"results written to {path}")
+    return 0 if metrics["failed"] == 0 else 1

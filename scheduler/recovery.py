@@ -1,0 +1,222 @@
+"""Failures of a cluster, seen from the driver: the restart policy of each node's supervisor,
+and the re-formation of the data plane after a worker died, hung or failed a step (see
+docs/structures.md, "Failures"). `ClusterRecovery` is mixed into `AFDExecutor`, whose messaging
+(`_send`, `_send_nowait`, `_next`, `_adopt`) and state it uses."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from afd.comm import wire
+from afd.comm.control import generation_dir, remove_generation_dirs
+from afd.scheduler.supervisor import RestartPolicy, Supervisor, WorkerDiedError
+
+from afd.engine.executor import StepInterrupted
+
+STARTUP_TIMEOUT_S = 300.0  # loading weights; also how long a replacement may take to start
+REFORM_TIMEOUT_S = 60.0  # torch.distributed rendezvous of a generation (every rank is loaded)
+
+
+def node_supervisor(config) -> Supervisor:
+    """The supervisor of one node's workers, with the cluster's restart policy and hang
+    timeout (restarts start once enable_restarts() is called)."""
+    max_restarts = config.max_worker_restarts
+    window, timeout = config.restart_window_s, config.worker_timeout_s
+    if max_restarts < 0:
+        raise ValueError("--max-worker-restarts must be >= 0")
+    if not window > 0 or not timeout > 0:  # also NaN
+        raise ValueError("--restart-window-s and --worker-timeout-s must be positive")
+    return Supervisor(restart_policy=RestartPolicy(max_restarts, window), worker_timeout_s=timeout)
+
+
+class _Failure(Exception):
+    """Something failed in the data plane or a worker; the cluster must be re-formed."""
+
+
+@dataclass
+class RecoveryStats:
+    """What the cluster went through: replacements per role and how long each recovery took."""
+
+    restarts: dict[str, int] = field(default_factory=dict)
+    seconds: list[float] = field(default_factory=list)
+
+
+class ClusterRecovery:
+    """Notices failures (supervisor deaths, replacements saying ready, failed steps), re-forms
+    the data plane as a new generation, and tells the engine what to fix up."""
+
+    def _current(self, msg: dict) -> bool:
+        return msg.get("inc") == self._inc.get(msg.get("rank"))
+
+    def _failure_in(self, msg: dict) -> str | None:
+        """Why this message means the data plane must be re-formed, if it does."""
+        kind = msg["type"]
+        if kind == "ready" and not self._current(msg):
+            self._adopt(msg)
+            return f"{msg['role']} worker {msg['rank']} was replaced (pid {msg.get('pid')})"
+        if kind in ("error", "step_failed") and self._current(msg):
+            name = f"{self.role(msg['rank'])} worker {msg['rank']}"
+            return f"{name} failed: {msg['message']}"
+        return None
+
+    def _check_failures(self) -> None:
+        """Raise _Failure for a worker death the supervisor recorded since the last recovery."""
+        self.supervisor.check()
+        failures = self.supervisor.failures
+        if len(failures) > self._failures_seen:
+            raise _Failure(failures[self._failures_seen].describe())
+
+    # ---- failures and recovery -----------------------------------------------------------
+    def _log(self, text: str) -> None:
+        print(f"afd: {text}", file=sys.stderr, flush=True)
+
+    def _form(self, gen: int, deadline: float) -> bool:
+        """Every rank joins data-plane generation `gen` (the same path at start-up and after a
+        failure). False when a worker failed meanwhile (the caller starts a new generation)."""
+        folder = generation_dir(self.layout.shm, gen)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        for rank in self.ranks:
+            self._send(rank, "reform", gen=gen)
+        pending = set(self.ranks)
+        while pending:
+            msg = self._next(deadline, f"forming generation {gen}")
+            if len(self.supervisor.failures) > self._failures_seen:
+                return False
+            if msg is None:
+                continue
+            if msg["type"] == "ready" and not self._current(msg):
+                self._adopt(msg)
+                return False
+            if not self._current(msg):
+                continue
+            if msg["type"] == "joined" and msg["gen"] == gen:
+                pending.discard(msg["rank"])
+            elif msg["type"] in ("error", "step_failed", "reform_failed"):
+                self._log(f"{self.role(msg['rank'])} worker {msg['rank']}: {msg.get('message')}")
+                return False
+        return True
+
+    def _recover(self, reason: str) -> set[int]:
+        """Re-form the data plane after a failure; returns the ranks whose process was replaced
+        (their state is gone). Raises (fatal) when the restart budget is spent or a replacement
+        does not come up within STARTUP_TIMEOUT_S."""
+        t0 = time.monotonic()
+        self.recovering = reason
+        self._log(f"worker failure: {reason}; recovering")
+        deadline = t0 + STARTUP_TIMEOUT_S
+        while True:
+            self.generation += 1
+            gen = self.generation
+            self._failures_seen = len(self.supervisor.failures)
+            pending = set(self.ranks)
+            for rank in self.ranks:
+                self._send_nowait(rank, "abort", gen=gen)
+            while pending:
+                msg = self._next(deadline, "recovery")
+                if msg is None:
+                    continue
+                rank = msg.get("rank")
+                if msg["type"] == "ready" and not self._current(msg):
+                    self._adopt(msg)  # a replacement, idle and without a data plane
+                    pending.discard(rank)
+                elif msg["type"] == "aborted" and self._current(msg) and msg["gen"] == gen:
+                    pending.discard(rank)
+            if self._form(gen, deadline):
+                break
+            self._log(f"another failure while re-forming generation {gen}; again")
+        remove_generation_dirs(self.layout.shm, keep=gen)
+        replaced, self._replaced = self._replaced, set()
+        for rank in replaced:
+            role = self.role(rank)
+            self.recovery.restarts[role] = self.recovery.restarts.get(role, 0) + 1
+        took = time.monotonic() - t0
+        self.recovery.seconds.append(took)
+        names = ", ".join(
+            f"{self.role(r)} worker {r} (now pid {self.pids.get(r)})" for r in sorted(replaced)
+        )
+        self._log(f"recovered in {took:.2f} s: data-plane generation {gen}; "
+                  f"replaced: {names or 'none'}")  # fmt: skip
+        self.recovering = None
+        return replaced
+
+    def _interrupted(self, reason: str) -> StepInterrupted:
+        """Recover, forget the interrupted attempt, and say what the engine must fix up."""
+        for p in self._attempt_prefill:  # the engine sends these again with the replay
+            self._prefill_busy.discard(p)
+            self._prefill_plans.pop(p, None)
+            self._prefill_done.pop(p, None)
+        self._attempt_prefill = set()
+        replaced = self._recover(reason)
+        lost_attention = {r for r in replaced if r in self.attention_ranks}
+        lost_prefill = {self.prefill_ranks.index(r) for r in replaced if r in self.prefill_ranks}
+        for p in lost_prefill:  # its batch and KV are gone: the engine requeues them
+            self._prefill_busy.discard(p)
+            self._prefill_plans.pop(p, None)
+            self._prefill_done.pop(p, None)
+        for p in self._prefill_busy:  # living prefill workers redo their abandoned batch
+            self._prefill_plans[p]["resend"] = True
+        for r in lost_attention:
+            self._released.pop(r, None)
+        # the replay sends every sampler history again: a replacement has none, and a living
+        # worker may have abandoned the step before it kept one
+        self._has_history.clear()
+        return StepInterrupted(reason, lost_attention, lost_prefill)
+
+    def poll_failures(self) -> StepInterrupted | None:
+        """Between steps: notice a failure and recover now (so /health and the next request
+        see a healed cluster); returns what the engine must fix up, if anything happened."""
+        if self.fatal is not None:
+            raise WorkerDiedError(self.fatal)
+        try:
+            self._drain()
+        except _Failure as f:
+            return self._guarded(self._interrupted, str(f))
+        except Exception as e:
+            self._die(e)
+        return None
+
+    def _drain(self) -> None:
+        """Read what the workers sent while no step ran: failures raise _Failure; finished
+        prefill results are kept; anything else is stale."""
+        self._check_failures()
+        while self.inbox.poll(0):
+            try:
+                msg = wire.decode(self.inbox.recv())
+            except wire.WireError:
+                continue
+            reason = self._failure_in(msg)
+            if reason is not None:
+                raise _Failure(reason)
+            self._take_prefill_result(msg)
+
+    def _guarded(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            self._die(e)
+
+    def _die(self, e: BaseException):
+        self.fatal = f"{e}"
+        self._log(f"error: the cluster cannot serve any more: {e}")
+        self.shutdown()
+        raise e if isinstance(e, WorkerDiedError) else WorkerDiedError(str(e)) from e
+
+    def check_alive(self) -> None:
+        """Raise WorkerDiedError if the cluster cannot serve (a worker gone for good)."""
+        if self.fatal is not None:
+            raise WorkerDiedError(self.fatal)
+        self.supervisor.check()
+
+    def health(self) -> tuple[bool, str]:
+        """(can serve, why not / what is recovering); safe from any thread."""
+        if self.fatal is not None:
+            return False, self.fatal
+        if self.supervisor.fatal is not None:
+            return False, self.supervisor.fatal.describe()
+        if self.recovering is not None:
+            return True, f"recovering: {self.recovering}"
+        return True, "ok"
