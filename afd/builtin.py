@@ -41,20 +41,29 @@ def builtin_model_dir(name: str) -> Path:
     return cache_dir() / "models" / f"{name}-v{VERSION}"
 
 
-def resolve_model(name_or_path: str | Path) -> Path:
-    """A model directory as is, or a built-in name generated on first use."""
+def resolve_model(
+    name_or_path: str | Path,
+    revision: str | None = None,
+    download_dir: str | None = None,
+    tokenizer_only: bool = False,
+) -> Path:
+    """A model directory as is, a built-in name generated on first use, or a Hugging Face Hub
+    id (`org/name`, at `revision`) from the Hub's cache or downloaded into it (afd.hub)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     name = str(name_or_path)
     from afd.benchmarks.models import BENCH_MODELS, bench_model_path
+    from afd.hub import download_model, is_hub_id
 
     if name in BENCH_MODELS:  # benchmark models are built the same way, on first use
         return bench_model_path(name)
     if name not in BUILTIN_MODELS:
+        if is_hub_id(name):
+            return download_model(name, revision, download_dir, tokenizer_only)
         raise ValueError(
             f"model {name!r} is neither a directory nor a built-in model "
-            f"({', '.join(BUILTIN_MODELS)})"
+            f"({', '.join(BUILTIN_MODELS)}) nor a Hugging Face Hub id (org/name)"
         )
     target = builtin_model_dir(name)
     # The folder only ever appears by an atomic rename of a complete build.

@@ -186,6 +186,18 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    # Fraction of the device's memory (CPU: of the RAM available at start) for weights and KV
+    # cache together; sets the KV cache size unless num_kv_blocks is given (vLLM's name).
+    gpu_memory_utilization: float | None = None
+    # The default seed of requests that set none: request i gets a seed derived from (seed, i),
+    # so a run's requests are reproducible in order (vLLM's --seed). None: unseeded.
+    seed: int | None = None
+    # Model sources: a Hub revision (branch, tag or commit) and cache folder for org/name ids;
+    # a different tokenizer (directory or Hub id) and a chat template (file or Jinja text).
+    revision: str | None = None
+    download_dir: str | None = None
+    tokenizer: str | None = None
+    chat_template: str | None = None
     enable_prefix_caching: bool = True
     kernel_backend: str = "auto"
     # auto: keep a block-FP8 checkpoint in FP8 on CUDA, dequantize it on CPU; fp8: keep (or

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -43,6 +44,25 @@ def safetensors_files(model_dir: Path) -> dict[str, Path]:
             for name in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 names[name] = f
     return names
+
+
+def checkpoint_numel(model_dir: Path) -> tuple[int, int]:
+    """(routed-expert elements, all other elements) of a checkpoint, from its headers only."""
+    from safetensors import safe_open
+
+    experts = rest = 0
+    by_file: dict[Path, list[str]] = {}
+    for name, f in safetensors_files(Path(model_dir)).items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt") as st:
+            for name in names:
+                numel = math.prod(st.get_slice(name).get_shape())
+                if ".mlp.experts." in name:
+                    experts += numel
+                else:
+                    rest += numel
+    return experts, rest
 
 
 class _Checkpoint:

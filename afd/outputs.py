@@ -33,6 +33,17 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When a request arrived, was first scheduled, got its first token and finished
+    (time.monotonic() seconds of the engine's process; None: not yet), as vLLM's."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
     """A cumulative snapshot of one request; the last one has finished=True. prompt_logprobs
     (when asked for) has one entry per prompt token, None for the first."""
@@ -44,3 +55,4 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: list[LogprobsEntry | None] | None = None
     error: str | None = None  # why the request failed (it finished with finish_reason "abort")
+    metrics: RequestMetrics | None = None

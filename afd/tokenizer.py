@@ -3,6 +3,7 @@ chat templates, and incremental detokenization with stop strings."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -163,6 +164,14 @@ _SPECIAL_TOKEN_KEYS = (
 )
 
 
+class TooManyTokensError(ValueError):
+    """A text has more tokens than allowed; `at_least` is a lower bound of its count."""
+
+    def __init__(self, at_least: int):
+        super().__init__(f"the text has at least {at_least} tokens")
+        self.at_least = at_least
+
+
 class Tokenizer:
     """encode / decode / chat template over a Hugging Face tokenizer.json, without transformers."""
 
@@ -216,6 +225,30 @@ class Tokenizer:
             ids = [*ids, self.eos_token_id]
         return ids
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (its longest vocabulary entry): a text
+        of c characters has at least c / max_token_chars tokens, known without encoding it."""
+        return max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+
+    def encode_capped(
+        self, text: str, max_tokens: int, add_special_tokens: bool = True
+    ) -> list[int]:
+        """encode(text), or TooManyTokensError as soon as the text certainly has more than
+        `max_tokens` tokens: from its length alone, or from a prefix's tokens, so a huge text
+        is refused without encoding all of it."""
+        if len(text) > max_tokens * self.max_token_chars:
+            raise TooManyTokensError(len(text) // self.max_token_chars)
+        probe = 4 * max_tokens + 256  # characters: enough for max_tokens of ordinary text
+        if len(text) > 2 * probe:
+            head = len(self._tok.encode(text[:probe], add_special_tokens=False).ids)
+            if head > max_tokens + 16 + max_tokens // 100:  # beyond any effect of the cut
+                raise TooManyTokensError(head - 16)
+        ids = self.encode(text, add_special_tokens=add_special_tokens)
+        if len(ids) > max_tokens:
+            raise TooManyTokensError(len(ids))
+        return ids
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -224,6 +257,11 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def set_chat_template(self, template: str) -> None:
+        """Use `template` (Jinja text) instead of the tokenizer config's chat template."""
+        self.chat_template = template
+        self._template = None
 
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
@@ -455,3 +493,22 @@ class IncrementalDetokenizer:
             self._read_offset = len(ids)
             return full_text[len(prefix_text) :]
         return ""
+
+
+def load_chat_template(value: str) -> str:
+    """A chat template given as a file path or as the Jinja text itself (vLLM's --chat-template);
+    ValueError when it is neither a readable file nor a template that compiles."""
+    path = Path(value).expanduser()
+    looks_like_path = "{" not in value and "\n" not in value
+    if looks_like_path:
+        if not path.is_file():
+            raise ValueError(f"--chat-template {value!r}: no such file (nor Jinja text)")
+        try:
+            value = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--chat-template {path}: cannot read it: {e}") from None
+    try:
+        _compile_template(value)
+    except Exception as e:  # jinja2.TemplateSyntaxError and friends
+        raise ValueError(f"--chat-template is not a valid Jinja template: {e}") from None
+    return value

@@ -90,7 +90,7 @@ class AttentionWorker(RoleWorker):
         kv_caches = allocate_kv_cache(
             model.config, spec["num_kv_blocks"], spec["block_size"], dtype, device
         )
-        sampler = Sampler(spec.get("eos_token_ids", ()), spec["model_path"])
+        sampler = Sampler(spec.get("eos_token_ids", ()), spec["tokenizer_dir"])
         worker = cls(model, kv_caches, None, spec["block_size"], device, sampler)
         worker.param_bytes = count_parameter_bytes(model)
         return worker

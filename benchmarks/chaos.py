@@ -27,22 +27,26 @@ SIGNALS = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-
     from afd.entrypoints.cli import add_engine_args
 
     add_engine_args(p)
     p.set_defaults(num_prefill_workers=1, num_attention_workers=1, num_expert_workers=1)
-    p.add_argument("--kill-worker", default="any", choices=[*ROLES, "any"])
+    p.add_argument(
+        "--kill-worker", default="any", choices=[*ROLES, "any"], help="role of the victims"
+    )
     p.add_argument("--kill-every", type=float, default=10.0, help="seconds between kills")
-    p.add_argument("--kill-signal", default="KILL", choices=sorted(SIGNALS))
-    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument(
+        "--kill-signal", default="KILL", choices=sorted(SIGNALS), help="KILL, or STOP (a hang)"
+    )
+    p.add_argument("--num-prompts", type=int, default=64, help="requests of the load")
     p.add_argument("--request-rate", type=float, default=4.0, help="requests per second")
-    p.add_argument("--random-input-len", type=int, default=16)
-    p.add_argument("--random-output-len", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--request-timeout", type=float, default=300.0)
-    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--random-input-len", type=int, default=16, help="prompt length (words)")
+    p.add_argument("--random-output-len", type=int, default=64, help="max_tokens per request")
+    p.add_argument("--temperature", type=float, default=0.0, help="of every request")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument(
+        "--startup-timeout", type=float, default=300.0, help="seconds for the cluster to start"
+    )
     p.add_argument("--result-name", default="chaos", help="results/<machine>/<name>.json")
     p.add_argument("--output", default=None, help="write the JSON here instead")
     p.add_argument(
@@ -94,6 +98,8 @@ def _launch_argv(args: argparse.Namespace, port: int) -> list[str]:
         argv += [k, str(v)]
     if args.max_model_len:
         argv += ["--max-model-len", str(args.max_model_len)]
+    if args.seed is not None:
+        argv += ["--seed", str(args.seed)]
     return argv + list(args.launch_arg)
 
 
@@ -157,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             random_output_len=args.random_output_len, random_range_ratio=0.0,
             request_rate=args.request_rate, burstiness=1.0, max_concurrency=None,
             goodput=None, metric_percentiles="50,99", temperature=args.temperature,
-            request_timeout=args.request_timeout, seed=args.seed,
+            request_timeout=args.request_timeout, seed=args.seed or 0,
         )  # fmt: skip
         thread = threading.Thread(target=killer, daemon=True)
         thread.start()

@@ -40,6 +40,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on host:port and on no other address."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def split_micro_batches(batch: ScheduledBatch, m: int) -> list[list[int]]:
     """Indices of batch.seqs per micro-batch: contiguous, balanced by token count."""
     total = sum(batch.num_new_tokens)
@@ -210,10 +224,11 @@ def worker_spec(config, model_path, model_config: ModelConfig, layout: ClusterLa
     shared = shares_gpus(config, layout)
     return {
         "model_path": str(model_path),
+        "tokenizer_dir": config.extra.get("tokenizer_dir", str(model_path)),
         "dtype": str(dtype).removeprefix("torch."),
         "device": config.device,
         "block_size": config.block_size,
-        "num_kv_blocks": num_kv_blocks_for(config, model_config, dtype),
+        "num_kv_blocks": num_kv_blocks_for(config, model_config, dtype, model_path),
         "world_size": layout.world_size,
         "init_addr": f"{layout.host}:{layout.port}",
         "driver_addr": layout.driver_addr(),
@@ -333,11 +348,15 @@ class AFDExecutor(ClusterRecovery):
         self.prefill_ranks = list(range(a + f, a + f + p))
         self.ranks = list(range(layout.world_size))
         try:
-            # the rendezvous of every generation; here, so it outlives any worker
+            # the rendezvous of every generation; here, so it outlives any worker. Its socket
+            # is bound here, to node 0's address only (TCPStore alone listens on every one)
+            self._store_sock = listen_socket(layout.host, layout.port)
             self.store = dist.TCPStore(
                 layout.host, layout.port, is_master=True, wait_for_workers=False,
                 timeout=timedelta(seconds=REFORM_TIMEOUT_S),
+                master_listen_fd=self._store_sock.fileno(),
             )  # fmt: skip
+            self._store_sock.detach()  # the store owns the descriptor now
             for rank in self.ranks:
                 sock = self.zctx.socket(zmq.PUSH)
                 sock.setsockopt(zmq.LINGER, 0)
@@ -617,6 +636,9 @@ class AFDExecutor(ClusterRecovery):
         self.inbox.close(linger=0)
         self.zctx.term()
         self.store = None
+        sock = getattr(self, "_store_sock", None)
+        if sock is not None:
+            sock.close()  # a no-op once the store took it
         for folder in (self.ipc, self.layout.shm):
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -58,6 +58,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[int, Sequence] = {}
+        # cumulative, for /metrics
+        self.num_preemptions = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     @property
     def has_unfinished(self) -> bool:
@@ -117,6 +121,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             bm.allocate(seq)
+            if self.config.enable_prefix_caching:  # vLLM's counts: prompt tokens looked up, found
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -152,6 +159,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: drop its KV, requeue at the front with its tokens."""
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.block_manager.free_seq(seq)
         seq.num_computed_tokens = 0

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from afd.entrypoints.metrics import Histogram, MetricsRegistry, parse_prometheus_text
+from afd.entrypoints.metrics import parse_prometheus_text
 from afd.entrypoints.protocol import EngineClient
 from afd.entrypoints.server import build_app
 from afd.outputs import CompletionOutput, Logprob, RequestOutput
@@ -22,6 +22,7 @@ from afd.sampling.params import SamplingParams
 from afd.tokenizer import Tokenizer, train_bytelevel_bpe
 
 MODEL = "fake-moe"
+M = (("model_name", MODEL),)  # every metric's label
 MAX_MODEL_LEN = 96
 
 
@@ -598,8 +599,8 @@ def test_disconnects_abort_and_failures_stay_isolated(engine):
 
         text = httpx.get(f"{srv.url}/metrics").text
         samples = parse_prometheus_text(text)
-        assert samples[("afd:request_aborted_total", ())] == 2
-        assert samples[("afd:request_success_total", (("finished_reason", "length"),))] == 4
+        assert samples[("afd:request_aborted_total", M)] == 2
+        assert samples[("afd:request_success_total", (("finished_reason", "length"), *M))] == 4
 
 
 def test_failing_request_does_not_disturb_a_concurrent_one(tokenizer):
@@ -644,43 +645,26 @@ def test_metrics_page(client, tokenizer):
         assert line.startswith("# ") or SAMPLE_LINE.match(line), line
     s = parse_prometheus_text(r.text)
     prompt_tokens = sum(len(tokenizer.encode(f"m {i}")) for i in range(3))
-    assert s[("afd:prompt_tokens_total", ())] == prompt_tokens
-    assert s[("afd:generation_tokens_total", ())] == 12
-    assert s[("afd:request_success_total", (("finished_reason", "length"),))] == 3
-    assert s[("afd:time_to_first_token_seconds_count", ())] == 3
-    assert s[("afd:inter_token_latency_seconds_count", ())] == 9
-    assert s[("afd:e2e_request_latency_seconds_count", ())] == 3
-    assert s[("afd:e2e_request_latency_seconds_bucket", (("le", "+Inf"),))] == 3
-    assert s[("afd:kv_cache_usage_perc", ())] == 0.25
-    assert s[("afd:num_requests_running", ())] == 0
-    assert ("afd:num_requests_waiting", ()) in s
-    assert s[("afd:stage_seconds_total", (("stage", "expert"),))] == 2.5
-    assert s[("afd:stage_seconds_total", (("stage", "attention"),))] == 1.5
-    assert s[("afd:request_errors_total", (("status", "400"),))] == 1
+    assert s[("afd:prompt_tokens_total", M)] == prompt_tokens
+    assert s[("afd:generation_tokens_total", M)] == 12
+    assert s[("afd:request_success_total", (("finished_reason", "length"), *M))] == 3
+    assert s[("afd:time_to_first_token_seconds_count", M)] == 3
+    assert s[("afd:inter_token_latency_seconds_count", M)] == 9
+    assert s[("afd:e2e_request_latency_seconds_count", M)] == 3
+    assert s[("afd:e2e_request_latency_seconds_bucket", (("le", "+Inf"), *M))] == 3
+    assert s[("afd:kv_cache_usage_perc", M)] == 0.25
+    assert s[("afd:num_requests_running", M)] == 0
+    assert ("afd:num_requests_waiting", M) in s
+    assert s[("afd:stage_seconds_total", (*M, ("stage", "expert")))] == 2.5
+    assert s[("afd:stage_seconds_total", (*M, ("stage", "attention")))] == 1.5
+    assert s[("afd:request_errors_total", (*M, ("status", "400")))] == 1
+    # n = 3 choices are one request
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 3})
+    s = parse_prometheus_text(client.get("/metrics").text)
+    assert s[("afd:request_success_total", (("finished_reason", "length"), *M))] == 4
+    assert s[("afd:e2e_request_latency_seconds_count", M)] == 4
 
 
-def test_registry_histogram_buckets_and_label_escaping():
-    reg = MetricsRegistry()
-    h = reg.histogram("afd:x_seconds", "x", buckets=(0.1, 1.0))
-    for v in (0.05, 0.5, 0.5, 3.0):
-        h.observe(v, kind='a"b\\c\nd')
-    g = reg.gauge("afd:g", "g")
-    g.set(2.0)
-    g.set(-1.5)
-    c = reg.counter("afd:c_total", "c")
-    c.inc(2)
-    with pytest.raises(ValueError):
-        c.inc(-1)
-    with pytest.raises(ValueError):
-        reg.gauge("afd:c_total", "clash")
-    s = parse_prometheus_text(reg.render())
-    kind = ("kind", 'a"b\\c\nd')
-    buckets = [s[("afd:x_seconds_bucket", tuple(sorted((kind, ("le", le)))))]
-               for le in ("0.1", "1.0", "+Inf")]  # fmt: skip
-    assert buckets == [1, 3, 4]
-    assert s[("afd:x_seconds_sum", (kind,))] == pytest.approx(4.05)
-    assert s[("afd:x_seconds_count", (kind,))] == 4
-    assert s[("afd:g", ())] == -1.5 and s[("afd:c_total", ())] == 2
-    assert isinstance(h, Histogram) and h.count(kind='a"b\\c\nd') == 4
+def test_parse_prometheus_text_refuses_a_bad_page():
     with pytest.raises(ValueError):
         parse_prometheus_text("not a metric line at all {")

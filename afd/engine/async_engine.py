@@ -35,7 +35,10 @@ class AsyncEngine:
         self.max_queue_len = max_queue_len
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
-        self.model_name = config.model
+        self.model_name = self.model_root = config.model
+        # admission counts sequences (a request with n = 8 is 8), running or queued
+        self.sequence_capacity = max_queue_len + config.max_num_seqs
+        self._num_seqs = 0
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
@@ -72,12 +75,14 @@ class AsyncEngine:
             await asyncio.to_thread(self.engine.validate_params, params)
         else:
             self.engine.validate_params(params)
-        if len(self._streams) >= self.max_queue_len + self.engine.config.max_num_seqs:
+        if self._num_seqs + params.n > self.sequence_capacity:
             raise EngineOverloadedError(
-                f"the server is at capacity ({len(self._streams)} requests in flight); retry later"
+                f"the server is at capacity ({self._num_seqs} sequences in flight, at most "
+                f"{self.sequence_capacity}); retry later"
             )
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._num_seqs += params.n
         self._commands.put(("add", request_id, prompt_token_ids, params))
         self._wake.set()
         try:
@@ -89,6 +94,7 @@ class AsyncEngine:
                 if item.finished:
                     return
         finally:
+            self._num_seqs -= params.n
             if self._streams.pop(request_id, None) is not None:
                 self._commands.put(("abort", request_id))
                 self._wake.set()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import logging
 import time
@@ -12,13 +14,19 @@ from afd.builtin import resolve_model
 from afd.comm.dispatch import DISPATCH_DTYPES
 from afd.config import EngineConfig, ModelConfig
 from afd.engine.executor import Sampled, StepInterrupted
-from afd.outputs import CompletionOutput, Logprob, LogprobsEntry, RequestOutput
+from afd.outputs import (
+    CompletionOutput,
+    Logprob,
+    LogprobsEntry,
+    RequestMetrics,
+    RequestOutput,
+)
 from afd.quantization import resolve_quantization
 from afd.sampling.params import SamplingParams
 from afd.sampling.structured import grammar_backend
 from afd.scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from afd.scheduler.sequence import Sequence, SequenceStatus
-from afd.tokenizer import IncrementalDetokenizer, Tokenizer
+from afd.tokenizer import IncrementalDetokenizer, Tokenizer, load_chat_template
 
 logger = logging.getLogger("afd.engine")
 
@@ -56,7 +64,9 @@ class RequestState:
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    finished_time: float | None = None
     stream: bool = True  # False: step() reports the request only once it has finished
     prompt_logprobs: list[LogprobsEntry | None] | None = None
     error: str | None = None  # why it failed (finish_reason "abort")
@@ -66,6 +76,8 @@ class RequestState:
         return all(s.is_finished for s in self.seqs)
 
     def output(self) -> RequestOutput:
+        if self.finished and self.finished_time is None:
+            self.finished_time = time.monotonic()
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
@@ -83,7 +95,20 @@ class RequestState:
             finished=self.finished,
             prompt_logprobs=self.prompt_logprobs,
             error=self.error,
+            metrics=RequestMetrics(
+                self.arrival_time,
+                self.first_scheduled_time,
+                self.first_token_time,
+                self.finished_time,
+            ),
         )
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of the `index`-th request without one when the engine has `seed` (vLLM's
+    --seed): every request differs, and the same run of requests repeats."""
+    key = f"{seed}:request:{index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little", signed=True)
 
 
 class LLMEngine:
@@ -96,7 +121,14 @@ class LLMEngine:
             if getattr(config, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         self.config = config
-        self.model_path: Path = resolve_model(config.model)
+        self.model_path: Path = resolve_model(config.model, config.revision, config.download_dir)
+        # a different tokenizer (--tokenizer): the engine and every sampler (grammar masks) use it
+        self.tokenizer_path: Path = (
+            resolve_model(config.tokenizer, None, config.download_dir, tokenizer_only=True)
+            if config.tokenizer
+            else self.model_path
+        )
+        config.extra["tokenizer_dir"] = str(self.tokenizer_path)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
         resolve_quantization(config.quantization, self.model_config.quant, config.device)
         if config.dispatch_dtype not in DISPATCH_DTYPES:
@@ -106,7 +138,9 @@ class LLMEngine:
             )
         if config.gpus_per_node is not None and config.gpus_per_node < 1:
             raise ValueError("gpus_per_node must be at least 1")
-        self.tokenizer = Tokenizer.from_pretrained(self.model_path)
+        self.tokenizer = Tokenizer.from_pretrained(self.tokenizer_path)
+        if config.chat_template is not None:
+            self.tokenizer.set_chat_template(load_chat_template(config.chat_template))
         self.eos_token_ids: set[int] = set(self.tokenizer.eos_token_ids) | set(
             self.model_config.eos_token_ids
         )
@@ -136,6 +170,7 @@ class LLMEngine:
         self._seq_owner: dict[int, RequestState] = {}
         self._replica_of: dict[str, tuple[int, int | None]] = {}  # (decode, prefill)
         self._ids = itertools.count()
+        self._seeds = itertools.count()  # requests given a seed derived from config.seed
         self.requests_recomputed = 0  # requests whose KV died with a worker and was recomputed
 
     # ---- requests -------------------------------------------------------------------------
@@ -150,6 +185,10 @@ class LLMEngine:
         stream=False, step() returns its output only when it finishes (cheaper: the text of a
         request without stop strings is decoded once at the end)."""
         params = params or SamplingParams()
+        if params.seed is None and self.config.seed is not None:
+            params = dataclasses.replace(
+                params, seed=derived_seed(self.config.seed, next(self._seeds))
+            )
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -216,7 +255,7 @@ class LLMEngine:
             )
         if params.structured_outputs is not None:
             backend = grammar_backend(
-                str(self.model_path), vocab, tuple(sorted(self.eos_token_ids))
+                str(self.tokenizer_path), vocab, tuple(sorted(self.eos_token_ids))
             )
             backend.compile(*params.structured_outputs.spec)
 
@@ -273,6 +312,12 @@ class LLMEngine:
         if all(b.is_empty for b in batches + new_prefill) and not transfers:
             if not self._prefill_inflight:
                 return []
+        now = time.monotonic()
+        for batch in batches + new_prefill:
+            for seq in batch.seqs:
+                state = self._seq_owner.get(seq.seq_id)
+                if state is not None and state.first_scheduled_time is None:
+                    state.first_scheduled_time = now  # queue time ends
         self._plan_decode_steps(batches)
         if self.prefill_schedulers:
             for p, b in enumerate(new_prefill):
@@ -525,6 +570,9 @@ class LLMEngine:
             "num_requests_running": float(sum(s.num_running for s in every) + len(self._handoff)),
             "num_requests_waiting": float(sum(s.num_waiting for s in every)),
             "kv_cache_usage_perc": sum(s.block_manager.usage for s in self.schedulers) / n,
+            "num_preemptions_total": float(sum(s.num_preemptions for s in every)),
+            "prefix_cache_queries_total": float(sum(s.prefix_cache_queries for s in every)),
+            "prefix_cache_hits_total": float(sum(s.prefix_cache_hits for s in every)),
             **self.executor.stage_times(),
         }
 

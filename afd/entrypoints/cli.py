@@ -16,19 +16,240 @@ class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default (unless it says what happens without it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "%(default)" not in text
+            and "default:" not in text
+            and action.default not in (None, argparse.SUPPRESS)
+            and action.option_strings
+            and not isinstance(action, argparse._HelpAction | argparse._VersionAction)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`afd: error: ...`, exit code 2) instead of the usage
+    block; `--help` still prints everything."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CLIError(message)
+
+
+# vLLM flags AFD cannot honour, and why: an error naming the flag, never a silent ignore
+# (README "`afd serve` and `vllm serve`" lists these beside the ones AFD shares)
+VLLM_FLAGS_NOT_HONOURED = {
+    "--tensor-parallel-size": "AFD splits a model into attention and expert workers "
+    "(--num-attention-workers, --num-expert-workers) instead of tensor parallelism",
+    "-tp": "see --tensor-parallel-size",
+    "--pipeline-parallel-size": "AFD pipelines micro-batches between attention and expert "
+    "workers (--num-micro-batches), not layers between GPUs",
+    "-pp": "see --pipeline-parallel-size",
+    "--data-parallel-size": "attention workers are AFD's data-parallel replicas "
+    "(--num-attention-workers)",
+    "-dp": "see --data-parallel-size",
+    "--enable-expert-parallel": "expert workers always hold disjoint expert shards "
+    "(--num-expert-workers)",
+    "--kv-cache-dtype": "the KV cache is kept in the model's dtype",
+    "--cpu-offload-gb": "weights are never offloaded",
+    "--swap-space": "preempted sequences are recomputed, never swapped",
+    "--enable-lora": "LoRA adapters are not supported",
+    "--lora-modules": "LoRA adapters are not supported",
+    "--speculative-config": "speculative decoding is not supported",
+    "--load-format": "AFD loads safetensors checkpoints only",
+    "--tokenizer-mode": "AFD reads tokenizer.json (Hugging Face tokenizers) only",
+    "--enable-auto-tool-choice": "tool calling is not supported",
+    "--tool-call-parser": "tool calling is not supported",
+    "--reasoning-parser": "reasoning parsers are not supported",
+    "--guided-decoding-backend": "structured outputs always use xgrammar",
+    "--structured-outputs-config": "structured outputs always use xgrammar",
+    "--hf-overrides": "the model's config.json is used as it is",
+    "--rope-scaling": "the model's config.json is used as it is",
+    "--limit-mm-per-prompt": "multimodal inputs are not supported",
+    "--ssl-keyfile": "serve TLS through a reverse proxy",
+    "--ssl-certfile": "serve TLS through a reverse proxy",
+    "--root-path": "serve under a path prefix through a reverse proxy",
+    "--allowed-origins": "CORS is not served; use a reverse proxy",
+    "--enable-chunked-prefill": "AFD always chunks prefills by --max-num-batched-tokens",
+    "--no-enable-chunked-prefill": "AFD always chunks prefills by --max-num-batched-tokens",
+    "--enable-log-requests": "requests are logged unless --disable-log-requests",
+    "--max-logprobs": "logprobs are bounded at 20 alternatives",
+    "--scheduling-policy": "scheduling is first come, first served",
+    "--generation-config": "sampling defaults are vLLM's, not the model's generation_config",
+}
+
+
+def _check_unknown(extra: list[str]) -> None:
+    """Leftover arguments: a vLLM flag AFD cannot honour says why; anything else is unknown."""
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        if flag in VLLM_FLAGS_NOT_HONOURED:
+            raise CLIError(f"{flag} cannot be honoured: {VLLM_FLAGS_NOT_HONOURED[flag]}")
+    raise CLIError(f"unrecognized arguments: {' '.join(extra)}")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction in (0, 1]")
+    return value
+
+
+def int_range(lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {lo}..{hi}")
+        return value
+
+    return parse
+
+
+_int64 = int_range(-(2**63), 2**63 - 1)
+
+
+def _text(text: str) -> str:
+    if not text or not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8") from None
+    return text
+
+
+# vLLM's dtype names, as it spells them too
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
+
+
+def _dtype(text: str) -> str:
+    value = DTYPE_ALIASES.get(text, text)
+    if value != "auto" and value not in DTYPES:
+        choices = ", ".join(["auto", *DTYPES, *DTYPE_ALIASES])
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {choices})")
+    return value
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     """Flags shared by every command that builds an engine (names as in vLLM / SGLang)."""
-    p.add_argument("--model", default="tiny-qwen3-moe", help="HF model dir or built-in name")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory-mb", type=int, default=256)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
+    if model_flag:
+        p.add_argument(
+            "--model",
+            default="tiny-qwen3-moe",
+            type=_text,
+            help="a model directory, a built-in tiny model or a Hugging Face Hub id (org/name)",
+        )
+    p.add_argument(
+        "--revision",
+        default=None,
+        type=_text,
+        help="Hub revision (branch, tag or commit) of an org/name model (default: main)",
+    )
+    p.add_argument(
+        "--download-dir",
+        default=None,
+        help="Hugging Face cache folder for Hub models (default: $HF_HOME/hub)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        type=_text,
+        help="another tokenizer: a directory or Hub id with tokenizer.json (default: the model's)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        type=_text,
+        help="a chat template: a Jinja file or the template text (default: the tokenizer's)",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accepted for vLLM compatibility; AFD never executes a model's own code",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        type=_dtype,
+        help="weights and activations: auto (the checkpoint's; float32 for float16 on CPU), "
+        "float32, bfloat16, float16 (vLLM's half and float too)",
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where workers run")
+    p.add_argument("--seed", type=_int64, default=None,
+                   help="seed of requests that give none: each gets one derived from this and "
+                   "its arrival order, so a run repeats (default: unseeded)")  # fmt: skip
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument(
+        "--num-kv-blocks",
+        "--num-gpu-blocks-override",
+        type=int,
+        default=None,
+        help="KV-cache blocks per cache (default: from --gpu-memory-utilization or "
+        "--kv-cache-memory-mb)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=_fraction,
+        default=None,
+        help="fraction of memory for weights + KV cache: of each GPU, or on CPU of the RAM "
+        "available at start (all workers together); sizes the KV cache (default: "
+        "--kv-cache-memory-mb)",
+    )
+    p.add_argument(
+        "--kv-cache-memory-mb",
+        type=int,
+        default=256,
+        help="KV-cache size per cache, unless --num-kv-blocks or --gpu-memory-utilization",
+    )
+    p.add_argument(
+        "--max-num-seqs", type=int, default=64, help="sequences in a running batch (per replica)"
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=512,
+        help="tokens per forward: prefill chunks and decodes share it",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length: prompt + output tokens (default: the model's)",
+    )
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV blocks of prompt prefixes seen before",
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="same as --no-enable-prefix-caching",
+    )
+    p.add_argument(
+        "--kernel-backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="auto: Triton kernels for CUDA tensors, torch references otherwise",
+    )
     p.add_argument(
         "--num-prefill-workers",
         type=int,
@@ -39,17 +260,33 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--num-attention-workers",
         type=int,
         default=0,
-        help="0 runs the whole model in this process",
+        help="attention workers (KV cache, attention, sampling); 0 runs the whole model in "
+        "this process",
     )
-    p.add_argument("--num-expert-workers", type=int, default=0)
-    p.add_argument("--num-micro-batches", type=int, default=1)
+    p.add_argument(
+        "--num-expert-workers",
+        type=int,
+        default=0,
+        help="expert workers, each holding a shard of the routed experts",
+    )
+    p.add_argument(
+        "--num-micro-batches",
+        type=int,
+        default=1,
+        help="micro-batches ping-ponging between attention and expert workers",
+    )
     p.add_argument(
         "--num-scheduler-steps",
         type=int,
         default=1,
         help="decode steps per scheduling step (workers feed sampled tokens back themselves)",
     )
-    p.add_argument("--comm-backend", default="auto", choices=transport_names())
+    p.add_argument(
+        "--comm-backend",
+        default="auto",
+        choices=transport_names(),
+        help="A<->F transport: shm on one CPU node, torch (gloo/NCCL) across nodes, deepep",
+    )
     p.add_argument(
         "--quantization",
         default="auto",
@@ -78,7 +315,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="replacements of dead or hung workers allowed per node within --restart-window-s; "
         "past that the service stops (HTTP 503, exit code 1)",
     )
-    p.add_argument("--restart-window-s", type=float, default=600.0)
+    p.add_argument(
+        "--restart-window-s",
+        type=float,
+        default=600.0,
+        help="the window --max-worker-restarts counts in, seconds",
+    )
     p.add_argument(
         "--worker-timeout-s",
         type=float,
@@ -94,9 +336,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         "max_num_batched_tokens",
         "num_micro_batches",
         "num_scheduler_steps",
+        "kv_cache_memory_mb",
     ):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise CLIError("--max-model-len must be at least 2 (a prompt token and an output token)")
+    if args.num_kv_blocks is not None and args.num_kv_blocks < 1:
+        raise CLIError("--num-kv-blocks must be at least 1")
     if min(args.num_attention_workers, args.num_expert_workers, args.num_prefill_workers) < 0:
         raise CLIError("worker counts must be >= 0")
     if args.num_prefill_workers and not args.num_attention_workers:
@@ -121,7 +368,13 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        seed=args.seed,
+        revision=args.revision,
+        download_dir=args.download_dir,
+        tokenizer=args.tokenizer,
+        chat_template=args.chat_template,
+        enable_prefix_caching=args.enable_prefix_caching,
         kernel_backend=args.kernel_backend,
         num_prefill_workers=args.num_prefill_workers,
         num_attention_workers=args.num_attention_workers,
@@ -149,7 +402,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             top_k=args.top_k,
             max_tokens=args.max_tokens,
-            seed=args.seed,
             ignore_eos=args.ignore_eos,
         )
     except ValueError as e:
@@ -168,24 +420,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def version() -> str:
+    from afd import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="afd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(prog="afd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"afd {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="generate a completion for one or more prompts")
     add_engine_args(gen)
-    gen.add_argument("prompt", nargs="+")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("prompt", nargs="+", help="prompt texts, one completion each")
+    gen.add_argument("--max-tokens", type=int, default=32, help="output tokens per prompt")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 samples greedily")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--top-k", type=int, default=0, help="0: no top-k limit")
+    gen.add_argument("--ignore-eos", action="store_true", help="generate past EOS tokens")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     for name, module in _BENCHES.items():
         if importlib.util.find_spec(f"afd.benchmarks.{module}") is None:
             continue
@@ -193,25 +451,30 @@ def build_parser() -> argparse.ArgumentParser:
         _bench_module(module).add_arguments(b)
         b.set_defaults(func=_bench_module(module).run)
 
-    _add_launch(sub)
+    _add_serve(sub)
     _add_profile(sub)
     _add_plan(sub)
     return parser
 
 
 _BENCHES = {"kernels": "kernels", "pipeline": "pipeline", "serve": "serve", "chaos": "chaos"}
+SERVE_COMMANDS = ("serve", "launch")  # launch: the name before vLLM's
 
 
 def _bench_module(name: str):
     return importlib.import_module(f"afd.benchmarks.{name}")
 
 
-def _add_launch(sub) -> None:
-    try:
-        from afd.entrypoints.launch import add_arguments, run
-    except ImportError:
-        return
-    p = sub.add_parser("launch", help="start a local AFD cluster serving the OpenAI API")
+def _add_serve(sub) -> None:
+    from afd.entrypoints.launch import add_arguments, run
+
+    p = sub.add_parser(
+        "serve",
+        aliases=["launch"],
+        help="start a local AFD cluster serving the OpenAI API (afd launch: the same)",
+        description="Start an AFD cluster serving the OpenAI API: `afd serve MODEL`, as "
+        "`vllm serve MODEL`.",
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -219,9 +482,11 @@ def _add_launch(sub) -> None:
 def _add_profile(sub) -> None:
     p = sub.add_parser("profile", help="measure this machine on a model's layers (for afd plan)")
     p.add_argument("--model", default="tiny-qwen3-moe", help="model dir, built-in or bench name")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--comm-backend", default="auto", choices=transport_names())
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to measure")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
+    p.add_argument(
+        "--comm-backend", default="auto", choices=transport_names(), help="transport to measure"
+    )
     p.add_argument("--quick", action="store_true", help="fewer points (seconds, for a smoke test)")
     p.add_argument("--output", default=None, help="profile JSON (default: benchmarks/results/...)")
     p.set_defaults(func=cmd_profile)
@@ -248,14 +513,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1 or value > 1 << 20:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1..{1 << 20}")
-    return value
+_positive_int = int_range(1, 1 << 20)
 
 
 def _positive_float(text: str) -> float:
@@ -301,8 +559,12 @@ def _add_plan(sub) -> None:
         choices=list(PRESETS),
         help="a GPU preset instead of a profile",
     )
-    p.add_argument("--weight-dtype", default="bf16", choices=list(DTYPE_BYTES))
-    p.add_argument("--kv-dtype", default="bf16", choices=list(DTYPE_BYTES))
+    p.add_argument(
+        "--weight-dtype", default="bf16", choices=list(DTYPE_BYTES), help="weights (GPU presets)"
+    )
+    p.add_argument(
+        "--kv-dtype", default="bf16", choices=list(DTYPE_BYTES), help="KV cache (GPU presets)"
+    )
     p.add_argument(
         "--efficiency",
         action="append",
@@ -317,18 +579,23 @@ def _add_plan(sub) -> None:
         default=None,
         help="per GPU (preset: its list price) or per CPU core (1.0)",
     )
-    p.add_argument("--input-len", type=_positive_int, default=256)
-    p.add_argument("--output-len", type=_positive_int, default=256)
+    p.add_argument("--input-len", type=_positive_int, default=256, help="prompt tokens")
+    p.add_argument("--output-len", type=_positive_int, default=256, help="output tokens")
     p.add_argument("--request-rate", type=_positive_float, default=None, help="requests/s")
-    p.add_argument("--ttft-ms", type=_positive_float, default=1000.0)
-    p.add_argument("--tpot-ms", type=_positive_float, default=100.0)
+    p.add_argument("--ttft-ms", type=_positive_float, default=1000.0, help="TTFT SLO")
+    p.add_argument("--tpot-ms", type=_positive_float, default=100.0, help="TPOT SLO")
     p.add_argument(
         "--max-workers",
         type=_positive_int,
         default=None,
         help="GPUs, or worker processes on a CPU (default: 8 GPUs / the cores)",
     )
-    p.add_argument("--objective", default="throughput", choices=["throughput", "cost"])
+    p.add_argument(
+        "--objective",
+        default="throughput",
+        choices=["throughput", "cost"],
+        help="rank by tokens/s, or by cost per token",
+    )
     p.add_argument("--ep", action="store_true", help="GPUs: also rank colocated EP deployments")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--output", default=None, help="write the best plan as a cluster YAML")
@@ -339,10 +606,10 @@ def _add_plan(sub) -> None:
         help="predict the one configuration given by the flags below",
     )
     p.add_argument("--num-attention-workers", type=int, default=1, help="0: colocated engine")
-    p.add_argument("--num-expert-workers", type=int, default=1)
-    p.add_argument("--num-prefill-workers", type=int, default=0)
-    p.add_argument("--num-micro-batches", type=_positive_int, default=1)
-    p.add_argument("--num-scheduler-steps", type=_positive_int, default=1)
+    p.add_argument("--num-expert-workers", type=int, default=1, help="with --predict")
+    p.add_argument("--num-prefill-workers", type=int, default=0, help="with --predict")
+    p.add_argument("--num-micro-batches", type=_positive_int, default=1, help="with --predict")
+    p.add_argument("--num-scheduler-steps", type=_positive_int, default=1, help="with --predict")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="per attention worker")
     p.add_argument("--context-len", type=_positive_float, default=256.0, help="mean KV length")
     p.add_argument(
@@ -503,21 +770,28 @@ def _plan_published(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv and argv[0] == "launch":
+        if argv and argv[0] in SERVE_COMMANDS:
             from afd.entrypoints.launch import apply_config_file
 
-            launch = parser._subparsers._group_actions[0].choices["launch"]
-            apply_config_file(launch, argv[1:])
-        args = parser.parse_args(argv)
+            serve = parser._subparsers._group_actions[0].choices[argv[0]]
+            apply_config_file(serve, argv[1:])
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            _check_unknown(extra)
         args.command_argv = list(argv)  # what benchmarks record as the command they ran
         return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError) as e:
-        print(f"afd: error: {e}", file=sys.stderr)
+        print(f"afd: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 if __name__ == "__main__":

@@ -1,19 +1,30 @@
-"""Prometheus text exposition (format 0.0.4) without prometheus_client: counters, gauges and
-histograms, and the server's `afd:` metric set (twins of vLLM's `vllm:` names)."""
+"""The server's Prometheus metrics through prometheus_client: `afd:` twins of vLLM's `vllm:`
+names, each labelled with the served model name. The server measures latencies and tokens from
+the output stream; the engine's own counters (stage seconds, preemptions, prefix cache, worker
+restarts) are read from engine.stats() / failure_stats() at each scrape."""
 
 from __future__ import annotations
 
 import math
 import re
-import threading
 from collections.abc import Iterable, Mapping
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from afd.outputs import RequestOutput
+
+# no `_created` series: every counter would carry a second, rarely wanted sample
+prometheus_client.disable_created_metrics()
 
 LabelKey = tuple[tuple[str, str], ...]
-
-_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_SAMPLE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)(\s+-?\d+)?$")
-_LABEL_PAIR_RE = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
 
 # vLLM's latency buckets, trimmed: small CPU test models live in the low end, real ones higher up
 LATENCY_BUCKETS = (
@@ -21,245 +32,153 @@ LATENCY_BUCKETS = (
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
 )  # fmt: skip
 
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _unescape(value: str) -> str:
-    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
-
-
-def _format_value(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    if math.isnan(v):
-        return "NaN"
-    return repr(float(v))
-
-
-def _label_key(labels: Mapping[str, object]) -> LabelKey:
-    for name in labels:
-        if not _LABEL_RE.match(name):
-            raise ValueError(f"invalid label name {name!r}")
-    return tuple(sorted((k, str(v)) for k, v in labels.items()))
-
-
-def _label_text(key: LabelKey) -> str:
-    if not key:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in key) + "}"
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help_text: str):
-        if not _NAME_RE.match(name):
-            raise ValueError(f"invalid metric name {name!r}")
-        self.name, self.help = name, help_text
-        self._lock = threading.Lock()
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-    def samples(self) -> list[str]:
-        raise NotImplementedError
-
-
-class Counter(_Metric):
-    """Monotonic total per label set; `set_total` mirrors a cumulative value kept elsewhere."""
-
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str):
-        super().__init__(name, help_text)
-        self._values: dict[LabelKey, float] = {}
-
-    def inc(self, amount: float = 1.0, **labels: object) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        key = _label_key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def set_total(self, value: float, **labels: object) -> None:
-        with self._lock:
-            self._values[_label_key(labels)] = float(value)
-
-    def get(self, **labels: object) -> float:
-        return self._values.get(_label_key(labels), 0.0)
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_label_text(k)} {_format_value(v)}" for k, v in items]
-
-
-class Gauge(Counter):
-    """A value that goes up and down."""
-
-    kind = "gauge"
-
-    def set(self, value: float, **labels: object) -> None:
-        self.set_total(value, **labels)
-
-
-class Histogram(_Metric):
-    """Cumulative buckets, `_sum` and `_count` per label set."""
-
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, buckets: Iterable[float] = LATENCY_BUCKETS):
-        super().__init__(name, help_text)
-        self.buckets = tuple(sorted(float(b) for b in buckets))
-        # per label set: [count per bucket (non-cumulative)..., +Inf overflow, sum]
-        self._values: dict[LabelKey, list[float]] = {}
-
-    def observe(self, value: float, **labels: object) -> None:
-        key = _label_key(labels)
-        with self._lock:
-            row = self._values.setdefault(key, [0.0] * (len(self.buckets) + 2))
-            slot = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
-            row[slot] += 1
-            row[-1] += value
-
-    def count(self, **labels: object) -> int:
-        row = self._values.get(_label_key(labels))
-        return 0 if row is None else int(sum(row[:-1]))
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            items = sorted((k, list(v)) for k, v in self._values.items())
-        if not items:
-            items = [((), [0.0] * (len(self.buckets) + 2))]
-        lines = []
-        for key, row in items:
-            running = 0.0
-            for bound, n in zip((*self.buckets, math.inf), row[:-1], strict=True):
-                running += n
-                le = _label_key({**dict(key), "le": _format_value(bound)})
-                lines.append(f"{self.name}_bucket{_label_text(le)} {_format_value(running)}")
-            lines.append(f"{self.name}_sum{_label_text(key)} {_format_value(row[-1])}")
-            lines.append(f"{self.name}_count{_label_text(key)} {_format_value(running)}")
-        return lines
-
-
-class MetricsRegistry:
-    """Named metrics in registration order; `render` gives the Prometheus text."""
-
-    def __init__(self) -> None:
-        self._metrics: dict[str, _Metric] = {}
-
-    def _add(self, metric: _Metric) -> _Metric:
-        existing = self._metrics.get(metric.name)
-        if existing is not None:
-            if type(existing) is not type(metric):
-                raise ValueError(f"{metric.name} is already a {existing.kind}")
-            return existing
-        self._metrics[metric.name] = metric
-        return metric
-
-    def counter(self, name: str, help_text: str) -> Counter:
-        return self._add(Counter(name, help_text))  # type: ignore[return-value]
-
-    def gauge(self, name: str, help_text: str) -> Gauge:
-        return self._add(Gauge(name, help_text))  # type: ignore[return-value]
-
-    def histogram(
-        self, name: str, help_text: str, buckets: Iterable[float] = LATENCY_BUCKETS
-    ) -> Histogram:
-        return self._add(Histogram(name, help_text, buckets))  # type: ignore[return-value]
-
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in self._metrics.values():
-            lines += metric.header() + metric.samples()
-        return "\n".join(lines) + "\n"
-
-
-def parse_prometheus_text(text: str) -> dict[tuple[str, LabelKey], float]:
-    """Samples of a Prometheus text page as {(name, sorted labels): value}; ValueError on a bad
-    line. For tests and `afd bench serve` scraping."""
-    samples: dict[tuple[str, LabelKey], float] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        m = _SAMPLE_RE.match(line)
-        if m is None:
-            raise ValueError(f"line {n} is not a Prometheus sample: {line!r}")
-        labels: list[tuple[str, str]] = []
-        body = m.group(3) or ""
-        pos = 0
-        while pos < len(body):
-            pair = _LABEL_PAIR_RE.match(body, pos)
-            if pair is None or pair.end() == pos:
-                raise ValueError(f"line {n} has malformed labels: {line!r}")
-            labels.append((pair.group(1), _unescape(pair.group(2))))
-            pos = pair.end()
-        samples[(m.group(1), tuple(sorted(labels)))] = float(m.group(4))
-    return samples
-
-
 # engine.stats() keys that vLLM also exports as gauges
 ENGINE_GAUGES = {
     "num_requests_running": "Requests in the running batch.",
     "num_requests_waiting": "Requests waiting to be scheduled.",
     "kv_cache_usage_perc": "Fraction of KV-cache blocks in use (1 = full).",
 }
+ENGINE_COUNTERS = {
+    "num_preemptions_total": "Sequences preempted (their KV dropped, to be recomputed).",
+    "prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache.",
+    "prefix_cache_hits_total": "Prompt tokens found in the prefix cache.",
+}
 _STAGE_RE = re.compile(r"^afd_stage_(.+)_seconds$")
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_PLAIN_0_0_4
+
+
+def _metric_name(key: str) -> str:
+    return "afd:" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+class _EngineCollector:
+    """The engine's cumulative numbers as of the last refresh(), as metric families."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.stats: Mapping[str, Any] = {}
+        self.failures: Mapping[str, Any] = {}
+
+    def collect(self) -> Iterable:
+        m = self.model_name
+        stages = CounterMetricFamily(
+            "afd:stage_seconds",
+            "Cumulative seconds spent in each AFD pipeline stage (attention, expert, comm ...).",
+            labels=["model_name", "stage"],
+        )
+        families: list = [stages]
+        for key, value in self.stats.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            stage = _STAGE_RE.match(key)
+            if stage is not None:
+                stages.add_metric([m, stage.group(1)], value)
+                continue
+            help_text = ENGINE_GAUGES.get(key) or ENGINE_COUNTERS.get(key) or f"engine stat {key}"
+            name = _metric_name(key)
+            if key.endswith("_total"):
+                family = CounterMetricFamily(name, help_text, labels=["model_name"])
+            else:
+                family = GaugeMetricFamily(name, help_text, labels=["model_name"])
+            family.add_metric([m], value)
+            families.append(family)
+        restarts = CounterMetricFamily(
+            "afd:worker_restarts",
+            "Workers replaced after they died or hung, by role.",
+            labels=["model_name", "role"],
+        )
+        for role, n in self.failures.get("worker_restarts", {}).items():
+            restarts.add_metric([m, str(role)], float(n))
+        recomputed = CounterMetricFamily(
+            "afd:requests_recomputed",
+            "Requests whose KV died with a worker and were recomputed from their tokens.",
+            labels=["model_name"],
+        )
+        recomputed.add_metric([m], float(self.failures.get("requests_recomputed", 0)))
+        families += [restarts, recomputed, self._recoveries()]
+        return families
+
+    def _recoveries(self) -> HistogramMetricFamily:
+        seconds = [float(s) for s in self.failures.get("recovery_seconds", [])]
+        family = HistogramMetricFamily(
+            "afd:recovery_seconds",
+            "Failure noticed to cluster re-formed (replacement started and joined).",
+            labels=["model_name"],
+        )
+        buckets = [
+            (_le(b), float(sum(1 for s in seconds if s <= b))) for b in (*LATENCY_BUCKETS, math.inf)
+        ]
+        family.add_metric([self.model_name], buckets, sum(seconds))
+        return family
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
 
 
 class ServerMetrics:
-    """The HTTP server's metrics: latency histograms and token counters it measures itself from
-    the output stream, plus gauges and per-stage AFD timings copied from engine.stats()."""
+    """The HTTP server's metrics, one registry per app: latencies and token counts it measures
+    itself (requests, not choices, are counted), plus the engine's numbers at each scrape."""
 
-    def __init__(self) -> None:
-        r = self.registry = MetricsRegistry()
-        self.ttft = r.histogram(
+    content_type = CONTENT_TYPE
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        r = self.registry = CollectorRegistry()
+        m = {"model_name": model_name}
+
+        def histogram(name: str, help_text: str):
+            return Histogram(
+                name, help_text, ["model_name"], registry=r, buckets=LATENCY_BUCKETS
+            ).labels(**m)
+
+        def counter(name: str, help_text: str):
+            return Counter(name, help_text, ["model_name"], registry=r).labels(**m)
+
+        self.ttft = histogram(
             "afd:time_to_first_token_seconds", "Request arrival to first output token."
         )
-        self.itl = r.histogram(
+        self.itl = histogram(
             "afd:inter_token_latency_seconds", "Time between consecutive output tokens."
         )
-        self.e2e = r.histogram(
+        self.e2e = histogram(
             "afd:e2e_request_latency_seconds", "Request arrival to its last output token."
         )
-        self.prompt_tokens = r.counter(
-            "afd:prompt_tokens_total", "Prompt tokens of requests that started generating."
+        self.queue_time = histogram(
+            "afd:request_queue_time_seconds", "Arrival in the engine to first scheduled."
         )
-        self.generation_tokens = r.counter(
-            "afd:generation_tokens_total", "Output tokens streamed from the engine."
+        self.prefill_time = histogram(
+            "afd:request_prefill_time_seconds", "First scheduled to first token (prefill)."
         )
-        self.request_success = r.counter(
-            "afd:request_success_total", "Finished requests, by finished_reason."
+        self.decode_time = histogram(
+            "afd:request_decode_time_seconds", "First token to last token (decode)."
         )
-        self.request_aborted = r.counter(
-            "afd:request_aborted_total", "Requests aborted because the client went away."
+        self.prompt_tokens = counter(
+            "afd:prompt_tokens", "Prompt tokens of requests that started generating."
         )
-        self.request_errors = r.counter(
-            "afd:request_errors_total", "Requests answered with an error, by HTTP status."
+        self.generation_tokens = counter(
+            "afd:generation_tokens", "Output tokens streamed from the engine."
         )
-        self.engine_gauges = {
-            key: r.gauge(f"afd:{key}", help_text) for key, help_text in ENGINE_GAUGES.items()
-        }
-        self.stage_seconds = r.counter(
-            "afd:stage_seconds_total",
-            "Cumulative seconds spent in each AFD pipeline stage (attention, expert, comm ...).",
+        self._success = Counter(
+            "afd:request_success",
+            "Finished requests (each prompt of a batch is one; its n choices are not counted "
+            "apart), by the finish reason of its first choice.",
+            ["model_name", "finished_reason"],
+            registry=r,
         )
-        self.worker_restarts = r.counter(
-            "afd:worker_restarts_total", "Workers replaced after they died or hung, by role."
+        self.request_aborted = counter(
+            "afd:request_aborted", "Requests aborted because the client went away."
         )
-        self.recovery_seconds = r.histogram(
-            "afd:recovery_seconds",
-            "Failure noticed to cluster re-formed (replacement started and joined).",
+        self._errors = Counter(
+            "afd:request_errors",
+            "Requests answered with an error, by HTTP status.",
+            ["model_name", "status"],
+            registry=r,
         )
-        self.requests_recomputed = r.counter(
-            "afd:requests_recomputed_total",
-            "Requests whose KV died with a worker and were recomputed from their tokens.",
-        )
-        self._recoveries_seen = 0
-        self._extra: dict[str, Gauge] = {}
+        self._engine = _EngineCollector(model_name)
+        r.register(self._engine)
 
     def observe_first_token(self, seconds: float, prompt_tokens: int, new_tokens: int) -> None:
         self.ttft.observe(seconds)
@@ -275,40 +194,41 @@ class ServerMetrics:
             self.itl.observe(seconds / new_tokens)
         self.generation_tokens.inc(new_tokens)
 
-    def observe_finished(self, seconds: float, finish_reasons: Iterable[str | None]) -> None:
+    def observe_finished(self, seconds: float, out: RequestOutput) -> None:
+        """One finished request: its latency, its engine times when known, one success."""
         self.e2e.observe(seconds)
-        for reason in finish_reasons:
-            self.request_success.inc(finished_reason=reason or "unknown")
+        reason = out.outputs[0].finish_reason if out.outputs else None
+        self._success.labels(self.model_name, reason or "unknown").inc()
+        t = out.metrics
+        if t is not None and t.first_scheduled_time is not None:
+            self.queue_time.observe(max(0.0, t.first_scheduled_time - t.arrival_time))
+            if t.first_token_time is not None:
+                self.prefill_time.observe(max(0.0, t.first_token_time - t.first_scheduled_time))
+                if t.finished_time is not None:
+                    self.decode_time.observe(max(0.0, t.finished_time - t.first_token_time))
 
-    def update_from_stats(self, stats: Mapping[str, float]) -> None:
-        for key, value in stats.items():
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                continue
-            stage = _STAGE_RE.match(key)
-            if stage is not None:
-                self.stage_seconds.set_total(value, stage=stage.group(1))
-            elif key in self.engine_gauges:
-                self.engine_gauges[key].set(value)
-            else:
-                name = "afd:" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
-                if name not in self._extra:
-                    self._extra[name] = self.registry.gauge(name, f"engine stat {key}")
-                self._extra[name].set(value)
+    def count_error(self, status: int) -> None:
+        self._errors.labels(self.model_name, str(status)).inc()
 
-    def update_failures(self, failures: Mapping) -> None:
-        """From engine.failure_stats(): restarts per role, recovery durations (cumulative
-        list; new ones are observed), requests recomputed."""
-        for role, n in failures.get("worker_restarts", {}).items():
-            self.worker_restarts.set_total(n, role=role)
-        seconds = list(failures.get("recovery_seconds", []))
-        for value in seconds[self._recoveries_seen :]:
-            self.recovery_seconds.observe(float(value))
-        self._recoveries_seen = max(self._recoveries_seen, len(seconds))
-        self.requests_recomputed.set_total(float(failures.get("requests_recomputed", 0)))
+    def refresh(self, engine: Any) -> None:
+        """Take the engine's numbers for the next render(); a failing engine leaves the
+        server's own metrics readable."""
+        try:
+            self._engine.stats = engine.stats()
+            failures = getattr(engine, "failure_stats", None)
+            self._engine.failures = failures() if failures is not None else {}
+        except Exception:  # noqa: BLE001 (a scrape must still show the server's metrics)
+            self._engine.stats, self._engine.failures = {}, {}
 
-    def render(self, stats: Mapping[str, float] | None = None) -> str:
-        if stats:
-            self.update_from_stats(stats)
-        return self.registry.render()
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+def parse_prometheus_text(text: str) -> dict[tuple[str, LabelKey], float]:
+    """Samples of a Prometheus text page as {(name, sorted labels): value}; ValueError on a bad
+    page. For tests and `afd bench serve` scraping."""
+    samples: dict[tuple[str, LabelKey], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+    return samples

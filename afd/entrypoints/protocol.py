@@ -293,6 +293,71 @@ def _validate(model: type[BaseModel], body: dict) -> Any:
         raise _validation_error(e, body) from None
 
 
+# -- the body: JSON that cannot exhaust the parser ----------------------------------------------
+
+MAX_JSON_DEPTH = 64  # objects and arrays inside each other (a JSON schema needs far fewer)
+_MAX_INT_CHARS = 100  # far beyond 64 bits (those get a 400 naming their field), far below 4,300
+
+
+def _parse_int(text: str) -> int | float:
+    # before int() sees it (a 4,300-digit integer costs quadratic time, then raises): a huge
+    # one becomes an infinity, which the schema refuses with the field's name
+    if len(text) > _MAX_INT_CHARS:
+        return float("-inf") if text.startswith("-") else float("inf")
+    return int(text)
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """The request body as a JSON object; 400 for what is not UTF-8 JSON, nests deeper than
+    MAX_JSON_DEPTH, or holds integers far beyond 64 bits (never a 500 or a stall)."""
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_int=_parse_int)
+    except UnicodeDecodeError as e:
+        raise bad_request(f"the request body is not valid UTF-8: {e}") from None
+    except RecursionError:
+        raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except json.JSONDecodeError as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    if _too_deep(body, MAX_JSON_DEPTH):
+        raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+    return body
+
+
+def encode_prompt(
+    tokenizer: Tokenizer, text: str, max_model_len: int, param: str, special: bool = True
+) -> list[int]:
+    """Token ids of a prompt text; a text that cannot fit the context is refused (400) as soon
+    as that is certain, without encoding all of it."""
+    from afd.tokenizer import TooManyTokensError
+
+    try:
+        return tokenizer.encode_capped(text, max_model_len - 1, add_special_tokens=special)
+    except TooManyTokensError as e:
+        raise _too_long(e.at_least, max_model_len, param) from None
+
+
+def _too_long(at_least: int, max_model_len: int, param: str) -> APIError:
+    return bad_request(
+        f"the prompt has at least {at_least} tokens, but this model's maximum context "
+        f"length is {max_model_len} tokens (at most {max_model_len - 1} prompt tokens)",
+        param,
+        "context_length_exceeded",
+    )
+
+
 # -- request -> SamplingParams ----------------------------------------------------------------
 
 
@@ -433,20 +498,16 @@ def _max_tokens(value: int | None, name: str) -> int | None:
     return value
 
 
-def _check_model(model: str | None, model_name: str) -> None:
-    if model is not None and model != model_name:
+def check_model(body: dict, model_names: list[str]) -> None:
+    """404 unless the body names no model or one of the served names."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request(f"'model' must be a string, got {_show(model)}", "model")
+    if model is not None and model not in model_names:
         raise APIError(
             404, f"the model '{model}' does not exist", "invalid_request_error", "model",
             "model_not_found",
         )  # fmt: skip
-
-
-def check_model(body: dict, model_name: str) -> None:
-    """404 unless the body names no model or this one."""
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request(f"'model' must be a string, got {_show(model)}", "model")
-    _check_model(model, model_name)
 
 
 def _object(body: Any) -> dict:
@@ -466,7 +527,7 @@ def _prompts(prompt: Any, engine: EngineClient) -> tuple[list[list[int]], list[s
         if isinstance(p, str):
             if not p:
                 raise bad_request("the prompt is empty", "prompt")
-            ids.append(engine.tokenizer.encode(p))
+            ids.append(encode_prompt(engine.tokenizer, p, engine.max_model_len, "prompt"))
             texts.append(p)
         else:
             if not p:
@@ -480,11 +541,13 @@ def _prompts(prompt: Any, engine: EngineClient) -> tuple[list[list[int]], list[s
     return ids, texts
 
 
-def parse_completion_request(body: Any, engine: EngineClient) -> GenerateRequest:
+def parse_completion_request(
+    body: Any, engine: EngineClient, model_names: list[str] | None = None
+) -> GenerateRequest:
     """Validate a /v1/completions body: one prompt or a batch (a list of strings or of
     token-id lists: one choice per prompt and n); max_tokens defaults to 16 as in OpenAI."""
     body = _object(body)
-    check_model(body, engine.model_name)
+    check_model(body, model_names or [engine.model_name])
     r: CompletionRequest = _validate(CompletionRequest, body)
     _refuse_unsupported(r)
     if r.suffix:
@@ -536,11 +599,29 @@ def _message_text(message: Any, i: int) -> dict[str, str]:
     return {"role": message["role"], "content": content}
 
 
-def parse_chat_request(body: Any, engine: EngineClient) -> GenerateRequest:
+def render_chat(
+    engine: EngineClient, messages: list[dict], add_generation_prompt: bool, special: bool = False
+) -> list[int]:
+    """Token ids of `messages` through the chat template; contents that cannot fit the context
+    are refused before the template runs."""
+    tokenizer, limit = engine.tokenizer, engine.max_model_len
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > (limit - 1) * tokenizer.max_token_chars:
+        raise _too_long(chars // tokenizer.max_token_chars, limit, "messages")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # template errors are about the client's messages
+        raise bad_request(f"could not apply the chat template: {e}", "messages") from e
+    return encode_prompt(tokenizer, text, limit, "messages", special)
+
+
+def parse_chat_request(
+    body: Any, engine: EngineClient, model_names: list[str] | None = None
+) -> GenerateRequest:
     """Validate a /v1/chat/completions body; the prompt is the chat template with the generation
     prompt, tokenised without adding special tokens (the template has them)."""
     body = _object(body)
-    check_model(body, engine.model_name)
+    check_model(body, model_names or [engine.model_name])
     r: ChatCompletionRequest = _validate(ChatCompletionRequest, body)
     _refuse_unsupported(r)
     for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
@@ -552,11 +633,7 @@ def parse_chat_request(body: Any, engine: EngineClient) -> GenerateRequest:
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "messages")
     messages = [_message_text(m, i) for i, m in enumerate(messages)]
-    try:
-        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as e:  # template errors are about the client's messages
-        raise bad_request(f"could not apply the chat template: {e}", "messages") from e
-    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    ids = render_chat(engine, messages, True)
     if not ids:
         raise bad_request("the rendered chat prompt is empty", "messages")
     max_tokens = _max_tokens(r.max_completion_tokens, "max_completion_tokens")
@@ -583,6 +660,68 @@ def parse_chat_request(body: Any, engine: EngineClient) -> GenerateRequest:
         include_usage=_stream_options(r),
         top_logprobs=logprobs,
     )
+
+
+# -- /tokenize and /detokenize (vLLM's) ------------------------------------------------------
+
+
+class TokenizeRequest(_Schema):
+    """POST /tokenize: a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Any = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Schema):
+    """POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[Int]
+
+
+def parse_tokenize_request(body: Any, engine: EngineClient, model_names: list[str]) -> dict:
+    """The /tokenize answer: {count, max_model_len, tokens, token_strs}."""
+    body = _object(body)
+    check_model(body, model_names)
+    r: TokenizeRequest = _validate(TokenizeRequest, body)
+    if (r.prompt is None) == (r.messages is None):
+        raise bad_request("give either 'prompt' or 'messages'", "prompt")
+    if r.prompt is not None:
+        special = True if r.add_special_tokens is None else r.add_special_tokens
+        ids = encode_prompt(engine.tokenizer, r.prompt, engine.max_model_len, "prompt", special)
+    else:
+        if not isinstance(r.messages, list) or not r.messages:
+            raise bad_request("'messages' must be a non-empty list", "messages")
+        messages = [_message_text(m, i) for i, m in enumerate(r.messages)]
+        special = bool(r.add_special_tokens)  # the template has its special tokens
+        ids = render_chat(engine, messages, r.add_generation_prompt, special)
+    strs = [engine.tokenizer.id_to_token(t) for t in ids] if r.return_token_strs else None
+    return TokenizeResponse(
+        count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs
+    ).model_dump()
+
+
+def parse_detokenize_request(body: Any, engine: EngineClient, model_names: list[str]) -> dict:
+    """The /detokenize answer: {prompt}; token ids must be in the vocabulary."""
+    body = _object(body)
+    check_model(body, model_names)
+    r: DetokenizeRequest = _validate(DetokenizeRequest, body)
+    vocab = engine.tokenizer.vocab_size
+    if len(r.tokens) > engine.max_model_len:
+        raise bad_request(
+            f"'tokens' has {len(r.tokens)} ids; at most {engine.max_model_len} (max_model_len)",
+            "tokens",
+        )
+    bad = [t for t in r.tokens if not 0 <= t < vocab]
+    if bad:
+        raise bad_request(
+            f"token id {bad[0]} is out of range for vocabulary size {vocab}", "tokens"
+        )
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(r.tokens, False)).model_dump()
 
 
 # -- response schemas -------------------------------------------------------------------------
@@ -691,3 +830,14 @@ class ChatCompletionChunk(_Response):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = _omitted_when_none()
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str | None] | None = None
+
+
+class DetokenizeResponse(_Response):
+    prompt: str

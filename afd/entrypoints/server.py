@@ -5,6 +5,8 @@ whose client went away is aborted in the engine so its KV blocks are freed."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import hmac
 import json
 import logging
@@ -16,9 +18,10 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import afd
 from afd.entrypoints.metrics import ServerMetrics
 from afd.entrypoints.protocol import (
     APIError,
@@ -41,6 +44,17 @@ from afd.entrypoints.protocol import (
     error_body,
     parse_chat_request,
     parse_completion_request,
+    parse_detokenize_request,
+    parse_json_body,
+    parse_tokenize_request,
+)
+from afd.entrypoints.serving import (
+    HTTPGuard,
+    RequestInfo,
+    ServerConfig,
+    ServerState,
+    make_server,
+    request_info,
 )
 from afd.outputs import CompletionOutput, Logprob, RequestOutput
 
@@ -67,8 +81,10 @@ class Generation:
         poll_s: float,
         request_id: str,
         prompt_index: int = 0,
+        state: ServerState | None = None,
     ):
         self.engine = engine
+        self.state = state or ServerState()
         self.request = request
         self.req = req
         self.metrics = metrics
@@ -77,7 +93,7 @@ class Generation:
         self.prompt_index = prompt_index
         self.prompt_ids = req.prompts[prompt_index]
         self.start = time.monotonic()
-        self._last_token_at = self.start
+        self._last_token_at = self._checked = self.start
         self._num_tokens = 0
         self._stream = engine.generate(self.request_id, self.prompt_ids, req.params)
         self._pending: asyncio.Future | None = None
@@ -92,10 +108,19 @@ class Generation:
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.poll_s)
+                if self.state.abort_in_flight:
+                    raise APIError(
+                        503, "the server shut down before this request finished",
+                        "service_unavailable",
+                    )  # fmt: skip
+                # every poll_s, also while tokens arrive faster than that
+                now = time.monotonic()
+                if not done or now - self._checked >= self.poll_s:
+                    self._checked = now
+                    if await self.request.is_disconnected():
+                        raise ClientDisconnected
                 if done:
                     break
-                if await self.request.is_disconnected():
-                    raise ClientDisconnected
         except BaseException:
             task.cancel()  # throws into the engine stream, whose cleanup aborts the request
             task.add_done_callback(_consume_result)
@@ -140,7 +165,7 @@ class Generation:
             self._num_tokens, self._last_token_at = num_tokens, now
         if out.finished and not self.finished:
             self.finished = True
-            self.metrics.observe_finished(now - self.start, [c.finish_reason for c in out.outputs])
+            self.metrics.observe_finished(now - self.start, out)
 
     async def close(self) -> None:
         """Abort in the engine unless the request finished; safe to call twice and under
@@ -186,8 +211,11 @@ class _ClosingStreamingResponse(StreamingResponse):
 class ResponseShaper:
     """Shapes one API response (all of a request's prompts and choices) from engine snapshots."""
 
-    def __init__(self, engine: EngineClient, req: GenerateRequest, response_id: str):
+    def __init__(
+        self, engine: EngineClient, req: GenerateRequest, response_id: str, model_name: str
+    ):
         self.engine = engine
+        self.model_name = model_name
         self.req = req
         self.id = response_id
         self.created = int(time.time())
@@ -321,7 +349,7 @@ class ResponseShaper:
             id=self.id,
             object="chat.completion" if self.req.chat else "text_completion",
             created=self.created,
-            model=self.engine.model_name,
+            model=self.model_name,
             choices=choices,
             usage=self.usage(finals),
         )
@@ -333,7 +361,7 @@ class ResponseShaper:
             id=self.id,
             object="chat.completion.chunk" if self.req.chat else "text_completion",
             created=self.created,
-            model=self.engine.model_name,
+            model=self.model_name,
             choices=choices,
         )
         if usage is not None:
@@ -420,16 +448,31 @@ async def _gather(coros: list) -> list:
 
 
 def build_app(
-    engine: EngineClient, api_key: str | None = None, *, disconnect_poll_s: float = 0.1
+    engine: EngineClient,
+    config: ServerConfig | None = None,
+    *,
+    disconnect_poll_s: float = 0.1,
+    state: ServerState | None = None,
+    **settings: Any,
 ) -> FastAPI:
-    """The FastAPI app; `api_key` guards /v1/* with 'Authorization: Bearer KEY'."""
+    """The FastAPI app behind AFD's HTTP guard (afd.entrypoints.serving); `config` (or its
+    fields as keywords, e.g. api_key="...") sets the limits, the key and the served names."""
+    config = dataclasses.replace(config or ServerConfig(), **settings)
+    names = list(config.served_model_names or [engine.model_name])
+    state = state or ServerState()
     app = FastAPI(title="AFD", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(names[0])
     app.state.metrics = metrics
     app.state.engine = engine
+    app.state.afd = state
+    app.add_middleware(HTTPGuard, config=config, state=state, on_error=metrics.count_error)
+    # parsing and tokenizing run in threads, a few at a time: a huge body never holds up the
+    # event loop, and many huge bodies never hold every thread
+    parse_limiter = anyio.CapacityLimiter(2)
+    expected_auth = None if config.api_key is None else _digest(f"Bearer {config.api_key}")
 
     def error_response(e: APIError) -> JSONResponse:
-        metrics.request_errors.inc(status=e.status)
+        metrics.count_error(e.status)
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
@@ -455,13 +498,15 @@ def build_app(
         return error_response(APIError(500, f"internal server error: {e}", "server_error"))
 
     def check_api_key(request: Request) -> None:
-        if api_key is None:
+        """Every Authorization header must be exactly 'Bearer KEY' (compared in constant time,
+        through digests so the length leaks nothing either)."""
+        if expected_auth is None:
             return
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), api_key.encode()
-        ):
+        given = [value for name, value in request.scope["headers"] if name == b"authorization"]
+        ok = bool(given)
+        for value in given:
+            ok &= hmac.compare_digest(_digest(value), expected_auth)
+        if not ok:
             raise APIError(
                 401,
                 "invalid or missing API key: send 'Authorization: Bearer <key>'",
@@ -475,14 +520,14 @@ def build_app(
         if not ok:
             raise APIError(503, f"the engine is not healthy: {reason}", "service_unavailable")
 
-    async def read_json(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from e
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        return body
+    async def parse(request: Request, parser) -> Any:
+        """Parse the body and run `parser(body, engine, names)` in a worker thread."""
+        raw = await request.body()
+
+        def run():
+            return parser(parse_json_body(raw), engine, names)
+
+        return await anyio.to_thread.run_sync(run, limiter=parse_limiter)
 
     @app.get("/health")
     async def health():
@@ -493,67 +538,89 @@ def build_app(
             return JSONResponse({"status": "recovering", "reason": reason})
         return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
 
-    @app.get("/metrics")
-    async def metrics_page():
-        try:
-            stats = engine.stats()
-            failures = getattr(engine, "failure_stats", None)
-            if failures is not None:
-                metrics.update_failures(failures())
-        except Exception as e:  # a scrape must still show the server's own metrics
-            logger.warning("engine.stats() failed: %r", e)
-            stats = {}
-        return PlainTextResponse(
-            metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+    @app.get("/version")
+    async def version():
+        return {"version": afd.__version__}
 
-    def model_card() -> dict[str, Any]:
+    @app.get("/metrics")
+    async def metrics_page(request: Request):
+        if config.protect_metrics:
+            check_api_key(request)
+        metrics.refresh(engine)
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    def model_card(name: str) -> dict[str, Any]:
         return {
-            "id": engine.model_name,
+            "id": name,
             "object": "model",
-            "created": 0,
+            "created": created,
             "owned_by": "afd",
+            "root": getattr(engine, "model_root", engine.model_name),
+            "parent": None,
             "max_model_len": engine.max_model_len,
+            "permission": [],
         }
+
+    created = int(time.time())
 
     @app.get("/v1/models")
     async def list_models(request: Request):
         check_api_key(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in names]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(request: Request, model: str):
         check_api_key(request)
-        if model != engine.model_name:
+        if model not in names:
             raise APIError(
                 404, f"the model '{model}' does not exist", param="model", code="model_not_found"
             )
-        return model_card()
+        return model_card(model)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        check_api_key(request)
+        return await parse(request, parse_tokenize_request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        check_api_key(request)
+        return await parse(request, parse_detokenize_request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_api_key(request)
         check_healthy()
-        req = parse_completion_request(await read_json(request), engine)
-        return await respond(request, req)
+        return await respond(request, await parse(request, parse_completion_request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_api_key(request)
         check_healthy()
-        req = parse_chat_request(await read_json(request), engine)
-        return await respond(request, req)
+        return await respond(request, await parse(request, parse_chat_request))
 
     async def respond(request: Request, req: GenerateRequest):
+        capacity = getattr(engine, "sequence_capacity", None)
+        wanted = len(req.prompts) * req.params.n
+        if capacity is not None and wanted > capacity:
+            raise APIError(
+                400,
+                f"this request asks for {wanted} sequences (prompts x n); the server runs and "
+                f"queues at most {capacity} at once",
+                param="n",
+            )
         prefix = "chatcmpl" if req.chat else "cmpl"
-        response = ResponseShaper(engine, req, f"{prefix}-{uuid.uuid4().hex}")
+        response = ResponseShaper(engine, req, f"{prefix}-{uuid.uuid4().hex}", names[0])
+        info = request_info(request)
+        info.request_id = response.id
+        info.prompt_tokens = sum(len(p) for p in req.prompts)
         ids = (
             [response.id]
             if len(req.prompts) == 1
             else [f"{response.id}-{i}" for i in range(len(req.prompts))]
         )
         gens = [
-            Generation(engine, request, req, metrics, disconnect_poll_s, rid, i)
+            Generation(engine, request, req, metrics, disconnect_poll_s, rid, i, state)
             for i, rid in enumerate(ids)
         ]
         handed_over = False
@@ -566,11 +633,12 @@ def build_app(
             if req.stream:
                 handed_over = True
                 return _ClosingStreamingResponse(
-                    stream_events(response, gens, firsts),
+                    stream_events(response, gens, firsts, info),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
             finals = await _gather([g.final(f) for g, f in zip(gens, firsts, strict=True)])
+            info.completion_tokens = _completion_tokens(finals)
             return JSONResponse(response.full(gens, finals))
         except ClientDisconnected:
             return JSONResponse(
@@ -583,10 +651,13 @@ def build_app(
                     await g.close()
 
     async def stream_events(
-        response: ResponseShaper, gens: list[Generation], firsts: list[RequestOutput]
+        response: ResponseShaper,
+        gens: list[Generation],
+        firsts: list[RequestOutput],
+        info: RequestInfo,
     ) -> AsyncIterator[str]:
         req = response.req
-        state = _StreamState(response, len(gens) * req.params.n)
+        state_ = _StreamState(response, len(gens) * req.params.n)
         finals = list(firsts)
         pending: dict[asyncio.Future, int] = {}
         try:
@@ -603,7 +674,7 @@ def build_app(
                     ]
                 )
             for i, (gen, out) in enumerate(zip(gens, firsts, strict=True)):
-                for chunk in state.deltas(gen, out):
+                for chunk in state_.deltas(gen, out):
                     yield chunk
                 if not out.finished:
                     pending[asyncio.ensure_future(gen.next())] = i
@@ -615,7 +686,8 @@ def build_app(
                     if out is None:
                         raise APIError(500, "the engine stream ended unfinished", "server_error")
                     finals[i] = out
-                    for chunk in state.deltas(gens[i], out):
+                    info.completion_tokens = _completion_tokens(finals)
+                    for chunk in state_.deltas(gens[i], out):
                         yield chunk
                     if not out.finished:
                         pending[asyncio.ensure_future(gens[i].next())] = i
@@ -625,7 +697,7 @@ def build_app(
         except ClientDisconnected:
             return
         except APIError as e:  # headers are out: the error travels as an event
-            metrics.request_errors.inc(status=e.status)
+            metrics.count_error(e.status)
             yield sse(e.body())
             yield "data: [DONE]\n\n"
         finally:
@@ -642,15 +714,24 @@ def build_app(
     return app
 
 
-def serve(
-    engine: EngineClient,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    log_level: str = "warning",
-) -> None:
-    """Serve the API with uvicorn until interrupted."""
-    import uvicorn
+def _digest(value: str | bytes) -> bytes:
+    data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    return hashlib.sha256(data).digest()
 
-    app = build_app(engine, api_key=api_key)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+
+def _completion_tokens(outs: list[RequestOutput]) -> int:
+    return sum(len(c.token_ids) for out in outs for c in out.outputs)
+
+
+def serve(engine: EngineClient, host: str = "127.0.0.1", port: int = 8000, **settings) -> None:
+    """Serve the API with uvicorn until SIGINT/SIGTERM (ServerConfig fields as keywords)."""
+    config = ServerConfig(**settings)
+    state = ServerState()
+    app = build_app(engine, config, state=state)
+    from afd.scheduler.cluster import listen_socket
+
+    sock = listen_socket(host, port)
+    try:
+        make_server(app, config, state).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,0 +1,361 @@
+"""The HTTP layer under the OpenAI routes, made so that no client can stall it: a body size
+limit (413, from Content-Length before a byte is read), header and body read deadlines for
+half-sent requests (the connection is closed / 408), a budget for bodies buffered at once,
+X-Request-Id, one log line per request, draining on shutdown (503), and the uvicorn server that
+runs it all on a socket bound before the engine starts (listen_socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+access_logger = logging.getLogger("afd.request")
+
+# what a client's X-Request-Id may be to be echoed: visible ASCII, bounded (it goes into logs)
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+# probes and scrapes: logged at DEBUG, so a 1 Hz health check does not flood the log
+_QUIET_PATHS = ("/health", "/metrics")
+# routes that still answer while the server drains
+_DRAIN_PATHS = ("/health", "/metrics", "/version")
+
+
+@dataclass
+class ServerConfig:
+    """What the HTTP layer enforces (the `afd serve` flags of the same names)."""
+
+    api_key: str | None = None
+    served_model_names: list[str] | None = None  # None: the engine's model name
+    protect_metrics: bool = False  # /metrics needs the API key too
+    max_body_bytes: int = 16 * 2**20
+    header_timeout_s: float = 10.0  # request line and headers, from connect or last response
+    body_timeout_s: float = 60.0  # the whole body, from the end of the headers
+    shutdown_timeout_s: float = 20.0  # in-flight requests may finish this long, then abort
+    log_requests: bool = True
+
+    @property
+    def body_budget_bytes(self) -> int:
+        """Bodies buffered by all requests at once; beyond it new bodies get 503."""
+        return 8 * self.max_body_bytes
+
+
+@dataclass
+class ServerState:
+    """Mutable server-wide state shared by the middleware, the routes and the launcher."""
+
+    draining: bool = False  # a shutdown began: new requests get 503
+    abort_in_flight: bool = False  # the shutdown deadline passed: running requests are aborted
+    buffered_bytes: int = 0
+
+
+@dataclass
+class RequestInfo:
+    """Per-request facts the routes fill in for the log line and the X-Request-Id header."""
+
+    request_id: str | None = None
+    client_request_id: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    status: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def request_info(scope_or_request: Any) -> RequestInfo:
+    """The RequestInfo of a request (a Starlette Request or an ASGI scope)."""
+    scope = getattr(scope_or_request, "scope", scope_or_request)
+    info = scope.setdefault("state", {}).get("afd")
+    if info is None:
+        info = scope["state"]["afd"] = RequestInfo()
+    return info
+
+
+def _json_error(status: int, message: str, type_: str, code: str | None = None) -> bytes:
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return json.dumps(body).encode()
+
+
+class HTTPGuard:
+    """ASGI middleware in front of the app (see the module docstring)."""
+
+    def __init__(self, app, config: ServerConfig, state: ServerState, on_error=None):
+        self.app = app
+        self.config = config
+        self.state = state
+        self.on_error = on_error  # callback(status) for the metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        info = request_info(scope)
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                text = value.decode("latin-1")
+                if _REQUEST_ID.match(text):
+                    info.client_request_id = text
+        sent = {"started": False, "done": False, "close": False}
+
+        async def send_wrapper(message) -> None:
+            if message["type"] == "http.response.start":
+                sent["started"] = True
+                info.status = message["status"]
+                rid = info.client_request_id or info.request_id or f"req-{uuid.uuid4().hex}"
+                info.request_id = info.request_id or rid
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", rid.encode("latin-1")))
+                if sent["close"]:
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                sent["done"] = True
+            await send(message)
+
+        async def reply(status: int, message: str, type_: str, code: str | None = None) -> None:
+            sent["close"] = True  # the rest of the request is never read: no keep-alive
+            if self.on_error is not None:
+                self.on_error(status)
+            body = _json_error(status, message, type_, code)
+            await send_wrapper(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send_wrapper({"type": "http.response.body", "body": body})
+
+        budget_taken = 0
+        try:
+            if self.state.draining and scope["path"] not in _DRAIN_PATHS:
+                await reply(503, "the server is shutting down", "service_unavailable")
+                return
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body, budget_taken = await self._read_body(scope, receive, reply)
+                if body is None:
+                    return
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.state.buffered_bytes -= budget_taken
+            if self.config.log_requests:
+                self._log(scope, info, sent, start)
+
+    async def _read_body(self, scope, receive, reply) -> tuple[bytes | None, int]:
+        """The whole body within the size limit and the body deadline; None after answering
+        413 / 408 / 503 (or when the client left)."""
+        limit = self.config.max_body_bytes
+        length = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                with contextlib.suppress(ValueError):
+                    length = int(value)
+        too_big = (
+            f"the request body is larger than this server's limit of {limit} bytes "
+            "(--max-request-body-mb)"
+        )
+        if length is not None and length > limit:
+            await reply(413, too_big, "invalid_request_error", "request_too_large")
+            return None, 0
+        deadline = time.monotonic() + self.config.body_timeout_s
+        chunks: list[bytes] = []
+        size = taken = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                await reply(
+                    408,
+                    f"the request body did not arrive within {self.config.body_timeout_s:g} s",
+                    "invalid_request_error",
+                    "request_timeout",
+                )
+                return None, taken
+            if message["type"] == "http.disconnect":
+                return None, taken
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await reply(413, too_big, "invalid_request_error", "request_too_large")
+                return None, taken
+            if chunk:
+                if self.state.buffered_bytes + len(chunk) > self.config.body_budget_bytes:
+                    await reply(
+                        503,
+                        "too many large request bodies at once; retry later",
+                        "service_unavailable",
+                    )
+                    return None, taken
+                self.state.buffered_bytes += len(chunk)
+                taken += len(chunk)
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), taken
+
+    @staticmethod
+    def _log(scope, info: RequestInfo, sent: dict, start: float) -> None:
+        if not sent["started"]:
+            status = 499  # the client left before any answer (nginx's "client closed request")
+        elif not sent["done"]:
+            status = 499 if info.status == 200 else info.status  # a stream cut short
+        else:
+            status = info.status
+        level = logging.DEBUG if scope["path"] in _QUIET_PATHS else logging.INFO
+        if not access_logger.isEnabledFor(level):
+            return
+        client = scope.get("client")
+        where = f"{client[0]}:{client[1]}" if client else "-"
+        tokens = ""
+        if info.prompt_tokens is not None:
+            tokens = (
+                f" prompt_tokens={info.prompt_tokens}"
+                f" completion_tokens={info.completion_tokens or 0}"
+            )
+        access_logger.log(
+            level,
+            '%s %s "%s %s" %s%s %.3fs',
+            info.client_request_id or info.request_id or "-",
+            where,
+            scope["method"],
+            scope["path"],
+            status,
+            tokens,
+            time.monotonic() - start,
+        )
+
+
+def _replay(body: bytes, receive):
+    """A receive() that gives the buffered body once, then the client's own messages (so a
+    disconnect is still seen)."""
+    given = False
+
+    async def wrapped():
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return wrapped
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus a deadline for the request line and headers: a connection
+    that has not sent a whole request head `header_timeout_s` after it connected (or after its
+    previous response) is closed. uvicorn's keep-alive timer stops at the first byte, so a
+    client trickling headers would otherwise hold its connection for ever."""
+
+    header_timeout_s = 10.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+        self._arm_header_timer()
+        super().on_response_complete()
+
+    def connection_lost(self, exc) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+        waiting_after = self.cycle  # a new request replaces the cycle
+        self._header_timer = self.loop.call_later(
+            self.header_timeout_s, self._header_deadline, waiting_after
+        )
+
+    def _header_deadline(self, waiting_after) -> None:
+        if self.cycle is waiting_after and not self.transport.is_closing():
+            self.transport.close()
+
+
+class AFDServer(uvicorn.Server):
+    """uvicorn.Server whose SIGINT/SIGTERM drain instead of waiting for every generation: new
+    requests get 503 at once, running ones may finish for `shutdown_timeout_s`, then they are
+    aborted; a second signal stops at once. The signal is not raised again afterwards, so the
+    launcher's own clean-up runs."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout_s: float):
+        super().__init__(config)
+        self.afd_state = state
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.signalled: int | None = None
+        self._abort_timer: threading.Timer | None = None
+
+    def begin_shutdown(self, reason: str = "") -> None:
+        """Stop admitting now; abort what still runs after the shutdown timeout."""
+        if self.afd_state.draining:
+            return
+        self.afd_state.draining = True
+        self.should_exit = True
+        logging.getLogger("afd.entrypoints.server").info(
+            "shutting down%s: running requests get %.0f s to finish",
+            f" ({reason})" if reason else "",
+            self.shutdown_timeout_s,
+        )
+        self._abort_timer = threading.Timer(self.shutdown_timeout_s, self.abort_in_flight)
+        self._abort_timer.daemon = True
+        self._abort_timer.start()
+
+    def abort_in_flight(self) -> None:
+        self.afd_state.abort_in_flight = True
+
+    def handle_exit(self, sig: int, frame) -> None:  # type: ignore[override]
+        if self.signalled is None:
+            self.signalled = sig
+            self.begin_shutdown(signal.Signals(sig).name)
+        else:  # a second signal: stop now
+            self.abort_in_flight()
+            self.force_exit = True
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {
+            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self._abort_timer is not None:
+                self._abort_timer.cancel()
+
+
+def make_server(
+    app, config: ServerConfig, state: ServerState, log_level: str = "warning"
+) -> AFDServer:
+    """The uvicorn server for `app` with AFD's HTTP limits (run it with sockets=[...])."""
+    protocol = type(
+        "TimedH11Protocol", (TimedH11Protocol,), {"header_timeout_s": config.header_timeout_s}
+    )
+    uv_config = uvicorn.Config(
+        app,
+        http=protocol,
+        log_level=log_level,
+        access_log=False,  # AFD logs one line per request itself
+        lifespan="off",
+        # a backstop: in-flight requests are aborted at shutdown_timeout_s by the server
+        timeout_graceful_shutdown=config.shutdown_timeout_s + 3.0,
+    )
+    return AFDServer(uv_config, state, config.shutdown_timeout_s)
