@@ -87,7 +87,9 @@ QUICK_SWEEP = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA if present"
+    )
     p.add_argument(
         "--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on CUDA, fp32 on CPU"
     )

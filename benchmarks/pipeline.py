@@ -24,10 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=BENCH_MODEL, help=f"model dir, built-in or bench name ({BENCH_MODEL})"
     )
-    p.add_argument("--num-attention-workers", type=int, default=1)
-    p.add_argument("--num-expert-workers", type=int, default=1)
+    p.add_argument("--num-attention-workers", type=int, default=1, help="attention workers")
+    p.add_argument("--num-expert-workers", type=int, default=1, help="expert workers")
     p.add_argument("--max-micro-batches", type=int, default=2, help="measure m = 1..this")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=512, help="sequences decoded per step")
     p.add_argument("--context-len", type=int, default=32, help="prompt tokens per request")
     p.add_argument(
         "--steps",
@@ -42,9 +42,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K[,K...]",
         help="decode steps per scheduling step; a list (1,4) measures each K side by side",
     )
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--comm-backend", default="auto", choices=transport_names())
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where workers run")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype",
+    )
+    p.add_argument(
+        "--comm-backend", default="auto", choices=transport_names(), help="A<->F transport"
+    )
     p.add_argument(
         "--dispatch-dtype",
         default="auto",
@@ -402,10 +409,9 @@ def write_chrome_trace(result: dict, events: dict[str, list], path: Path) -> Non
 
 
 def write_timeline_png(result: dict, events: dict[str, list], path: Path) -> None:
-    import matplotlib
+    from afd.benchmarks.results import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = _traced(result, events)
     fig, axes = plt.subplots(len(runs), 1, figsize=(12, 2.4 * len(runs)), squeeze=False)

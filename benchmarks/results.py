@@ -128,3 +128,16 @@ def write_result(
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (Agg), for the benchmark and planner plots; matplotlib
+    is the `bench` extra, so without it this is a one-line error naming the extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("plots need matplotlib: pip install 'afd[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -64,10 +64,12 @@ class RequestResult:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `afd bench serve` (vLLM's names)."""
     parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root URL")
-    parser.add_argument("--endpoint", default="/v1/completions", choices=ENDPOINTS)
+    parser.add_argument(
+        "--endpoint", default="/v1/completions", choices=ENDPOINTS, help="API to load"
+    )
     parser.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
     parser.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
-    parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--num-prompts", type=int, default=100, help="requests to send")
     parser.add_argument("--random-input-len", type=int, default=128, help="prompt length (words)")
     parser.add_argument("--random-output-len", type=int, default=64, help="max_tokens per request")
     parser.add_argument(
@@ -99,9 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metric-percentiles", default="99", help="comma-separated percentiles, e.g. 50,90,99"
     )
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="of every request")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrivals")
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar (stderr)")
     parser.add_argument("--name", default="serve", help="result name (NAME.json)")
     parser.add_argument(
         "--result-file",
@@ -406,12 +409,24 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             async with gate:
                 return await one()
 
+        from tqdm import tqdm
+
+        # progress on stderr, as vLLM's; off with --disable-tqdm (and for non-CLI callers)
+        bar = tqdm(
+            total=len(specs),
+            desc="requests",
+            unit="req",
+            disable=getattr(args, "disable_tqdm", True),
+        )
         start = time.perf_counter()
         tasks = []
         async for spec in arrivals(specs, args.request_rate, args.burstiness, args.seed):
-            tasks.append(asyncio.create_task(limited(spec)))
+            task = asyncio.create_task(limited(spec))
+            task.add_done_callback(lambda _: bar.update(1))
+            tasks.append(task)
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+        bar.close()
 
     metrics = compute_metrics(specs, list(results), duration, slos, percentiles)
     config = {

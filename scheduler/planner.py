@@ -306,10 +306,9 @@ def cluster_yaml(best: Candidate, model: str, req: PlanRequest, device: str, ext
 def frontier_png(cands: list[Candidate], best: Candidate | None, req: PlanRequest, path) -> None:
     """Predicted tokens/s per worker against TPOT for every candidate; the Pareto frontier,
     the TPOT SLO and the chosen plan marked."""
-    import matplotlib
+    from afd.benchmarks.results import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5))
     kinds = sorted({c.config.label() for c in cands})

@@ -158,15 +158,25 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is when a record comes (not when made)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: str) -> None:
-    """AFD's loggers to stderr at `level` (the root logger is left alone)."""
+    """AFD's loggers to stderr at `level`."""
     log = logging.getLogger("afd")
-    if not any(getattr(h, "_afd", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler._afd = True  # type: ignore[attr-defined]
         log.addHandler(handler)
-        log.propagate = False
     log.setLevel(level.upper())
 
 

@@ -27,6 +27,7 @@ access_logger = logging.getLogger("afd.request")
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 # probes and scrapes: logged at DEBUG, so a 1 Hz health check does not flood the log
 _QUIET_PATHS = ("/health", "/metrics")
+MAX_HEADER_BYTES = 64 * 1024
 # routes that still answer while the server drains
 _DRAIN_PATHS = ("/health", "/metrics", "/version")
 
@@ -138,6 +139,10 @@ class HTTPGuard:
 
         budget_taken = 0
         try:
+            # h11 bounds a head that trickles in (16 KB), not one that comes in one read
+            if sum(len(n) + len(v) for n, v in scope["headers"]) > MAX_HEADER_BYTES:
+                await reply(431, "the request headers are too large", "invalid_request_error")
+                return
             if self.state.draining and scope["path"] not in _DRAIN_PATHS:
                 await reply(503, "the server is shutting down", "service_unavailable")
                 return
