@@ -4,6 +4,7 @@ AFD reads."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -44,10 +45,22 @@ def download_model(
     from huggingface_hub import snapshot_download
 
     patterns = TOKENIZER_FILES if tokenizer_only else MODEL_FILES + TOKENIZER_FILES
+    # huggingface_hub reads these variables once, at import; AFD reads them at each call, so
+    # a process that set them later (a test, a notebook) is honoured too
+    env = os.environ
+    if cache_dir is None and env.get("HF_HUB_CACHE"):
+        cache_dir = env["HF_HUB_CACHE"]
+    elif cache_dir is None and env.get("HF_HOME"):
+        cache_dir = os.path.join(os.path.expanduser(env["HF_HOME"]), "hub")
+    offline = env.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     try:
         path = Path(
             snapshot_download(
-                repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                allow_patterns=patterns,
+                local_files_only=offline,
             )
         )
     except Exception as e:  # huggingface_hub's errors, network errors: all mean "not available"

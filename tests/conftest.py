@@ -66,18 +66,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def launched(*args: str, timeout_s: float = 180.0):
-    """`afd launch --port PORT ARGS` in its own process group: yields (base URL, process) once
-    /health answers; Ctrl-C on exit, then SIGKILL to the group if it does not stop."""
+def launched(*args: str, timeout_s: float = 180.0, serve: bool = False, env: dict | None = None):
+    """`afd launch --port PORT ARGS` (`afd serve` with serve=True) in its own process group:
+    yields (base URL, process) once /health answers; Ctrl-C on exit, then SIGKILL to the group
+    if it does not stop."""
     import httpx
 
     port = free_port()
+    command = "serve" if serve else "launch"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "afd", "launch", "--port", str(port), *args],
+        [sys.executable, "-m", "afd", command, "--port", str(port), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        env=env,
     )
     base = f"http://127.0.0.1:{port}"
     proc.lines = []  # the launcher's output, read all along so its pipe never fills
@@ -98,10 +101,11 @@ def launched(*args: str, timeout_s: float = 180.0):
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C a launched cluster; SIGKILL its process group after 20 s."""
-    proc.send_signal(signal.SIGINT)
+    """Ctrl-C a launched cluster; SIGKILL its process group after 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

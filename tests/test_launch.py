@@ -15,6 +15,9 @@ import pytest
 from conftest import free_port, launched, stop
 
 from afd import LLM, SamplingParams
+from afd.entrypoints.metrics import parse_prometheus_text
+
+M = (("model_name", "tiny-qwen3-moe"),)  # the first served name labels every metric
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +25,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server():
     args = ["--dtype", "float32", "--num-micro-batches", "2", "--max-model-len", "256",
-            "--api-key", "sk-test"]  # fmt: skip
+            "--api-key", "sk-test", "--served-model-name", "tiny-qwen3-moe", "alias"]  # fmt: skip
     with launched(*args) as (base, proc):
         yield base, proc
 
@@ -122,16 +125,14 @@ def test_wrong_api_key_and_metrics(server):
         "afd:num_requests_running",
         "afd:kv_cache_usage_perc",
         "afd:e2e_request_latency_seconds",
-        'afd:stage_seconds_total{stage="expert"}',
     ):
         assert name in text, name
+    samples = parse_prometheus_text(text)
+    assert (("afd:stage_seconds_total"), (*M, ("stage", "expert"))) in samples
 
 
 def _metric(base: str, name: str) -> float:
-    for line in httpx.get(f"{base}/metrics").text.splitlines():
-        if line.startswith(f"afd:{name} "):
-            return float(line.split()[-1])
-    raise AssertionError(f"afd:{name} missing")
+    return parse_prometheus_text(httpx.get(f"{base}/metrics").text)[(f"afd:{name}", M)]
 
 
 def test_64_concurrent_streams_half_disconnect_leak_nothing(server):
@@ -267,8 +268,9 @@ def test_hostile_inputs_and_a_killed_worker_leave_8_streams_unaffected(server):
     assert texts == want
     assert health and set(health) == {200}
     text = httpx.get(f"{base}/metrics").text
-    assert 'afd:worker_restarts_total{role="expert"} 1.0' in text
-    assert "afd:recovery_seconds_count 1.0" in text
+    samples = parse_prometheus_text(text)
+    assert samples[("afd:worker_restarts_total", (*M, ("role", "expert")))] == 1
+    assert samples[("afd:recovery_seconds_count", M)] == 1
     assert any("recovered in" in line for line in proc.lines)
 
 
@@ -401,3 +403,83 @@ def test_bench_serve_against_the_cluster(server, tmp_path, capsys):
     assert result["completed"] == 8 and result["total_output_tokens"] == 48
     assert result["mean_ttft_ms"] <= result["mean_e2el_ms"]
     assert "Time to First Token" in capsys.readouterr().out
+
+
+def test_aliases_tokenize_and_request_ids_with_the_openai_client(server):
+    import openai
+
+    base, _ = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-test", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny-qwen3-moe", "alias"]
+    raw = client.completions.with_raw_response.create(
+        model="alias", prompt="Hello there", max_tokens=4, temperature=0,
+        extra_headers={"X-Request-Id": "trace-7"},
+    )  # fmt: skip
+    assert raw.headers["x-request-id"] == "trace-7"
+    r = raw.parse()
+    assert r.model == "tiny-qwen3-moe"
+    headers = {"Authorization": "Bearer sk-test"}
+    ids = httpx.post(f"{base}/tokenize", json={"prompt": "Hello there"}, headers=headers).json()
+    back = httpx.post(f"{base}/detokenize", json={"tokens": ids["tokens"]}, headers=headers)
+    assert back.json()["prompt"] == "Hello there" and ids["max_model_len"] == 256
+    again = client.completions.create(model="alias", prompt=ids["tokens"], max_tokens=4,
+                                      temperature=0)  # fmt: skip
+    assert again.choices[0].text == r.choices[0].text
+    assert httpx.get(f"{base}/version").json()["version"]
+
+
+def test_sigterm_with_16_streams_drains_within_the_timeout_and_leaves_nothing(tmp_path):
+    """SIGTERM: new requests get 503 at once, the 16 running streams end within
+    --shutdown-timeout (with an error event), the launcher exits 0 within the timeout + 5 s,
+    and no shm segment or temp folder of AFD's is left."""
+    import glob
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    shm_before = set(glob.glob("/dev/shm/*"))
+    timeout_s = 3.0
+    with launched("--dtype", "float32", "--shutdown-timeout", str(timeout_s), env=env) as (
+        base, proc
+    ):  # fmt: skip
+        endings: list[str] = []
+        started = threading.Barrier(17)
+
+        def stream(i: int) -> None:
+            body = {"prompt": f"stream {i}", "max_tokens": 1900, "ignore_eos": True,
+                    "stream": True}  # fmt: skip
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+                lines = r.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                assert "error" not in first
+                started.wait(timeout=60)
+                last = [line for line in lines if line.startswith("data: ")][-2:]
+                endings.append(" ".join(last))
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        started.wait(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        time.sleep(0.3)
+        try:  # refused: the listener is closed, or (if it was not yet) a 503
+            late = httpx.post(f"{base}/v1/completions", json={"prompt": "late"}, timeout=5)
+            assert late.status_code == 503
+        except httpx.TransportError:
+            pass
+        code = proc.wait(timeout=timeout_s + 30)
+        elapsed = time.monotonic() - t0
+        for t in threads:
+            t.join(timeout=10)
+    assert code == 0, "".join(proc.lines[-20:])
+    assert elapsed < timeout_s + 5, elapsed
+    assert len(endings) == 16
+    assert all("service_unavailable" in e and e.endswith("data: [DONE]") for e in endings)
+    assert any("shutting down (SIGTERM)" in line for line in proc.lines)
+    # torch keeps a compile cache in the temp dir (torchinductor_<user>): not AFD's
+    left = [p for p in os.listdir(tmp) if not p.startswith("torchinductor_")]
+    assert left == [], left
+    assert set(glob.glob("/dev/shm/*")) - shm_before == set()
+    assert tempfile.gettempdir() != str(tmp)  # the launcher's TMPDIR was its own
