@@ -101,3 +101,17 @@ def test_admission_counts_sequences():
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_engine_counts_prefix_cache_tokens_preemptions_and_request_times():
+    llm = LLM("tiny-qwen3-moe", dtype="float32", block_size=4)
+    prompt = list(range(10, 30))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    llm.generate([prompt], params, use_tqdm=False)
+    stats = llm.engine.stats()
+    assert stats["prefix_cache_queries_total"] == 2 * len(prompt)
+    assert stats["prefix_cache_hits_total"] == 16  # the second run finds 4 full blocks
+    assert stats["num_preemptions_total"] == 0
+    t = out.metrics
+    assert t.arrival_time <= t.first_scheduled_time <= t.first_token_time <= t.finished_time

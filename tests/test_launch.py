@@ -125,6 +125,11 @@ def test_wrong_api_key_and_metrics(server):
         "afd:num_requests_running",
         "afd:kv_cache_usage_perc",
         "afd:e2e_request_latency_seconds",
+        "afd:request_queue_time_seconds_count",
+        "afd:request_prefill_time_seconds_count",
+        "afd:request_decode_time_seconds_count",
+        "afd:num_preemptions_total",
+        "afd:prefix_cache_hits_total",
     ):
         assert name in text, name
     samples = parse_prometheus_text(text)

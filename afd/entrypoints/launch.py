@@ -325,6 +325,9 @@ def _serve(args, config, server_config, sock) -> int:
         threading.Thread(target=watchdog, name="afd-watchdog", daemon=True).start()
         server.run(sockets=[sock])
     finally:
+        # the clean-up (workers, shm segments, temp folders) is bounded: no signal cuts it short
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         engine.shutdown()
         print("afd: stopped", file=sys.stderr, flush=True)
     return 1 if failure else 0

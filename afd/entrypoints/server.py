@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP API over an EngineClient: /v1/completions, /v1/chat/completions,
-/v1/models, /health, /metrics. Errors have OpenAI's shape (never FastAPI's 422), and a request
-whose client went away is aborted in the engine so its KV blocks are freed."""
+/v1/models, /tokenize, /detokenize, /version, /health, /metrics, behind the HTTP guard of
+afd.entrypoints.serving. Errors have OpenAI's shape (never FastAPI's 422), and a request whose
+client went away is aborted in the engine so its KV blocks are freed."""
 
 from __future__ import annotations
 
