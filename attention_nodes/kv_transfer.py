@@ -38,7 +38,7 @@ def recv_kv(kv_caches: list, blocks: list[int], src: int, seq_id: int) -> None:
     caches = _flat(kv_caches)
     buf = torch.empty(len(caches), len(blocks), *caches[0].shape[1:], dtype=caches[0].dtype,
                       device=_wire_device(caches[0]))  # fmt: skip
-    liveness.wait_work(dist.irecv(buf, src, tag=kv_tag(seq_id)), buf.device)
+    liveness.wait_work(dist.irecv(buf, src, tag=kv_tag(seq_id)))
     buf = buf.to(caches[0].device)
     idx = torch.tensor(blocks, dtype=torch.int64, device=caches[0].device)
     for c, part in zip(caches, buf, strict=True):

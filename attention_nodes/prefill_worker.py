@@ -62,8 +62,8 @@ class PrefillWorker(RoleWorker):
                         self.model, self.sampler, mb.sample_entries, hidden[mb.sample_rows], {},
                         errors,
                     )  # fmt: skip
-        for work, buf in sends:
-            liveness.wait_work(work, buf.device)
+        for work, _ in sends:
+            liveness.wait_work(work)
         clock.record("prefill", "prefill", t0, clock.now())
         fields = dict(sampled=sampled, prompt_logprobs=prompt_logprobs, errors=errors,
                       times=clock.times, events=clock.events)  # fmt: skip

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -55,6 +56,7 @@ class WorkerChannel:
         self.inc = int.from_bytes(os.urandom(6), "little")
         self.gen = -1
         self.pending: dict | None = None  # a driver message that arrived in the middle of a step
+        self.lock = threading.Lock()  # the inbox is read by the main and the watcher thread
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.connect(spec["inbox_addrs"][self.rank])
@@ -64,20 +66,23 @@ class WorkerChannel:
 
     def recv(self) -> dict:
         """The next driver message; waiting for it counts as progress (liveness)."""
-        if self.pending is not None:
-            msg, self.pending = self.pending, None
-            return msg
-        while not self.inbox.poll(RECV_SLICE_MS):
+        while True:
+            with self.lock:
+                if self.pending is not None:
+                    msg, self.pending = self.pending, None
+                    return msg
+                if self.inbox.poll(RECV_SLICE_MS):
+                    liveness.beat()
+                    return wire.decode(self.inbox.recv())
             liveness.beat()
-        liveness.beat()
-        return wire.decode(self.inbox.recv())
 
-    def interrupt(self) -> None:
-        """The liveness hook during a step: the driver only writes mid-step to abort it."""
-        if self.pending is None and self.inbox.poll(0):
-            self.pending = wire.decode(self.inbox.recv())
-        if self.pending is not None:
-            raise liveness.StepAborted(self.pending["type"])
+    def driver_message(self) -> bool:
+        """Whether the driver sent a message (kept for recv()); during a step the driver only
+        writes to abort it. Called by the main thread and by liveness's watcher thread."""
+        with self.lock:
+            if self.pending is None and self.inbox.poll(0):
+                self.pending = wire.decode(self.inbox.recv())
+            return self.pending is not None
 
     def send(self, msg_type: str, **fields) -> None:
         self.outbox.send(
@@ -178,7 +183,7 @@ def serve(spec: dict, role: str, build: Callable[[dict], RoleWorker]) -> None:
         nonlocal joined
         if worker is not None:
             worker.leave()
-        liveness.drop_waits()
+        liveness.set_breaker(None)  # (after a break in progress)
         afd_dist.destroy_world()
         joined = False
 
@@ -186,7 +191,7 @@ def serve(spec: dict, role: str, build: Callable[[dict], RoleWorker]) -> None:
         torch.set_num_threads(spec.get("threads", 1))
         worker = build(spec)
         channel.send("ready", role=role, param_bytes=worker.param_bytes, pid=os.getpid())
-        liveness.set_interrupt(channel.interrupt)
+        liveness.set_interrupt(channel.driver_message)
         liveness.start()
         while True:
             msg = channel.recv()
@@ -204,6 +209,7 @@ def serve(spec: dict, role: str, build: Callable[[dict], RoleWorker]) -> None:
                 try:
                     with liveness.bounded(spec.get("dist_timeout_s", 300.0)):
                         init_world(spec, msg["gen"])
+                    liveness.set_breaker(afd_dist.break_waits)
                     joined = True
                     worker.join(spec, msg["gen"])
                 except Exception as e:  # e.g. a peer died during the rendezvous: try again

@@ -9,7 +9,10 @@ import torch
 import torch.distributed as dist
 
 BACKENDS = ("auto", "gloo", "nccl")
+BREAK_TAG = 1 << 30  # above every data-plane tag (afd.comm.dispatch, KV handoff)
+BREAK_WAIT = timedelta(milliseconds=1)
 _combine_group = None  # see init_world(combine_group=True)
+_break_works: list = []  # break_waits' requests, alive until the world is destroyed
 
 
 def resolve_backend(backend: str, device: str | torch.device) -> str:
@@ -87,9 +90,28 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def break_waits() -> None:
+    """End, from any thread, every wait on this rank's gloo requests of the world (see
+    afd.comm.liveness): a receive that times out closes its pair and fails every request
+    pending on it, also one whose peer is stopped. The world is unusable afterwards. No-op on
+    NCCL, whose wait() does not block."""
+    if not is_initialized() or dist.get_backend() != "gloo":
+        return
+    me = dist.get_rank()
+    for peer in range(dist.get_world_size()):
+        if peer != me:
+            _break_works.append(dist.irecv(torch.empty(1), peer, tag=BREAK_TAG))
+    for work in _break_works:
+        try:
+            work.wait(timeout=BREAK_WAIT)
+        except RuntimeError:
+            pass  # the timeout that closes the pair
+
+
 def destroy_world() -> None:
     """Leave the world (idempotent)."""
     global _combine_group
     _combine_group = None
+    _break_works.clear()
     if is_initialized():
         dist.destroy_process_group()

@@ -125,7 +125,7 @@ class TorchTransport(Transport):
         device, where work.wait() only orders the streams."""
         t0 = time.monotonic_ns()
         for work in works:
-            liveness.wait_work(work, self.device)  # abandoned when the driver aborts the step
+            liveness.wait_work(work)  # abandoned when the driver aborts the step
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         self.wait_ns += time.monotonic_ns() - t0
@@ -187,7 +187,7 @@ class TorchTransport(Transport):
             xs.append(x)
             metas.append(meta)
         for work in works:
-            liveness.wait_work(work, self.device)
+            liveness.wait_work(work)
         if xs:
             x, meta = torch.cat(xs).to(self.device), torch.cat(metas).to(self.device)
         else:
@@ -219,7 +219,7 @@ class TorchTransport(Transport):
 
     def flush(self) -> None:
         for work, _ in self._pending_sends:
-            liveness.wait_work(work, self.device)
+            liveness.wait_work(work)
         self._pending_sends.clear()
 
     def abandon(self) -> None:
