@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import torch
 from afd.attention_nodes.kv_transfer import send_kv
-from afd.attention_nodes.worker import build_micro_batch, entry_prompt_logprobs, sample_entries
+from afd.attention_nodes.worker import (
+    build_micro_batch,
+    entry_prompt_logprobs,
+    injected_fault,
+    sample_entries,
+)
 from afd.comm import liveness
 from afd.comm.control import RoleWorker, serve
 
@@ -53,6 +58,7 @@ class PrefillWorker(RoleWorker):
             mb = build_micro_batch(msg["micro_batches"][0], self.block_size, self.device)
             with torch.inference_mode():
                 hidden = self.model(mb.input_ids, mb.positions, mb.meta, self.caches)
+                injected_fault(mb.input_ids)
                 liveness.beat()
                 if mb.prompt_entries:
                     prompt_logprobs = entry_prompt_logprobs(self.model, self.sampler, mb, hidden)

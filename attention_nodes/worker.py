@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,19 @@ def build_micro_batch(entries: list, block_size: int, device) -> MicroBatch:
         prompt_rows,
         prompt_entries,
     )
+
+
+# test-only: a worker of a process started with this variable raises in its forward when a
+# micro-batch computes this token id (how the tests make one request fail on a worker; no
+# client can set it). Read once per plan, so a spawned worker sees its own environment.
+FAULT_TOKEN_ENV = "AFD_TEST_RAISE_ON_TOKEN"
+
+
+def injected_fault(input_ids: torch.Tensor) -> None:
+    """Raise if this process was started with AFD_TEST_RAISE_ON_TOKEN and the batch has it."""
+    token = os.environ.get(FAULT_TOKEN_ENV)
+    if token is not None and bool((input_ids == int(token)).any()):
+        raise RuntimeError(f"injected fault: token {token} ({FAULT_TOKEN_ENV}, tests only)")
 
 
 def run_attention_worker(spec: dict) -> None:
@@ -191,6 +205,8 @@ class AttentionWorker(RoleWorker):
             if layer.idx == 0 and step > 0 and mb.meta is not None:
                 mb = mbs[i] = on_done(i, step - 1, model.final_norm(hs[i], res[i]))
                 hs[i], res[i] = model.embed(mb.input_ids), None
+            if layer.idx == last and mb.meta is not None:
+                injected_fault(mb.input_ids)  # mid-step: the other micro-batches are in flight
             t0 = clock.now()
             if mb.meta is None:
                 x = torch.empty(0, model.config.hidden_size, device=self.device)

@@ -329,7 +329,6 @@ class AFDExecutor(ClusterRecovery):
         self._has_history: dict[int, set[int]] = {}
         self._prompt_logprobs: dict[int, list] = {}
         self._prefill_busy: set[int] = set()
-        self._prefill_plans: dict[int, dict] = {}  # busy prefill replica -> its plan's fields
         self._prefill_done: dict[int, tuple] = {}  # results not yet returned
         self._attempt_prefill: set[int] = set()  # prefill plans sent by the running execute()
         self._inc: dict[int, int] = {}  # rank -> incarnation of its current process
@@ -436,7 +435,6 @@ class AFDExecutor(ClusterRecovery):
         if p not in self._prefill_busy:
             return False
         self._prefill_busy.discard(p)
-        self._prefill_plans.pop(p, None)
         self._prefill_done[p] = (msg["sampled"], msg["errors"], msg["prompt_logprobs"])
         return True
 
@@ -491,10 +489,6 @@ class AFDExecutor(ClusterRecovery):
             prefill_rank, attn_rank = self.prefill_ranks[t.prefill], self.attention_ranks[t.replica]
             imports.setdefault(t.replica, []).append([t.seq.seq_id, prefill_rank, dst_blocks])
             exports.setdefault(t.prefill, []).append([t.seq.seq_id, attn_rank, src_blocks])
-        # prefill batches abandoned by a recovery run again first (their KV slots are the same)
-        for p, plan in self._prefill_plans.items():
-            if plan.pop("resend", False):
-                self._send(self.prefill_ranks[p], "prefill_step", **{**plan, "exports": []})
         planned = sorted(set(active) | set(imports))
         for r in planned:
             mbs = []
@@ -536,10 +530,9 @@ class AFDExecutor(ClusterRecovery):
                 plan_entry(seq, n, smp, with_history=True)
                 for seq, n, smp in zip(b.seqs, b.num_new_tokens, b.sample, strict=True)
             ]
-            plan = dict(step=self._step, micro_batches=[entries] if entries else [],
-                        trace=self.trace)  # fmt: skip
-            self._send(self.prefill_ranks[p], "prefill_step", exports=exports.get(p, []), **plan)
-            self._prefill_plans[p] = plan
+            self._send(self.prefill_ranks[p], "prefill_step", step=self._step,
+                       micro_batches=[entries] if entries else [], exports=exports.get(p, []),
+                       trace=self.trace)  # fmt: skip
             self._attempt_prefill.add(p)
         steps: list[dict] = [{} for _ in range(num_steps)]  # sampled tokens per decode step
         prompt_lps: list = []  # [seq_id, first position, entries] of this step

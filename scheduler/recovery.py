@@ -147,7 +147,6 @@ class ClusterRecovery:
         """Recover, forget the interrupted attempt, and say what the engine must fix up."""
         for p in self._attempt_prefill:  # the engine sends these again with the replay
             self._prefill_busy.discard(p)
-            self._prefill_plans.pop(p, None)
             self._prefill_done.pop(p, None)
         self._attempt_prefill = set()
         replaced = self._recover(reason)
@@ -155,16 +154,16 @@ class ClusterRecovery:
         lost_prefill = {self.prefill_ranks.index(r) for r in replaced if r in self.prefill_ranks}
         for p in lost_prefill:  # its batch and KV are gone: the engine requeues them
             self._prefill_busy.discard(p)
-            self._prefill_plans.pop(p, None)
             self._prefill_done.pop(p, None)
-        for p in self._prefill_busy:  # living prefill workers redo their abandoned batch
-            self._prefill_plans[p]["resend"] = True
+        # living prefill workers abandoned the batch of an earlier step: the engine sends it
+        # again with the replay (as a plan of this step, so that it can also bisect it)
+        dropped_prefill, self._prefill_busy = self._prefill_busy, set()
         for r in lost_attention:
             self._released.pop(r, None)
         # the replay sends every sampler history again: a replacement has none, and a living
         # worker may have abandoned the step before it kept one
         self._has_history.clear()
-        return StepInterrupted(reason, lost_attention, lost_prefill)
+        return StepInterrupted(reason, lost_attention, lost_prefill, dropped_prefill)
 
     def poll_failures(self) -> StepInterrupted | None:
         """Between steps: notice a failure and recover now (so /health and the next request

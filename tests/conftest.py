@@ -52,6 +52,23 @@ def mixed_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, vocab, (3 + (7 * i) % 23,), generator=g).tolist() for i in range(n)]
 
 
+def greedy_and_seeded(prompts: list[list[int]], lengths: int, min_len: int, seed: int) -> list:
+    """(prompt, SamplingParams) pairs: even ones greedy, odd ones sampled with a seed of their
+    own (both reproducible from request state alone), max_tokens from min_len up."""
+    from afd import SamplingParams
+
+    out = []
+    for i, p in enumerate(prompts):
+        n = min_len + i % lengths
+        if i % 2:
+            sp = SamplingParams(temperature=0.8, top_p=0.95, seed=seed + i, max_tokens=n,
+                                ignore_eos=True)  # fmt: skip
+        else:
+            sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        out.append((p, sp))
+    return out
+
+
 @pytest.fixture(scope="session")
 def builtin_path():
     from afd.builtin import resolve_model

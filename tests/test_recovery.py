@@ -12,7 +12,7 @@ import time
 
 import pytest
 from afd.scheduler.supervisor import WorkerDiedError
-from conftest import mixed_prompts
+from conftest import greedy_and_seeded, mixed_prompts
 
 from afd import LLM, SamplingParams
 
@@ -24,17 +24,7 @@ WAVES = 4  # requests arrive in waves, so the prefill worker has work at several
 
 
 def workload() -> list[tuple[list[int], SamplingParams]]:
-    prompts = mixed_prompts(NUM_REQUESTS, 512, seed=3)
-    out = []
-    for i, p in enumerate(prompts):
-        n = 8 + i % 9
-        if i % 2:
-            sp = SamplingParams(temperature=0.8, top_p=0.95, seed=1000 + i, max_tokens=n,
-                                ignore_eos=True)  # fmt: skip
-        else:
-            sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        out.append((p, sp))
-    return out
+    return greedy_and_seeded(mixed_prompts(NUM_REQUESTS, 512, seed=3), 9, 8, seed=1000)
 
 
 def run(llm: LLM, kills: dict[int, tuple[str, int]] | None = None) -> tuple[list, list[float]]:

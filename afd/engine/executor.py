@@ -14,13 +14,26 @@ Sampled = dict[int, tuple[int, dict[int, tuple[float, int]] | None]]
 
 
 class StepInterrupted(RuntimeError):
-    """A worker failed during a step and the cluster has been healed: the engine fixes up the
-    requests whose KV died (`lost_attention`, `lost_prefill`: replicas whose worker was
-    replaced) and runs the step again (a replay writes the same KV slots)."""
+    """A step failed (a worker died, hung or raised) and the executor is whole again: the engine
+    fixes up the requests whose KV died (`lost_attention`, `lost_prefill`: replicas whose worker
+    was replaced), sends again the prefill plans of earlier steps that were abandoned
+    (`dropped_prefill`: replicas whose worker lives) and runs the step again (a replay writes
+    the same KV slots). Nothing lost means the step itself raised: the engine may bisect it."""
 
-    def __init__(self, reason: str, lost_attention: set[int], lost_prefill: set[int]):
+    def __init__(
+        self,
+        reason: str,
+        lost_attention: set[int],
+        lost_prefill: set[int],
+        dropped_prefill: set[int] | None = None,
+    ):
         super().__init__(reason)
         self.reason, self.lost_attention, self.lost_prefill = reason, lost_attention, lost_prefill
+        self.dropped_prefill = dropped_prefill or set()
+
+    @property
+    def lost_worker(self) -> bool:
+        return bool(self.lost_attention or self.lost_prefill)
 
 
 class Executor(Protocol):
@@ -142,8 +155,13 @@ class LocalExecutor:
         self.runner = ModelRunner(model, kv_caches, config.block_size, config.device, sampler)
 
     def execute(self, batches: list[ScheduledBatch]) -> list[Sampled]:
+        """Run the batch; a raise in the forward (a kernel, a layer) becomes StepInterrupted,
+        so that the engine can find the request that makes it raise and go on without it."""
         self.runner.sample_errors.clear()
-        return self.runner.execute(batches[0])
+        try:
+            return self.runner.execute(batches[0])
+        except Exception as e:
+            raise StepInterrupted(f"{type(e).__name__}: {e}", set(), set()) from e
 
     @property
     def sample_errors(self) -> dict[int, str]:

@@ -31,8 +31,11 @@ from afd.tokenizer import IncrementalDetokenizer, Tokenizer, load_chat_template
 logger = logging.getLogger("afd.engine")
 
 # a step that fails this many times in a row with no worker replaced (a fault the requests
-# themselves trigger, not the cluster) fails its requests instead of being replayed again
+# themselves trigger, not the cluster) is bisected to find the request(s) that make it fail
 MAX_FAILED_REPLAYS = 2
+# while bisecting: raises allowed per halving level (one culprit costs one per level); past
+# them the step fails for everyone (a real bug), and its remaining requests fail at once
+ISOLATION_FAILURES_PER_LEVEL = 2
 
 
 @dataclass
@@ -172,6 +175,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seeds = itertools.count()  # requests given a seed derived from config.seed
         self.requests_recomputed = 0  # requests whose KV died with a worker and was recomputed
+        self._sample_errors: dict[int, str] = {}  # seq_id -> why its sampling failed, this step
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -357,20 +361,93 @@ class LLMEngine:
 
     def _execute(self, batches, new_prefill, transfers: list[Handoff], touched: dict) -> tuple:
         """Run the step; when a worker failed and the cluster healed, fix up what its failure
-        lost and run the step again (the same batches: a replay writes the same KV slots)."""
+        lost and run the step again (the same batches: a replay writes the same KV slots). A
+        step that keeps raising with no worker lost is bisected (`_isolate`)."""
+        self._sample_errors = {}
         failed_replays = 0
         while True:
             try:
-                if self.prefill_schedulers:
-                    return self.executor.execute(batches, new_prefill, transfers)
-                return self.executor.execute(batches), []
+                return self._run(batches, new_prefill, transfers)
             except StepInterrupted as e:
                 self._on_recovered(e, batches, new_prefill, transfers)
-                failed_replays = 0 if e.lost_attention or e.lost_prefill else failed_replays + 1
-                if failed_replays >= MAX_FAILED_REPLAYS:
-                    self._fail_step(e.reason, batches, new_prefill, transfers, touched)
-                    if not self.prefill_schedulers:
-                        return [{}], []  # nothing left to run (an empty step for any executor)
+                failed_replays = 0 if e.lost_worker else failed_replays + 1
+                if failed_replays < MAX_FAILED_REPLAYS:
+                    continue
+                result = self._isolate(e.reason, batches, new_prefill, transfers, touched)
+                if result is not None:
+                    return result
+                failed_replays = 0  # a worker was lost meanwhile: the rest is replayed whole
+
+    def _run(self, batches, new_prefill, transfers: list[Handoff]) -> tuple[list[Sampled], list]:
+        """One execute: (sampled tokens per decode step, prefill replicas whose plan finished)."""
+        if self.prefill_schedulers:
+            steps, done = self.executor.execute(batches, new_prefill, transfers)
+        else:
+            steps, done = self.executor.execute(batches), []
+        self._sample_errors.update(self.executor.sample_errors)
+        return steps, done
+
+    def _isolate(self, reason: str, batches, new_prefill, transfers: list[Handoff], touched):
+        """The step raised MAX_FAILED_REPLAYS times with no worker lost: find the request(s)
+        that make it raise by running parts of it (decode work and each prefill replica's
+        batch apart, then halves of a part that raises, until the request is alone), fail
+        those and keep what the other parts computed. Each replay is idempotent (the same KV
+        slots; sampling is a function of request state). At most ISOLATION_FAILURES_PER_LEVEL
+        raises per halving level: a step that raises for everyone fails every request left,
+        in bounded time. None when a worker was lost meanwhile (the caller replays the rest)."""
+        decode = list(
+            dict.fromkeys(
+                [s.request_id for b in batches for s in b.seqs]
+                + [t.seq.request_id for t in transfers]
+            )
+        )
+        groups = [decode] + [list(dict.fromkeys(s.request_id for s in b.seqs)) for b in new_prefill]
+        groups = [g for g in groups if g]
+        total = sum(len(g) for g in groups)
+        culprits: dict[str, str] = {}
+        if len(groups) == 1:  # that part is the whole step, which already raised: halve it
+            if total == 1:
+                culprits[groups[0][0]] = reason
+            groups = _halves(groups[0]) if total > 1 else []
+        budget = ISOLATION_FAILURES_PER_LEVEL * (max(total - 1, 1).bit_length() + 1)
+        failures, steps, done = 0, [{}], set()
+        logger.warning("step failed %d times with no worker lost (%s); isolating the "
+                       "request(s) that make it fail among %d", MAX_FAILED_REPLAYS, reason,
+                       total)  # fmt: skip
+        while groups:
+            group = groups.pop(0)
+            if failures >= budget:  # not one request's fault: the rest fails as a whole
+                culprits.update(dict.fromkeys(group, reason))
+                continue
+            ids = set(group)
+            part = (
+                [_only(b, ids) for b in batches],
+                [_only(b, ids) for b in new_prefill],
+                [t for t in transfers if t.seq.request_id in ids],
+            )
+            try:
+                got, finished = self._run(*part)
+            except StepInterrupted as e:
+                if e.lost_worker or e.dropped_prefill:
+                    self._fail_requests(culprits, batches, new_prefill, transfers, touched)
+                    self._on_recovered(e, batches, new_prefill, transfers)
+                    return None
+                failures, reason = failures + 1, e.reason
+                if len(group) == 1:
+                    culprits[group[0]] = e.reason
+                else:
+                    groups[:0] = _halves(group)
+                continue
+            for k, sampled in enumerate(got):
+                if k == len(steps):
+                    steps.append({})
+                steps[k].update(sampled)
+            done.update(finished)
+        self._fail_requests(culprits, batches, new_prefill, transfers, touched)
+        for p, b in enumerate(new_prefill):
+            if b.is_empty and p not in done:
+                self._prefill_inflight.pop(p, None)  # every request of its plan failed
+        return steps, sorted(done)
 
     def maintain(self) -> None:
         """While idle: let the executor notice and heal a failure now, so the next request (and
@@ -383,7 +460,8 @@ class LLMEngine:
 
     def _on_recovered(self, e: StepInterrupted, batches, new_prefill, transfers) -> None:
         """Requests whose KV lived on a replaced attention or prefill worker are recomputed from
-        their prompt and the tokens produced so far; lists are fixed up in place."""
+        their prompt and the tokens produced so far; abandoned prefill plans of earlier steps
+        join this step's; lists are fixed up in place."""
         recomputed: set[str] = set()
         for r in e.lost_attention:
             recomputed |= {s.request_id for s in self.schedulers[r].reset()}
@@ -411,34 +489,35 @@ class LLMEngine:
                 if t.seq in replica.running:
                     replica._preempt(t.seq)
                 recomputed.add(t.seq.request_id)
+        for p in e.dropped_prefill - e.lost_prefill:
+            if p in self._prefill_inflight:  # its worker abandoned it: it runs with the replay
+                new_prefill[p] = self._prefill_inflight[p]
         recomputed &= set(self.requests)
         self.requests_recomputed += len(recomputed)
         if recomputed:
             logger.warning("recomputing %d request(s) whose KV died: %s", len(recomputed),
                            ", ".join(sorted(recomputed)[:8]))  # fmt: skip
 
-    def _fail_step(self, reason: str, batches, new_prefill, transfers, touched: dict) -> None:
-        """A step keeps failing with no worker to blame: its requests fail (alone), the rest
-        of the engine goes on."""
-        ids = {s.request_id for b in [*batches, *new_prefill] for s in b.seqs}
-        ids |= {t.seq.request_id for t in transfers}
-        logger.warning("step failed %d times (%s); failing request(s) %s", MAX_FAILED_REPLAYS,
-                       reason, ", ".join(sorted(ids)))  # fmt: skip
-        for rid in ids:
+    def _fail_requests(self, culprits: dict[str, str], batches, new_prefill, transfers,
+                       touched: dict) -> None:  # fmt: skip
+        """Requests that make a step raise finish with an error (one log line each); they leave
+        the step's batches and transfers, and the rest of the engine goes on."""
+        for rid, why in culprits.items():
             state = self.requests.get(rid)
             if state is None:
                 continue
+            logger.warning("request %s failed: the step raised on it: %s", rid, why)
             self.abort_request(rid)
-            state.error = f"the engine failed on this request: {reason}"
+            state.error = f"the engine failed on this request: {why}"
             touched[rid] = state
-        for p, b in enumerate(new_prefill):
-            if not b.is_empty:
-                self._prefill_inflight.pop(p, None)
+        ids = set(culprits)
         for b in [*batches, *new_prefill]:
-            b.seqs.clear(), b.num_new_tokens.clear(), b.sample.clear()
-        for t in transfers:  # the copies will not run: their source blocks are free again
+            keep = [i for i, s in enumerate(b.seqs) if s.request_id not in ids]
+            for lst in (b.seqs, b.num_new_tokens, b.sample):
+                lst[:] = [lst[i] for i in keep]
+        for t in [t for t in transfers if t.seq.request_id in ids]:
+            transfers.remove(t)  # its copy will not run: the source blocks are free again
             self.prefill_schedulers[t.prefill].block_manager.free_table(t.prefill_table)
-        transfers.clear()
 
     def _plan_decode_steps(self, batches: list[ScheduledBatch]) -> None:
         """With num_scheduler_steps > 1, pure-decode batches run several steps per plan; every
@@ -470,7 +549,7 @@ class LLMEngine:
                 detok = state.detokenizers[seq.index]
                 token = sampled[seq.seq_id][0]
                 if token < 0:  # its sampling failed on the worker: this request fails alone
-                    why = self.executor.sample_errors.get(seq.seq_id, "sampling failed")
+                    why = self._sample_errors.get(seq.seq_id, "sampling failed")
                     logger.warning("request %s failed: %s", state.request_id, why)
                     state.error = f"the engine failed on this request: {why}"
                     touched[state.request_id] = state
@@ -578,3 +657,17 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _halves(ids: list[str]) -> list[list[str]]:
+    mid = len(ids) // 2
+    return [ids[:mid], ids[mid:]]
+
+
+def _only(batch: ScheduledBatch, request_ids: set[str]) -> ScheduledBatch:
+    """The part of a batch that belongs to these requests (the same decode steps)."""
+    part = ScheduledBatch(num_steps=batch.num_steps)
+    for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True):
+        if seq.request_id in request_ids:
+            part.seqs.append(seq), part.num_new_tokens.append(n), part.sample.append(sample)
+    return part

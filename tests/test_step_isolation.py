@@ -1,0 +1,123 @@
+"""A request that makes a step raise (a forward, a kernel) fails alone: the engine bisects the
+step until that request is alone, fails it with an error and keeps the others' tokens equal to
+a fault-free run; a step that raises for everyone still ends after a bounded number of tries."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import greedy_and_seeded, mixed_prompts
+
+from afd import LLM, SamplingParams
+from afd.engine.llm_engine import ISOLATION_FAILURES_PER_LEVEL, MAX_FAILED_REPLAYS
+
+POISON = 511  # the token that makes a forward raise; no other prompt or output has it
+FIRST_WAVE = 8
+
+
+def workload() -> list[tuple[list[int], SamplingParams]]:
+    """Greedy and seeded requests; index FIRST_WAVE is the poisoned one (joins later)."""
+    out = greedy_and_seeded(mixed_prompts(12, 500, seed=7), 5, 6, seed=50)
+    prompt, sp = out[FIRST_WAVE]
+    out[FIRST_WAVE] = ([*prompt[:2], POISON, *prompt[2:]], sp)
+    return out
+
+
+def run(llm: LLM, skip_poison: bool = False) -> dict[int, object]:
+    """Stream the workload: the first wave, then the rest (poisoned one included) while the
+    first wave decodes. Returns the finished output of every request by index."""
+    eng = llm.engine
+    work = workload()
+    ids: dict[str, int] = {}
+    done: dict[int, object] = {}
+    for step in range(200):
+        if step in (0, 2):
+            for i, (p, sp) in enumerate(work):
+                if (i < FIRST_WAVE) == (step == 0) and not (skip_poison and i == FIRST_WAVE):
+                    ids[eng.add_request(p, sp)] = i
+        for out in eng.step():
+            if out.finished:
+                done[ids[out.request_id]] = out
+        if len(done) == len(ids) and step >= 2:
+            return done
+    raise AssertionError("the workload did not finish in 200 steps")
+
+
+def poison_the_forward(monkeypatch, llm: LLM, always: bool = False) -> None:
+    """The last layer's FFN raises when the forward computes POISON (after every layer
+    wrote its KV: a replay writes the same slots again)."""
+    model = llm.engine.executor.runner.model
+    seen = {}
+    embed, last = model.embed, model.layers[-1]
+    ffn = last.ffn_part
+
+    def spy_embed(input_ids):
+        seen["ids"] = input_ids
+        return embed(input_ids)
+
+    def failing_ffn(x):
+        if always or bool((seen["ids"] == POISON).any()):
+            raise RuntimeError("a kernel failed")
+        return ffn(x)
+
+    monkeypatch.setattr(model, "embed", spy_embed)
+    monkeypatch.setattr(last, "ffn_part", failing_ffn)
+
+
+def count_executes(monkeypatch, llm: LLM) -> list[bool]:
+    """Every execute from now on: whether it raised."""
+    calls: list[bool] = []
+    ex = llm.engine.executor
+    real = ex.execute
+
+    def counted(batches):
+        calls.append(True)
+        out = real(batches)
+        calls[-1] = False
+        return out
+
+    monkeypatch.setattr(ex, "execute", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def llm():
+    llm = LLM("tiny-qwen3-moe", dtype="float32", block_size=4)
+    yield llm
+    llm.shutdown()
+
+
+def test_a_request_whose_forward_raises_fails_alone(llm, monkeypatch, caplog):
+    expected = run(llm, skip_poison=True)
+    assert all(POISON not in o.outputs[0].token_ids for o in expected.values())
+    poison_the_forward(monkeypatch, llm)
+    calls = count_executes(monkeypatch, llm)
+    got = run(llm)
+    bad = got.pop(FIRST_WAVE)
+    assert bad.error is not None and "a kernel failed" in bad.error
+    assert bad.outputs[0].finish_reason == "abort"
+    assert {i: o.outputs[0].token_ids for i, o in got.items()} == {
+        i: o.outputs[0].token_ids for i, o in expected.items()
+    }
+    assert all(o.error is None for o in got.values())
+    # 2 tries of the step, then one failed part per halving level (10 requests in the step)
+    assert MAX_FAILED_REPLAYS < sum(calls) <= MAX_FAILED_REPLAYS + 5, calls
+    assert any(bad.request_id in r.message and "a kernel failed" in r.message
+               for r in caplog.records)  # fmt: skip
+    sched = llm.engine.schedulers[0]
+    assert sched.block_manager.num_free_blocks == sched.config.num_blocks
+
+
+def test_a_step_that_raises_for_everyone_fails_its_requests_in_bounded_tries(llm, monkeypatch):
+    eng = llm.engine
+    work = workload()[:6]
+    ids = [eng.add_request(p, sp) for p, sp in work]
+    poison_the_forward(monkeypatch, llm, always=True)
+    calls = count_executes(monkeypatch, llm)
+    outs = {o.request_id: o for o in eng.step()}
+    assert sorted(outs) == sorted(ids)
+    assert all(o.finished and "a kernel failed" in o.error for o in outs.values())
+    budget = ISOLATION_FAILURES_PER_LEVEL * ((len(ids) - 1).bit_length() + 1)
+    assert all(calls) and MAX_FAILED_REPLAYS < len(calls) <= MAX_FAILED_REPLAYS + budget, calls
+    monkeypatch.undo()
+    again = llm.generate([work[0][0]], work[0][1], use_tqdm=False)[0]
+    assert again.error is None and len(again.outputs[0].token_ids) == work[0][1].max_tokens
