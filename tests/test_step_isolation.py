@@ -5,6 +5,7 @@ a fault-free run; a step that raises for everyone still ends after a bounded num
 from __future__ import annotations
 
 import pytest
+from afd.attention_nodes.worker import FAULT_TOKEN_ENV
 from conftest import greedy_and_seeded, mixed_prompts
 
 from afd import LLM, SamplingParams
@@ -121,3 +122,39 @@ def test_a_step_that_raises_for_everyone_fails_its_requests_in_bounded_tries(llm
     monkeypatch.undo()
     again = llm.generate([work[0][0]], work[0][1], use_tqdm=False)[0]
     assert again.error is None and len(again.outputs[0].token_ids) == work[0][1].max_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # the attention worker raises mid-step (last layer, other micro-batch in flight)
+        dict(num_attention_workers=2, num_expert_workers=1, num_micro_batches=2),
+        # the prefill worker raises on the prompt
+        dict(num_prefill_workers=1, num_attention_workers=1, num_expert_workers=1),
+    ],
+    ids=["2A1F-m2", "1P1A1F"],
+)
+def test_a_request_that_makes_a_worker_raise_fails_alone_on_a_cluster(layout, monkeypatch):
+    monkeypatch.setenv(FAULT_TOKEN_ENV, str(POISON))  # read by the spawned workers only
+    llm = LLM("tiny-qwen3-moe", dtype="float32", block_size=4, **layout)
+    ex = llm.engine.executor
+    try:
+        expected = run(llm, skip_poison=True)
+        assert all(o.error is None for o in expected.values())
+        got = run(llm)
+        bad = got.pop(FIRST_WAVE)
+        assert bad.error is not None and "injected fault" in bad.error
+        assert bad.outputs[0].finish_reason == "abort"
+        assert {i: o.outputs[0].token_ids for i, o in got.items()} == {
+            i: o.outputs[0].token_ids for i, o in expected.items()
+        }
+        # the workers stayed up: every failure was a re-formed data plane, no replacement
+        assert llm.engine.failure_stats()["worker_restarts"] == {}
+        recoveries = llm.engine.failure_stats()["recovery_seconds"]
+        print(f"{len(recoveries)} re-forms, {sum(recoveries):.2f} s in all")
+        assert ex.health() == (True, "ok")
+    finally:
+        llm.shutdown()
+    for w in ex.supervisor.workers + ex.supervisor.retired:
+        assert not w.process.is_alive(), f"{w.label} outlived the cluster"
