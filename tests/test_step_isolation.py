@@ -43,6 +43,19 @@ def run(llm: LLM, skip_poison: bool = False) -> dict[int, object]:
     raise AssertionError("the workload did not finish in 200 steps")
 
 
+def poisoned_fails_alone(got: dict, expected: dict, why: str):
+    """The poisoned request failed with `why` ("abort"); every other one has the tokens of the
+    fault-free run. Returns the poisoned request's output."""
+    bad = got.pop(FIRST_WAVE)
+    assert bad.error is not None and why in bad.error
+    assert bad.outputs[0].finish_reason == "abort"
+    assert all(o.error is None for o in got.values())
+    assert {i: o.outputs[0].token_ids for i, o in got.items()} == {
+        i: o.outputs[0].token_ids for i, o in expected.items()
+    }
+    return bad
+
+
 def poison_the_forward(monkeypatch, llm: LLM, always: bool = False) -> None:
     """The last layer's FFN raises when the forward computes POISON (after every layer
     wrote its KV: a replay writes the same slots again)."""
@@ -92,14 +105,7 @@ def test_a_request_whose_forward_raises_fails_alone(llm, monkeypatch, caplog):
     assert all(POISON not in o.outputs[0].token_ids for o in expected.values())
     poison_the_forward(monkeypatch, llm)
     calls = count_executes(monkeypatch, llm)
-    got = run(llm)
-    bad = got.pop(FIRST_WAVE)
-    assert bad.error is not None and "a kernel failed" in bad.error
-    assert bad.outputs[0].finish_reason == "abort"
-    assert {i: o.outputs[0].token_ids for i, o in got.items()} == {
-        i: o.outputs[0].token_ids for i, o in expected.items()
-    }
-    assert all(o.error is None for o in got.values())
+    bad = poisoned_fails_alone(run(llm), expected, "a kernel failed")
     # 2 tries of the step, then one failed part per halving level (10 requests in the step)
     assert MAX_FAILED_REPLAYS < sum(calls) <= MAX_FAILED_REPLAYS + 5, calls
     assert any(bad.request_id in r.message and "a kernel failed" in r.message
@@ -142,13 +148,7 @@ def test_a_request_that_makes_a_worker_raise_fails_alone_on_a_cluster(layout, mo
     try:
         expected = run(llm, skip_poison=True)
         assert all(o.error is None for o in expected.values())
-        got = run(llm)
-        bad = got.pop(FIRST_WAVE)
-        assert bad.error is not None and "injected fault" in bad.error
-        assert bad.outputs[0].finish_reason == "abort"
-        assert {i: o.outputs[0].token_ids for i, o in got.items()} == {
-            i: o.outputs[0].token_ids for i, o in expected.items()
-        }
+        poisoned_fails_alone(run(llm), expected, "injected fault")
         # the workers stayed up: every failure was a re-formed data plane, no replacement
         assert llm.engine.failure_stats()["worker_restarts"] == {}
         recoveries = llm.engine.failure_stats()["recovery_seconds"]
