@@ -467,7 +467,7 @@ class AFDExecutor(ClusterRecovery):
             sampled, done = self._execute(batches, list(prefill_batches or []), list(transfers))
             return sampled if prefill_batches is None else (sampled, done)
         except _Failure as f:
-            raise self._guarded(self._interrupted, str(f)) from None
+            raise self._guarded(self._interrupted, f) from None
         except Exception as e:
             self._die(e)
 
@@ -553,9 +553,9 @@ class AFDExecutor(ClusterRecovery):
             self._check_failures()
             if msg is None:
                 continue
-            reason = self._failure_in(msg)
-            if reason is not None:
-                raise _Failure(reason)
+            failure = self._failure_in(msg)
+            if failure is not None:
+                raise failure
             if self._take_prefill_result(msg):
                 exports_only.discard(self.prefill_ranks.index(msg["rank"]))
                 self._add_times(times, events, msg)

@@ -33,7 +33,12 @@ def node_supervisor(config) -> Supervisor:
 
 
 class _Failure(Exception):
-    """Something failed in the data plane or a worker; the cluster must be re-formed."""
+    """Something failed in the data plane or a worker; the cluster must be re-formed. `rank`:
+    the worker whose plan raised, when that is what failed."""
+
+    def __init__(self, reason: str, rank: int | None = None):
+        super().__init__(reason)
+        self.rank = rank
 
 
 @dataclass
@@ -51,15 +56,17 @@ class ClusterRecovery:
     def _current(self, msg: dict) -> bool:
         return msg.get("inc") == self._inc.get(msg.get("rank"))
 
-    def _failure_in(self, msg: dict) -> str | None:
-        """Why this message means the data plane must be re-formed, if it does."""
+    def _failure_in(self, msg: dict) -> _Failure | None:
+        """The failure this message tells of (the data plane must be re-formed), if any."""
         kind = msg["type"]
         if kind == "ready" and not self._current(msg):
             self._adopt(msg)
-            return f"{msg['role']} worker {msg['rank']} was replaced (pid {msg.get('pid')})"
+            return _Failure(f"{msg['role']} worker {msg['rank']} was replaced "
+                            f"(pid {msg.get('pid')})")  # fmt: skip
         if kind in ("error", "step_failed") and self._current(msg):
             name = f"{self.role(msg['rank'])} worker {msg['rank']}"
-            return f"{name} failed: {msg['message']}"
+            rank = msg["rank"] if kind == "step_failed" else None
+            return _Failure(f"{name} failed: {msg['message']}", rank)
         return None
 
     def _check_failures(self) -> None:
@@ -143,8 +150,9 @@ class ClusterRecovery:
         self.recovering = None
         return replaced
 
-    def _interrupted(self, reason: str) -> StepInterrupted:
+    def _interrupted(self, failure: _Failure) -> StepInterrupted:
         """Recover, forget the interrupted attempt, and say what the engine must fix up."""
+        reason = str(failure)
         for p in self._attempt_prefill:  # the engine sends these again with the replay
             self._prefill_busy.discard(p)
             self._prefill_done.pop(p, None)
@@ -163,7 +171,15 @@ class ClusterRecovery:
         # the replay sends every sampler history again: a replacement has none, and a living
         # worker may have abandoned the step before it kept one
         self._has_history.clear()
-        return StepInterrupted(reason, lost_attention, lost_prefill, dropped_prefill)
+        raised = failure.rank
+        failed_prefill = (
+            {self.prefill_ranks.index(raised)}
+            if raised in self.prefill_ranks and raised not in replaced
+            else set()
+        )
+        return StepInterrupted(
+            reason, lost_attention, lost_prefill, dropped_prefill, failed_prefill
+        )
 
     def poll_failures(self) -> StepInterrupted | None:
         """Between steps: notice a failure and recover now (so /health and the next request
@@ -173,7 +189,7 @@ class ClusterRecovery:
         try:
             self._drain()
         except _Failure as f:
-            return self._guarded(self._interrupted, str(f))
+            return self._guarded(self._interrupted, f)
         except Exception as e:
             self._die(e)
         return None
@@ -187,9 +203,9 @@ class ClusterRecovery:
                 msg = wire.decode(self.inbox.recv())
             except wire.WireError:
                 continue
-            reason = self._failure_in(msg)
-            if reason is not None:
-                raise _Failure(reason)
+            failure = self._failure_in(msg)
+            if failure is not None:
+                raise failure
             self._take_prefill_result(msg)
 
     def _guarded(self, fn, *args):

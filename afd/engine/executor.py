@@ -18,7 +18,9 @@ class StepInterrupted(RuntimeError):
     fixes up the requests whose KV died (`lost_attention`, `lost_prefill`: replicas whose worker
     was replaced), sends again the prefill plans of earlier steps that were abandoned
     (`dropped_prefill`: replicas whose worker lives) and runs the step again (a replay writes
-    the same KV slots). Nothing lost means the step itself raised: the engine may bisect it."""
+    the same KV slots). Nothing lost means the step itself raised: the engine may bisect it;
+    `failed_prefill`: the prefill replica whose plan raised (a plan of an earlier step may
+    fail during a later one)."""
 
     def __init__(
         self,
@@ -26,10 +28,12 @@ class StepInterrupted(RuntimeError):
         lost_attention: set[int],
         lost_prefill: set[int],
         dropped_prefill: set[int] | None = None,
+        failed_prefill: set[int] | None = None,
     ):
         super().__init__(reason)
         self.reason, self.lost_attention, self.lost_prefill = reason, lost_attention, lost_prefill
         self.dropped_prefill = dropped_prefill or set()
+        self.failed_prefill = failed_prefill or set()
 
     @property
     def lost_worker(self) -> bool:

@@ -176,6 +176,7 @@ class LLMEngine:
         self._seeds = itertools.count()  # requests given a seed derived from config.seed
         self.requests_recomputed = 0  # requests whose KV died with a worker and was recomputed
         self._sample_errors: dict[int, str] = {}  # seq_id -> why its sampling failed, this step
+        self._prefill_raises: dict[int, int] = {}  # prefill replica -> raises of its plan
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -335,6 +336,8 @@ class LLMEngine:
             self._prefill_inflight.pop(p, empty) if p in done else empty
             for p in range(len(self.prefill_schedulers))
         ]
+        for p in done:
+            self._prefill_raises.pop(p, None)
         pairs = list(zip(self.schedulers, batches, strict=True))
         pairs += list(zip(self.prefill_schedulers, prefill_batches, strict=True))
         self._apply_prompt_logprobs(self.executor.take_prompt_logprobs())
@@ -371,7 +374,11 @@ class LLMEngine:
             except StepInterrupted as e:
                 self._on_recovered(e, batches, new_prefill, transfers)
                 failed_replays = 0 if e.lost_worker else failed_replays + 1
-                if failed_replays < MAX_FAILED_REPLAYS:
+                # a prefill plan may raise while a later step runs, and that step's replay may
+                # end before it raises again: its raises are counted until it finishes
+                for p in e.failed_prefill:
+                    self._prefill_raises[p] = self._prefill_raises.get(p, 0) + 1
+                if max(failed_replays, *self._prefill_raises.values(), 0) < MAX_FAILED_REPLAYS:
                     continue
                 result = self._isolate(e.reason, batches, new_prefill, transfers, touched)
                 if result is not None:
@@ -444,6 +451,7 @@ class LLMEngine:
                 steps[k].update(sampled)
             done.update(finished)
         self._fail_requests(culprits, batches, new_prefill, transfers, touched)
+        self._prefill_raises.clear()  # every prefill batch ran or failed
         for p, b in enumerate(new_prefill):
             if b.is_empty and p not in done:
                 self._prefill_inflight.pop(p, None)  # every request of its plan failed
@@ -474,6 +482,7 @@ class LLMEngine:
             scheduler = self.prefill_schedulers[p]
             recomputed |= {s.request_id for s in scheduler.reset()}
             self._prefill_inflight.pop(p, None)
+            self._prefill_raises.pop(p, None)
             new_prefill[p] = ScheduledBatch()
             for h in [h for h in self._handoff if h.prefill == p]:
                 self._handoff.remove(h)  # its KV died before the copy: prefill it again
