@@ -67,7 +67,7 @@ def build_micro_batch(entries: list, block_size: int, device) -> MicroBatch:
 
 # test-only: a worker of a process started with this variable raises in its forward when a
 # micro-batch computes this token id (how the tests make one request fail on a worker; no
-# client can set it). Read once per plan, so a spawned worker sees its own environment.
+# client can set it). Read at each check, from the environment the worker was spawned with.
 FAULT_TOKEN_ENV = "AFD_TEST_RAISE_ON_TOKEN"
 
 
