@@ -195,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         "kills_by_role": {r: sum(k["role"] == r for k in kills) for r in ROLES},
         "recoveries": len(times),
         "recovery_seconds": times,
+        "recovery_min_s": min(times) if times else None,
         "recovery_p50_s": statistics.median(times) if times else None,
         "recovery_max_s": max(times) if times else None,
         "requests_failed": metrics["failed"],
