@@ -177,8 +177,9 @@ class ClusterRecovery:
             if raised in self.prefill_ranks and raised not in replaced
             else set()
         )
+        lost_expert = {r for r in replaced if r in self.expert_ranks}
         return StepInterrupted(
-            reason, lost_attention, lost_prefill, dropped_prefill, failed_prefill
+            reason, lost_attention, lost_prefill, dropped_prefill, failed_prefill, lost_expert
         )
 
     def poll_failures(self) -> StepInterrupted | None:

@@ -69,6 +69,16 @@ def greedy_and_seeded(prompts: list[list[int]], lengths: int, min_len: int, seed
     return out
 
 
+def assert_cleaned_up(executor) -> None:
+    """After a cluster's shutdown: no worker process (replaced ones too) is alive, and its
+    /dev/shm segments and IPC sockets are gone."""
+    sup = executor.supervisor
+    for w in sup.workers + sup.retired:
+        assert not w.process.is_alive(), f"{w.label} outlived the cluster"
+    assert not os.path.exists(executor.layout.shm), "shm segments left behind"
+    assert not os.path.exists(executor.layout.ipc), "IPC sockets left behind"
+
+
 @pytest.fixture(scope="session")
 def builtin_path():
     from afd.builtin import resolve_model

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from afd.scheduler.supervisor import WorkerDiedError
-from conftest import greedy_and_seeded, mixed_prompts
+from conftest import assert_cleaned_up, greedy_and_seeded, mixed_prompts
 
 from afd import LLM, SamplingParams
 
@@ -72,10 +72,7 @@ def cluster():
         yield llm, run(llm)[0]  # the fault-free run every other run must equal
     finally:
         llm.shutdown()
-    for w in ex.supervisor.workers + ex.supervisor.retired:
-        assert not w.process.is_alive(), f"{w.label} outlived the cluster"
-    assert not os.path.exists(ex.layout.shm), "shm segments left behind"
-    assert not os.path.exists(ex.layout.ipc), "IPC sockets left behind"
+    assert_cleaned_up(ex)
 
 
 def test_sigkill_expert_then_attention_then_prefill(cluster):

@@ -4,9 +4,12 @@ a fault-free run; a step that raises for everyone still ends after a bounded num
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 from afd.attention_nodes.worker import FAULT_TOKEN_ENV
-from conftest import greedy_and_seeded, mixed_prompts
+from conftest import assert_cleaned_up, greedy_and_seeded, mixed_prompts
 
 from afd import LLM, SamplingParams
 from afd.engine.llm_engine import ISOLATION_FAILURES_PER_LEVEL, MAX_FAILED_REPLAYS
@@ -156,5 +159,74 @@ def test_a_request_that_makes_a_worker_raise_fails_alone_on_a_cluster(layout, mo
         assert ex.health() == (True, "ok")
     finally:
         llm.shutdown()
-    for w in ex.supervisor.workers + ex.supervisor.retired:
-        assert not w.process.is_alive(), f"{w.label} outlived the cluster"
+    assert_cleaned_up(ex)
+
+
+def kill_during_isolation(monkeypatch, llm: LLM, role: str) -> list:
+    """While the engine bisects a step, SIGKILL a worker of `role` (attention: the one that
+    holds the poisoned request) just before the first part that is one innocent request runs:
+    the part must not be blamed for the loss. Returns [the killed worker] once killed."""
+    eng = llm.engine
+    sup = eng.executor.supervisor
+    run_part, isolate = eng._run, eng._isolate
+    killed: list = []
+    bisecting = [False]
+
+    def isolating(*args):
+        bisecting[0] = True
+        try:
+            return isolate(*args)
+        finally:
+            bisecting[0] = False
+
+    def part(batches, new_prefill, transfers):
+        seqs = [s for b in [*batches, *new_prefill] for s in b.seqs] + [t.seq for t in transfers]
+        ids = {s.request_id for s in seqs}
+        if bisecting[0] and not killed and len(ids) == 1 and POISON not in seqs[0].token_ids:
+            if role == "attention":
+                poisoned = next(r for r, s in eng.requests.items() if POISON in s.seqs[0].token_ids)
+                rank = eng._replica_of[poisoned][0]
+            else:
+                rank = next(w.rank for w in sup.workers if w.role == role)
+            victim = next(w for w in sup.workers if w.role == role and w.rank == rank)
+            os.kill(victim.process.pid, signal.SIGKILL)  # the supervisor reaps it
+            killed.append(victim)
+        return run_part(batches, new_prefill, transfers)
+
+    monkeypatch.setattr(eng, "_isolate", isolating)
+    monkeypatch.setattr(eng, "_run", part)
+    return killed
+
+
+@pytest.fixture(scope="module")
+def poisoned_cluster():
+    """A 2A1F m=2 cluster whose attention workers raise on POISON, and its fault-free run."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULT_TOKEN_ENV, str(POISON))  # read by the spawned workers (replacements too)
+        llm = LLM("tiny-qwen3-moe", dtype="float32", block_size=4, num_attention_workers=2,
+                  num_expert_workers=1, num_micro_batches=2)  # fmt: skip
+        ex = llm.engine.executor
+        try:
+            expected = run(llm, skip_poison=True)
+            assert all(o.error is None for o in expected.values())
+            yield llm, expected
+        finally:
+            llm.shutdown()
+    assert_cleaned_up(ex)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("role", ["expert", "attention"])
+def test_a_worker_lost_while_bisecting(poisoned_cluster, role, monkeypatch, caplog):
+    """A worker SIGKILLed in the middle of a bisection (before a part of one innocent request):
+    that part is not blamed, the worker is replaced, the rest of the step is replayed whole
+    and bisected again; the poisoned request fails alone, the others keep their tokens."""
+    llm, expected = poisoned_cluster
+    before = llm.engine.failure_stats()["worker_restarts"].get(role, 0)
+    killed = kill_during_isolation(monkeypatch, llm, role)
+    poisoned_fails_alone(run(llm), dict(expected), "injected fault")
+    assert len(killed) == 1 and killed[0].process.exitcode == -signal.SIGKILL, killed
+    assert llm.engine.failure_stats()["worker_restarts"].get(role, 0) == before + 1
+    bisections = [r for r in caplog.records if "isolating the request(s)" in r.message]
+    assert len(bisections) == 2, "the step was not bisected again after the loss"
+    assert llm.engine.executor.health() == (True, "ok")

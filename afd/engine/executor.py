@@ -18,9 +18,10 @@ class StepInterrupted(RuntimeError):
     fixes up the requests whose KV died (`lost_attention`, `lost_prefill`: replicas whose worker
     was replaced), sends again the prefill plans of earlier steps that were abandoned
     (`dropped_prefill`: replicas whose worker lives) and runs the step again (a replay writes
-    the same KV slots). Nothing lost means the step itself raised: the engine may bisect it;
-    `failed_prefill`: the prefill replica whose plan raised (a plan of an earlier step may
-    fail during a later one)."""
+    the same KV slots). `lost_expert`: expert ranks whose worker was replaced (they hold no
+    request state, but the failure was theirs, not the step's). Nothing lost means the step
+    itself raised: the engine may bisect it; `failed_prefill`: the prefill replica whose plan
+    raised (a plan of an earlier step may fail during a later one)."""
 
     def __init__(
         self,
@@ -29,15 +30,18 @@ class StepInterrupted(RuntimeError):
         lost_prefill: set[int],
         dropped_prefill: set[int] | None = None,
         failed_prefill: set[int] | None = None,
+        lost_expert: set[int] | None = None,
     ):
         super().__init__(reason)
         self.reason, self.lost_attention, self.lost_prefill = reason, lost_attention, lost_prefill
         self.dropped_prefill = dropped_prefill or set()
         self.failed_prefill = failed_prefill or set()
+        self.lost_expert = lost_expert or set()
 
     @property
     def lost_worker(self) -> bool:
-        return bool(self.lost_attention or self.lost_prefill)
+        """A worker was replaced: the failure is not the fault of the requests in the step."""
+        return bool(self.lost_attention or self.lost_prefill or self.lost_expert)
 
 
 class Executor(Protocol):
