@@ -12,6 +12,7 @@ from afd.attention_nodes.worker import FAULT_TOKEN_ENV
 from conftest import assert_cleaned_up, greedy_and_seeded, mixed_prompts
 
 from afd import LLM, SamplingParams
+from afd.engine.executor import StepInterrupted
 from afd.engine.llm_engine import ISOLATION_FAILURES_PER_LEVEL, MAX_FAILED_REPLAYS
 
 POISON = 511  # the token that makes a forward raise; no other prompt or output has it
@@ -26,11 +27,30 @@ def workload() -> list[tuple[list[int], SamplingParams]]:
     return out
 
 
-def run(llm: LLM, skip_poison: bool = False) -> dict[int, object]:
+def late_poison(llm: LLM) -> list[tuple[list[int], SamplingParams]]:
+    """workload() whose poisoned request has no POISON in its prompt but samples it as its
+    second token (seeded, POISON's logit raised; the seed is found on this fault-free engine,
+    and any topology or K samples the same), so that the forward computes POISON in a decode
+    plan, at its step 1 when the plan runs several steps."""
+    work = workload()
+    prompt = [t for t in work[FIRST_WAVE][0] if t != POISON]
+
+    def params(seed: int, n: int) -> SamplingParams:
+        return SamplingParams(temperature=1.0, seed=seed, max_tokens=n, ignore_eos=True,
+                              logit_bias={POISON: 6.0})  # fmt: skip
+
+    outs = llm.generate([prompt] * 64, [params(s, 2) for s in range(64)], use_tqdm=False)
+    firsts = [o.outputs[0].token_ids for o in outs]
+    seed = next(s for s, t in enumerate(firsts) if t[0] != POISON and t[1] == POISON)
+    work[FIRST_WAVE] = (prompt, params(seed, 8))
+    return work
+
+
+def run(llm: LLM, skip_poison: bool = False, work: list | None = None) -> dict[int, object]:
     """Stream the workload: the first wave, then the rest (poisoned one included) while the
     first wave decodes. Returns the finished output of every request by index."""
     eng = llm.engine
-    work = workload()
+    work = work or workload()
     ids: dict[str, int] = {}
     done: dict[int, object] = {}
     for step in range(200):
@@ -57,6 +77,30 @@ def poisoned_fails_alone(got: dict, expected: dict, why: str):
         i: o.outputs[0].token_ids for i, o in expected.items()
     }
     return bad
+
+
+def poisoned(seq) -> bool:
+    """Whether the sequence is the poisoned request's (workload() or late_poison())."""
+    return POISON in seq.token_ids or POISON in (seq.sampling_params.logit_bias or {})
+
+
+def raising_plans(monkeypatch, llm: LLM) -> list[int]:
+    """From now on: the decode steps of every execute (a whole step or a part of a bisection)
+    that raised with the poisoned request in it."""
+    eng = llm.engine
+    real = eng._run
+    steps: list[int] = []
+
+    def recorded(batches, new_prefill, transfers):
+        try:
+            return real(batches, new_prefill, transfers)
+        except StepInterrupted:
+            if any(poisoned(s) for b in [*batches, *new_prefill] for s in b.seqs):
+                steps.append(max(b.num_steps for b in batches))
+            raise
+
+    monkeypatch.setattr(eng, "_run", recorded)
+    return steps
 
 
 def poison_the_forward(monkeypatch, llm: LLM, always: bool = False) -> None:
@@ -133,6 +177,26 @@ def test_a_step_that_raises_for_everyone_fails_its_requests_in_bounded_tries(llm
     assert again.error is None and len(again.outputs[0].token_ids) == work[0][1].max_tokens
 
 
+def test_a_culprit_inside_a_multi_step_plan_fails_alone(llm, monkeypatch):
+    """num_scheduler_steps=4: the poisoned request raises at step 1 of a decode plan (every
+    request wrote step 0's KV and sampled its token); it fails alone with the one token of its
+    prefill, the others keep the tokens of a fault-free run with the same K."""
+    work = late_poison(llm)
+    many = LLM("tiny-qwen3-moe", dtype="float32", block_size=4, num_scheduler_steps=4)
+    try:
+        expected = run(many, skip_poison=True, work=work)
+        assert all(POISON not in o.outputs[0].token_ids for o in expected.values())
+        poison_the_forward(monkeypatch, many)
+        plans = raising_plans(monkeypatch, many)
+        bad = poisoned_fails_alone(run(many, work=work), expected, "a kernel failed")
+        assert len(bad.outputs[0].token_ids) == 1  # it raised on computing its second token
+        assert plans and min(plans) == 4, plans  # ... always inside a 4-step plan, parts too
+        sched = many.engine.schedulers[0]
+        assert sched.block_manager.num_free_blocks == sched.config.num_blocks
+    finally:
+        many.shutdown()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
@@ -182,10 +246,10 @@ def kill_during_isolation(monkeypatch, llm: LLM, role: str) -> list:
     def part(batches, new_prefill, transfers):
         seqs = [s for b in [*batches, *new_prefill] for s in b.seqs] + [t.seq for t in transfers]
         ids = {s.request_id for s in seqs}
-        if bisecting[0] and not killed and len(ids) == 1 and POISON not in seqs[0].token_ids:
+        if bisecting[0] and not killed and len(ids) == 1 and not poisoned(seqs[0]):
             if role == "attention":
-                poisoned = next(r for r, s in eng.requests.items() if POISON in s.seqs[0].token_ids)
-                rank = eng._replica_of[poisoned][0]
+                bad = next(r for r, s in eng.requests.items() if poisoned(s.seqs[0]))
+                rank = eng._replica_of[bad][0]
             else:
                 rank = next(w.rank for w in sup.workers if w.role == role)
             victim = next(w for w in sup.workers if w.role == role and w.rank == rank)
@@ -200,11 +264,12 @@ def kill_during_isolation(monkeypatch, llm: LLM, role: str) -> list:
 
 @pytest.fixture(scope="module")
 def poisoned_cluster():
-    """A 2A1F m=2 cluster whose attention workers raise on POISON, and its fault-free run."""
+    """A 2A1F m=2 cluster running up to 3 decode steps per plan whose attention workers raise
+    on POISON, and its fault-free run."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(FAULT_TOKEN_ENV, str(POISON))  # read by the spawned workers (replacements too)
         llm = LLM("tiny-qwen3-moe", dtype="float32", block_size=4, num_attention_workers=2,
-                  num_expert_workers=1, num_micro_batches=2)  # fmt: skip
+                  num_expert_workers=1, num_micro_batches=2, num_scheduler_steps=3)  # fmt: skip
         ex = llm.engine.executor
         try:
             expected = run(llm, skip_poison=True)
@@ -230,3 +295,19 @@ def test_a_worker_lost_while_bisecting(poisoned_cluster, role, monkeypatch, capl
     bisections = [r for r in caplog.records if "isolating the request(s)" in r.message]
     assert len(bisections) == 2, "the step was not bisected again after the loss"
     assert llm.engine.executor.health() == (True, "ok")
+
+
+@pytest.mark.slow
+def test_a_culprit_inside_a_multi_step_plan_on_a_cluster(poisoned_cluster, llm, monkeypatch):
+    """The attention worker raises at step 1 of a 3-step plan (mid ping-pong, the expert
+    worker in lockstep): the poisoned request fails alone, the others keep the fault-free
+    tokens of the same K, and no worker was replaced."""
+    cluster, expected = poisoned_cluster
+    work = late_poison(llm)
+    restarts = cluster.engine.failure_stats()["worker_restarts"]
+    plans = raising_plans(monkeypatch, cluster)
+    bad = poisoned_fails_alone(run(cluster, work=work), dict(expected), "injected fault")
+    assert len(bad.outputs[0].token_ids) == 1
+    assert plans and min(plans) == 3, plans
+    assert cluster.engine.failure_stats()["worker_restarts"] == restarts
+    assert cluster.engine.executor.health() == (True, "ok")
