@@ -4,6 +4,7 @@ a fault-free run; a step that raises for everyone still ends after a bounded num
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 
@@ -311,3 +312,75 @@ def test_a_culprit_inside_a_multi_step_plan_on_a_cluster(poisoned_cluster, llm, 
     assert plans and min(plans) == 3, plans
     assert cluster.engine.failure_stats()["worker_restarts"] == restarts
     assert cluster.engine.executor.health() == (True, "ok")
+
+
+def hold_prefill_during_replay(monkeypatch, llm: LLM) -> dict:
+    """The replay that sends again a prefill plan that raised once runs with its prefill worker
+    SIGSTOPped (SIGCONT when the replay returns): the decode side finishes first, so the plan's
+    second raise comes only in a later step. Counts the held replays, and at each bisection the
+    plans' raises and the whole-step raises of its own step (and every execute: the plans'
+    raises, prefill and decode sequences)."""
+    eng = llm.engine
+    sup = eng.executor.supervisor
+    run_part, isolate = eng._run, eng._isolate
+    seen = {"held": 0, "raised": 0, "bisections": [], "calls": []}
+
+    def isolating(*args):
+        seen["bisections"].append((dict(eng._prefill_raises), seen["raised"]))
+        return isolate(*args)
+
+    def part(batches, new_prefill, transfers):
+        hold = (
+            not seen["held"]
+            and eng._prefill_raises.get(0) == 1
+            and not new_prefill[0].is_empty
+            and any(not b.is_empty for b in batches)
+            and not transfers  # none are placed while that worker's plan is in flight
+        )
+        seen["calls"].append(
+            (dict(eng._prefill_raises), len(new_prefill[0].seqs), sum(len(b.seqs) for b in batches))
+        )
+        worker = next(w for w in sup.workers if w.role == "prefill")
+        if hold:
+            os.kill(worker.process.pid, signal.SIGSTOP)
+            seen["held"] += 1
+        try:
+            got = run_part(batches, new_prefill, transfers)
+        except StepInterrupted:
+            seen["raised"] += 1
+            raise
+        finally:
+            if hold:
+                os.kill(worker.process.pid, signal.SIGCONT)
+        seen["raised"] = 0
+        return got
+
+    monkeypatch.setattr(eng, "_isolate", isolating)
+    monkeypatch.setattr(eng, "_run", part)
+    return seen
+
+
+@pytest.mark.slow
+def test_a_prefill_plan_whose_second_raise_comes_after_the_replay(monkeypatch):
+    """A poisoned prompt's plan raises, the replay sends it again, and its second raise arrives
+    only after that replay finished (its worker held): the raises are counted across steps, so
+    the step that sees the second one is bisected at once; the poisoned request fails alone."""
+    monkeypatch.setenv(FAULT_TOKEN_ENV, str(POISON))  # read by the spawned workers only
+    llm = LLM("tiny-qwen3-moe", dtype="float32", block_size=4, num_prefill_workers=1,
+              num_attention_workers=1, num_expert_workers=1)  # fmt: skip
+    ex = llm.engine.executor
+    # the first wave decodes all along, so that the replay does not wait for the prefill
+    work = [(p, sp if i >= FIRST_WAVE else dataclasses.replace(sp, max_tokens=40))
+            for i, (p, sp) in enumerate(workload())]  # fmt: skip
+    try:
+        expected = run(llm, skip_poison=True, work=work)
+        seen = hold_prefill_during_replay(monkeypatch, llm)
+        poisoned_fails_alone(run(llm, work=work), expected, "injected fault")
+        assert seen["held"] == 1, seen["calls"]
+        # bisected on the first raise of its step: the one before came in an earlier step
+        assert seen["bisections"] == [({0: MAX_FAILED_REPLAYS}, 1)], seen["calls"]
+        assert llm.engine.failure_stats()["worker_restarts"] == {}
+        assert ex.health() == (True, "ok")
+    finally:
+        llm.shutdown()
+    assert_cleaned_up(ex)
