@@ -1,6 +1,8 @@
 """A request that makes a step raise (a forward, a kernel) fails alone: the engine bisects the
 step until that request is alone, fails it with an error and keeps the others' tokens equal to
-a fault-free run; a step that raises for everyone still ends after a bounded number of tries."""
+a fault-free run; a step that raises for everyone still ends after a bounded number of tries.
+Also: a worker SIGKILLed in the middle of a bisection, a request that raises inside a multi-step
+plan, and a prefill plan whose second raise arrives after the replay finished."""
 
 from __future__ import annotations
 
