@@ -54,6 +54,10 @@ class ClusterRecovery:
     the data plane as a new generation, and tells the engine what to fix up."""
 
     def _current(self, msg: dict) -> bool:
+        """From the worker's live incarnation and, for a failed step, from this generation's
+        data plane (a step of an abandoned generation was dealt with when it was abandoned)."""
+        if msg.get("type") == "step_failed" and msg.get("gen") != self.generation:
+            return False
         return msg.get("inc") == self._inc.get(msg.get("rank"))
 
     def _failure_in(self, msg: dict) -> _Failure | None:

@@ -210,3 +210,25 @@ def test_a_main_thread_without_progress_is_killed_as_hung():
         assert "hung: no progress" in failures[0].error and w.last_heartbeat is not None
     finally:
         sup.shutdown(grace=0.0)
+
+
+def test_only_live_messages_are_failures():
+    """A failed step counts only from this generation's data plane and the worker's live
+    incarnation; a worker error counts from any generation of a live incarnation."""
+    from afd.scheduler.recovery import ClusterRecovery
+
+    class Driver(ClusterRecovery):
+        def __init__(self):
+            self._inc, self.generation = {0: 7}, 3
+
+        def role(self, rank: int) -> str:
+            return "attention"
+
+    driver = Driver()
+    failed = dict(type="step_failed", rank=0, inc=7, gen=3, step=5, message="boom")
+    failure = driver._failure_in(failed)
+    assert failure is not None and failure.rank == 0 and "boom" in str(failure)
+    assert driver._failure_in({**failed, "gen": 2}) is None  # its step was abandoned with gen 2
+    assert driver._failure_in({**failed, "inc": 6}) is None  # from a replaced process
+    error = dict(type="error", rank=0, inc=7, gen=2, message="lost")
+    assert driver._failure_in(error) is not None
