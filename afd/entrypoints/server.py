@@ -348,7 +348,6 @@ class ResponseShaper:
         kind = ChatCompletionResponse if self.req.chat else CompletionResponse
         body = kind(
             id=self.id,
-            object="chat.completion" if self.req.chat else "text_completion",
             created=self.created,
             model=self.model_name,
             choices=choices,
@@ -360,7 +359,6 @@ class ResponseShaper:
         kind = ChatCompletionChunk if self.req.chat else CompletionResponse
         body = kind(
             id=self.id,
-            object="chat.completion.chunk" if self.req.chat else "text_completion",
             created=self.created,
             model=self.model_name,
             choices=choices,
