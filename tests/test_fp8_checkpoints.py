@@ -2,7 +2,10 @@
 in 128x128 blocks and saved with the real quantization_config. Dequantized while loading, they
 give transformers' greedy tokens (transformers runs the same weights dequantized), single-process
 and 2A2F; kept in FP8 they hold half the bytes; loading dequantizes one tensor at a time (peak
-memory measured); methods AFD cannot serve are refused with a clear message."""
+memory measured); methods AFD cannot serve are refused with a clear message. The scale
+convention (value = fp8 * weight_scale_inv per block) is checked against e4m3 bytes and
+expected values worked out by hand from the OCP FP8 spec, not against the project's own
+dequantization."""
 
 from __future__ import annotations
 
@@ -296,3 +299,163 @@ def test_broken_fp8_tensors_are_clear_errors(fp8_models, tmp_path):
         for quantization in ("none", "fp8"):
             with pytest.raises(ValueError, match="q_proj.weight"):
                 load_model(model, dtype="float32", quantization=quantization)
+
+
+# -- an independent check of the convention: e4m3 bytes and block scales written out by hand ------
+
+# OCP FP8 (E4M3FN): sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal
+# (m/8 * 2^-6); no infinities, S.1111.111 is NaN, so 448 (0.1111.110) is the largest value.
+# Each value below was worked out by hand from its bits, not by any code.
+E4M3 = [
+    (0x00, 0.0),  # 0.0000.000
+    (0x80, -0.0),  # 1.0000.000
+    (0x01, 0.001953125),  # 0.0000.001: 1/8 * 2^-6, the smallest subnormal
+    (0x07, 0.013671875),  # 0.0000.111: 7/8 * 2^-6, the largest subnormal
+    (0x08, 0.015625),  # 0.0001.000: 2^-6, the smallest normal
+    (0x26, 0.21875),  # 0.0100.110: 2^-3 * 1.75
+    (0x30, 0.5),  # 0.0110.000: 2^-1
+    (0x38, 1.0),  # 0.0111.000: 2^0
+    (0x3C, 1.5),  # 0.0111.100: 1 + 4/8
+    (0x3F, 1.875),  # 0.0111.111: 1 + 7/8
+    (0x40, 2.0),  # 0.1000.000: 2^1
+    (0x44, 3.0),  # 0.1000.100: 2 * 1.5
+    (0x4D, 6.5),  # 0.1001.101: 4 * 1.625
+    (0x5A, 20.0),  # 0.1011.010: 16 * 1.25
+    (0x77, 240.0),  # 0.1110.111: 128 * 1.875
+    (0x7E, 448.0),  # 0.1111.110: 256 * 1.75, the largest finite value
+    (0xB8, -1.0),  # 1.0111.000
+    (0xC9, -4.5),  # 1.1001.001: -(4 * 1.125)
+    (0xFE, -448.0),  # 1.1111.110
+]
+# name -> (shape, block scales [ceil(rows/128), ceil(cols/128)], pattern (a, b, c)): element
+# [i, j] holds E4M3[(a*i + b*j + c) % len(E4M3)], scaled by its block's weight_scale_inv.
+# Scales differ per block (value = fp8 * scale: dividing, or swapping rows and columns of the
+# scale grid, gives other values); 192 and 384 leave partial edge blocks.
+HAND_TENSORS = {
+    "model.layers.0.self_attn.q_proj.weight": ((256, 256), [[0.5, 2.0], [0.25, 3.0]], (7, 3, 0)),
+    "model.layers.0.self_attn.k_proj.weight": ((128, 256), [[4.0, 0.125]], (1, 5, 2)),
+    "model.layers.0.mlp.experts.3.gate_proj.weight": (
+        (192, 256), [[1.0, 0.5], [2.0, 0.0625]], (3, 1, 4),
+    ),
+    "model.layers.0.mlp.experts.3.up_proj.weight": (
+        (192, 256), [[0.75, 1.25], [8.0, 0.5]], (2, 7, 1),
+    ),
+    "model.layers.0.mlp.experts.3.down_proj.weight": (
+        (256, 192), [[3.0, 0.5], [1.0, 16.0]], (5, 2, 3),
+    ),
+    "model.layers.1.mlp.down_proj.weight": (
+        (256, 384), [[1.0, 2.0, 4.0], [0.5, 0.25, 0.125]], (1, 1, 6),
+    ),
+}  # fmt: skip
+# a few elements worked through in full: (tensor, row, col) -> value
+HAND_SPOT_CHECKS = {
+    # 7*0 + 3*0 = 0 -> 0x00 = 0.0, block (0, 0): * 0.5
+    ("model.layers.0.self_attn.q_proj.weight", 0, 0): 0.0,
+    # 3*130 = 390 = 20*19 + 10 -> 0x40 = 2.0, block (0, 1): * 2.0
+    ("model.layers.0.self_attn.q_proj.weight", 0, 130): 4.0,
+    # 7*200 + 3*255 = 2165 = 113*19 + 18 -> 0xFE = -448.0, block (1, 1): * 3.0
+    ("model.layers.0.self_attn.q_proj.weight", 200, 255): -1344.0,
+    # 1 + 5 + 2 = 8 -> 0x3C = 1.5, block (0, 0): * 4.0
+    ("model.layers.0.self_attn.k_proj.weight", 1, 1): 6.0,
+    # 3*191 + 255 + 4 = 832 = 43*19 + 15 -> 0x7E = 448.0, block (1, 1) (a partial one): * 0.0625
+    ("model.layers.0.mlp.experts.3.gate_proj.weight", 191, 255): 28.0,
+    # 5*255 + 2*191 + 3 = 1660 = 87*19 + 7 -> 0x38 = 1.0, block (1, 1): * 16.0
+    ("model.layers.0.mlp.experts.3.down_proj.weight", 255, 191): 16.0,
+}
+
+
+def _hand_indices(shape, pattern) -> torch.Tensor:
+    a, b, c = pattern
+    i = torch.arange(shape[0])[:, None]
+    j = torch.arange(shape[1])[None, :]
+    return (a * i + b * j + c) % len(E4M3)
+
+
+def hand_fp8(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, float32 scales, expected float32 values) of one hand-written tensor; the
+    expected values come from the table above times the block's scale, nothing else."""
+    shape, scales, pattern = HAND_TENSORS[name]
+    index = _hand_indices(shape, pattern)
+    codes = torch.tensor([code for code, _ in E4M3], dtype=torch.uint8)[index]
+    values = torch.tensor([v for _, v in E4M3], dtype=torch.float32)[index]
+    rows = torch.arange(shape[0])[:, None] // 128
+    cols = torch.arange(shape[1])[None, :] // 128
+    expected = values * torch.tensor(scales, dtype=torch.float32)[rows, cols]
+    return codes.view(torch.float8_e4m3fn), torch.tensor(scales, dtype=torch.float32), expected
+
+
+def test_hand_table_is_the_e4m3_encoding():
+    """The hand-worked table against torch's own e4m3 decoding (no project code), and the spot
+    checks against the table."""
+    codes = torch.tensor([code for code, _ in E4M3], dtype=torch.uint8)
+    decoded = codes.view(torch.float8_e4m3fn).float().tolist()
+    assert decoded == [v for _, v in E4M3]
+    assert [str(v)[0] == "-" for v in decoded] == [code >= 0x80 for code, _ in E4M3]  # -0.0 too
+    for (name, i, j), value in HAND_SPOT_CHECKS.items():
+        assert float(hand_fp8(name)[2][i, j]) == value, (name, i, j)
+
+
+def _hand_checkpoint(fp8_dir, out):
+    """The FP8 checkpoint with the hand-written tensors in place of some of its own."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    for f in fp8_dir.iterdir():
+        if f.name != "model.safetensors":
+            (out / f.name).symlink_to(f)
+    with safe_open(str(fp8_dir / "model.safetensors"), framework="pt") as st:
+        tensors = {n: st.get_tensor(n) for n in st.keys()}  # noqa: SIM118
+    for name in HAND_TENSORS:
+        weight, scales, _ = hand_fp8(name)
+        assert tensors[name].shape == weight.shape and tensors[name].dtype == weight.dtype, name
+        tensors[name], tensors[name + "_scale_inv"] = weight, scales
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_hand_fp8_values_load_as_the_spec_says(fp8_models, tmp_path):
+    """Loaded through the checkpoint path, dequantized: every element is the hand-computed
+    fp8 value times its block's scale; kept FP8: the bytes and scales as written, and the FP8
+    GEMM (torch reference and Triton, interpreted here) of a one-hot activation returns the
+    weight's column."""
+    from afd.kernels import ops
+
+    model_dir = _hand_checkpoint(fp8_models["qwen3-moe"][0], tmp_path / "hand")
+    want = {name: hand_fp8(name) for name in HAND_TENSORS}
+    expert = "model.layers.0.mlp.experts.3."
+    deq = dict(load_model(model_dir, dtype="float32", quantization="none").named_parameters())
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                 "model.layers.1.mlp.down_proj.weight"):  # fmt: skip
+        assert torch.equal(deq[name], want[name][2]), name
+    w13, w2 = deq["model.layers.0.mlp.experts.w13"][3], deq["model.layers.0.mlp.experts.w2"][3]
+    assert torch.equal(w13[:192], want[expert + "gate_proj.weight"][2])
+    assert torch.equal(w13[192:], want[expert + "up_proj.weight"][2])
+    assert torch.equal(w2, want[expert + "down_proj.weight"][2])
+
+    kept = load_model(model_dir, dtype="float32", quantization="fp8")
+    params = dict(kept.named_parameters())
+    q_name = "model.layers.0.self_attn.q_proj.weight"
+    q_bytes, q_scales, q_values = want[q_name]
+    assert torch.equal(params[q_name].view(torch.uint8), q_bytes.view(torch.uint8))
+    assert torch.equal(params[q_name + "_scale_inv"], q_scales)
+    shard = "model.layers.0.mlp.experts."
+    assert torch.equal(params[shard + "w13"][3, :192].view(torch.uint8),
+                       want[expert + "gate_proj.weight"][0].view(torch.uint8))  # fmt: skip
+    assert torch.equal(params[shard + "w13_scale"][3], torch.cat(
+        [want[expert + "gate_proj.weight"][1], want[expert + "up_proj.weight"][1]]))  # fmt: skip
+    assert torch.equal(params[shard + "w2_scale"][3], want[expert + "down_proj.weight"][1])
+    columns = [0, 130, 255]
+    x = torch.zeros(len(columns), 256)
+    x[range(len(columns)), columns] = 1.0  # a one-hot token quantizes exactly (1 -> 448 * 1/448)
+    q_proj = kept.model.layers[0].self_attn.q_proj
+    before = ops.get_kernel_backend()
+    try:
+        for backend in ("torch", "triton"):
+            ops.set_kernel_backend(backend)
+            with torch.inference_mode():
+                out = q_proj(x)
+            torch.testing.assert_close(out, q_values[:, columns].t(), rtol=1e-6, atol=0,
+                                       msg=backend)  # fmt: skip
+    finally:
+        ops.set_kernel_backend(before)

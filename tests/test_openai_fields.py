@@ -1,6 +1,8 @@
 """The request fields vLLM users send, through the official openai client against a real
 1 prefill + 1 attention + 1 expert cluster (`afd launch`), checked against the single-process
-engine; structured outputs validated with jsonschema; the fields across other topologies."""
+engine; structured outputs validated with jsonschema; the fields across other topologies; the
+fields vLLM adds to responses (stop_reason, system_fingerprint), echo with max_tokens 0 and
+/tokenizer_info (--enable-tokenizer-info-endpoint) as clients meet them."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ KEY = "sk-fields"
 @pytest.fixture(scope="module")
 def server():
     args = ["--dtype", "float32", "--num-micro-batches", "2", "--max-model-len", "512",
-            "--api-key", KEY]  # fmt: skip
+            "--api-key", KEY, "--enable-tokenizer-info-endpoint"]  # fmt: skip
     with launched(*args) as (base, _):
         yield base
 
@@ -188,6 +190,36 @@ def test_batched_prompts_echo_and_prompt_logprobs(client, offline):
     echoed = _offline(offline, [ids], temperature=0, max_tokens=1, prompt_logprobs=1)
     for i, t in enumerate(ids[1:], start=1):
         assert abs(lp.token_logprobs[i] - echoed.prompt_logprobs[i][t].logprob) < 1e-3
+
+
+def test_vllm_response_fields_and_prompt_scoring(server, client, offline):
+    """stop_reason, system_fingerprint, echo with max_tokens 0 and /tokenizer_info through the
+    openai client and httpx, against the cluster."""
+    base = _complete(client, prompt="Hello", max_tokens=10, temperature=0, ignore_eos=True)
+    stop = base.choices[0].text[3:6]
+    r = _complete(client, prompt="Hello", max_tokens=10, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].model_extra["stop_reason"] == stop
+    assert base.choices[0].model_extra["stop_reason"] is None  # length
+    assert re.fullmatch(r"afd-[^-]+-p1-a1-f1-m2-[0-9a-f]{8}", r.system_fingerprint)
+    msgs = [{"role": "user", "content": "Hi!"}]
+    c = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3)
+    assert c.system_fingerprint == r.system_fingerprint
+    # scoring a prompt (lm-eval's loglikelihood requests): its logprobs, no completion
+    e = _complete(client, prompt="The quick brown fox", max_tokens=0, echo=True, logprobs=1)
+    assert e.choices[0].text == "The quick brown fox" and e.usage.completion_tokens == 0
+    ids = offline.get_tokenizer().encode("The quick brown fox")
+    want = _offline(offline, [ids], temperature=0, max_tokens=1, prompt_logprobs=1)
+    lp = e.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None
+    for i, t in enumerate(ids[1:], start=1):
+        assert abs(lp.token_logprobs[i] - want.prompt_logprobs[i][t].logprob) < 1e-3
+    # what lm-eval's tokenizer_backend=remote asks for
+    auth = {"Authorization": f"Bearer {KEY}"}
+    info = httpx.get(f"{server}/tokenizer_info", headers=auth, timeout=30).json()
+    assert info["eos_token"] == "<|endoftext|>" and "chat_template" in info
+    body = {"prompt": info["eos_token"], "add_special_tokens": False}
+    tokens = httpx.post(f"{server}/tokenize", headers=auth, json=body, timeout=30)
+    assert tokens.json()["tokens"] == [offline.get_tokenizer().eos_token_id]
 
 
 @pytest.mark.parametrize(

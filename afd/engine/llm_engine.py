@@ -23,7 +23,7 @@ from afd.outputs import (
 )
 from afd.quantization import resolve_quantization
 from afd.sampling.params import SamplingParams
-from afd.sampling.structured import grammar_backend
+from afd.sampling.structured import GRAMMAR_DEAD_END, grammar_backend
 from afd.scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from afd.scheduler.sequence import Sequence, SequenceStatus
 from afd.tokenizer import IncrementalDetokenizer, Tokenizer, load_chat_template
@@ -92,6 +92,7 @@ class RequestState:
                     token_ids=list(s.output_token_ids),
                     logprobs=list(s.output_logprobs) if self.params.logprobs is not None else None,
                     finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
                 )
                 for s, d in zip(self.seqs, self.detokenizers, strict=True)
             ],
@@ -560,7 +561,9 @@ class LLMEngine:
                 if token < 0:  # its sampling failed on the worker: this request fails alone
                     why = self._sample_errors.get(seq.seq_id, "sampling failed")
                     logger.warning("request %s failed: %s", state.request_id, why)
-                    state.error = f"the engine failed on this request: {why}"
+                    # a grammar dead end is the request's own, not the engine's
+                    dead_end = why.startswith(GRAMMAR_DEAD_END)
+                    state.error = why if dead_end else f"the engine failed on this request: {why}"
                     touched[state.request_id] = state
                     continue
                 if self._stopped_by_token(seq, token, state.params):

@@ -476,6 +476,12 @@ def _add_serve(sub) -> None:
         "`vllm serve MODEL`.",
     )
     add_arguments(p)
+    p.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="serve GET /tokenizer_info: the tokenizer's configuration and chat template, as "
+        "vLLM does (lm-eval's tokenizer_backend=remote reads it); off by default (a 404)",
+    )
     p.set_defaults(func=run)
 
 

@@ -155,6 +155,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         body_timeout_s=args.http_body_timeout_s,
         shutdown_timeout_s=args.shutdown_timeout,
         log_requests=not args.disable_log_requests,
+        enable_tokenizer_info_endpoint=getattr(args, "enable_tokenizer_info_endpoint", False),
     )
 
 

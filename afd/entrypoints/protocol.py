@@ -94,6 +94,9 @@ class GenerateRequest:
     # how many alternatives per position the response lists (None: no logprobs asked)
     top_logprobs: int | None = None
     echo: bool = False  # completions: the prompt's text (and logprobs) lead each choice
+    # completions with max_tokens 0 and echo: score the prompt only (vLLM's); the engine still
+    # computes one token, which no choice shows
+    echo_only: bool = False
     prompt_texts: list[str] = field(default_factory=list)  # for echo
     prompt_logprobs: int | None = None  # asked for: each choice lists them (vLLM's field)
 
@@ -553,7 +556,14 @@ def parse_completion_request(
     if r.suffix:
         raise bad_request("'suffix' is not supported", "suffix")
     ids, texts = _prompts(r.prompt, engine)
-    max_tokens = _max_tokens(r.max_tokens, "max_tokens")
+    echo = bool(r.echo)
+    echo_only = echo and r.max_tokens == 0
+    if echo and r.max_tokens is not None and r.max_tokens < 0:
+        raise bad_request(
+            f"'max_tokens' must be at least 0 with 'echo' (1 without), got {r.max_tokens}",
+            "max_tokens",
+        )
+    max_tokens = 1 if echo_only else _max_tokens(r.max_tokens, "max_tokens")
     max_tokens = 16 if max_tokens is None else max_tokens
     for p in ids:
         _check_context(len(p), max_tokens, engine.max_model_len, "prompt")
@@ -561,7 +571,6 @@ def parse_completion_request(
     prompt_logprobs = r.prompt_logprobs
     if prompt_logprobs is not None and stream:
         raise bad_request("'prompt_logprobs' is not available with 'stream'", "prompt_logprobs")
-    echo = bool(r.echo)
     if echo and r.logprobs is not None:
         # echoed prompt tokens come with their logprobs, as in OpenAI's API
         prompt_logprobs = max(prompt_logprobs or 0, r.logprobs)
@@ -573,6 +582,7 @@ def parse_completion_request(
         include_usage=_stream_options(r),
         top_logprobs=r.logprobs,
         echo=echo,
+        echo_only=echo_only,
         prompt_logprobs=r.prompt_logprobs,
         prompt_texts=[
             engine.tokenizer.decode(p) if t is None else t
@@ -724,6 +734,50 @@ def parse_detokenize_request(body: Any, engine: EngineClient, model_names: list[
     return DetokenizeResponse(prompt=engine.tokenizer.decode(r.tokens, False)).model_dump()
 
 
+# -- GET /tokenizer_info (vLLM's, behind --enable-tokenizer-info-endpoint) ----------------------
+
+_ADDED_TOKEN_KEYS = {
+    "__type",
+    "content",
+    "lstrip",
+    "rstrip",
+    "normalized",
+    "single_word",
+    "special",
+}
+
+
+def _token_strings(value: Any) -> Any:
+    # tokenizer_config.json writes special tokens as AddedToken objects: their text stands in
+    if isinstance(value, dict):
+        if isinstance(value.get("content"), str) and set(value) <= _ADDED_TOKEN_KEYS:
+            return value["content"]
+        return {k: _token_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_token_strings(v) for v in value]
+    return value
+
+
+def tokenizer_info(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What vLLM's /tokenizer_info returns: the tokenizer's configuration (tokenizer_config.json
+    without file paths, special tokens as their text), its class name and the chat template the
+    server applies; eos_token is always there (lm-eval's remote tokenizer requires it)."""
+    info = _token_strings(
+        {k: v for k, v in tokenizer.config.items() if k not in ("vocab_file", "merges_file")}
+    )
+    for key, text in tokenizer.special_tokens.items():
+        info.setdefault(key, text)
+    if info.get("eos_token") is None and tokenizer.eos_token_ids:
+        info["eos_token"] = tokenizer.id_to_token(min(tokenizer.eos_token_ids))
+    info.setdefault("eos_token", None)
+    info["tokenizer_class"] = info.get("tokenizer_class") or "PreTrainedTokenizerFast"
+    if tokenizer.chat_template:
+        info["chat_template"] = tokenizer.chat_template
+    else:
+        info.pop("chat_template", None)
+    return info
+
+
 # -- response schemas -------------------------------------------------------------------------
 
 
@@ -764,6 +818,8 @@ class CompletionChoice(_Response):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
+    # vLLM's: the stop string or stop token id that ended the choice (None for EOS and length)
+    stop_reason: int | str | None = None
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = _omitted_when_none()
 
 
@@ -773,6 +829,8 @@ class CompletionResponse(_Response):
     created: int
     model: str
     choices: list[CompletionChoice]
+    # vLLM's: a whole response carries it (server.system_fingerprint), a stream's chunks do not
+    system_fingerprint: str | None = _omitted_when_none()
     usage: UsageInfo | None = _omitted_when_none()
 
 
@@ -800,6 +858,7 @@ class ChatChoice(_Response):
     message: ChatMessage
     logprobs: ChatLogprobs | None
     finish_reason: str | None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -808,6 +867,7 @@ class ChatCompletionResponse(_Response):
     created: int
     model: str
     choices: list[ChatChoice]
+    system_fingerprint: str | None = None
     usage: UsageInfo
 
 
@@ -821,6 +881,7 @@ class ChatStreamChoice(_Response):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None
     finish_reason: str | None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionChunk(_Response):

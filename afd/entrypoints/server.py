@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP API over an EngineClient: /v1/completions, /v1/chat/completions,
-/v1/models, /tokenize, /detokenize, /version, /health, /metrics, behind the HTTP guard of
+/v1/models, /tokenize, /detokenize, /tokenizer_info (when enabled), /version, /health, /metrics,
+behind the HTTP guard of
 afd.entrypoints.serving. Errors have OpenAI's shape (never FastAPI's 422), and a request whose
 client went away is aborted in the engine so its KV blocks are freed."""
 
@@ -48,6 +49,7 @@ from afd.entrypoints.protocol import (
     parse_detokenize_request,
     parse_json_body,
     parse_tokenize_request,
+    tokenizer_info,
 )
 from afd.entrypoints.serving import (
     HTTPGuard,
@@ -58,6 +60,7 @@ from afd.entrypoints.serving import (
     request_info,
 )
 from afd.outputs import CompletionOutput, Logprob, RequestOutput
+from afd.sampling.structured import GRAMMAR_DEAD_END
 
 logger = logging.getLogger("afd.entrypoints.server")
 
@@ -134,6 +137,9 @@ class Generation:
         except ValueError as e:
             raise APIError(400, str(e), "invalid_request_error") from e
         except Exception as e:
+            if str(e).startswith(GRAMMAR_DEAD_END):  # the request's constraint, not the engine
+                raise APIError(400, str(e), "invalid_request_error", None,
+                               "structured_output_dead_end") from e  # fmt: skip
             status = getattr(e, "http_status", None)
             if status is not None:  # e.g. the engine's admission queue is full: 503
                 raise APIError(status, str(e), "service_unavailable") from e
@@ -213,7 +219,12 @@ class ResponseShaper:
     """Shapes one API response (all of a request's prompts and choices) from engine snapshots."""
 
     def __init__(
-        self, engine: EngineClient, req: GenerateRequest, response_id: str, model_name: str
+        self,
+        engine: EngineClient,
+        req: GenerateRequest,
+        response_id: str,
+        model_name: str,
+        fingerprint: str | None = None,
     ):
         self.engine = engine
         self.model_name = model_name
@@ -221,6 +232,14 @@ class ResponseShaper:
         self.id = response_id
         self.created = int(time.time())
         self.n = req.params.n
+        self.fingerprint = fingerprint
+
+    def shown(self, c: CompletionOutput) -> tuple[str, list[int], list | None]:
+        """(text, token ids, logprob entries) of a choice's completion as the client sees it:
+        nothing when only the echoed prompt was asked for (max_tokens 0)."""
+        if self.req.echo_only:
+            return "", [], [] if c.logprobs is not None else None
+        return c.text, list(c.token_ids), c.logprobs
 
     def choice_index(self, gen: Generation, c: CompletionOutput) -> int:
         # a batched completions request lists prompt 0's n choices, then prompt 1's, ...
@@ -228,7 +247,7 @@ class ResponseShaper:
 
     def usage(self, finals: list[RequestOutput]) -> UsageInfo:
         prompt = sum(len(p) for p in self.req.prompts)
-        completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
+        completion = sum(len(self.shown(c)[1]) for out in finals for c in out.outputs)
         return UsageInfo(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
         )
@@ -328,19 +347,22 @@ class ResponseShaper:
                             message=ChatMessage(content=c.text),
                             logprobs=self.logprobs(c.token_ids, c.logprobs, 0),
                             finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason,
                         )
                     )
                     continue
                 text, ids, entries = self.echo_prefix(gen, out)
-                if entries is not None and c.logprobs is not None:
-                    entries = entries + list(c.logprobs)
+                own_text, own_ids, own_entries = self.shown(c)
+                if entries is not None and own_entries is not None:
+                    entries = entries + list(own_entries)
                 else:
-                    entries = c.logprobs
+                    entries = own_entries
                 choice = CompletionChoice(
                     index=index,
-                    text=text + c.text,
-                    logprobs=self.logprobs(ids + list(c.token_ids), entries, 0),
+                    text=text + own_text,
+                    logprobs=self.logprobs(ids + own_ids, entries, 0),
                     finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
                 )
                 if self.req.prompt_logprobs is not None:
                     choice.prompt_logprobs = self.prompt_logprobs(out)
@@ -351,6 +373,7 @@ class ResponseShaper:
             created=self.created,
             model=self.model_name,
             choices=choices,
+            system_fingerprint=self.fingerprint,
             usage=self.usage(finals),
         )
         return body.model_dump()
@@ -398,10 +421,11 @@ class _StreamState:
     def _delta(self, gen: Generation, out: RequestOutput, c: CompletionOutput) -> str | None:
         r = self.response
         i = r.choice_index(gen, c)
-        text = c.text[self.text_len[i] :]
-        new_ids = c.token_ids[self.num_tokens[i] :]
+        own_text, own_ids, own_entries = r.shown(c)
+        text = own_text[self.text_len[i] :]
+        new_ids = own_ids[self.num_tokens[i] :]
         finish = c.finish_reason if not self.finished[i] else None
-        entries = c.logprobs[self.num_tokens[i] :] if c.logprobs is not None else None
+        entries = own_entries[self.num_tokens[i] :] if own_entries is not None else None
         echo_text, echo_ids, echo_entries = r.echo_prefix(gen, out)
         offset = len(echo_text) + self.text_len[i]  # where the new text starts in the choice
         if not self.started[i]:
@@ -414,18 +438,22 @@ class _StreamState:
             return None  # e.g. bytes of a partial UTF-8 character or a possible stop string
         logprobs = r.logprobs(new_ids, entries, offset)
         self.started[i] = True
-        self.text_len[i] = len(c.text)
-        self.num_tokens[i] = len(c.token_ids)
+        self.text_len[i] = len(own_text)
+        self.num_tokens[i] = len(own_ids)
         self.finished[i] = self.finished[i] or finish is not None
+        stop_reason = c.stop_reason if finish is not None else None
         if r.req.chat:
             choice: Any = ChatStreamChoice(
                 index=i,
                 delta=DeltaMessage(content=text) if text else DeltaMessage(),
                 logprobs=logprobs,
                 finish_reason=finish,
+                stop_reason=stop_reason,
             )
         else:
-            choice = CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=finish)
+            choice = CompletionChoice(
+                index=i, text=text, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason
+            )
         return r.chunk([choice])
 
 
@@ -469,6 +497,7 @@ def build_app(
     # event loop, and many huge bodies never hold every thread
     parse_limiter = anyio.CapacityLimiter(2)
     expected_auth = None if config.api_key is None else _digest(f"Bearer {config.api_key}")
+    fingerprint = system_fingerprint(engine)
 
     def error_response(e: APIError) -> JSONResponse:
         metrics.count_error(e.status)
@@ -586,6 +615,19 @@ def build_app(
         check_api_key(request)
         return await parse(request, parse_detokenize_request)
 
+    @app.get("/tokenizer_info")
+    async def get_tokenizer_info(request: Request):
+        if not config.enable_tokenizer_info_endpoint:
+            raise APIError(
+                404,
+                "GET /tokenizer_info is off: start the server with "
+                "--enable-tokenizer-info-endpoint (it shows the tokenizer's configuration and "
+                "chat template)",
+                code="not_found",
+            )
+        check_api_key(request)
+        return tokenizer_info(engine.tokenizer)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_api_key(request)
@@ -609,7 +651,9 @@ def build_app(
                 param="n",
             )
         prefix = "chatcmpl" if req.chat else "cmpl"
-        response = ResponseShaper(engine, req, f"{prefix}-{uuid.uuid4().hex}", names[0])
+        response = ResponseShaper(
+            engine, req, f"{prefix}-{uuid.uuid4().hex}", names[0], fingerprint
+        )
         info = request_info(request)
         info.request_id = response.id
         info.prompt_tokens = sum(len(p) for p in req.prompts)
@@ -711,6 +755,28 @@ def build_app(
                     await g.close()
 
     return app
+
+
+def system_fingerprint(engine: EngineClient) -> str:
+    """vLLM's form of system_fingerprint, afd-VERSION[-TOPOLOGY]-HASH8: the version, the worker
+    pools when the model is split across processes, and 8 hex digits of a hash of the engine
+    settings (model, dtype, quantization, backends, ...), so a client can tell that the backend
+    that produced its tokens changed."""
+    # an AsyncEngine keeps its settings on the engine it drives
+    config = getattr(engine, "config", None) or getattr(
+        getattr(engine, "engine", None), "config", None
+    )
+    parts = [f"afd-{afd.__version__}"]
+    if dataclasses.is_dataclass(config):
+        settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"}
+        if config.num_attention_workers:
+            parts += [f"p{config.num_prefill_workers}", f"a{config.num_attention_workers}",
+                      f"f{config.num_expert_workers}", f"m{config.num_micro_batches}"]  # fmt: skip
+    else:
+        settings = {"model": engine.model_name, "max_model_len": engine.max_model_len}
+    text = json.dumps(settings, sort_keys=True, default=str)
+    parts.append(hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8])
+    return "-".join(parts)
 
 
 def _digest(value: str | bytes) -> bytes:

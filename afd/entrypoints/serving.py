@@ -44,6 +44,8 @@ class ServerConfig:
     body_timeout_s: float = 60.0  # the whole body, from the end of the headers
     shutdown_timeout_s: float = 20.0  # in-flight requests may finish this long, then abort
     log_requests: bool = True
+    # GET /tokenizer_info (vLLM's --enable-tokenizer-info-endpoint): off, it is a 404
+    enable_tokenizer_info_endpoint: bool = False
 
     @property
     def body_budget_bytes(self) -> int:

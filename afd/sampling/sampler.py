@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from afd.sampling.params import SamplingParams
+from afd.sampling.structured import GrammarDeadEnd
 
 logger = logging.getLogger("afd.sampling")
 
@@ -125,7 +126,8 @@ class Sampler:
     def _process(self, logits, raw_rows, params, states, num_output_tokens) -> None:
         """Bias, min_tokens, penalties and grammar masks on logits [R, V] in place (vLLM's
         order); params, states, num_output_tokens and raw_rows (the unprocessed [V] rows) are
-        per row. A row left with no finite logit falls back to its grammar mask alone."""
+        per row. A row left with no finite logit falls back to its grammar mask alone; a grammar
+        that allows no token before it ended raises GrammarDeadEnd (the row fails)."""
         device = logits.device
         vocab = logits.shape[-1]
         rows = range(len(params))
@@ -202,7 +204,8 @@ class Sampler:
 
     def _fallback(self, logits, raw_rows, dead, grammar_rows, mask) -> None:
         # e.g. min_tokens suppressing the only token a finished grammar allows: the grammar wins,
-        # so the output stays valid; a row with nothing allowed at all may only end
+        # so the output stays valid (a grammar that allows nothing raised GrammarDeadEnd when
+        # its mask was filled); a row without a grammar and no finite logit may only end
         backend = self.grammar_backend(logits.shape[-1]) if grammar_rows else None
         for i in dead:
             row = raw_rows[i][None].clone()
@@ -303,7 +306,9 @@ class Sampler:
                     None if not num_output_tokens else [num_output_tokens[i]],
                 )
             except Exception as e:
-                errors[i] = f"sampling failed: {type(e).__name__}: {e}"
+                # a grammar dead end says what happened itself
+                dead_end = isinstance(e, GrammarDeadEnd)
+                errors[i] = str(e) if dead_end else f"sampling failed: {type(e).__name__}: {e}"
                 name = names[i] if names is not None else i
                 logger.warning("sampling of %s failed: %r", name, e)
                 tokens.append(-1)

@@ -19,6 +19,14 @@ from afd.sampling.params import StructuredOutputsParams
 # JSON objects of any shape for response_format json_object
 _ANY_OBJECT_SCHEMA = '{"type": "object"}'
 _COMPILED_CACHE_SIZE = 256
+# how a dead end's message starts, so the engine and the HTTP layer know it for what it is
+GRAMMAR_DEAD_END = "structured output dead end"
+
+
+class GrammarDeadEnd(ValueError):
+    """The output so far fits its constraint, but no token of the vocabulary continues it and
+    the constraint is not complete (a token that is a prefix of an allowed word whose rest is no
+    token): the request cannot end conforming, so it fails instead of stopping there."""
 
 
 class GrammarBackend:
@@ -68,6 +76,7 @@ class GrammarBackend:
         # escaped), but xgrammar 0.2's strings with maxLength/minLength/pattern accept them:
         # JSON grammars also forbid every token that decodes to one.
         self.json_mask = _pack([not any(b < 0x20 for b in t) for t in self.decoded])
+        self.in_vocab = _pack([True] * vocab_size)  # the bits of real token ids
         self._utf8_masks: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def compile(self, kind: str, spec: str):
@@ -114,7 +123,7 @@ class GrammarBackend:
     def matcher(self, params: StructuredOutputsParams) -> GrammarState:
         kind, spec = params.spec
         extra = self.json_mask if kind in ("json", "json_object") else None
-        return GrammarState(self, self.compile(kind, spec), extra)
+        return GrammarState(self, self.compile(kind, spec), extra, kind)
 
     def utf8_mask(self, state: tuple[int, int, int]) -> torch.Tensor:
         """[1, W]: the tokens whose bytes continue valid UTF-8 from `state` (see _utf8_step).
@@ -196,9 +205,16 @@ class GrammarState:
     advances to whatever output the plan says the sequence has, so a replayed step or a
     recomputed sequence never advances it twice."""
 
-    def __init__(self, backend: GrammarBackend, compiled, extra_mask: torch.Tensor | None = None):
+    def __init__(
+        self,
+        backend: GrammarBackend,
+        compiled,
+        extra_mask: torch.Tensor | None = None,
+        kind: str = "grammar",
+    ):
         self.backend = backend
         self.extra_mask = extra_mask  # [1, W] int32 ANDed into every mask
+        self.kind = kind
         self.matcher = backend.xgr.GrammarMatcher(
             compiled, override_stop_tokens=backend.stop_token_ids
         )
@@ -232,7 +248,8 @@ class GrammarState:
             self.utf8.append(state or UTF8_START)
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """The tokens allowed next into row `row` of a bitmask (only the end once it ended)."""
+        """The tokens allowed next into row `row` of a bitmask (only the end once it ended);
+        GrammarDeadEnd when no token is allowed and the grammar has not ended."""
         if self.terminated:
             bitmask[row] = 0
             for t in self.backend.stop_token_ids:
@@ -242,6 +259,20 @@ class GrammarState:
         bitmask[row] &= self.backend.utf8_mask(self.utf8[-1])[0]
         if self.extra_mask is not None:
             bitmask[row] &= self.extra_mask[0]
+        if not bool((bitmask[row] & self.backend.in_vocab[0]).any()):
+            raise GrammarDeadEnd(self._dead_end_message())
+
+    def _dead_end_message(self) -> str:
+        decoded = self.backend.decoded
+        text = b"".join(decoded[t] for t in self.accepted if t < len(decoded))
+        shown = text.decode("utf-8", "replace")
+        shown = shown if len(shown) <= 60 else "..." + shown[-57:]
+        return (
+            f"{GRAMMAR_DEAD_END}: after {len(self.accepted)} output token(s) ({shown!r}) no "
+            f"token of this model's vocabulary continues the structured output {self.kind}, "
+            "and it is not complete; the request fails rather than end with text that breaks "
+            "the constraint"
+        )
 
     @property
     def terminated(self) -> bool:
