@@ -173,6 +173,32 @@ class ModelConfig:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def worker_count_error(prefill: int, attention: int, expert: int) -> str | None:
+    """Why these pool sizes cannot run together, naming the flags that fix it; None when they
+    can (0/0/0 is the single process, attention and expert workers >= 1 a cluster)."""
+    for flag, n in (("prefill", prefill), ("attention", attention), ("expert", expert)):
+        if n < 0:
+            return f"--num-{flag}-workers must be >= 0, got {n}"
+    one_process = "for one process"
+    if attention and not expert:
+        return (
+            f"--num-attention-workers {attention} needs expert workers: add "
+            f"--num-expert-workers N (N >= 1), or give --num-attention-workers 0 {one_process}"
+        )
+    if expert and not attention:
+        return (
+            f"--num-expert-workers {expert} needs attention workers: add "
+            f"--num-attention-workers N (N >= 1), or give --num-expert-workers 0 {one_process}"
+        )
+    if prefill and not attention:
+        return (
+            f"--num-prefill-workers {prefill} needs a disaggregated cluster: add "
+            "--num-attention-workers N and --num-expert-workers N (N >= 1), or give "
+            f"--num-prefill-workers 0 {one_process}"
+        )
+    return None
+
+
 @dataclass
 class EngineConfig:
     """Everything needed to build an engine; topology fields pick the executor."""

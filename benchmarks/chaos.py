@@ -29,8 +29,7 @@ SIGNALS = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from afd.entrypoints.cli import add_engine_args
 
-    add_engine_args(p)
-    p.set_defaults(num_prefill_workers=1, num_attention_workers=1, num_expert_workers=1)
+    add_engine_args(p, workers=1)
     p.add_argument(
         "--kill-worker", default="any", choices=[*ROLES, "any"], help="role of the victims"
     )
@@ -109,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
     from afd.benchmarks import serve
     from afd.benchmarks.results import write_result
 
+    from afd.entrypoints.cli import resolve_worker_counts
+
+    resolve_worker_counts(args)
     if not args.num_attention_workers or not args.num_expert_workers:
         raise ValueError("bench chaos needs a disaggregated cluster (attention and expert workers)")
     if args.kill_worker == "prefill" and not args.num_prefill_workers:

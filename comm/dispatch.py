@@ -225,24 +225,14 @@ def transport_names() -> list[str]:
     return ["auto", *sorted(_REGISTRY)]
 
 
-def deep_ep_available() -> bool:
-    try:
-        import deep_ep  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_transport_name(
     name: str, device: str | torch.device, shm_dir: str | None = None, shared_gpus: bool = False
 ) -> str:
-    """'auto' -> deepep when deep_ep imports and the device is CUDA with a GPU per worker; shm
-    when every rank shares one host (a shared folder is given) on CPU or on shared GPUs (staged
-    through host memory); else torch."""
+    """'auto' -> shm when every rank shares one host (a shared folder is given) on CPU or on
+    shared GPUs (staged through host memory); else torch. Never deepep: that transport has not
+    run on a GPU yet and supports one exchange in flight (m = 1), so only `deepep` asks for it."""
     kind = torch.device(device).type
     if name == "auto":
-        if kind == "cuda" and not shared_gpus and "deepep" in _REGISTRY and deep_ep_available():
-            return "deepep"
         one_host = shm_dir and "shm" in _REGISTRY
         return "shm" if one_host and (kind == "cpu" or shared_gpus) else "torch"
     if name not in _REGISTRY:

@@ -28,7 +28,7 @@ from afd.scheduler.recovery import (
 from afd.scheduler.scheduler import ScheduledBatch
 from afd.scheduler.supervisor import Supervisor, WorkerDiedError
 
-from afd.config import ModelConfig
+from afd.config import ModelConfig, worker_count_error
 
 STEP_TIMEOUT_S = 600.0
 SEND_TIMEOUT_MS = 5000  # a plan to a worker that is gone must not block the driver
@@ -166,12 +166,14 @@ def parse_node_roles(text: str | None, nnodes: int) -> dict[int, list[str]]:
 
 def layout_for(config, model_config: ModelConfig) -> ClusterLayout:
     a, f, p = config.num_attention_workers, config.num_expert_workers, config.num_prefill_workers
-    if p < 0:
-        raise ValueError("num_prefill_workers must be >= 0")
-    if a < 1 or f < 1:
-        raise ValueError("a disaggregated cluster needs at least 1 attention and 1 expert worker")
+    error = worker_count_error(p, a, f)
+    if error or a < 1:
+        raise ValueError(error or "a disaggregated cluster needs --num-attention-workers N and "
+                         "--num-expert-workers N (N >= 1)")  # fmt: skip
     if f > model_config.n_routed_experts:
-        raise ValueError(f"{f} expert workers but only {model_config.n_routed_experts} experts")
+        n = model_config.n_routed_experts
+        raise ValueError(f"--num-expert-workers {f}, but the model has {n} routed experts: give "
+                         f"--num-expert-workers {n} or fewer")  # fmt: skip
     nnodes = config.nnodes
     if nnodes < 1:
         raise ValueError("--nnodes must be at least 1")

@@ -92,6 +92,66 @@ def test_bad_flags_are_one_line_errors(argv, words, capsys):
     assert words in _error(argv, capsys)
 
 
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["serve", "--num-attention-workers", "0", "--num-expert-workers", "2"],
+         ["--num-expert-workers 2 needs attention workers", "--num-attention-workers N",
+          "--num-expert-workers 0"]),
+        (["serve", "--num-attention-workers", "0", "--num-prefill-workers", "1"],
+         ["--num-prefill-workers 1 needs a disaggregated cluster", "--num-attention-workers N",
+          "--num-expert-workers N", "--num-prefill-workers 0"]),
+        (["serve", "--num-attention-workers", "2", "--num-expert-workers", "0"],
+         ["--num-attention-workers 2 needs expert workers", "--num-expert-workers N",
+          "--num-attention-workers 0"]),
+        (["serve", "--num-prefill-workers", "-1"], ["--num-prefill-workers must be >= 0"]),
+        (["serve", "--num-expert-workers", str(-(2**64))], ["--num-expert-workers must be >= 0"]),
+        (["generate", "--num-attention-workers", "2", "hi"],
+         ["--num-attention-workers 2 needs expert workers", "--num-expert-workers N"]),
+        (["generate", "--num-prefill-workers", "1", "hi"],
+         ["--num-prefill-workers 1 needs a disaggregated cluster"]),
+        (["plan", "--hardware", "H100", "--predict", "--num-expert-workers", "0",
+          "--num-attention-workers", "2"], ["--num-attention-workers 2 needs expert workers"]),
+        (["plan", "--hardware", "H100", "--predict", "--num-attention-workers", "0",
+          "--num-expert-workers", "3"], ["--num-expert-workers 3 needs attention workers"]),
+    ],
+)  # fmt: skip
+def test_worker_count_errors_name_the_flags_that_fix_them(argv, words, capsys):
+    err = _error(argv, capsys)
+    for w in words:
+        assert w in err, err
+
+
+@pytest.mark.parametrize(
+    "argv,counts",
+    [
+        (["serve"], (1, 1, 1)),
+        (["serve", "m", "--num-attention-workers", "0"], (0, 0, 0)),
+        (["launch", "--num-expert-workers", "0"], (0, 0, 0)),
+        (["serve", "--num-attention-workers", "2"], (1, 2, 1)),
+        (["serve", "--num-prefill-workers", "0"], (0, 1, 1)),
+        (["generate", "hi"], (0, 0, 0)),
+        (["generate", "--num-attention-workers", "2", "--num-expert-workers", "2", "hi"],
+         (0, 2, 2)),
+    ],
+)  # fmt: skip
+def test_pools_not_given_default_to_0_beside_a_colocated_flag(argv, counts):
+    """`afd serve M --num-attention-workers 0` alone is the single process: the pools not given
+    follow it to 0; otherwise serve defaults to 1P1A1F and generate to one process."""
+    from afd.entrypoints.cli import engine_config_from_args
+
+    config = engine_config_from_args(build_parser().parse_args(argv))
+    got = (config.num_prefill_workers, config.num_attention_workers, config.num_expert_workers)
+    assert got == counts
+
+
+def test_plan_predict_colocated_with_one_flag(capsys):
+    argv = ["plan", "--hardware", "H100", "--model", "deepseek-v3", "--predict", "--json",
+            "--num-attention-workers", "0"]  # fmt: skip
+    assert main(argv) == 0
+    assert "step_time_s" in capsys.readouterr().out
+
+
 def test_vllm_names_parse_to_the_same_settings(monkeypatch):
     monkeypatch.setenv("VLLM_API_KEY", "sk-vllm")
     monkeypatch.delenv("AFD_API_KEY", raising=False)

@@ -225,11 +225,23 @@ def test_local_ids_and_tags():
         get_transport("nope", [1], [(0, 4)], "cpu")
     assert get_transport("auto", [1], [(0, 4)], "cpu").name == "torch"  # no shared folder
     assert resolve_transport_name("auto", "cpu", "/dev/shm/x") == "shm"
-    assert resolve_transport_name("auto", "cuda", "/dev/shm/x") in ("torch", "deepep")
+    assert resolve_transport_name("auto", "cuda", "/dev/shm/x") == "torch"
     with pytest.raises(ValueError, match="CUDA"):
         get_transport("deepep", [1], [(0, 4)], "cpu", hidden_size=16, top_k=2)
     with pytest.raises(ValueError, match="contiguous"):
         get_transport("torch", [1, 2], [(0, 4), (5, 7)], "cpu")
+
+
+def test_auto_never_picks_deepep(monkeypatch):
+    """DeepEP has not run on a GPU and supports m = 1 only: `auto` passes it over even where
+    `deep_ep` imports (CUDA, one GPU per worker); only `--comm-backend deepep` selects it."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "deep_ep", types.ModuleType("deep_ep"))
+    for shm_dir in (None, "/dev/shm/x"):
+        assert resolve_transport_name("auto", "cuda", shm_dir) == "torch"
+    assert resolve_transport_name("deepep", "cuda", None) == "deepep"
 
 
 def test_shm_slots_are_reused_grown_and_released(tmp_path):

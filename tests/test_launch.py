@@ -30,6 +30,28 @@ def server():
         yield base, proc
 
 
+def test_startup_line_names_the_transport_auto_chose(server):
+    _, proc = server
+    plan = next(line for line in proc.lines if line.startswith("afd: plan:"))
+    assert "transport=shm (auto)" in plan, plan
+
+
+def test_one_flag_serves_colocated():
+    """`afd serve M --num-attention-workers 0` alone: one process (no worker children), the
+    offline engine's greedy text."""
+    with launched("tiny-qwen3-moe", "--num-attention-workers", "0", "--dtype", "float32",
+                  serve=True) as (base, proc):  # fmt: skip
+        assert any("plan: single process" in line for line in proc.lines), proc.lines
+        body = {"prompt": "Hello there", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        got = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        assert children.stdout.split() == []
+    want = LLM("tiny-qwen3-moe", dtype="float32").generate(
+        ["Hello there"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    )
+    assert got["choices"][0]["text"] == want[0].outputs[0].text
+
+
 def test_openai_client_matches_offline(server):
     import openai
 

@@ -8,7 +8,7 @@ import importlib.util
 import sys
 
 from afd.comm.dispatch import DISPATCH_DTYPES, transport_names
-from afd.config import DTYPES, EngineConfig
+from afd.config import DTYPES, EngineConfig, worker_count_error
 from afd.quantization import QUANTIZATION_MODES
 
 
@@ -146,8 +146,22 @@ def _dtype(text: str) -> str:
     return value
 
 
-def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
-    """Flags shared by every command that builds an engine (names as in vLLM / SGLang)."""
+WORKER_POOLS = ("num_prefill_workers", "num_attention_workers", "num_expert_workers")
+
+
+def resolve_worker_counts(args: argparse.Namespace) -> None:
+    """Fill in the pool sizes not given (None) from `args.worker_defaults`; with
+    --num-attention-workers or --num-expert-workers given as 0 (one process) the pools not
+    given are 0, so that `afd serve M --num-attention-workers 0` alone runs colocated."""
+    colocated = 0 in (args.num_attention_workers, args.num_expert_workers)
+    for name in WORKER_POOLS:
+        if getattr(args, name) is None:
+            setattr(args, name, 0 if colocated else args.worker_defaults[name])
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True, workers: int = 0) -> None:
+    """Flags shared by every command that builds an engine (names as in vLLM / SGLang);
+    `workers` is the size of each pool not given (afd serve: 1P1A1F, generate: one process)."""
     if model_flag:
         p.add_argument(
             "--model",
@@ -250,24 +264,29 @@ def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
         choices=["auto", "torch", "triton"],
         help="auto: Triton kernels for CUDA tensors, torch references otherwise",
     )
+    # None = not given: resolve_worker_counts fills it from the command's worker_defaults
+    n = workers
+    colocated = "; 0 when --num-attention-workers or --num-expert-workers is 0" if n else ""
+    p.set_defaults(worker_defaults=dict.fromkeys(WORKER_POOLS, n))
     p.add_argument(
         "--num-prefill-workers",
         type=int,
-        default=0,
-        help="prefill pool size (0: attention workers prefill too)",
+        default=None,
+        help=f"prefill pool size, 0: attention workers prefill too (default: {n}{colocated})",
     )
     p.add_argument(
         "--num-attention-workers",
         type=int,
-        default=0,
+        default=None,
         help="attention workers (KV cache, attention, sampling); 0 runs the whole model in "
-        "this process",
+        f"this process, and the other pools default to 0 (default: {n})",
     )
     p.add_argument(
         "--num-expert-workers",
         type=int,
-        default=0,
-        help="expert workers, each holding a shard of the routed experts",
+        default=None,
+        help="expert workers, each holding a shard of the routed experts "
+        f"(default: {n}{colocated})",
     )
     p.add_argument(
         "--num-micro-batches",
@@ -344,14 +363,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         raise CLIError("--max-model-len must be at least 2 (a prompt token and an output token)")
     if args.num_kv_blocks is not None and args.num_kv_blocks < 1:
         raise CLIError("--num-kv-blocks must be at least 1")
-    if min(args.num_attention_workers, args.num_expert_workers, args.num_prefill_workers) < 0:
-        raise CLIError("worker counts must be >= 0")
-    if args.num_prefill_workers and not args.num_attention_workers:
-        raise CLIError("--num-prefill-workers needs attention and expert workers")
+    resolve_worker_counts(args)
+    error = worker_count_error(
+        args.num_prefill_workers, args.num_attention_workers, args.num_expert_workers
+    )
+    if error:
+        raise CLIError(error)
     if args.gpus_per_node is not None and args.gpus_per_node < 1:
         raise CLIError("--gpus-per-node must be at least 1")
-    if (args.num_attention_workers > 0) != (args.num_expert_workers > 0):
-        raise CLIError("--num-attention-workers and --num-expert-workers go together (both > 0)")
     if args.max_worker_restarts < 0:
         raise CLIError("--max-worker-restarts must be >= 0")
     for name in ("restart_window_s", "worker_timeout_s"):
@@ -611,9 +630,23 @@ def _add_plan(sub) -> None:
         action="store_true",
         help="predict the one configuration given by the flags below",
     )
-    p.add_argument("--num-attention-workers", type=int, default=1, help="0: colocated engine")
-    p.add_argument("--num-expert-workers", type=int, default=1, help="with --predict")
-    p.add_argument("--num-prefill-workers", type=int, default=0, help="with --predict")
+    p.set_defaults(worker_defaults=dict(zip(WORKER_POOLS, (0, 1, 1), strict=True)))
+    p.add_argument(
+        "--num-attention-workers",
+        type=int,
+        default=None,
+        help="with --predict; 0: the colocated engine, the other pools then default to 0 "
+        "(default: 1)",
+    )
+    p.add_argument(
+        "--num-expert-workers",
+        type=int,
+        default=None,
+        help="with --predict (default: 1; 0 with --num-attention-workers 0)",
+    )
+    p.add_argument(
+        "--num-prefill-workers", type=int, default=None, help="with --predict (default: 0)"
+    )
     p.add_argument("--num-micro-batches", type=_positive_int, default=1, help="with --predict")
     p.add_argument("--num-scheduler-steps", type=_positive_int, default=1, help="with --predict")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="per attention worker")
@@ -637,7 +670,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _plan_published(args)
     if args.profile is None and args.hardware is None:
         raise CLIError("give --profile PROFILE.json (from afd profile) or --hardware NAME")
+    resolve_worker_counts(args)
     a, f = args.num_attention_workers, args.num_expert_workers
+    error = worker_count_error(args.num_prefill_workers, a, f) if args.predict else None
+    if error:
+        raise CLIError(error)
     costs = planner.load_costs(
         args.profile,
         args.hardware,
@@ -651,11 +688,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.predict:
         from afd.scheduler.step_model import StepConfig, predict
 
-        if a < 0 or f < 0 or args.num_prefill_workers < 0:
-            raise CLIError("worker counts must be >= 0")
         kind = "colocated" if a == 0 else "afd"
-        if kind == "afd" and f < 1:
-            raise CLIError("--num-attention-workers and --num-expert-workers go together")
         cfg = StepConfig(
             kind=kind,
             attention_workers=max(1, a),

@@ -24,8 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the model, as --model: a directory, a built-in tiny model or a Hugging Face Hub id "
         "(org/name) (default: --model's)",
     )
-    add_engine_args(p)
-    p.set_defaults(num_prefill_workers=1, num_attention_workers=1, num_expert_workers=1)
+    add_engine_args(p, workers=1)
     p.add_argument(
         "--served-model-name",
         nargs="+",
@@ -263,6 +262,22 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous_term)
 
 
+def transport_label(config) -> str:
+    """The A<->F transport a cluster of `config` uses, as the start-up line names it: `shm
+    (auto)` when --comm-backend auto chose it."""
+    from afd.comm.dispatch import resolve_transport_name
+    from afd.scheduler.cluster import shares_gpus
+
+    one_node = config.nnodes == 1
+    name = resolve_transport_name(
+        config.comm_backend,
+        config.device,
+        "-" if one_node else None,  # shm needs every worker on one host
+        one_node and shares_gpus(config),
+    )
+    return f"{name} (auto)" if config.comm_backend == "auto" else name
+
+
 def _serve(args, config, server_config, sock) -> int:
     import threading
     import time
@@ -281,7 +296,8 @@ def _serve(args, config, server_config, sock) -> int:
             f"afd: plan: {a} attention worker(s) (ranks 0..{a - 1}), {f} expert worker(s) "
             f"(ranks {a}..{a + f - 1}), {p} prefill worker(s)"
             + (f" (ranks {a + f}..{a + f + p - 1})" if p else "")
-            + f"; m={config.num_micro_batches}, device={config.device}, model={config.model}",
+            + f"; m={config.num_micro_batches}, transport={transport_label(config)}, "
+            f"device={config.device}, model={config.model}",
             flush=True,
         )
     else:
