@@ -56,7 +56,8 @@ def engine(tokenizer):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from afd.tokenizer import Tokenizer, train_bytelevel_bpe
+    from afd.builtin import train_bytelevel_bpe
+    from afd.tokenizer import Tokenizer
 
     path = tmp_path_factory.mktemp("tok")
     train_bytelevel_bpe(path, 512)

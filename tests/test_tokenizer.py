@@ -6,15 +6,9 @@ import random
 
 import pytest
 
+from afd.builtin import SPECIAL_TOKENS, train_bytelevel_bpe
 from afd.sampling.params import SamplingParams
-from afd.tokenizer import (
-    SPECIAL_TOKENS,
-    IncrementalDetokenizer,
-    StopChecker,
-    Tokenizer,
-    train_bytelevel_bpe,
-    truncate_at_stop,
-)
+from afd.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer, truncate_at_stop
 
 MESSAGES = [
     {"role": "system", "content": "You are helpful."},
