@@ -1,20 +1,17 @@
-"""Tokenizers from Hugging Face model folders (no transformers needed), chat templates, and
-incremental detokenization with stop strings."""
+"""Tokenizers of Hugging Face model folders: transformers' fast tokenizer encodes, decodes and
+renders chat templates (as vLLM and lm-eval load it); incremental detokenization with stop
+strings."""
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-
-def _token_text(token: Any) -> str | None:
-    """tokenizer_config stores special tokens as strings or AddedToken dicts."""
-    if isinstance(token, dict):
-        return token.get("content")
-    return token if isinstance(token, str) else None
+logger = logging.getLogger("afd.tokenizer")
 
 
 def _as_id_set(value: Any) -> set[int]:
@@ -23,17 +20,6 @@ def _as_id_set(value: Any) -> set[int]:
     if isinstance(value, list):
         return {int(v) for v in value if isinstance(v, int)}
     return set()
-
-
-_SPECIAL_TOKEN_KEYS = (
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-)
 
 
 class TooManyTokensError(ValueError):
@@ -45,63 +31,45 @@ class TooManyTokensError(ValueError):
 
 
 class Tokenizer:
-    """encode / decode / chat template over a Hugging Face tokenizer.json, without transformers."""
+    """encode / decode / chat template of a model folder's tokenizer, as transformers' fast
+    tokenizer does them (special tokens declared only in tokenizer_config.json included)."""
 
-    def __init__(self, hf_tokenizer: Any, config: dict, eos_ids: Iterable[int] = ()):
-        self._tok = hf_tokenizer
-        self.config = config
-        self.chat_template: str | None = _select_template(config.get("chat_template"))
-        self.special_tokens: dict[str, str] = {
-            key: text for key in _SPECIAL_TOKEN_KEYS if (text := _token_text(config.get(key)))
-        }
-        bos = self.special_tokens.get("bos_token")
-        self.bos_token_id: int | None = hf_tokenizer.token_to_id(bos) if bos else None
-        eos = self.special_tokens.get("eos_token")
-        self.eos_token_id: int | None = hf_tokenizer.token_to_id(eos) if eos else None
+    def __init__(self, hf_tokenizer: Any, eos_ids: Iterable[int] = ()):
+        self.hf = hf_tokenizer  # transformers' fast tokenizer
+        # tokenizers' own Tokenizer, holding every added token transformers registered
+        self.backend = hf_tokenizer.backend_tokenizer
+        self.bos_token_id: int | None = hf_tokenizer.bos_token_id
+        self.eos_token_id: int | None = hf_tokenizer.eos_token_id
         self.eos_token_ids: set[int] = set(eos_ids)
         if self.eos_token_id is not None:
             self.eos_token_ids.add(self.eos_token_id)
-        # HF semantics: an explicit add_bos_token/add_eos_token replaces the tokenizer.json
-        # post-processor; without them the post-processor decides (e.g. Llama 3 adds BOS there).
-        self._explicit_specials = "add_bos_token" in config or "add_eos_token" in config
-        self.add_bos = bool(config.get("add_bos_token")) and self.bos_token_id is not None
-        self.add_eos = bool(config.get("add_eos_token")) and self.eos_token_id is not None
-        self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
-        self._template = None
+        self.vocab_size: int = self.backend.get_vocab_size(with_added_tokens=True)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> Tokenizer:
-        """Load tokenizer.json, tokenizer_config.json and eos ids (generation_config / config)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
+        """The folder's tokenizer (local files only, no remote code) and its eos ids
+        (tokenizer, generation_config.json and config.json together)."""
         model_dir = Path(model_dir)
-        path = model_dir / "tokenizer.json"
-        if not path.is_file():
+        if not (model_dir / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in model directory {model_dir}")
-        config = _read_json(model_dir / "tokenizer_config.json")
-        template_file = model_dir / "chat_template.jinja"
-        if not config.get("chat_template") and template_file.is_file():
-            config["chat_template"] = template_file.read_text()
         eos_ids = _as_id_set(_read_json(model_dir / "generation_config.json").get("eos_token_id"))
         eos_ids |= _as_id_set(_read_json(model_dir / "config.json").get("eos_token_id"))
-        return cls(HFTokenizer.from_file(str(path)), config, eos_ids)
+        return cls(_load_fast_tokenizer(model_dir), eos_ids)
+
+    @property
+    def chat_template(self) -> str | dict | None:
+        """The template apply_chat_template renders (a dict when the folder names several)."""
+        return self.hf.chat_template
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; BOS/EOS added as the tokenizer's config says."""
-        if not self._explicit_specials:
-            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        if add_special_tokens and self.add_bos:
-            ids = [self.bos_token_id, *ids]
-        if add_special_tokens and self.add_eos:
-            ids = [*ids, self.eos_token_id]
-        return ids
+        """Token ids of `text`; BOS/EOS added as the tokenizer adds them."""
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     @functools.cached_property
     def max_token_chars(self) -> int:
         """The most characters one token can stand for (its longest vocabulary entry): a text
         of c characters has at least c / max_token_chars tokens, known without encoding it."""
-        return max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return max((len(t) for t in self.backend.get_vocab(with_added_tokens=True)), default=1)
 
     def encode_capped(
         self, text: str, max_tokens: int, add_special_tokens: bool = True
@@ -113,7 +81,7 @@ class Tokenizer:
             raise TooManyTokensError(len(text) // self.max_token_chars)
         probe = 4 * max_tokens + 256  # characters: enough for max_tokens of ordinary text
         if len(text) > 2 * probe:
-            head = len(self._tok.encode(text[:probe], add_special_tokens=False).ids)
+            head = len(self.backend.encode(text[:probe], add_special_tokens=False).ids)
             if head > max_tokens + 16 + max_tokens // 100:  # beyond any effect of the cut
                 raise TooManyTokensError(head - 16)
         ids = self.encode(text, add_special_tokens=add_special_tokens)
@@ -122,39 +90,36 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`, as transformers' decode gives it."""
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(token_id)
+        return self.backend.id_to_token(token_id)
 
     def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
+        return self.backend.token_to_id(token)
 
     def set_chat_template(self, template: str) -> None:
         """Use `template` (Jinja text) instead of the tokenizer config's chat template."""
-        self.chat_template = template
-        self._template = None
+        self.hf.chat_template = template
 
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
-        """Render `messages` with the model's chat template (HF's jinja environment)."""
+        """Render `messages` with the model's chat template (transformers' apply_chat_template);
+        `kwargs` reach the template as variables."""
         if not self.chat_template:
             raise ValueError(
                 "this model's tokenizer has no chat template; use the completions API "
                 "or a model whose tokenizer_config.json has a chat_template"
             )
-        import jinja2
+        from jinja2.exceptions import TemplateError
 
-        if self._template is None:
-            self._template = _compile_template(self.chat_template)
         try:
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                **{**self.special_tokens, **kwargs},
+            return self.hf.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
             )
-        except jinja2.exceptions.TemplateError as e:
+        except TemplateError as e:
             raise ValueError(f"chat template failed: {e}") from e
 
 
@@ -162,41 +127,24 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _select_template(template: Any) -> str | None:
-    """A template string, or the 'default' one of HF's list-of-named-templates form."""
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        return named.get("default")
-    return template if isinstance(template, str) else None
+def _load_fast_tokenizer(model_dir: Path) -> Any:
+    """AutoTokenizer as vLLM and lm-eval load the folder; the generic fast tokenizer over its
+    tokenizer.json when the class the folder names cannot load here (remote code, a package
+    not installed) or is not a fast one (DecodeStream needs tokenizers' own tokenizer)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-
-def _compile_template(source: str):
-    """Compile with the environment transformers uses, so Hub templates render the same."""
-    from datetime import datetime
-
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # jinja's own tojson escapes HTML characters; HF's does not
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    options = {"local_files_only": True, "trust_remote_code": False}
+    try:
+        hf = AutoTokenizer.from_pretrained(model_dir, **options)
+        if hf.is_fast:
+            return hf
+        why = f"{type(hf).__name__} is no fast tokenizer"
+    except Exception as e:  # transformers raises many kinds here
+        why = f"{type(e).__name__}: {e}"
+    logger.warning(
+        "AutoTokenizer cannot load %s (%s): PreTrainedTokenizerFast reads it", model_dir, why
     )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    # Some templates wrap assistant turns in {% generation %}: rendered as a plain block here.
-    source = source.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    source = source.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
-    return env.from_string(source)
+    return PreTrainedTokenizerFast.from_pretrained(model_dir, **options)
 
 
 # ---- stop strings ------------------------------------------------------------------------------
@@ -370,6 +318,8 @@ class IncrementalDetokenizer:
 def load_chat_template(value: str) -> str:
     """A chat template given as a file path or as the Jinja text itself (vLLM's --chat-template);
     ValueError when it is neither a readable file nor a template that compiles."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
     path = Path(value).expanduser()
     looks_like_path = "{" not in value and "\n" not in value
     if looks_like_path:
@@ -380,7 +330,7 @@ def load_chat_template(value: str) -> str:
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--chat-template {path}: cannot read it: {e}") from None
     try:
-        _compile_template(value)
+        _compile_jinja_template(value)  # the environment apply_chat_template renders in
     except Exception as e:  # jinja2.TemplateSyntaxError and friends
         raise ValueError(f"--chat-template is not a valid Jinja template: {e}") from None
     return value

@@ -75,12 +75,22 @@ def test_roundtrip_and_matches_transformers(tok_dir, tok):
 
 
 def test_eos_bos_and_config_handling(tmp_path, tok_dir):
-    for name in ("tokenizer.json",):
-        (tmp_path / name).write_bytes((tok_dir / name).read_bytes())
+    # Llama-3 style: tokenizer.json's post-processor adds BOS (transformers takes BOS/EOS from
+    # there when a tokenizer.json exists, whatever add_bos_token says)
+    tok_json = json.loads((tok_dir / "tokenizer.json").read_text())
+    tok_json["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                   {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1],
+                                            "tokens": ["<|im_start|>"]}},
+    }  # fmt: skip
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok_json))
     config = json.loads((tok_dir / "tokenizer_config.json").read_text())
     # Llama-style config: explicit BOS and a template using raise_exception / tojson / bos_token
     config.update(
-        bos_token={"content": "<|im_start|>", "special": True},
+        bos_token={"__type": "AddedToken", "content": "<|im_start|>", "special": True},
         add_bos_token=True,
         chat_template=(
             "{{ bos_token }}{% for m in messages %}"
