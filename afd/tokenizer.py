@@ -1,6 +1,6 @@
 """Tokenizers of Hugging Face model folders: transformers' fast tokenizer encodes, decodes and
-renders chat templates (as vLLM and lm-eval load it); incremental detokenization with stop
-strings."""
+renders chat templates (as vLLM and lm-eval load it), tokenizers' DecodeStream detokenizes
+incrementally, on from the prompt's last tokens; stop strings."""
 
 from __future__ import annotations
 
@@ -201,27 +201,45 @@ def truncate_at_stop(text: str, stop: Iterable[str] | str | None) -> tuple[str, 
 
 # ---- incremental detokenization ----------------------------------------------------------------
 
+# The prompt tokens an output is decoded on from: the shortest suffix of _TAIL_MIN.._TAIL_MAX
+# tokens with whole text (vLLM's rule), else the last _TAIL_FALLBACK (bounded cost).
+_TAIL_MIN, _TAIL_MAX, _TAIL_FALLBACK = 4, 24, 256
+
+
+def _prompt_tail(backend: Any, prompt_ids: list[int], skip: bool) -> tuple[list[int], str]:
+    """The prompt's last tokens whose text neither starts inside a broken character nor is empty
+    (a tail of skipped special tokens would lose the space a decoder puts before a word), and
+    that text."""
+    for k in range(_TAIL_MIN, min(len(prompt_ids), _TAIL_MAX) + 1):
+        tail = prompt_ids[-k:]
+        text = backend.decode(tail, skip_special_tokens=skip)
+        if text and "\ufffd" not in text:
+            return tail, text
+    tail = prompt_ids[-_TAIL_FALLBACK:]
+    return tail, backend.decode(tail, skip_special_tokens=skip)
+
 
 class IncrementalDetokenizer:
     """Streaming text of one sequence's output tokens.
 
-    `text` only grows, never ends in a broken UTF-8 character or in a tail that could start a stop
-    string, and equals `decode(all ids)` (cut before the first stop string, or after it with
-    include_stop_str_in_output) once finished. Stop strings count only once min_tokens tokens
-    are out, as in vLLM.
+    The output is decoded on from the prompt's last tokens (tokenizers' DecodeStream primed with
+    them, as vLLM does), so its text is what decoding prompt + output gives after the prompt's
+    text: a WordPiece or Metaspace decoder keeps the space before the first output word. `text`
+    only grows, never ends in a broken UTF-8 character or in a tail that could start a stop
+    string, and once finished is that whole text (cut before the first stop string, or after it
+    with include_stop_str_in_output). Stop strings count only once min_tokens tokens are out, as
+    in vLLM.
     """
 
     def __init__(
         self,
         tokenizer: Tokenizer,
-        prompt_ids: list[int] | None = None,
+        prompt_ids: Iterable[int] | None = None,
         params: Any = None,
         *,
         stop: Iterable[str] | str | None = None,
         skip_special_tokens: bool = True,
     ):
-        # prompt_ids are accepted for API symmetry but unused: the output is decoded on its own,
-        # exactly as decode(output ids) would.
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.min_tokens = 0
@@ -237,10 +255,13 @@ class IncrementalDetokenizer:
         self.text = ""  # what may be shown now
         self.stop_reason: str | None = None
         self.finished = False
-        # Decode windows: text for ids[prefix:read] was already emitted; decoding from `prefix`
-        # keeps tokenizers that strip a leading space or merge bytes across tokens consistent.
-        self._prefix_offset = 0
-        self._read_offset = 0
+        self._backend = tokenizer.backend
+        skip = self.skip_special_tokens
+        prompt = prompt_ids if isinstance(prompt_ids, list) else list(prompt_ids or ())
+        prompt = [int(t) for t in prompt[-_TAIL_FALLBACK:]]
+        self._context, self._context_text = _prompt_tail(self._backend, prompt, skip)
+        self._streamed = 0  # ids given to the stream (deferred ones wait)
+        self._stream: Any = None  # a DecodeStream, from the first token decoded on its own
 
     def add_token(self, token_id: int, final: bool = False) -> bool:
         """Add one token; True when a stop string was found (the text is cut before it)."""
@@ -251,7 +272,7 @@ class IncrementalDetokenizer:
         self.ids.append(int(token_id))
         prev_len = len(self.decoded)
         if final:
-            self.decoded = self.tokenizer.decode(self.ids, self.skip_special_tokens)
+            self.decoded = self._final_text()
         else:
             self.decoded += self._new_text()
         if len(self.ids) < self.min_tokens:
@@ -295,24 +316,60 @@ class IncrementalDetokenizer:
     def finalize(self) -> None:
         """Flush held-back text: the sequence ended for a reason other than a stop string."""
         if self.stop_reason is None and not self.finished:
-            decoded = self.tokenizer.decode(self.ids, self.skip_special_tokens)
+            decoded = self._final_text()
             hit = self.stop_checker.check(decoded, len(self.decoded), len(self._stop_floor_text))
             if hit is not None:
                 decoded, self.stop_reason = hit
             self.decoded = self.text = decoded
             self.finished = True
 
+    def _stream_from(self, ids: list[int]) -> Any:
+        """A DecodeStream whose next text is what follows the text of `ids`."""
+        from tokenizers.decoders import DecodeStream
+
+        return DecodeStream(ids=ids, skip_special_tokens=self.skip_special_tokens)
+
     def _new_text(self) -> str:
-        decode = self.tokenizer.decode
-        ids, skip = self.ids, self.skip_special_tokens
-        prefix_text = decode(ids[self._prefix_offset : self._read_offset], skip)
-        full_text = decode(ids[self._prefix_offset :], skip)
-        # A trailing U+FFFD means the last token ends inside a multi-byte character: wait.
-        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(ids)
-            return full_text[len(prefix_text) :]
-        return ""
+        """Text the ids not yet streamed add ("" while they end inside a character)."""
+        new = self.ids[self._streamed :]
+        self._streamed = len(self.ids)
+        if self._stream is None:
+            if self._context_text.endswith("\ufffd"):
+                return self._first_text()
+            self._stream = self._stream_from(self._context)
+        try:
+            chunk = self._stream.step(self._backend, new[0] if len(new) == 1 else new)
+        except Exception as e:
+            if not str(e).startswith("Invalid prefix"):
+                raise
+            # The decoder rewrote text already out (it is not monotonic, e.g. a replacement
+            # across tokens): go on from these tokens alone, as vLLM does.
+            self._stream = self._stream_from([])
+            chunk = self._stream.step(self._backend, new)
+        return chunk or ""
+
+    def _first_text(self) -> str:
+        """The first output text after a context ending in a broken character or in U+FFFD
+        (no prefix DecodeStream can keep): what follows the context's text once the whole text
+        ends in a complete character; the stream goes on from there."""
+        full = self._backend.decode(self._context + self.ids, self.skip_special_tokens)
+        if full.endswith("\ufffd"):
+            return ""
+        self._stream = self._stream_from(self._context + self.ids)
+        return self._after_context(full)
+
+    def _final_text(self) -> str:
+        return self._after_context(
+            self._backend.decode(self._context + self.ids, self.skip_special_tokens)
+        )
+
+    def _after_context(self, full: str) -> str:
+        """`full` (the text of context + ids) less the context's text; a broken character the
+        context ends with is the output's once an output token completes it."""
+        for head in (self._context_text, self._context_text.rstrip("\ufffd")):
+            if full.startswith(head):
+                return full[len(head) :]
+        return self._backend.decode(self.ids, self.skip_special_tokens)
 
 
 def load_chat_template(value: str) -> str:
