@@ -86,7 +86,7 @@ def resolve_model(
 def build_builtin(name: str, out_dir: str | Path) -> None:
     """Write built-in model `name` (weights, config, tokenizer) into `out_dir`."""
     from afd.models.tiny import build_tiny_checkpoint
-    from afd.tokenizer import Tokenizer, train_bytelevel_bpe
+    from afd.tokenizer import Tokenizer
 
     out_dir = Path(out_dir)
     train_bytelevel_bpe(out_dir, VOCAB_SIZE)
@@ -130,3 +130,134 @@ def _remove_stale_builds(parent: Path, name: str) -> None:
         with contextlib.suppress(OSError):
             if now - old.stat().st_mtime > _STALE_BUILD_S:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- the built-in tokenizer: byte-level BPE trained on a built-in corpus ----------------------
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Qwen's ChatML layout; list-of-parts content (OpenAI style) is joined from its text parts.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set content = message['content'] %}"
+    "{% else %}{% set content = message['content'] | map(attribute='text') | join('') %}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A mixture of experts model routes every token to a
+few experts, and only those experts run for that token. Attention workers hold the key value cache
+while expert workers hold the weights of the experts. Micro batches ping pong between the two
+sides so that both of them stay busy, and the time spent sending hidden states is hidden behind
+the time spent computing.
+
+Hello, my name is Ada and I like to write programs in Python. What is the capital of France?
+Paris is the capital of France. Berlin is the capital of Germany, Rome is the capital of Italy,
+and Madrid is the capital of Spain. Tokyo, Beijing, Seoul and Delhi are large cities in Asia.
+
+Once upon a time there was a small model that generated random text. It lived on a server in a
+cold room full of humming machines. Every morning the operators asked it questions, and every
+morning it answered with words that nobody could understand. Still, they were proud of it.
+
+User: How are you today?
+Assistant: I am fine, thank you for asking. How can I help you?
+User: Please summarise the following paragraph in one sentence.
+Assistant: Sure! Here is a short summary of the paragraph you sent me.
+
+def fibonacci(n: int) -> int:
+    if n < 2:
+        return n
+    return fibonacci(n - 1) + fibonacci(n - 2)
+
+for i in range(10):
+    print(i, fibonacci(i))
+
+{"name": "weather", "arguments": {"city": "London", "unit": "celsius"}}
+<html><body><p>Welcome to the home page.</p></body></html>
+SELECT name, price FROM products WHERE price > 100 ORDER BY price DESC;
+
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 12 25 42 64 100 128 256 512 1000 1024 2048 4096 65536.
+Dates and times: 2024-01-15, 12:30:45, Monday, Tuesday, Wednesday, Thursday, Friday.
+Punctuation: commas, periods. Questions? Exclamations! Quotes "like this" and 'like that';
+parentheses (round) [square] {curly} <angle>; dashes - and -- and slashes / \\ | ~ ^ * & % $ # @.
+
+Some words from other languages: café, naïve, résumé, über, Straße, señor, smörgåsbord,
+日本語, 中文, 한국어, русский язык, ελληνικά, العربية, हिन्दी, and a few emoji: 🙂 🚀 ✨.
+
+Science: water boils at one hundred degrees Celsius at sea level. The speed of light is about
+three hundred thousand kilometres per second. Energy equals mass times the speed of light squared.
+The mitochondria is the powerhouse of the cell. Plants turn sunlight, water and carbon dioxide
+into sugar and oxygen.
+"""
+
+_SUBJECTS = ["The model", "A worker", "The scheduler", "Each expert", "My friend", "The cat"]
+_VERBS = ["reads", "writes", "sends", "computes", "finds", "keeps", "likes", "moves"]
+_OBJECTS = ["the cache", "a token", "many numbers", "the answer", "some data", "a long story"]
+_ENDINGS = [".", "!", "?", " quickly.", " again.", " every day."]
+
+
+def builtin_corpus() -> str:
+    """A few KB of varied English (plus code, numbers, non-ASCII), the same on every call."""
+    lines = []
+    # Deterministic walk over subject/verb/object combinations: varied, reproducible text.
+    for i in range(120):
+        s = _SUBJECTS[i % len(_SUBJECTS)]
+        v = _VERBS[(i * 3) % len(_VERBS)]
+        o = _OBJECTS[(i * 5) % len(_OBJECTS)]
+        e = _ENDINGS[(i * 7) % len(_ENDINGS)]
+        lines.append(f"{s} {v} {o}{e} ({i * 37 % 1000})")
+    return _CORPUS + "\n".join(lines) + "\n"
+
+
+def train_bytelevel_bpe(
+    out_dir: str | Path,
+    vocab_size: int,
+    seed_text: str | None = None,
+    *,
+    chat_template: str = CHATML_TEMPLATE,
+) -> None:
+    """Train a byte-level BPE tokenizer of exactly `vocab_size` ids on a built-in corpus (plus
+    `seed_text`); writes tokenizer.json and tokenizer_config.json, byte-identical per input."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size must be at least {minimum} for byte-level BPE")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = builtin_corpus() + (seed_text or "")
+    tok.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
+    # A small corpus runs out of merges before a large vocab is full; reserved special tokens fill
+    # the rest so every id a model of this vocab size can emit decodes.
+    missing = vocab_size - tok.get_vocab_size()
+    if missing > 0:
+        tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(missing)])
+    if tok.get_vocab_size() != vocab_size:
+        raise ValueError(f"trained vocabulary has {tok.get_vocab_size()} ids, not {vocab_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "chat_template": chat_template,
+        "model_max_length": 2048,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,148 +1,17 @@
-"""Tokenizers from Hugging Face model folders (no transformers needed), local BPE training,
-chat templates, and incremental detokenization with stop strings."""
+"""Tokenizers of Hugging Face model folders: transformers' fast tokenizer encodes, decodes and
+renders chat templates (as vLLM and lm-eval load it), tokenizers' DecodeStream detokenizes
+incrementally, on from the prompt's last tokens; stop strings."""
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-# Qwen's ChatML layout; list-of-parts content (OpenAI style) is joined from its text parts.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['content'] is string %}{% set content = message['content'] %}"
-    "{% else %}{% set content = message['content'] | map(attribute='text') | join('') %}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-_CORPUS = """\
-The quick brown fox jumps over the lazy dog. A mixture of experts model routes every token to a
-few experts, and only those experts run for that token. Attention workers hold the key value cache
-while expert workers hold the weights of the experts. Micro batches ping pong between the two
-sides so that both of them stay busy, and the time spent sending hidden states is hidden behind
-the time spent computing.
-
-Hello, my name is Ada and I like to write programs in Python. What is the capital of France?
-Paris is the capital of France. Berlin is the capital of Germany, Rome is the capital of Italy,
-and Madrid is the capital of Spain. Tokyo, Beijing, Seoul and Delhi are large cities in Asia.
-
-Once upon a time there was a small model that generated random text. It lived on a server in a
-cold room full of humming machines. Every morning the operators asked it questions, and every
-morning it answered with words that nobody could understand. Still, they were proud of it.
-
-User: How are you today?
-Assistant: I am fine, thank you for asking. How can I help you?
-User: Please summarise the following paragraph in one sentence.
-Assistant: Sure! Here is a short summary of the paragraph you sent me.
-
-def fibonacci(n: int) -> int:
-    if n < 2:
-        return n
-    return fibonacci(n - 1) + fibonacci(n - 2)
-
-for i in range(10):
-    print(i, fibonacci(i))
-
-{"name": "weather", "arguments": {"city": "London", "unit": "celsius"}}
-<html><body><p>Welcome to the home page.</p></body></html>
-SELECT name, price FROM products WHERE price > 100 ORDER BY price DESC;
-
-Numbers: 0 1 2 3 4 5 6 7 8 9 10 12 25 42 64 100 128 256 512 1000 1024 2048 4096 65536.
-Dates and times: 2024-01-15, 12:30:45, Monday, Tuesday, Wednesday, Thursday, Friday.
-Punctuation: commas, periods. Questions? Exclamations! Quotes "like this" and 'like that';
-parentheses (round) [square] {curly} <angle>; dashes - and -- and slashes / \\ | ~ ^ * & % $ # @.
-
-Some words from other languages: café, naïve, résumé, über, Straße, señor, smörgåsbord,
-日本語, 中文, 한국어, русский язык, ελληνικά, العربية, हिन्दी, and a few emoji: 🙂 🚀 ✨.
-
-Science: water boils at one hundred degrees Celsius at sea level. The speed of light is about
-three hundred thousand kilometres per second. Energy equals mass times the speed of light squared.
-The mitochondria is the powerhouse of the cell. Plants turn sunlight, water and carbon dioxide
-into sugar and oxygen.
-"""
-
-_SUBJECTS = ["The model", "A worker", "The scheduler", "Each expert", "My friend", "The cat"]
-_VERBS = ["reads", "writes", "sends", "computes", "finds", "keeps", "likes", "moves"]
-_OBJECTS = ["the cache", "a token", "many numbers", "the answer", "some data", "a long story"]
-_ENDINGS = [".", "!", "?", " quickly.", " again.", " every day."]
-
-
-def builtin_corpus() -> str:
-    """A few KB of varied English (plus code, numbers, non-ASCII), the same on every call."""
-    lines = []
-    # Deterministic walk over subject/verb/object combinations: varied, reproducible text.
-    for i in range(120):
-        s = _SUBJECTS[i % len(_SUBJECTS)]
-        v = _VERBS[(i * 3) % len(_VERBS)]
-        o = _OBJECTS[(i * 5) % len(_OBJECTS)]
-        e = _ENDINGS[(i * 7) % len(_ENDINGS)]
-        lines.append(f"{s} {v} {o}{e} ({i * 37 % 1000})")
-    return _CORPUS + "\n".join(lines) + "\n"
-
-
-def train_bytelevel_bpe(
-    out_dir: str | Path,
-    vocab_size: int,
-    seed_text: str | None = None,
-    *,
-    chat_template: str = CHATML_TEMPLATE,
-) -> None:
-    """Train a byte-level BPE tokenizer of exactly `vocab_size` ids on a built-in corpus (plus
-    `seed_text`); writes tokenizer.json and tokenizer_config.json, byte-identical per input."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
-    if vocab_size < minimum:
-        raise ValueError(f"vocab_size must be at least {minimum} for byte-level BPE")
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    corpus = builtin_corpus() + (seed_text or "")
-    tok.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
-    # A small corpus runs out of merges before a large vocab is full; reserved special tokens fill
-    # the rest so every id a model of this vocab size can emit decodes.
-    missing = vocab_size - tok.get_vocab_size()
-    if missing > 0:
-        tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(missing)])
-    if tok.get_vocab_size() != vocab_size:
-        raise ValueError(f"trained vocabulary has {tok.get_vocab_size()} ids, not {vocab_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "chat_template": chat_template,
-        "model_max_length": 2048,
-        "clean_up_tokenization_spaces": False,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _token_text(token: Any) -> str | None:
-    """tokenizer_config stores special tokens as strings or AddedToken dicts."""
-    if isinstance(token, dict):
-        return token.get("content")
-    return token if isinstance(token, str) else None
+logger = logging.getLogger("afd.tokenizer")
 
 
 def _as_id_set(value: Any) -> set[int]:
@@ -151,17 +20,6 @@ def _as_id_set(value: Any) -> set[int]:
     if isinstance(value, list):
         return {int(v) for v in value if isinstance(v, int)}
     return set()
-
-
-_SPECIAL_TOKEN_KEYS = (
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-)
 
 
 class TooManyTokensError(ValueError):
@@ -173,63 +31,45 @@ class TooManyTokensError(ValueError):
 
 
 class Tokenizer:
-    """encode / decode / chat template over a Hugging Face tokenizer.json, without transformers."""
+    """encode / decode / chat template of a model folder's tokenizer, as transformers' fast
+    tokenizer does them (special tokens declared only in tokenizer_config.json included)."""
 
-    def __init__(self, hf_tokenizer: Any, config: dict, eos_ids: Iterable[int] = ()):
-        self._tok = hf_tokenizer
-        self.config = config
-        self.chat_template: str | None = _select_template(config.get("chat_template"))
-        self.special_tokens: dict[str, str] = {
-            key: text for key in _SPECIAL_TOKEN_KEYS if (text := _token_text(config.get(key)))
-        }
-        bos = self.special_tokens.get("bos_token")
-        self.bos_token_id: int | None = hf_tokenizer.token_to_id(bos) if bos else None
-        eos = self.special_tokens.get("eos_token")
-        self.eos_token_id: int | None = hf_tokenizer.token_to_id(eos) if eos else None
+    def __init__(self, hf_tokenizer: Any, eos_ids: Iterable[int] = ()):
+        self.hf = hf_tokenizer  # transformers' fast tokenizer
+        # tokenizers' own Tokenizer, holding every added token transformers registered
+        self.backend = hf_tokenizer.backend_tokenizer
+        self.bos_token_id: int | None = hf_tokenizer.bos_token_id
+        self.eos_token_id: int | None = hf_tokenizer.eos_token_id
         self.eos_token_ids: set[int] = set(eos_ids)
         if self.eos_token_id is not None:
             self.eos_token_ids.add(self.eos_token_id)
-        # HF semantics: an explicit add_bos_token/add_eos_token replaces the tokenizer.json
-        # post-processor; without them the post-processor decides (e.g. Llama 3 adds BOS there).
-        self._explicit_specials = "add_bos_token" in config or "add_eos_token" in config
-        self.add_bos = bool(config.get("add_bos_token")) and self.bos_token_id is not None
-        self.add_eos = bool(config.get("add_eos_token")) and self.eos_token_id is not None
-        self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
-        self._template = None
+        self.vocab_size: int = self.backend.get_vocab_size(with_added_tokens=True)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> Tokenizer:
-        """Load tokenizer.json, tokenizer_config.json and eos ids (generation_config / config)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
+        """The folder's tokenizer (local files only, no remote code) and its eos ids
+        (tokenizer, generation_config.json and config.json together)."""
         model_dir = Path(model_dir)
-        path = model_dir / "tokenizer.json"
-        if not path.is_file():
+        if not (model_dir / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in model directory {model_dir}")
-        config = _read_json(model_dir / "tokenizer_config.json")
-        template_file = model_dir / "chat_template.jinja"
-        if not config.get("chat_template") and template_file.is_file():
-            config["chat_template"] = template_file.read_text()
         eos_ids = _as_id_set(_read_json(model_dir / "generation_config.json").get("eos_token_id"))
         eos_ids |= _as_id_set(_read_json(model_dir / "config.json").get("eos_token_id"))
-        return cls(HFTokenizer.from_file(str(path)), config, eos_ids)
+        return cls(_load_fast_tokenizer(model_dir), eos_ids)
+
+    @property
+    def chat_template(self) -> str | dict | None:
+        """The template apply_chat_template renders (a dict when the folder names several)."""
+        return self.hf.chat_template
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; BOS/EOS added as the tokenizer's config says."""
-        if not self._explicit_specials:
-            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        if add_special_tokens and self.add_bos:
-            ids = [self.bos_token_id, *ids]
-        if add_special_tokens and self.add_eos:
-            ids = [*ids, self.eos_token_id]
-        return ids
+        """Token ids of `text`; BOS/EOS added as the tokenizer adds them."""
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     @functools.cached_property
     def max_token_chars(self) -> int:
         """The most characters one token can stand for (its longest vocabulary entry): a text
         of c characters has at least c / max_token_chars tokens, known without encoding it."""
-        return max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return max((len(t) for t in self.backend.get_vocab(with_added_tokens=True)), default=1)
 
     def encode_capped(
         self, text: str, max_tokens: int, add_special_tokens: bool = True
@@ -241,7 +81,7 @@ class Tokenizer:
             raise TooManyTokensError(len(text) // self.max_token_chars)
         probe = 4 * max_tokens + 256  # characters: enough for max_tokens of ordinary text
         if len(text) > 2 * probe:
-            head = len(self._tok.encode(text[:probe], add_special_tokens=False).ids)
+            head = len(self.backend.encode(text[:probe], add_special_tokens=False).ids)
             if head > max_tokens + 16 + max_tokens // 100:  # beyond any effect of the cut
                 raise TooManyTokensError(head - 16)
         ids = self.encode(text, add_special_tokens=add_special_tokens)
@@ -250,39 +90,36 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`, as transformers' decode gives it."""
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(token_id)
+        return self.backend.id_to_token(token_id)
 
     def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
+        return self.backend.token_to_id(token)
 
     def set_chat_template(self, template: str) -> None:
         """Use `template` (Jinja text) instead of the tokenizer config's chat template."""
-        self.chat_template = template
-        self._template = None
+        self.hf.chat_template = template
 
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
-        """Render `messages` with the model's chat template (HF's jinja environment)."""
+        """Render `messages` with the model's chat template (transformers' apply_chat_template);
+        `kwargs` reach the template as variables."""
         if not self.chat_template:
             raise ValueError(
                 "this model's tokenizer has no chat template; use the completions API "
                 "or a model whose tokenizer_config.json has a chat_template"
             )
-        import jinja2
+        from jinja2.exceptions import TemplateError
 
-        if self._template is None:
-            self._template = _compile_template(self.chat_template)
         try:
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                **{**self.special_tokens, **kwargs},
+            return self.hf.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
             )
-        except jinja2.exceptions.TemplateError as e:
+        except TemplateError as e:
             raise ValueError(f"chat template failed: {e}") from e
 
 
@@ -290,41 +127,24 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _select_template(template: Any) -> str | None:
-    """A template string, or the 'default' one of HF's list-of-named-templates form."""
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        return named.get("default")
-    return template if isinstance(template, str) else None
+def _load_fast_tokenizer(model_dir: Path) -> Any:
+    """AutoTokenizer as vLLM and lm-eval load the folder; the generic fast tokenizer over its
+    tokenizer.json when the class the folder names cannot load here (remote code, a package
+    not installed) or is not a fast one (DecodeStream needs tokenizers' own tokenizer)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-
-def _compile_template(source: str):
-    """Compile with the environment transformers uses, so Hub templates render the same."""
-    from datetime import datetime
-
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # jinja's own tojson escapes HTML characters; HF's does not
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    options = {"local_files_only": True, "trust_remote_code": False}
+    try:
+        hf = AutoTokenizer.from_pretrained(model_dir, **options)
+        if hf.is_fast:
+            return hf
+        why = f"{type(hf).__name__} is no fast tokenizer"
+    except Exception as e:  # transformers raises many kinds here
+        why = f"{type(e).__name__}: {e}"
+    logger.warning(
+        "AutoTokenizer cannot load %s (%s): PreTrainedTokenizerFast reads it", model_dir, why
     )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    # Some templates wrap assistant turns in {% generation %}: rendered as a plain block here.
-    source = source.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    source = source.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
-    return env.from_string(source)
+    return PreTrainedTokenizerFast.from_pretrained(model_dir, **options)
 
 
 # ---- stop strings ------------------------------------------------------------------------------
@@ -381,27 +201,45 @@ def truncate_at_stop(text: str, stop: Iterable[str] | str | None) -> tuple[str, 
 
 # ---- incremental detokenization ----------------------------------------------------------------
 
+# The prompt tokens an output is decoded on from: the shortest suffix of _TAIL_MIN.._TAIL_MAX
+# tokens with whole text (vLLM's rule), else the last _TAIL_FALLBACK (bounded cost).
+_TAIL_MIN, _TAIL_MAX, _TAIL_FALLBACK = 4, 24, 256
+
+
+def _prompt_tail(backend: Any, prompt_ids: list[int], skip: bool) -> tuple[list[int], str]:
+    """The prompt's last tokens whose text neither starts inside a broken character nor is empty
+    (a tail of skipped special tokens would lose the space a decoder puts before a word), and
+    that text."""
+    for k in range(_TAIL_MIN, min(len(prompt_ids), _TAIL_MAX) + 1):
+        tail = prompt_ids[-k:]
+        text = backend.decode(tail, skip_special_tokens=skip)
+        if text and "\ufffd" not in text:
+            return tail, text
+    tail = prompt_ids[-_TAIL_FALLBACK:]
+    return tail, backend.decode(tail, skip_special_tokens=skip)
+
 
 class IncrementalDetokenizer:
     """Streaming text of one sequence's output tokens.
 
-    `text` only grows, never ends in a broken UTF-8 character or in a tail that could start a stop
-    string, and equals `decode(all ids)` (cut before the first stop string, or after it with
-    include_stop_str_in_output) once finished. Stop strings count only once min_tokens tokens
-    are out, as in vLLM.
+    The output is decoded on from the prompt's last tokens (tokenizers' DecodeStream primed with
+    them, as vLLM does), so its text is what decoding prompt + output gives after the prompt's
+    text: a WordPiece or Metaspace decoder keeps the space before the first output word. `text`
+    only grows, never ends in a broken UTF-8 character or in a tail that could start a stop
+    string, and once finished is that whole text (cut before the first stop string, or after it
+    with include_stop_str_in_output). Stop strings count only once min_tokens tokens are out, as
+    in vLLM.
     """
 
     def __init__(
         self,
         tokenizer: Tokenizer,
-        prompt_ids: list[int] | None = None,
+        prompt_ids: Iterable[int] | None = None,
         params: Any = None,
         *,
         stop: Iterable[str] | str | None = None,
         skip_special_tokens: bool = True,
     ):
-        # prompt_ids are accepted for API symmetry but unused: the output is decoded on its own,
-        # exactly as decode(output ids) would.
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.min_tokens = 0
@@ -417,10 +255,13 @@ class IncrementalDetokenizer:
         self.text = ""  # what may be shown now
         self.stop_reason: str | None = None
         self.finished = False
-        # Decode windows: text for ids[prefix:read] was already emitted; decoding from `prefix`
-        # keeps tokenizers that strip a leading space or merge bytes across tokens consistent.
-        self._prefix_offset = 0
-        self._read_offset = 0
+        self._backend = tokenizer.backend
+        skip = self.skip_special_tokens
+        prompt = prompt_ids if isinstance(prompt_ids, list) else list(prompt_ids or ())
+        prompt = [int(t) for t in prompt[-_TAIL_FALLBACK:]]
+        self._context, self._context_text = _prompt_tail(self._backend, prompt, skip)
+        self._streamed = 0  # ids given to the stream (deferred ones wait)
+        self._stream: Any = None  # a DecodeStream, from the first token decoded on its own
 
     def add_token(self, token_id: int, final: bool = False) -> bool:
         """Add one token; True when a stop string was found (the text is cut before it)."""
@@ -431,7 +272,7 @@ class IncrementalDetokenizer:
         self.ids.append(int(token_id))
         prev_len = len(self.decoded)
         if final:
-            self.decoded = self.tokenizer.decode(self.ids, self.skip_special_tokens)
+            self.decoded = self._final_text()
         else:
             self.decoded += self._new_text()
         if len(self.ids) < self.min_tokens:
@@ -475,29 +316,67 @@ class IncrementalDetokenizer:
     def finalize(self) -> None:
         """Flush held-back text: the sequence ended for a reason other than a stop string."""
         if self.stop_reason is None and not self.finished:
-            decoded = self.tokenizer.decode(self.ids, self.skip_special_tokens)
+            decoded = self._final_text()
             hit = self.stop_checker.check(decoded, len(self.decoded), len(self._stop_floor_text))
             if hit is not None:
                 decoded, self.stop_reason = hit
             self.decoded = self.text = decoded
             self.finished = True
 
+    def _stream_from(self, ids: list[int]) -> Any:
+        """A DecodeStream whose next text is what follows the text of `ids`."""
+        from tokenizers.decoders import DecodeStream
+
+        return DecodeStream(ids=ids, skip_special_tokens=self.skip_special_tokens)
+
     def _new_text(self) -> str:
-        decode = self.tokenizer.decode
-        ids, skip = self.ids, self.skip_special_tokens
-        prefix_text = decode(ids[self._prefix_offset : self._read_offset], skip)
-        full_text = decode(ids[self._prefix_offset :], skip)
-        # A trailing U+FFFD means the last token ends inside a multi-byte character: wait.
-        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(ids)
-            return full_text[len(prefix_text) :]
-        return ""
+        """Text the ids not yet streamed add ("" while they end inside a character)."""
+        new = self.ids[self._streamed :]
+        self._streamed = len(self.ids)
+        if self._stream is None:
+            if self._context_text.endswith("\ufffd"):
+                return self._first_text()
+            self._stream = self._stream_from(self._context)
+        try:
+            chunk = self._stream.step(self._backend, new[0] if len(new) == 1 else new)
+        except Exception as e:
+            if not str(e).startswith("Invalid prefix"):
+                raise
+            # The decoder rewrote text already out (it is not monotonic, e.g. a replacement
+            # across tokens): go on from these tokens alone, as vLLM does.
+            self._stream = self._stream_from([])
+            chunk = self._stream.step(self._backend, new)
+        return chunk or ""
+
+    def _first_text(self) -> str:
+        """The first output text after a context ending in a broken character or in U+FFFD
+        (no prefix DecodeStream can keep): what follows the context's text once the whole text
+        ends in a complete character; the stream goes on from there."""
+        full = self._backend.decode(self._context + self.ids, self.skip_special_tokens)
+        if full.endswith("\ufffd"):
+            return ""
+        self._stream = self._stream_from(self._context + self.ids)
+        return self._after_context(full)
+
+    def _final_text(self) -> str:
+        return self._after_context(
+            self._backend.decode(self._context + self.ids, self.skip_special_tokens)
+        )
+
+    def _after_context(self, full: str) -> str:
+        """`full` (the text of context + ids) less the context's text; a broken character the
+        context ends with is the output's once an output token completes it."""
+        for head in (self._context_text, self._context_text.rstrip("\ufffd")):
+            if full.startswith(head):
+                return full[len(head) :]
+        return self._backend.decode(self.ids, self.skip_special_tokens)
 
 
 def load_chat_template(value: str) -> str:
     """A chat template given as a file path or as the Jinja text itself (vLLM's --chat-template);
     ValueError when it is neither a readable file nor a template that compiles."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
     path = Path(value).expanduser()
     looks_like_path = "{" not in value and "\n" not in value
     if looks_like_path:
@@ -508,7 +387,7 @@ def load_chat_template(value: str) -> str:
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--chat-template {path}: cannot read it: {e}") from None
     try:
-        _compile_template(value)
+        _compile_jinja_template(value)  # the environment apply_chat_template renders in
     except Exception as e:  # jinja2.TemplateSyntaxError and friends
         raise ValueError(f"--chat-template is not a valid Jinja template: {e}") from None
     return value

@@ -44,9 +44,8 @@ _VERSION = {"bench-balanced-moe": 5}
 
 def bench_model_path(name: str) -> Path:
     """The checkpoint of benchmark model `name`, built on first use."""
-    from afd.builtin import VOCAB_SIZE, cache_dir
+    from afd.builtin import VOCAB_SIZE, cache_dir, train_bytelevel_bpe
     from afd.models.tiny import build_tiny_checkpoint
-    from afd.tokenizer import train_bytelevel_bpe
 
     path = cache_dir() / "models" / f"{name}-v{_VERSION.get(name, 1)}"
     if not (path / "config.json").is_file():

@@ -20,10 +20,10 @@ import torch
 from conftest import hf_greedy, mixed_prompts
 
 from afd import LLM, SamplingParams
+from afd.builtin import train_bytelevel_bpe
 from afd.loader import count_parameter_bytes, load_model
 from afd.models.tiny import build_tiny_checkpoint
 from afd.quantization import quantize_checkpoint
-from afd.tokenizer import train_bytelevel_bpe
 
 # Widths around the 128-wide blocks: multiples (256), non-multiples (160, 144, 192, 320).
 SHAPES = {

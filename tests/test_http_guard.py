@@ -56,7 +56,8 @@ def engine(tokenizer):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from afd.tokenizer import Tokenizer, train_bytelevel_bpe
+    from afd.builtin import train_bytelevel_bpe
+    from afd.tokenizer import Tokenizer
 
     path = tmp_path_factory.mktemp("tok")
     train_bytelevel_bpe(path, 512)
@@ -275,16 +276,20 @@ def test_tokenize_detokenize_version_and_model_aliases(engine, tokenizer):
         assert c.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
 
 
-def test_a_huge_prompt_under_the_body_limit_is_refused_before_it_is_encoded(client, tokenizer):
+def test_a_huge_prompt_under_the_body_limit_is_refused_before_it_is_encoded(
+    client, tokenizer, monkeypatch
+):
     calls = []
-    encode = tokenizer._tok.encode
-    tokenizer._tok.encode = lambda text, **kw: calls.append(len(text)) or encode(text, **kw)
-    try:
-        r = client.post("/v1/completions", json={"prompt": "hello " * 1_000_000})
-        messages = [{"role": "user", "content": "hi " * 10**6}]
-        chat = client.post("/v1/chat/completions", json={"messages": messages})
-    finally:
-        tokenizer._tok.encode = encode
+    for owner in (tokenizer.backend, tokenizer.hf):  # the length probe's encode, the full one
+        encode = owner.encode
+        counted = lambda text, *a, _encode=encode, **kw: (
+            calls.append(len(text)) or _encode(text, *a, **kw)
+        )
+        monkeypatch.setattr(owner, "encode", counted)
+    r = client.post("/v1/completions", json={"prompt": "hello " * 1_000_000})
+    messages = [{"role": "user", "content": "hi " * 10**6}]
+    chat = client.post("/v1/chat/completions", json={"messages": messages})
+    monkeypatch.undo()
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert "at least" in r.json()["error"]["message"]
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from afd import LLM, SamplingParams
+from afd.builtin import train_bytelevel_bpe
 from afd.models.tiny import build_random_checkpoint
-from afd.tokenizer import train_bytelevel_bpe
 
 pytestmark = pytest.mark.slow
 

@@ -14,12 +14,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from afd.builtin import train_bytelevel_bpe
 from afd.entrypoints.metrics import parse_prometheus_text
 from afd.entrypoints.protocol import EngineClient
 from afd.entrypoints.server import build_app
 from afd.outputs import CompletionOutput, Logprob, RequestOutput
 from afd.sampling.params import SamplingParams
-from afd.tokenizer import Tokenizer, train_bytelevel_bpe
+from afd.tokenizer import Tokenizer
 
 MODEL = "fake-moe"
 M = (("model_name", MODEL),)  # every metric's label
