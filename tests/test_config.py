@@ -198,8 +198,5 @@ def test_cli_and_launch_do_not_import_each_other():
     """launch (and the flag helpers) build on afd.entrypoints.flags, never on cli."""
     for name in ("launch.py", "flags.py"):
         tree = ast.parse((ROOT / "afd" / "entrypoints" / name).read_text())
-        imported = {
-            n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-        }
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert "afd.entrypoints.cli" not in imported, name
-
