@@ -41,6 +41,13 @@ def builtin_model_dir(name: str) -> Path:
     return cache_dir() / "models" / f"{name}-v{VERSION}"
 
 
+def resolve_tokenizer(tokenizer: str | None, download_dir: str | None, model_path: Path) -> Path:
+    """The tokenizer's directory: --tokenizer's (a directory or Hub id), else the model's."""
+    if not tokenizer:
+        return Path(model_path)
+    return resolve_model(tokenizer, None, download_dir, tokenizer_only=True)
+
+
 def resolve_model(
     name_or_path: str | Path,
     revision: str | None = None,

@@ -27,7 +27,7 @@ SIGNALS = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from afd.entrypoints.cli import add_engine_args
+    from afd.entrypoints.flags import add_engine_args
 
     add_engine_args(p, workers=1)
     p.add_argument(
@@ -78,28 +78,12 @@ def recovery_times(lines: list[str]) -> list[float]:
     return [float(m.group(1)) for m in found if m]
 
 
-def _launch_argv(args: argparse.Namespace, port: int) -> list[str]:
-    flags = {
-        "--model": args.model, "--dtype": args.dtype, "--device": args.device,
-        "--block-size": args.block_size, "--kv-cache-memory-mb": args.kv_cache_memory_mb,
-        "--max-num-seqs": args.max_num_seqs, "--max-num-batched-tokens":
-        args.max_num_batched_tokens, "--num-prefill-workers": args.num_prefill_workers,
-        "--num-attention-workers": args.num_attention_workers,
-        "--num-expert-workers": args.num_expert_workers,
-        "--num-micro-batches": args.num_micro_batches,
-        "--num-scheduler-steps": args.num_scheduler_steps, "--comm-backend": args.comm_backend,
-        "--max-worker-restarts": args.max_worker_restarts,
-        "--restart-window-s": args.restart_window_s, "--worker-timeout-s": args.worker_timeout_s,
-        "--port": port,
-    }  # fmt: skip
-    argv = [sys.executable, "-m", "afd", "launch"]
-    for k, v in flags.items():
-        argv += [k, str(v)]
-    if args.max_model_len:
-        argv += ["--max-model-len", str(args.max_model_len)]
-    if args.seed is not None:
-        argv += ["--seed", str(args.seed)]
-    return argv + list(args.launch_arg)
+def _launch_argv(config, port: int, launch_args: list[str]) -> list[str]:
+    """`afd launch` with every engine setting of this run (flags made from the config)."""
+    from afd.entrypoints.flags import engine_argv
+
+    argv = [sys.executable, "-m", "afd", "launch", *engine_argv(config), "--port", str(port)]
+    return argv + list(launch_args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,9 +92,11 @@ def run(args: argparse.Namespace) -> int:
     from afd.benchmarks import serve
     from afd.benchmarks.results import write_result
 
-    from afd.entrypoints.cli import resolve_worker_counts
+    from afd.config import WORKER_POOLS
+    from afd.entrypoints.flags import engine_config_from_args
 
-    resolve_worker_counts(args)
+    config = engine_config_from_args(args)  # checks every engine flag, fills in the pools
+    vars(args).update({name: getattr(config.cluster, name) for name in WORKER_POOLS})
     if not args.num_attention_workers or not args.num_expert_workers:
         raise ValueError("bench chaos needs a disaggregated cluster (attention and expert workers)")
     if args.kill_worker == "prefill" and not args.num_prefill_workers:
@@ -119,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--kill-every must be a positive number of seconds")
     port = _free_port()
     proc = subprocess.Popen(
-        _launch_argv(args, port),
+        _launch_argv(config, port, args.launch_arg),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

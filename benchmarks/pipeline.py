@@ -185,7 +185,7 @@ def measure(llm, args, ks: list[int], SamplingParams) -> dict:
     for rnd in range(args.warmup_rounds + args.rounds):
         for v in variants:
             k, m = v
-            eng.config.num_scheduler_steps = k
+            eng.config = eng.config.replace(num_scheduler_steps=k)
             ex.num_micro_batches = m
             ex.trace = rnd == last
             t0 = time.perf_counter()
@@ -486,7 +486,7 @@ def measure_colocated(model: str, args, ks: list[int], longest: int) -> list[dic
         # as many decode steps per round as the disaggregated variants took: same contexts
         for rnd in range(args.warmup_rounds + args.rounds):
             for k in ks:
-                eng.config.num_scheduler_steps = k
+                eng.config = eng.config.replace(num_scheduler_steps=k)
                 for _ in range(args.max_micro_batches):
                     t0 = time.perf_counter()
                     eng.step()

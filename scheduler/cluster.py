@@ -28,7 +28,7 @@ from afd.scheduler.recovery import (
 from afd.scheduler.scheduler import ScheduledBatch
 from afd.scheduler.supervisor import Supervisor, WorkerDiedError
 
-from afd.config import ModelConfig, worker_count_error
+from afd.config import ModelConfig, parse_node_roles
 
 STEP_TIMEOUT_S = 600.0
 SEND_TIMEOUT_MS = 5000  # a plan to a worker that is gone must not block the driver
@@ -138,54 +138,23 @@ class ClusterLayout:
         return f"tcp://{self.host}:{self.port + 2 + rank}"
 
 
-def parse_node_roles(text: str | None, nnodes: int) -> dict[int, list[str]]:
-    """'0=prefill,attention;1=expert' -> {0: [...], 1: [...]}; default: node 0 prefill and
-    attention, the other nodes experts (node 0 too when it is the only node)."""
-    if not text:
-        roles = {0: ["prefill", "attention"]}
-        for n in range(1, nnodes):
-            roles[n] = ["expert"]
-        if nnodes == 1:
-            roles[0].append("expert")
-        return roles
-    out: dict[int, list[str]] = {}
-    for part in text.split(";"):
-        node, _, names = part.partition("=")
-        try:
-            n = int(node)
-        except ValueError:
-            raise ValueError(f"--node-roles: bad node {node!r} in {text!r}") from None
-        if not 0 <= n < nnodes:
-            raise ValueError(f"--node-roles: node {n} is outside 0..{nnodes - 1}")
-        bad = [r for r in names.split(",") if r not in ("prefill", "attention", "expert")]
-        if bad or not names:
-            raise ValueError(f"--node-roles: unknown role {bad[0] if bad else ''!r} for node {n}")
-        out[n] = names.split(",")
-    return out
-
-
 def layout_for(config, model_config: ModelConfig) -> ClusterLayout:
-    a, f, p = config.num_attention_workers, config.num_expert_workers, config.num_prefill_workers
-    error = worker_count_error(p, a, f)
-    if error or a < 1:
-        raise ValueError(error or "a disaggregated cluster needs --num-attention-workers N and "
+    """Where every worker runs (the config checked its own values: counts, nodes, address)."""
+    cluster = config.cluster
+    a, f, p = cluster.num_attention_workers, cluster.num_expert_workers, cluster.num_prefill_workers
+    if a < 1:
+        raise ValueError("a disaggregated cluster needs --num-attention-workers N and "
                          "--num-expert-workers N (N >= 1)")  # fmt: skip
     if f > model_config.n_routed_experts:
         n = model_config.n_routed_experts
         raise ValueError(f"--num-expert-workers {f}, but the model has {n} routed experts: give "
                          f"--num-expert-workers {n} or fewer")  # fmt: skip
-    nnodes = config.nnodes
-    if nnodes < 1:
-        raise ValueError("--nnodes must be at least 1")
-    if config.gpus_per_node is not None and config.gpus_per_node < 1:
-        raise ValueError("--gpus-per-node must be at least 1")
+    nnodes = cluster.nnodes
     if nnodes == 1:
         _check_comm_backend(config, shares_gpus(config))  # before making folders
         return ClusterLayout(a, f, p, port=free_port(), ipc=ipc_dir(), shm=shm_dir())
-    if not config.dist_init_addr or ":" not in config.dist_init_addr:
-        raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
-    host, _, port = config.dist_init_addr.rpartition(":")
-    roles = parse_node_roles(config.node_roles, nnodes)
+    host, _, port = cluster.dist_init_addr.rpartition(":")
+    roles = parse_node_roles(cluster.node_roles, nnodes)
     layout = ClusterLayout(a, f, p, nnodes, roles, host, int(port))
     for rank in range(layout.world_size):
         layout.node_of(rank)  # every role must have a node
@@ -194,42 +163,46 @@ def layout_for(config, model_config: ModelConfig) -> ClusterLayout:
 
 
 def _check_comm_backend(config, shared_gpus: bool) -> None:
-    one_host = "-" if config.nnodes == 1 else None
-    backend = resolve_transport_name(config.comm_backend, config.device, one_host, shared_gpus)
-    if backend == "shm" and config.nnodes > 1:
-        raise ValueError("--comm-backend shm needs every worker on one node; use torch")
+    cluster = config.cluster
+    one_host = "-" if cluster.nnodes == 1 else None
+    resolve_transport_name(cluster.comm_backend, cluster.device, one_host, shared_gpus)
 
 
 def shares_gpus(config, layout: ClusterLayout | None = None) -> bool:
     """Whether some GPU runs several workers (--gpus-per-node below a node's worker count). NCCL
     allows no two ranks on one GPU, so such a cluster's world runs over gloo and its data plane
     stages through host memory."""
-    if config.device != "cuda" or config.gpus_per_node is None:
+    cluster = config.cluster
+    if cluster.device != "cuda" or cluster.gpus_per_node is None:
         return False
     if layout is None:  # one node: it runs every worker
         workers = (
-            config.num_attention_workers + config.num_expert_workers + config.num_prefill_workers
+            cluster.num_attention_workers + cluster.num_expert_workers + cluster.num_prefill_workers
         )
-        return workers > config.gpus_per_node
+        return workers > cluster.gpus_per_node
     per_node = [0] * layout.nnodes
     for rank in range(layout.world_size):
         per_node[layout.node_of(rank)] += 1
-    return max(per_node) > config.gpus_per_node
+    return max(per_node) > cluster.gpus_per_node
 
 
-def worker_spec(config, model_path, model_config: ModelConfig, layout: ClusterLayout) -> dict:
-    """What every worker process is started with (same on every node)."""
+def worker_spec(
+    config, model_path, model_config: ModelConfig, layout: ClusterLayout, tokenizer_dir=None
+) -> dict:
+    """What every worker process is started with (same on every node); `tokenizer_dir`: the
+    tokenizer grammar masks are built from (default: the model's)."""
     from afd.engine.executor import num_kv_blocks_for
 
+    cluster = config.cluster
     dtype = config.torch_dtype(model_config)
     a, f = layout.num_attention, layout.num_expert
     shared = shares_gpus(config, layout)
     return {
         "model_path": str(model_path),
-        "tokenizer_dir": config.extra.get("tokenizer_dir", str(model_path)),
+        "tokenizer_dir": str(tokenizer_dir or model_path),
         "dtype": str(dtype).removeprefix("torch."),
-        "device": config.device,
-        "block_size": config.block_size,
+        "device": cluster.device,
+        "block_size": config.cache.block_size,
         "num_kv_blocks": num_kv_blocks_for(config, model_config, dtype, model_path),
         "world_size": layout.world_size,
         "init_addr": f"{layout.host}:{layout.port}",
@@ -240,14 +213,14 @@ def worker_spec(config, model_path, model_config: ModelConfig, layout: ClusterLa
         "expert_ranks": list(range(a, a + f)),
         # "auto" resolved here, once, with what the workers cannot see (shared GPUs, one node)
         "comm_backend": resolve_transport_name(
-            config.comm_backend, config.device, layout.shm, shared
+            cluster.comm_backend, cluster.device, layout.shm, shared
         ),
         "dist_backend": "gloo" if shared else "auto",
-        "gpus_per_node": config.gpus_per_node,
-        "dispatch_dtype": config.dispatch_dtype,
-        "quantization": config.quantization,
+        "gpus_per_node": cluster.gpus_per_node,
+        "dispatch_dtype": cluster.dispatch_dtype,
+        "quantization": config.source.quantization,
         "shm_dir": layout.shm,
-        "threads": int(config.extra.get("worker_threads", 1)),
+        "threads": cluster.worker_threads,
         "dist_timeout_s": REFORM_TIMEOUT_S,
     }
 
@@ -299,7 +272,14 @@ class AFDExecutor(ClusterRecovery):
     generation (`reform` -> `joined`). Living workers keep their KV caches and expert shards.
     The step is then replayed (StepInterrupted tells the engine which replicas lost their KV)."""
 
-    def __init__(self, config, model_path: Path, model_config: ModelConfig, eos_token_ids=()):
+    def __init__(
+        self,
+        config,
+        model_path: Path,
+        model_config: ModelConfig,
+        eos_token_ids=(),
+        tokenizer_dir: Path | None = None,
+    ):
         import torch.distributed as dist
 
         layout = layout_for(config, model_config)
@@ -308,8 +288,8 @@ class AFDExecutor(ClusterRecovery):
         self.layout = layout
         self.num_replicas = a
         self.num_prefill_replicas = p
-        self.num_micro_batches = config.num_micro_batches
-        spec = worker_spec(config, model_path, model_config, layout)
+        self.num_micro_batches = config.cluster.num_micro_batches
+        spec = worker_spec(config, model_path, model_config, layout, tokenizer_dir)
         spec["eos_token_ids"] = sorted(eos_token_ids)
         self.num_kv_blocks = spec["num_kv_blocks"]
         self.trace = False
@@ -322,7 +302,7 @@ class AFDExecutor(ClusterRecovery):
         self.recovering: str | None = None  # what is being recovered (for /health)
         self.fatal: str | None = None  # why the cluster cannot serve any more
         self.generation = -1
-        self.progress = bool(config.extra.get("progress"))
+        self.progress = config.cluster.progress
         self._stage_totals: dict[str, float] = {}
         self._wire_totals: dict[str, int] = {}
         self.last_wire: dict[str, int] = {}

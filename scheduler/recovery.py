@@ -23,13 +23,11 @@ REFORM_TIMEOUT_S = 60.0  # torch.distributed rendezvous of a generation (every r
 def node_supervisor(config) -> Supervisor:
     """The supervisor of one node's workers, with the cluster's restart policy and hang
     timeout (restarts start once enable_restarts() is called)."""
-    max_restarts = config.max_worker_restarts
-    window, timeout = config.restart_window_s, config.worker_timeout_s
-    if max_restarts < 0:
-        raise ValueError("--max-worker-restarts must be >= 0")
-    if not window > 0 or not timeout > 0:  # also NaN
-        raise ValueError("--restart-window-s and --worker-timeout-s must be positive")
-    return Supervisor(restart_policy=RestartPolicy(max_restarts, window), worker_timeout_s=timeout)
+    policy = config.failure  # checked by FailurePolicy itself
+    return Supervisor(
+        restart_policy=RestartPolicy(policy.max_worker_restarts, policy.restart_window_s),
+        worker_timeout_s=policy.worker_timeout_s,
+    )
 
 
 class _Failure(Exception):

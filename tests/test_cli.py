@@ -141,7 +141,8 @@ def test_pools_not_given_default_to_0_beside_a_colocated_flag(argv, counts):
     from afd.entrypoints.cli import engine_config_from_args
 
     config = engine_config_from_args(build_parser().parse_args(argv))
-    got = (config.num_prefill_workers, config.num_attention_workers, config.num_expert_workers)
+    c = config.cluster
+    got = (c.num_prefill_workers, c.num_attention_workers, c.num_expert_workers)
     assert got == counts
 
 

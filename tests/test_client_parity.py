@@ -59,7 +59,9 @@ def trap_model(tmp_path_factory):
 
 
 def _client(model, **settings):
-    engine = AsyncEngine(EngineConfig(model=str(model), dtype="float32", max_model_len=64))
+    engine = AsyncEngine(
+        EngineConfig.from_flat(model=str(model), dtype="float32", max_model_len=64)
+    )
     return engine, TestClient(build_app(engine, **settings))
 
 
@@ -372,7 +374,7 @@ def test_system_fingerprint_as_vllm_fills_it(tiny_client):
 def test_system_fingerprint_follows_the_settings():
     class Fake:
         def __init__(self, **kw):
-            self.config = EngineConfig(**kw)
+            self.config = EngineConfig.from_flat(**kw)
 
     base = system_fingerprint(Fake(dtype="float32"))
     assert system_fingerprint(Fake(dtype="float32")) == base

@@ -340,11 +340,12 @@ def test_cluster_layout_checks_the_comm_backend():
     topology = dict(num_attention_workers=1, num_expert_workers=1)
     two_nodes = dict(nnodes=2, dist_init_addr="127.0.0.1:29999", **topology)
     with pytest.raises(ValueError, match="one node"):
-        layout_for(EngineConfig(model="m", comm_backend="shm", **two_nodes), model)
+        layout_for(EngineConfig.from_flat(model="m", comm_backend="shm", **two_nodes), model)
     with pytest.raises(ValueError, match="unknown comm backend"):
-        layout_for(EngineConfig(model="m", comm_backend="nccl-please", **topology), model)
-    assert layout_for(EngineConfig(model="m", **two_nodes), model).shm is None
-    layout = layout_for(EngineConfig(model="m", **topology), model)  # one node: shm folder
+        layout_for(EngineConfig.from_flat(model="m", comm_backend="nccl-please", **topology), model)
+    assert layout_for(EngineConfig.from_flat(model="m", **two_nodes), model).shm is None
+    # one node: shm folder
+    layout = layout_for(EngineConfig.from_flat(model="m", **topology), model)
     try:
         assert layout.shm and os.path.isdir(layout.shm)
     finally:
@@ -393,10 +394,11 @@ def test_workers_share_gpus_when_asked(builtin_path):
         node_devices(one, 0, "cuda", 1, gpus_per_node=2)
     two = ClusterLayout(2, 2, 0, nnodes=2, node_roles=parse_node_roles(None, 2))
     cfg = dict(device="cuda", num_attention_workers=2, num_expert_workers=2)
-    assert not shares_gpus(EngineConfig(**cfg), two)  # default: one GPU per worker
-    assert not shares_gpus(EngineConfig(gpus_per_node=2, **cfg), two)  # 2 workers per node
-    assert shares_gpus(EngineConfig(gpus_per_node=1, **cfg), two)
-    assert not shares_gpus(EngineConfig(gpus_per_node=1, **{**cfg, "device": "cpu"}), two)
+    assert not shares_gpus(EngineConfig.from_flat(**cfg), two)  # default: one GPU per worker
+    # 2 workers per node
+    assert not shares_gpus(EngineConfig.from_flat(gpus_per_node=2, **cfg), two)
+    assert shares_gpus(EngineConfig.from_flat(gpus_per_node=1, **cfg), two)
+    assert not shares_gpus(EngineConfig.from_flat(gpus_per_node=1, **{**cfg, "device": "cpu"}), two)
     assert resolve_transport_name("auto", "cuda", "/dev/shm/x", shared_gpus=True) == "shm"
     assert resolve_transport_name("auto", "cuda", None, shared_gpus=True) == "torch"
     with pytest.raises(ValueError, match="one GPU per worker"):
@@ -404,17 +406,17 @@ def test_workers_share_gpus_when_asked(builtin_path):
 
     path = builtin_path("tiny-qwen3-moe")
     model = ModelConfig.from_pretrained(path)
-    config = EngineConfig(model=str(path), gpus_per_node=1, num_prefill_workers=1, **cfg)
+    config = EngineConfig.from_flat(model=str(path), gpus_per_node=1, num_prefill_workers=1, **cfg)
     layout = layout_for(config, model)
     try:
         spec = worker_spec(config, path, model, layout)
         assert spec["dist_backend"] == "gloo" and spec["comm_backend"] == "shm"
         assert spec["gpus_per_node"] == 1
-        own = EngineConfig(model=str(path), comm_backend="torch", **cfg)
+        own = EngineConfig.from_flat(model=str(path), comm_backend="torch", **cfg)
         spec = worker_spec(own, path, model, layout)
         assert spec["dist_backend"] == "auto" and spec["comm_backend"] == "torch"
     finally:
         shutil.rmtree(layout.shm, ignore_errors=True)
         shutil.rmtree(layout.ipc, ignore_errors=True)
     with pytest.raises(ValueError, match="at least 1"):
-        layout_for(EngineConfig(model="m", gpus_per_node=0, **cfg), model)
+        layout_for(EngineConfig.from_flat(model="m", gpus_per_node=0, **cfg), model)

@@ -46,19 +46,20 @@ def test_gpu_memory_utilization_sizes_the_kv_cache(monkeypatch, builtin_path):
     import torch
 
     per_block = kv_cache_bytes_per_block(cfg, 16, torch.float32)
-    single = EngineConfig(gpu_memory_utilization=0.5)
+    single = EngineConfig.from_flat(gpu_memory_utilization=0.5)
     want = (2**29 - (experts + rest) * 4) // per_block
     assert executor.num_kv_blocks_for(single, cfg, torch.float32, path) == want
     # 2 attention + 1 prefill workers on one CPU node share the RAM and hold the weights
     # (the experts once on the expert workers and once in the prefill worker)
-    afd = EngineConfig(
+    afd = EngineConfig.from_flat(
         gpu_memory_utilization=0.5, num_attention_workers=2, num_expert_workers=1,
         num_prefill_workers=1,
     )  # fmt: skip
     kv = (2**29 - (3 * rest + 2 * experts) * 4) // 3
     assert executor.num_kv_blocks_for(afd, cfg, torch.float32, path) == kv // per_block
     # --num-kv-blocks wins; too little memory is a clear error
-    assert executor.num_kv_blocks_for(EngineConfig(num_kv_blocks=5), cfg, torch.float32, path) == 5
+    five = EngineConfig.from_flat(num_kv_blocks=5)
+    assert executor.num_kv_blocks_for(five, cfg, torch.float32, path) == 5
     monkeypatch.setattr(executor, "available_memory_bytes", lambda device: 1000)
     with pytest.raises(ValueError, match="leaves no memory for the KV cache"):
         executor.num_kv_blocks_for(single, cfg, torch.float32, path)
@@ -81,7 +82,7 @@ def test_chat_template_from_a_file_or_text(tmp_path):
 def test_admission_counts_sequences():
     from afd.engine.async_engine import AsyncEngine, EngineOverloadedError
 
-    engine = AsyncEngine(EngineConfig(dtype="float32", max_num_seqs=4), max_queue_len=2)
+    engine = AsyncEngine(EngineConfig.from_flat(dtype="float32", max_num_seqs=4), max_queue_len=2)
     try:
         assert engine.sequence_capacity == 6
         ids = engine.tokenizer.encode("Hello")

@@ -35,9 +35,9 @@ class AsyncEngine:
         self.max_queue_len = max_queue_len
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
-        self.model_name = self.model_root = config.model
+        self.model_name = self.model_root = config.source.model
         # admission counts sequences (a request with n = 8 is 8), running or queued
-        self.sequence_capacity = max_queue_len + config.max_num_seqs
+        self.sequence_capacity = max_queue_len + config.limits.max_num_seqs
         self._num_seqs = 0
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

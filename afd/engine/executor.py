@@ -81,21 +81,20 @@ def num_kv_blocks_for(config, model_config: ModelConfig, dtype, model_path=None)
     after the weights (see kv_memory_from_utilization), else kv_cache_memory_mb worth."""
     from afd.models import kv_cache_bytes_per_block
 
-    if config.num_kv_blocks is not None:
-        if config.num_kv_blocks < 1:
-            raise ValueError("num_kv_blocks must be at least 1")
-        return config.num_kv_blocks
-    per_block = kv_cache_bytes_per_block(model_config, config.block_size, dtype)
-    if config.gpu_memory_utilization is not None and model_path is not None:
+    cache = config.cache
+    if cache.num_kv_blocks is not None:
+        return cache.num_kv_blocks
+    per_block = kv_cache_bytes_per_block(model_config, cache.block_size, dtype)
+    if cache.gpu_memory_utilization is not None and model_path is not None:
         kv_bytes = kv_memory_from_utilization(config, model_path, dtype)
         blocks = kv_bytes // per_block
         if blocks < 1:
             raise ValueError(
-                f"--gpu-memory-utilization {config.gpu_memory_utilization} leaves no memory for "
+                f"--gpu-memory-utilization {cache.gpu_memory_utilization} leaves no memory for "
                 f"the KV cache after the weights; raise it (or give --num-kv-blocks)"
             )
         return int(blocks)
-    return max(1, config.kv_cache_memory_mb * 2**20 // per_block)
+    return max(1, cache.kv_cache_memory_mb * 2**20 // per_block)
 
 
 def available_memory_bytes(device: str) -> int:
@@ -124,14 +123,14 @@ def kv_memory_from_utilization(config, model_path, dtype) -> int:
     experts between them, and each prefill worker another."""
     from afd.loader import checkpoint_numel
 
-    util = config.gpu_memory_utilization
+    util, device = config.cache.gpu_memory_utilization, config.cluster.device
     experts, rest = checkpoint_numel(model_path)
     size = dtype.itemsize if hasattr(dtype, "itemsize") else 4
-    budget = util * available_memory_bytes(config.device)
-    a, p = config.num_attention_workers, config.num_prefill_workers
+    budget = util * available_memory_bytes(device)
+    a, p = config.cluster.num_attention_workers, config.cluster.num_prefill_workers
     if a <= 0:  # the single process: the whole model and one cache
         return max(0, int(budget - (experts + rest) * size))
-    if config.device == "cuda":
+    if device == "cuda":
         weights = (experts + rest) if p else rest
         return max(0, int(budget - weights * size))
     weights = ((a + p) * rest + (1 + p) * experts) * size
@@ -143,24 +142,30 @@ class LocalExecutor:
 
     num_replicas = 1
 
-    def __init__(self, config, model_path: Path, model_config: ModelConfig, eos_token_ids=()):
+    def __init__(
+        self,
+        config,
+        model_path: Path,
+        model_config: ModelConfig,
+        eos_token_ids=(),
+        tokenizer_dir: Path | None = None,
+    ):
         from afd.engine.model_runner import ModelRunner
         from afd.kernels.ops import set_kernel_backend
         from afd.loader import load_model
         from afd.models import allocate_kv_cache
         from afd.sampling.sampler import Sampler
 
-        set_kernel_backend(config.kernel_backend)
+        device, block_size = config.cluster.device, config.cache.block_size
+        set_kernel_backend(config.cluster.kernel_backend)
         dtype = config.torch_dtype(model_config)
         model = load_model(
-            model_path, dtype=dtype, device=config.device, quantization=config.quantization
+            model_path, dtype=dtype, device=device, quantization=config.source.quantization
         )
         self.num_kv_blocks = num_kv_blocks_for(config, model_config, dtype, model_path)
-        kv_caches = allocate_kv_cache(
-            model_config, self.num_kv_blocks, config.block_size, dtype, config.device
-        )
-        sampler = Sampler(eos_token_ids, config.extra.get("tokenizer_dir", model_path))
-        self.runner = ModelRunner(model, kv_caches, config.block_size, config.device, sampler)
+        kv_caches = allocate_kv_cache(model_config, self.num_kv_blocks, block_size, dtype, device)
+        sampler = Sampler(eos_token_ids, tokenizer_dir or model_path)
+        self.runner = ModelRunner(model, kv_caches, block_size, device, sampler)
 
     def execute(self, batches: list[ScheduledBatch]) -> list[Sampled]:
         """Run the batch; a raise in the forward (a kernel, a layer) becomes StepInterrupted,
@@ -196,12 +201,18 @@ class LocalExecutor:
 
 
 def build_executor(
-    config, model_path: Path, model_config: ModelConfig, eos_token_ids=()
+    config,
+    model_path: Path,
+    model_config: ModelConfig,
+    eos_token_ids=(),
+    tokenizer_dir: Path | None = None,
 ) -> Executor:
     """Single process when no attention workers are asked for, else the disaggregated one.
-    `eos_token_ids` are where min_tokens and structured outputs need the end of a sequence."""
-    if config.num_attention_workers <= 0 and config.num_expert_workers <= 0:
-        return LocalExecutor(config, model_path, model_config, eos_token_ids)
+    `eos_token_ids` are where min_tokens and structured outputs need the end of a sequence;
+    `tokenizer_dir` is the tokenizer grammar masks are built from (default: the model's)."""
+    args = (config, model_path, model_config, eos_token_ids, tokenizer_dir)
+    if config.cluster.num_attention_workers <= 0 and config.cluster.num_expert_workers <= 0:
+        return LocalExecutor(*args)
     from afd.scheduler.cluster import AFDExecutor
 
-    return AFDExecutor(config, model_path, model_config, eos_token_ids)
+    return AFDExecutor(*args)

@@ -10,8 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from afd.builtin import resolve_model
-from afd.comm.dispatch import DISPATCH_DTYPES
+from afd.builtin import resolve_model, resolve_tokenizer
 from afd.config import EngineConfig, ModelConfig
 from afd.engine.executor import Sampled, StepInterrupted
 from afd.outputs import (
@@ -121,45 +120,37 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         from afd.engine.executor import build_executor
 
-        for name in ("num_micro_batches", "num_scheduler_steps"):
-            if getattr(config, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
         self.config = config
-        self.model_path: Path = resolve_model(config.model, config.revision, config.download_dir)
+        source = config.source
+        self.model_path: Path = resolve_model(source.model, source.revision, source.download_dir)
         # a different tokenizer (--tokenizer): the engine and every sampler (grammar masks) use it
-        self.tokenizer_path: Path = (
-            resolve_model(config.tokenizer, None, config.download_dir, tokenizer_only=True)
-            if config.tokenizer
-            else self.model_path
+        self.tokenizer_path: Path = resolve_tokenizer(
+            source.tokenizer, source.download_dir, self.model_path
         )
-        config.extra["tokenizer_dir"] = str(self.tokenizer_path)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
-        resolve_quantization(config.quantization, self.model_config.quant, config.device)
-        if config.dispatch_dtype not in DISPATCH_DTYPES:
-            raise ValueError(
-                f"unknown dispatch dtype {config.dispatch_dtype!r}; "
-                f"choose from {', '.join(DISPATCH_DTYPES)}"
-            )
-        if config.gpus_per_node is not None and config.gpus_per_node < 1:
-            raise ValueError("gpus_per_node must be at least 1")
+        resolve_quantization(source.quantization, self.model_config.quant, config.cluster.device)
         self.tokenizer = Tokenizer.from_pretrained(self.tokenizer_path)
-        if config.chat_template is not None:
-            self.tokenizer.set_chat_template(load_chat_template(config.chat_template))
+        if source.chat_template is not None:
+            self.tokenizer.set_chat_template(load_chat_template(source.chat_template))
         self.eos_token_ids: set[int] = set(self.tokenizer.eos_token_ids) | set(
             self.model_config.eos_token_ids
         )
         max_len = self.model_config.max_position_embeddings
-        self.max_model_len = min(config.max_model_len or max_len, max_len)
+        self.max_model_len = min(config.limits.max_model_len or max_len, max_len)
         self.executor = build_executor(
-            config, self.model_path, self.model_config, sorted(self.eos_token_ids)
+            config,
+            self.model_path,
+            self.model_config,
+            sorted(self.eos_token_ids),
+            self.tokenizer_path,
         )
         self._token_texts: dict[int, str] = {}
         sched_config = SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.limits.max_num_seqs,
+            max_num_batched_tokens=config.limits.max_num_batched_tokens,
             num_blocks=self.executor.num_kv_blocks,
-            block_size=config.block_size,
-            enable_prefix_caching=config.enable_prefix_caching,
+            block_size=config.cache.block_size,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
             max_model_len=self.max_model_len,
         )
         self.schedulers = [Scheduler(sched_config) for _ in range(self.executor.num_replicas)]
@@ -191,9 +182,9 @@ class LLMEngine:
         stream=False, step() returns its output only when it finishes (cheaper: the text of a
         request without stop strings is decoded once at the end)."""
         params = params or SamplingParams()
-        if params.seed is None and self.config.seed is not None:
+        if params.seed is None and self.config.source.seed is not None:
             params = dataclasses.replace(
-                params, seed=derived_seed(self.config.seed, next(self._seeds))
+                params, seed=derived_seed(self.config.source.seed, next(self._seeds))
             )
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -249,9 +240,10 @@ class LLMEngine:
         """What SamplingParams cannot check alone: token ids against the vocabulary, and that a
         structured-output spec compiles (compiled once per process, then cached), and n within
         max_num_seqs (each of the n sequences is scheduled like a request)."""
-        if params.n > self.config.max_num_seqs:
+        if params.n > self.config.limits.max_num_seqs:
             raise ValueError(
-                f"n must be at most {self.config.max_num_seqs} (max_num_seqs), got {params.n}"
+                f"n must be at most {self.config.limits.max_num_seqs} (max_num_seqs), got "
+                f"{params.n}"
             )
         vocab = self.model_config.vocab_size
         if params.max_token_id() >= vocab:
@@ -533,9 +525,9 @@ class LLMEngine:
         """With num_scheduler_steps > 1, pure-decode batches run several steps per plan; every
         replica runs the same number, since the expert workers see all of them in lockstep."""
         active = [(s, b) for s, b in zip(self.schedulers, batches, strict=True) if not b.is_empty]
-        if self.config.num_scheduler_steps <= 1 or not active:
+        if self.config.limits.num_scheduler_steps <= 1 or not active:
             return
-        k = min(s.max_decode_steps(b, self.config.num_scheduler_steps) for s, b in active)
+        k = min(s.max_decode_steps(b, self.config.limits.num_scheduler_steps) for s, b in active)
         if k > 1:
             for scheduler, batch in active:
                 scheduler.reserve_decode_steps(batch, k)
@@ -627,7 +619,7 @@ class LLMEngine:
                 continue  # stays on the prefill worker until the replica has room
             self._handoff.remove(h)
             bm.allocate(h.seq)  # may reuse cached prefix blocks: those need no copy
-            bs = self.config.block_size
+            bs = self.config.cache.block_size
             h.first_block = h.seq.num_computed_tokens // bs
             h.num_blocks = (h.seq.num_tokens - 1 + bs - 1) // bs
             h.seq.num_computed_tokens = h.seq.num_tokens - 1

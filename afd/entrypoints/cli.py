@@ -7,42 +7,22 @@ import importlib
 import importlib.util
 import sys
 
-from afd.comm.dispatch import DISPATCH_DTYPES, transport_names
-from afd.config import DTYPES, EngineConfig, worker_count_error
-from afd.quantization import QUANTIZATION_MODES
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2."""
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Every flag's help ends with its default (unless it says what happens without it)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if (
-            "%(default)" not in text
-            and "default:" not in text
-            and action.default not in (None, argparse.SUPPRESS)
-            and action.option_strings
-            and not isinstance(action, argparse._HelpAction | argparse._VersionAction)
-        ):
-            text += " (default: %(default)s)"
-        return text
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors (`afd: error: ...`, exit code 2) instead of the usage
-    block; `--help` still prints everything."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):  # type: ignore[override]
-        raise CLIError(message)
-
+from afd.config import (
+    DTYPES,
+    WORKER_POOLS,
+    ClusterConfig,
+    ModelSource,
+    resolve_worker_counts,
+    worker_count_error,
+)
+from afd.entrypoints.flags import (
+    ArgumentParser,
+    CLIError,
+    add_engine_args,
+    add_flags,
+    engine_config_from_args,
+    flag_values,
+)
 
 # vLLM flags AFD cannot honour, and why: an error naming the flag, never a silent ignore
 # (README "`afd serve` and `vllm serve`" lists these beside the ones AFD shares)
@@ -96,16 +76,6 @@ def _check_unknown(extra: list[str]) -> None:
     raise CLIError(f"unrecognized arguments: {' '.join(extra)}")
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:  # also NaN
-        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction in (0, 1]")
-    return value
-
-
 def int_range(lo: int, hi: int):
     """An argparse type: an integer in [lo, hi]."""
 
@@ -119,295 +89,6 @@ def int_range(lo: int, hi: int):
         return value
 
     return parse
-
-
-_int64 = int_range(-(2**63), 2**63 - 1)
-
-
-def _text(text: str) -> str:
-    if not text or not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8") from None
-    return text
-
-
-# vLLM's dtype names, as it spells them too
-DTYPE_ALIASES = {"half": "float16", "float": "float32"}
-
-
-def _dtype(text: str) -> str:
-    value = DTYPE_ALIASES.get(text, text)
-    if value != "auto" and value not in DTYPES:
-        choices = ", ".join(["auto", *DTYPES, *DTYPE_ALIASES])
-        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {choices})")
-    return value
-
-
-WORKER_POOLS = ("num_prefill_workers", "num_attention_workers", "num_expert_workers")
-
-
-def resolve_worker_counts(args: argparse.Namespace) -> None:
-    """Fill in the pool sizes not given (None) from `args.worker_defaults`; with
-    --num-attention-workers or --num-expert-workers given as 0 (one process) the pools not
-    given are 0, so that `afd serve M --num-attention-workers 0` alone runs colocated."""
-    colocated = 0 in (args.num_attention_workers, args.num_expert_workers)
-    for name in WORKER_POOLS:
-        if getattr(args, name) is None:
-            setattr(args, name, 0 if colocated else args.worker_defaults[name])
-
-
-def add_engine_args(p: argparse.ArgumentParser, model_flag: bool = True, workers: int = 0) -> None:
-    """Flags shared by every command that builds an engine (names as in vLLM / SGLang);
-    `workers` is the size of each pool not given (afd serve: 1P1A1F, generate: one process)."""
-    if model_flag:
-        p.add_argument(
-            "--model",
-            default="tiny-qwen3-moe",
-            type=_text,
-            help="a model directory, a built-in tiny model or a Hugging Face Hub id (org/name)",
-        )
-    p.add_argument(
-        "--revision",
-        default=None,
-        type=_text,
-        help="Hub revision (branch, tag or commit) of an org/name model (default: main)",
-    )
-    p.add_argument(
-        "--download-dir",
-        default=None,
-        help="Hugging Face cache folder for Hub models (default: $HF_HOME/hub)",
-    )
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        type=_text,
-        help="another tokenizer: a directory or Hub id with tokenizer.json (default: the model's)",
-    )
-    p.add_argument(
-        "--chat-template",
-        default=None,
-        type=_text,
-        help="a chat template: a Jinja file or the template text (default: the tokenizer's)",
-    )
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="accepted for vLLM compatibility; AFD never executes a model's own code",
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        type=_dtype,
-        help="weights and activations: auto (the checkpoint's; float32 for float16 on CPU), "
-        "float32, bfloat16, float16 (vLLM's half and float too)",
-    )
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where workers run")
-    p.add_argument("--seed", type=_int64, default=None,
-                   help="seed of requests that give none: each gets one derived from this and "
-                   "its arrival order, so a run repeats (default: unseeded)")  # fmt: skip
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    p.add_argument(
-        "--num-kv-blocks",
-        "--num-gpu-blocks-override",
-        type=int,
-        default=None,
-        help="KV-cache blocks per cache (default: from --gpu-memory-utilization or "
-        "--kv-cache-memory-mb)",
-    )
-    p.add_argument(
-        "--gpu-memory-utilization",
-        type=_fraction,
-        default=None,
-        help="fraction of memory for weights + KV cache: of each GPU, or on CPU of the RAM "
-        "available at start (all workers together); sizes the KV cache (default: "
-        "--kv-cache-memory-mb)",
-    )
-    p.add_argument(
-        "--kv-cache-memory-mb",
-        type=int,
-        default=256,
-        help="KV-cache size per cache, unless --num-kv-blocks or --gpu-memory-utilization",
-    )
-    p.add_argument(
-        "--max-num-seqs", type=int, default=64, help="sequences in a running batch (per replica)"
-    )
-    p.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=512,
-        help="tokens per forward: prefill chunks and decodes share it",
-    )
-    p.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="context length: prompt + output tokens (default: the model's)",
-    )
-    p.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reuse the KV blocks of prompt prefixes seen before",
-    )
-    p.add_argument(
-        "--no-prefix-caching",
-        dest="enable_prefix_caching",
-        action="store_false",
-        help="same as --no-enable-prefix-caching",
-    )
-    p.add_argument(
-        "--kernel-backend",
-        default="auto",
-        choices=["auto", "torch", "triton"],
-        help="auto: Triton kernels for CUDA tensors, torch references otherwise",
-    )
-    # None = not given: resolve_worker_counts fills it from the command's worker_defaults
-    n = workers
-    colocated = "; 0 when --num-attention-workers or --num-expert-workers is 0" if n else ""
-    p.set_defaults(worker_defaults=dict.fromkeys(WORKER_POOLS, n))
-    p.add_argument(
-        "--num-prefill-workers",
-        type=int,
-        default=None,
-        help=f"prefill pool size, 0: attention workers prefill too (default: {n}{colocated})",
-    )
-    p.add_argument(
-        "--num-attention-workers",
-        type=int,
-        default=None,
-        help="attention workers (KV cache, attention, sampling); 0 runs the whole model in "
-        f"this process, and the other pools default to 0 (default: {n})",
-    )
-    p.add_argument(
-        "--num-expert-workers",
-        type=int,
-        default=None,
-        help="expert workers, each holding a shard of the routed experts "
-        f"(default: {n}{colocated})",
-    )
-    p.add_argument(
-        "--num-micro-batches",
-        type=int,
-        default=1,
-        help="micro-batches ping-ponging between attention and expert workers",
-    )
-    p.add_argument(
-        "--num-scheduler-steps",
-        type=int,
-        default=1,
-        help="decode steps per scheduling step (workers feed sampled tokens back themselves)",
-    )
-    p.add_argument(
-        "--comm-backend",
-        default="auto",
-        choices=transport_names(),
-        help="A<->F transport: shm on one CPU node, torch (gloo/NCCL) across nodes, deepep",
-    )
-    p.add_argument(
-        "--quantization",
-        default="auto",
-        choices=QUANTIZATION_MODES,
-        help="fp8: keep (or make) block-FP8 weights; none: dequantize FP8 checkpoints while "
-        "loading; auto: FP8 checkpoints stay FP8 on CUDA, are dequantized on CPU",
-    )
-    p.add_argument(
-        "--dispatch-dtype",
-        default="auto",
-        choices=DISPATCH_DTYPES,
-        help="A->F activations: the compute dtype (auto) or e4m3 + a float32 scale per 128 "
-        "channels (fp8); combine stays in the compute dtype",
-    )
-    p.add_argument(
-        "--gpus-per-node",
-        type=int,
-        default=None,
-        help="GPUs a node's workers share, several workers per GPU when fewer than workers "
-        "(default: one GPU per worker)",
-    )
-    p.add_argument(
-        "--max-worker-restarts",
-        type=int,
-        default=5,
-        help="replacements of dead or hung workers allowed per node within --restart-window-s; "
-        "past that the service stops (HTTP 503, exit code 1)",
-    )
-    p.add_argument(
-        "--restart-window-s",
-        type=float,
-        default=600.0,
-        help="the window --max-worker-restarts counts in, seconds",
-    )
-    p.add_argument(
-        "--worker-timeout-s",
-        type=float,
-        default=60.0,
-        help="a worker without progress (or heartbeat) this long is killed and replaced",
-    )
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    for name in (
-        "block_size",
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "num_micro_batches",
-        "num_scheduler_steps",
-        "kv_cache_memory_mb",
-    ):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_model_len is not None and args.max_model_len < 2:
-        raise CLIError("--max-model-len must be at least 2 (a prompt token and an output token)")
-    if args.num_kv_blocks is not None and args.num_kv_blocks < 1:
-        raise CLIError("--num-kv-blocks must be at least 1")
-    resolve_worker_counts(args)
-    error = worker_count_error(
-        args.num_prefill_workers, args.num_attention_workers, args.num_expert_workers
-    )
-    if error:
-        raise CLIError(error)
-    if args.gpus_per_node is not None and args.gpus_per_node < 1:
-        raise CLIError("--gpus-per-node must be at least 1")
-    if args.max_worker_restarts < 0:
-        raise CLIError("--max-worker-restarts must be >= 0")
-    for name in ("restart_window_s", "worker_timeout_s"):
-        value = getattr(args, name)
-        if not 0 < value < 1e9:  # also NaN and inf
-            raise CLIError(f"--{name.replace('_', '-')} must be a positive number of seconds")
-    return EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory_mb=args.kv_cache_memory_mb,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        seed=args.seed,
-        revision=args.revision,
-        download_dir=args.download_dir,
-        tokenizer=args.tokenizer,
-        chat_template=args.chat_template,
-        enable_prefix_caching=args.enable_prefix_caching,
-        kernel_backend=args.kernel_backend,
-        num_prefill_workers=args.num_prefill_workers,
-        num_attention_workers=args.num_attention_workers,
-        num_expert_workers=args.num_expert_workers,
-        num_micro_batches=args.num_micro_batches,
-        num_scheduler_steps=args.num_scheduler_steps,
-        comm_backend=args.comm_backend,
-        quantization=args.quantization,
-        dispatch_dtype=args.dispatch_dtype,
-        gpus_per_node=args.gpus_per_node,
-        max_worker_restarts=args.max_worker_restarts,
-        restart_window_s=args.restart_window_s,
-        worker_timeout_s=args.worker_timeout_s,
-    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -425,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise CLIError(str(e)) from e
-    llm = LLM(**{k: getattr(config, k) for k in config.__dataclass_fields__ if k != "extra"})
+    llm = LLM(**config.flat())
     try:
         if args.chat:
             conversations = [[{"role": "user", "content": p}] for p in args.prompt]
@@ -495,31 +176,36 @@ def _add_serve(sub) -> None:
         "`vllm serve MODEL`.",
     )
     add_arguments(p)
-    p.add_argument(
-        "--enable-tokenizer-info-endpoint",
-        action="store_true",
-        help="serve GET /tokenizer_info: the tokenizer's configuration and chat template, as "
-        "vLLM does (lm-eval's tokenizer_backend=remote reads it); off by default (a 404)",
-    )
     p.set_defaults(func=run)
 
 
 def _add_profile(sub) -> None:
     p = sub.add_parser("profile", help="measure this machine on a model's layers (for afd plan)")
-    p.add_argument("--model", default="tiny-qwen3-moe", help="model dir, built-in or bench name")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to measure")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
-    p.add_argument(
-        "--comm-backend", default="auto", choices=transport_names(), help="transport to measure"
-    )
+    add_flags(p, ModelSource, only=["model"], overrides=_PROFILE_FLAGS)
+    add_flags(p, ClusterConfig, only=["device"], overrides=_PROFILE_FLAGS)
+    add_flags(p, ModelSource, only=["dtype"], overrides=_PROFILE_FLAGS)
+    add_flags(p, ClusterConfig, only=["comm_backend"], overrides=_PROFILE_FLAGS)
     p.add_argument("--quick", action="store_true", help="fewer points (seconds, for a smoke test)")
     p.add_argument("--output", default=None, help="profile JSON (default: benchmarks/results/...)")
     p.set_defaults(func=cmd_profile)
 
 
+# afd profile measures one compute dtype (no auto) of a model, bench names included
+_PROFILE_FLAGS = {
+    "model": {"help": "model dir, built-in or bench name"},
+    "device": {"help": "device to measure"},
+    "dtype": {"help": "compute dtype", "flag_default": "float32", "choices": tuple(DTYPES),
+              "parse": None},
+    "comm_backend": {"help": "transport to measure"},
+}  # fmt: skip
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from afd.benchmarks.results import write_result
     from afd.scheduler.profiler import run_profile
+
+    ModelSource(**flag_values(ModelSource, args))  # the checks of every command's flags
+    ClusterConfig(**flag_values(ClusterConfig, args))
 
     profile = run_profile(args.model, args.device, args.comm_backend, args.dtype, args.quick)
     name = "profile-" + "".join(c if c.isalnum() else "-" for c in str(args.model))[-60:]
@@ -670,7 +356,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _plan_published(args)
     if args.profile is None and args.hardware is None:
         raise CLIError("give --profile PROFILE.json (from afd profile) or --hardware NAME")
-    resolve_worker_counts(args)
+    given = {name: getattr(args, name) for name in WORKER_POOLS}
+    vars(args).update(resolve_worker_counts(given, args.worker_defaults))
     a, f = args.num_attention_workers, args.num_expert_workers
     error = worker_count_error(args.num_prefill_workers, a, f) if args.predict else None
     if error:

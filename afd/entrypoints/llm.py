@@ -53,13 +53,14 @@ def _is_conversation(messages: Any) -> bool:
 
 
 class LLM:
-    """`LLM(model=...).generate(prompts, sampling_params)`; keywords are EngineConfig fields."""
+    """`LLM(model=...).generate(prompts, sampling_params)`; keywords are vLLM's flat names
+    (EngineConfig.from_flat's: block_size, num_gpu_blocks_override, num_expert_workers, ...)."""
 
     def __init__(self, model: str = "tiny-qwen3-moe", **kwargs):
-        unknown = set(kwargs) - set(EngineConfig.__dataclass_fields__)
+        unknown = set(kwargs) - EngineConfig.keywords()
         if unknown:
             raise TypeError(f"unknown LLM argument(s): {', '.join(sorted(unknown))}")
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.engine = LLMEngine(EngineConfig.from_flat(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
 
     def get_tokenizer(self) -> Tokenizer:

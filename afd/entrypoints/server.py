@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import afd
+from afd.config import EngineConfig
 from afd.entrypoints.metrics import ServerMetrics
 from afd.entrypoints.protocol import (
     APIError,
@@ -757,6 +758,9 @@ def build_app(
     return app
 
 
+_NOT_FINGERPRINTED = ("progress", "worker_threads")
+
+
 def system_fingerprint(engine: EngineClient) -> str:
     """vLLM's form of system_fingerprint, afd-VERSION[-TOPOLOGY]-HASH8: the version, the worker
     pools when the model is split across processes, and 8 hex digits of a hash of the engine
@@ -767,11 +771,13 @@ def system_fingerprint(engine: EngineClient) -> str:
         getattr(engine, "engine", None), "config", None
     )
     parts = [f"afd-{afd.__version__}"]
-    if dataclasses.is_dataclass(config):
-        settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"}
-        if config.num_attention_workers:
-            parts += [f"p{config.num_prefill_workers}", f"a{config.num_attention_workers}",
-                      f"f{config.num_expert_workers}", f"m{config.num_micro_batches}"]  # fmt: skip
+    if isinstance(config, EngineConfig):
+        # what the launcher prints and how many threads a worker takes change no token
+        settings = {k: v for k, v in config.flat().items() if k not in _NOT_FINGERPRINTED}
+        c = config.cluster
+        if c.num_attention_workers:
+            parts += [f"p{c.num_prefill_workers}", f"a{c.num_attention_workers}",
+                      f"f{c.num_expert_workers}", f"m{c.num_micro_batches}"]  # fmt: skip
     else:
         settings = {"model": engine.model_name, "max_model_len": engine.max_model_len}
     text = json.dumps(settings, sort_keys=True, default=str)
@@ -790,12 +796,12 @@ def _completion_tokens(outs: list[RequestOutput]) -> int:
 
 def serve(engine: EngineClient, host: str = "127.0.0.1", port: int = 8000, **settings) -> None:
     """Serve the API with uvicorn until SIGINT/SIGTERM (ServerConfig fields as keywords)."""
-    config = ServerConfig(**settings)
+    config = ServerConfig(host=host, port=port, **settings)
     state = ServerState()
     app = build_app(engine, config, state=state)
     from afd.scheduler.cluster import listen_socket
 
-    sock = listen_socket(host, port)
+    sock = listen_socket(config.host, config.port)
     try:
         make_server(app, config, state).run(sockets=[sock])
     finally:

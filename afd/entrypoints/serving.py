@@ -10,6 +10,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import operator
+import os
 import re
 import signal
 import threading
@@ -20,6 +23,8 @@ from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from afd.options import check_choice, check_int, check_text, is_number, number, option
 
 access_logger = logging.getLogger("afd.request")
 
@@ -32,20 +37,132 @@ MAX_HEADER_BYTES = 64 * 1024
 _DRAIN_PATHS = ("/health", "/metrics", "/version")
 
 
-@dataclass
-class ServerConfig:
-    """What the HTTP layer enforces (the `afd serve` flags of the same names)."""
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
-    api_key: str | None = None
-    served_model_names: list[str] | None = None  # None: the engine's model name
-    protect_metrics: bool = False  # /metrics needs the API key too
-    max_body_bytes: int = 16 * 2**20
-    header_timeout_s: float = 10.0  # request line and headers, from connect or last response
-    body_timeout_s: float = 60.0  # the whole body, from the end of the headers
-    shutdown_timeout_s: float = 20.0  # in-flight requests may finish this long, then abort
-    log_requests: bool = True
+
+def _api_key_from_env() -> str | None:
+    return os.environ.get("AFD_API_KEY") or os.environ.get("VLLM_API_KEY") or None
+
+
+def _mb_to_bytes(mb: float) -> int:
+    # NaN and inf become 0, which the range check refuses with the flag's message
+    return int(mb * 2**20) if math.isfinite(mb) else 0
+
+
+def _check_timeout(flag: str, value: Any) -> None:
+    if not is_number(value) or not 0 < value <= 86400:  # also NaN and inf
+        raise ValueError(f"{flag} must be a number of seconds in (0, 86400]")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the HTTP layer enforces and where it listens (the `afd serve` flags)."""
+
+    served_model_names: list[str] | None = option(  # None: the engine's model name
+        None,
+        "names requests may give as 'model'; the first is the one reported (default: the "
+        "model as given)",
+        name="--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        scope="server",
+    )
+    host: str = option("127.0.0.1", "address the HTTP API listens on", scope="server")
+    port: int = option(8000, "port of the HTTP API", scope="server")
+    api_key: str | None = option(
+        None,
+        "require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
+        "(default: $AFD_API_KEY, else $VLLM_API_KEY, else no key)",
+        flag_default=_api_key_from_env,
+        scope="server",
+    )
+    protect_metrics: bool = option(  # /metrics needs the API key too
+        False, "require the API key on /metrics too", scope="server"
+    )
+    # admission: sequences waiting beyond the running batch before new requests get 503
+    max_queue_len: int = option(
+        1024,
+        "sequences (n per request) waiting beyond --max-num-seqs are refused with HTTP 503",
+        scope="server",
+    )
+    max_body_bytes: int = option(
+        16 * 2**20,
+        "larger request bodies get HTTP 413 before they are read",
+        name="--max-request-body-mb",
+        flag_default=16.0,
+        parse=number,
+        to_field=_mb_to_bytes,
+        scope="server",
+    )
+    header_timeout_s: float = option(  # request line and headers, from connect or last response
+        10.0,
+        "a connection that has not sent a whole request line and headers this long "
+        "after it opened (or after its last response) is closed",
+        name="--http-header-timeout-s",
+        scope="server",
+    )
+    body_timeout_s: float = option(  # the whole body, from the end of the headers
+        60.0,
+        "a request body not complete this long after its headers gets HTTP 408",
+        name="--http-body-timeout-s",
+        scope="server",
+    )
+    shutdown_timeout_s: float = option(  # in-flight requests may finish this long, then abort
+        20.0,
+        "seconds SIGINT/SIGTERM lets running requests finish before aborting them; new "
+        "ones get 503 at once, a second signal stops at once",
+        name="--shutdown-timeout",
+        scope="server",
+    )
+    log_requests: bool = option(
+        True,
+        "no log line per request (id, status, tokens, latency)",
+        name="--disable-log-requests",
+        flag_default=False,
+        to_field=operator.not_,
+        scope="server",
+    )
+    log_level: str = option(
+        "info",
+        "level of AFD's log (stderr): requests are logged at info",
+        choices=LOG_LEVELS,
+        scope="server",
+    )
+    uvicorn_log_level: str = option(
+        "warning", "level of uvicorn's own log", choices=("trace", *LOG_LEVELS), scope="server"
+    )
     # GET /tokenizer_info (vLLM's --enable-tokenizer-info-endpoint): off, it is a 404
-    enable_tokenizer_info_endpoint: bool = False
+    enable_tokenizer_info_endpoint: bool = option(
+        False,
+        "serve GET /tokenizer_info: the tokenizer's configuration and chat template, as "
+        "vLLM does (lm-eval's tokenizer_backend=remote reads it); off by default (a 404)",
+        scope="server",
+    )
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None:
+            check_text("--api-key", self.api_key)
+            if not re.fullmatch(r"[\x21-\x7e]+", self.api_key):
+                raise ValueError(
+                    "--api-key must be visible ASCII without spaces (it travels in a header)"
+                )
+        names = self.served_model_names
+        if names is not None:
+            for name in names:
+                check_text("--served-model-name", name)
+            if len(set(names)) != len(names):
+                raise ValueError("--served-model-name lists a name twice")
+        check_text("--host", self.host)
+        if not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ValueError(f"--port must be 1..65535, got {self.port}")
+        check_int("--max-queue-len", self.max_queue_len, 1, 1 << 30)
+        if not isinstance(self.max_body_bytes, int) or not 1024 <= self.max_body_bytes <= 2**40:
+            raise ValueError("--max-request-body-mb must be between 0.001 and 1048576")
+        _check_timeout("--http-header-timeout-s", self.header_timeout_s)
+        _check_timeout("--http-body-timeout-s", self.body_timeout_s)
+        _check_timeout("--shutdown-timeout", self.shutdown_timeout_s)
+        check_choice("log level", self.log_level, LOG_LEVELS)
+        check_choice("uvicorn log level", self.uvicorn_log_level, ("trace", *LOG_LEVELS))
 
     @property
     def body_budget_bytes(self) -> int:
