@@ -681,6 +681,7 @@ def offline_round(peer: Peer, engine: str, job_path: Path, r: int) -> dict[str, 
     python = peer.vllm_bin("python") if engine == "vllm" else sys.executable
     out = peer.logs / f"offline-r{r}-{engine}.json"
     cmd = [python, str(script), engine, str(job_path), str(out)]
+    cmd += ["--reference"] if engine == "transformers" and r == 0 else []
     log = peer.logs / f"offline-r{r}-{engine}.log"
     t0 = time.monotonic()
     run_bounded(cmd, peer.env(engine), log, peer.run_timeout)
@@ -762,6 +763,12 @@ def offline_summary(runs: dict[str, list[dict]], names: list[str]) -> dict[str, 
             for i, a in enumerate(engines)
             for b in engines[i + 1 :]
         }
+        ref = runs.get("transformers", [{}])[0].get("workloads", {}).get(name, {})
+        if "reference_tokens" in ref:  # each prompt alone: no padding in the way
+            for e in engines:
+                row["agreement"][f"{e}_vs_transformers_unpadded"] = agreement(
+                    runs[e][0]["workloads"][name]["tokens"], ref["reference_tokens"]
+                )
         row["deterministic"] = {
             e: all(x["workloads"][name]["tokens"] == rs[0]["workloads"][name]["tokens"] for x in rs)
             for e, rs in runs.items()

@@ -1,11 +1,13 @@
 """One offline-generation round of `afd bench peer`, run as a script in a fresh process of the
 engine's own venv (vLLM's from the peer venv, which has no AFD):
 
-    python peer_offline.py {afd|vllm|transformers} JOB.json OUT.json
+    python peer_offline.py {afd|vllm|transformers} JOB.json OUT.json [--reference]
 
 JOB.json: {"model": dir, "dtype": "float32", "max_model_len": N, "seed": S,
 "workloads": {name: {"prompts": [[token ids]], "max_tokens": N}}}. OUT.json: per workload the
 greedy tokens, the seconds of the timed generate call and tok/s, plus load time and torch threads.
+`--reference` (transformers): also each prompt's greedy tokens generated alone, untimed, as the
+reference the engines must equal (a left-padded batch can flip a near tie).
 Only the standard library is imported at the top: each engine's imports happen in its function.
 """
 
@@ -102,7 +104,12 @@ def run_transformers(job: dict) -> dict[str, Any]:
         return out[:, width:].tolist()
 
     version = f"transformers {transformers.__version__}"
-    return _timed(job, generate, load_s, torch.get_num_threads(), version)
+    result = _timed(job, generate, load_s, torch.get_num_threads(), version)
+    if job.get("reference"):
+        for name, w in job["workloads"].items():
+            alone = [generate([p], w["max_tokens"])[0] for p in w["prompts"]]
+            result["workloads"][name]["reference_tokens"] = alone
+    return result
 
 
 def _timed(job: dict, generate, load_s: float, threads: int, version: str) -> dict[str, Any]:
@@ -129,11 +136,13 @@ ENGINES = {"afd": run_afd, "vllm": run_vllm, "transformers": run_transformers}
 
 def main(argv: list[str]) -> int:
     """Run one engine on JOB.json's workloads and write OUT.json."""
-    if len(argv) != 3 or argv[0] not in ENGINES:
-        print(f"usage: peer_offline.py {{{'|'.join(ENGINES)}}} JOB.json OUT.json", file=sys.stderr)
+    if len(argv) not in (3, 4) or argv[0] not in ENGINES or argv[3:] not in ([], ["--reference"]):
+        usage = f"usage: peer_offline.py {{{'|'.join(ENGINES)}}} JOB.json OUT.json [--reference]"
+        print(usage, file=sys.stderr)
         return 2
     with open(argv[1]) as f:
         job = json.load(f)
+    job["reference"] = argv[3:] == ["--reference"]
     result = ENGINES[argv[0]](job)
     with open(argv[2], "w") as f:
         json.dump(result, f)
