@@ -90,8 +90,9 @@ def resolve_model(
     return target
 
 
-def build_builtin(name: str, out_dir: str | Path) -> None:
-    """Write built-in model `name` (weights, config, tokenizer) into `out_dir`."""
+def build_builtin(name: str, out_dir: str | Path, **overrides) -> None:
+    """Write built-in model `name` (weights, config, tokenizer) into `out_dir`; `overrides`
+    change its config's shape (the peer benchmark models are built-in recipes, other shapes)."""
     from afd.models.tiny import build_tiny_checkpoint
     from afd.tokenizer import Tokenizer
 
@@ -108,6 +109,7 @@ def build_builtin(name: str, out_dir: str | Path) -> None:
         bos_token_id=None,
         pad_token_id=eos[0],
         max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        **overrides,
     )
     gen_path = out_dir / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
