@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "__version__"]
+
+
+def _unshadow_checkout() -> None:
+    # The checkout's top-level folders are afd.<folder> (pyproject's package-dir). Run from the
+    # checkout (`python3 -m ...` puts it first on sys.path) they are also bare packages, and
+    # kernels/ then hides the pip package of that name that transformers imports.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "kernels", "__init__.py")):
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+
+
+_unshadow_checkout()
 
 
 def __getattr__(name: str):

@@ -22,6 +22,8 @@ os.environ.setdefault("AFD_RESULTS_DIR", os.path.join(os.environ["AFD_CACHE_DIR"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import afd  # noqa: E402, F401  (takes the checkout off sys.path: its kernels/ hides a pip package)
+
 torch.set_num_threads(1)
 
 

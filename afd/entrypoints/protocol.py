@@ -758,14 +758,24 @@ def _token_strings(value: Any) -> Any:
     return value
 
 
+def _is_json(value: Any) -> bool:
+    # init_kwargs may hold Python objects (paths, AddedToken maps): only JSON values are served
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_is_json(v) for v in value)
+    return value is None or isinstance(value, str | int | float | bool)
+
+
 def tokenizer_info(tokenizer: Tokenizer) -> dict[str, Any]:
     """What vLLM's /tokenizer_info returns: the tokenizer's configuration (tokenizer_config.json
     without file paths, special tokens as their text), its class name and the chat template the
     server applies; eos_token is always there (lm-eval's remote tokenizer requires it)."""
-    info = _token_strings(
-        {k: v for k, v in tokenizer.config.items() if k not in ("vocab_file", "merges_file")}
-    )
-    for key, text in tokenizer.special_tokens.items():
+    hf = tokenizer.hf
+    skip = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path")
+    info = _token_strings({k: v for k, v in hf.init_kwargs.items() if k not in skip})
+    info = {k: v for k, v in info.items() if _is_json(v)}
+    for key, text in hf.special_tokens_map.items():
         info.setdefault(key, text)
     if info.get("eos_token") is None and tokenizer.eos_token_ids:
         info["eos_token"] = tokenizer.id_to_token(min(tokenizer.eos_token_ids))
