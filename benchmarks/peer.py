@@ -680,7 +680,8 @@ def offline_round(peer: Peer, engine: str, job_path: Path, r: int) -> dict[str, 
     script = Path(__file__).with_name("peer_offline.py")
     python = peer.vllm_bin("python") if engine == "vllm" else sys.executable
     out = peer.logs / f"offline-r{r}-{engine}.json"
-    cmd = [python, str(script), engine, str(job_path), str(out)]
+    # -P: the script's folder holds kernels.py, which would hide the package transformers imports
+    cmd = [python, "-P", str(script), engine, str(job_path), str(out)]
     cmd += ["--reference"] if engine == "transformers" and r == 0 else []
     log = peer.logs / f"offline-r{r}-{engine}.log"
     t0 = time.monotonic()
