@@ -799,7 +799,7 @@ def serve(engine: EngineClient, host: str = "127.0.0.1", port: int = 8000, **set
     config = ServerConfig(host=host, port=port, **settings)
     state = ServerState()
     app = build_app(engine, config, state=state)
-    from afd.scheduler.cluster import listen_socket
+    from afd.comm.net import listen_socket
 
     sock = listen_socket(config.host, config.port)
     try:
