@@ -68,6 +68,7 @@ def check_api_key(request: Request, app: AppState) -> None:
 
 
 def check_healthy(app: AppState) -> None:
+    """503 unless the engine can serve."""
     ok, reason = app.engine.health()
     if not ok:
         raise APIError(503, f"the engine is not healthy: {reason}", "service_unavailable")

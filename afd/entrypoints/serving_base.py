@@ -42,7 +42,8 @@ _NOT_FINGERPRINTED = ("progress", "worker_threads")
 
 
 def auth_digest(value: str | bytes) -> bytes:
-    """sha256 of an Authorization value: compared in constant time, and the length leaks not."""
+    """sha256 of an Authorization value: digests compare in constant time, whatever the key's
+    length."""
     data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
     return hashlib.sha256(data).digest()
 
