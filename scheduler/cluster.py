@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -17,6 +16,7 @@ import zmq
 from afd.comm import wire
 from afd.comm.control import ipc_dir, shm_dir
 from afd.comm.dispatch import resolve_transport_name
+from afd.comm.net import free_port, listen_socket
 from afd.scheduler.recovery import (
     REFORM_TIMEOUT_S,
     STARTUP_TIMEOUT_S,
@@ -32,26 +32,6 @@ from afd.config import ModelConfig, parse_node_roles
 
 STEP_TIMEOUT_S = 600.0
 SEND_TIMEOUT_MS = 5000  # a plan to a worker that is gone must not block the driver
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket listening on host:port and on no other address."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(1024)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def split_micro_batches(batch: ScheduledBatch, m: int) -> list[list[int]]:

@@ -21,7 +21,8 @@ import afd
 from afd import LLM, SamplingParams
 from afd.config import EngineConfig
 from afd.engine.async_engine import AsyncEngine
-from afd.entrypoints.server import build_app, system_fingerprint
+from afd.entrypoints.server import build_app
+from afd.entrypoints.serving_base import system_fingerprint
 from afd.models.tiny import build_tiny_checkpoint
 from afd.sampling.params import StructuredOutputsParams
 from afd.sampling.sampler import Sampler, SequenceState
@@ -323,7 +324,7 @@ def _prompt(path: str) -> dict:
 
 def _greedy_ids(client, path: str, n: int) -> list[int]:
     """The greedy continuation's token ids, from the engine behind the app."""
-    engine = client.app.state.engine
+    engine = client.app.state.afd.engine
     ids = client.post("/tokenize", json=_prompt(path)).json()["tokens"]
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
@@ -342,7 +343,7 @@ def test_stop_reason_as_vllm_fills_it(tiny_client, path):
     full = first.get("text", (first.get("message") or {}).get("content"))
     assert len(full) >= 6, full
     ids = _greedy_ids(tiny_client, path, 8)
-    eos = tiny_client.app.state.engine.tokenizer.eos_token_id
+    eos = tiny_client.app.state.afd.engine.tokenizer.eos_token_id
     cases = [
         ({"stop": ["never there", full[3:6]]}, "stop", full[3:6]),
         ({"stop_token_ids": [ids[2]], "ignore_eos": True}, "stop", ids[2]),

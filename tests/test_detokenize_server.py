@@ -38,7 +38,9 @@ def test_completion_and_echo_text_equal_transformers_decode(wordpiece):
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(wordpiece)
-    engine = AsyncEngine(EngineConfig.from_flat(model=MODEL, dtype="float32", tokenizer=str(wordpiece)))
+    engine = AsyncEngine(
+        EngineConfig.from_flat(model=MODEL, dtype="float32", tokenizer=str(wordpiece))
+    )
     try:
         prompts = [hf.encode(t) for t in ("w200", "the quick brown fox", "paris is the")]
         body = {"model": MODEL, "max_tokens": 12, "temperature": 0, "ignore_eos": True}

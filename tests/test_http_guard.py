@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from afd.scheduler.cluster import listen_socket
+from afd.comm.net import listen_socket
 from fastapi.testclient import TestClient
 from test_server import MAX_MODEL_LEN, MODEL, FakeEngine, sse_events, wait_for
 

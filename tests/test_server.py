@@ -32,9 +32,11 @@ class FakeEngine:
     tokens, so text grows monotonically; honours max_tokens, records aborts."""
 
     def __init__(self, tokenizer: Tokenizer, step_s: float = 0.0):
-        self.model_name = MODEL
+        self.model_name = self.model_root = MODEL
         self.max_model_len = MAX_MODEL_LEN
         self.tokenizer = tokenizer
+        self.config = None  # no engine settings: the fingerprint hashes name and length
+        self.sequence_capacity = None  # no admission limit
         self.step_s = step_s
         self.started: list[str] = []
         self.finished: list[str] = []
@@ -101,6 +103,9 @@ class FakeEngine:
 
     def health(self) -> tuple[bool, str]:
         return self.healthy
+
+    def failure_stats(self) -> dict:
+        return {}
 
     def stats(self) -> dict[str, float]:
         return {

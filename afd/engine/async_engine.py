@@ -6,6 +6,7 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 from afd.config import EngineConfig
 from afd.engine.llm_engine import LLMEngine
@@ -14,9 +15,7 @@ from afd.sampling.params import SamplingParams
 
 
 class EngineOverloadedError(RuntimeError):
-    """Admission refused: the bounded queue is full."""
-
-    http_status = 503
+    """Admission refused: the bounded queue is full (the server answers 503)."""
 
 
 class EngineDeadError(RuntimeError):
@@ -28,10 +27,12 @@ class RequestFailedError(RuntimeError):
 
 
 class AsyncEngine:
-    """Thread-safe front of LLMEngine: `generate` yields cumulative outputs, `abort` frees."""
+    """Thread-safe front of LLMEngine: `generate` yields cumulative outputs, `abort` frees; the
+    server's afd.entrypoints.protocol.EngineClient."""
 
     def __init__(self, config: EngineConfig, max_queue_len: int = 1024):
         self.engine = LLMEngine(config)
+        self.config = config
         self.max_queue_len = max_queue_len
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
@@ -60,7 +61,7 @@ class AsyncEngine:
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
-    def failure_stats(self) -> dict:
+    def failure_stats(self) -> dict[str, Any]:
         return self.engine.failure_stats()
 
     async def generate(

@@ -124,7 +124,7 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from afd.scheduler.cluster import listen_socket
+    from afd.comm.net import listen_socket
 
     _model_from_args(args)
     server_config = server_config_from_args(args)

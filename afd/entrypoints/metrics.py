@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -20,6 +20,9 @@ from prometheus_client.core import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from afd.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from afd.entrypoints.protocol import EngineClient
 
 # no `_created` series: every counter would carry a second, rarely wanted sample
 prometheus_client.disable_created_metrics()
@@ -210,13 +213,12 @@ class ServerMetrics:
     def count_error(self, status: int) -> None:
         self._errors.labels(self.model_name, str(status)).inc()
 
-    def refresh(self, engine: Any) -> None:
+    def refresh(self, engine: EngineClient) -> None:
         """Take the engine's numbers for the next render(); a failing engine leaves the
         server's own metrics readable."""
         try:
             self._engine.stats = engine.stats()
-            failures = getattr(engine, "failure_stats", None)
-            self._engine.failures = failures() if failures is not None else {}
+            self._engine.failures = engine.failure_stats()
         except Exception:  # noqa: BLE001 (a scrape must still show the server's metrics)
             self._engine.stats, self._engine.failures = {}, {}
 

@@ -15,23 +15,29 @@ from afd.outputs import RequestOutput
 from afd.sampling.params import INT64_MAX, INT64_MIN, SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
+    from afd.config import EngineConfig
     from afd.tokenizer import Tokenizer
 
 
 @runtime_checkable
 class EngineClient(Protocol):
     """What the HTTP server needs from an engine (AsyncEngine in afd.engine.async_engine
-    implements it)."""
+    implements it); the server reads nothing else of it."""
 
     model_name: str
+    model_root: str  # the model as given: the model cards' `root`
     max_model_len: int
     tokenizer: Tokenizer
+    config: EngineConfig | None  # the engine's settings (system_fingerprint); None: unknown
+    # sequences (n per request) running + queued at most; a request above it is a 400
+    sequence_capacity: int | None
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         """Cumulative snapshots, the last with finished=True; ValueError for a bad request,
-        RuntimeError (EngineDeadError) when the engine fails."""
+        EngineOverloadedError when admission is full (503), RuntimeError (EngineDeadError)
+        when the engine fails."""
         ...
 
     async def abort(self, request_id: str) -> None:
@@ -46,6 +52,10 @@ class EngineClient(Protocol):
     def stats(self) -> dict[str, float]:
         """num_requests_running, num_requests_waiting, kv_cache_usage_perc and cumulative
         per-stage seconds named afd_stage_<stage>_seconds."""
+        ...
+
+    def failure_stats(self) -> dict[str, Any]:
+        """worker_restarts (per role), requests_recomputed, recovery_seconds (a list)."""
         ...
 
 

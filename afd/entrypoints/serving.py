@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+from starlette.requests import HTTPConnection
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from afd.options import check_choice, check_int, check_text, is_number, number, option
@@ -193,7 +194,9 @@ class RequestInfo:
 
 def request_info(scope_or_request: Any) -> RequestInfo:
     """The RequestInfo of a request (a Starlette Request or an ASGI scope)."""
-    scope = getattr(scope_or_request, "scope", scope_or_request)
+    scope = (
+        scope_or_request.scope if isinstance(scope_or_request, HTTPConnection) else scope_or_request
+    )
     info = scope.setdefault("state", {}).get("afd")
     if info is None:
         info = scope["state"]["afd"] = RequestInfo()
@@ -381,6 +384,7 @@ class TimedH11Protocol(H11Protocol):
     client trickling headers would otherwise hold its connection for ever."""
 
     header_timeout_s = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -391,15 +395,13 @@ class TimedH11Protocol(H11Protocol):
         super().on_response_complete()
 
     def connection_lost(self, exc) -> None:
-        timer = getattr(self, "_header_timer", None)
-        if timer is not None:
-            timer.cancel()
+        if self._header_timer is not None:
+            self._header_timer.cancel()
         super().connection_lost(exc)
 
     def _arm_header_timer(self) -> None:
-        timer = getattr(self, "_header_timer", None)
-        if timer is not None:
-            timer.cancel()
+        if self._header_timer is not None:
+            self._header_timer.cancel()
         waiting_after = self.cycle  # a new request replaces the cycle
         self._header_timer = self.loop.call_later(
             self.header_timeout_s, self._header_deadline, waiting_after
