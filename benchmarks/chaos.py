@@ -4,8 +4,9 @@ Starts `afd launch` with the given topology, runs the `afd bench serve` load aga
 every `--kill-every` seconds sends `--kill-signal` to the current worker of `--kill-worker`
 (`any` takes expert, attention and prefill in turn). Reports, next to the serving table: kills,
 recoveries, recovery time p50/max (from the launcher's "recovered in" lines), requests failed
-(the target is 0) and requests recomputed (`afd:requests_recomputed_total`). Writes the result
-with `afd.benchmarks.results.write_result` (command, commit, machine, date inside).
+(the target is 0) and requests recomputed (`afd:requests_recomputed_total` on the server's
+/metrics; missing is an error). Writes the result with `afd.benchmarks.results.write_result`
+(command, commit, machine, date inside).
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def recovery_times(lines: list[str]) -> list[float]:
     """Durations of the launcher's recoveries, in order."""
     found = (re.search(r"recovered in ([\d.]+) s", line) for line in list(lines))
     return [float(m.group(1)) for m in found if m]
+
+
+def metric_total(text: str, name: str) -> float:
+    """The sum of a /metrics page's samples called `name` over their labels (the server labels
+    each with its model names); ValueError when the page has none, never a silent 0."""
+    from afd.entrypoints.metrics import parse_prometheus_text
+
+    found = [v for (sample, _), v in parse_prometheus_text(text).items() if sample == name]
+    if not found:
+        raise ValueError(f"the server's /metrics has no {name} sample")
+    return sum(found)
 
 
 def _launch_argv(config, port: int, launch_args: list[str]) -> list[str]:
@@ -165,8 +177,7 @@ def run(args: argparse.Namespace) -> int:
         while time.monotonic() < deadline and len(recovery_times(lines)) < len(kills):
             time.sleep(0.5)
         text = httpx.get(f"{base}/metrics", timeout=10).text
-        m = re.search(r"^afd:requests_recomputed_total (\S+)$", text, re.M)
-        recomputed = int(float(m.group(1))) if m else 0
+        recomputed = int(metric_total(text, "afd:requests_recomputed_total"))
     finally:
         proc.send_signal(signal.SIGINT)
         try:

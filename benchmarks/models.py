@@ -1,5 +1,7 @@
-"""Benchmark models: tiny random Qwen3-MoE checkpoints shaped so that on a CPU the attention
-side and the expert side take the balance the name says (generated once into the AFD cache)."""
+"""Benchmark models: tiny random MoE checkpoints shaped so that on a CPU the attention side and
+the expert side take the balance the name says (generated once into the AFD cache). The three
+Qwen3-MoE shapes are the ones the profiler and planner were tuned on; the `held-out` ones are
+other architectures, for accuracy the model was never fitted to (docs/planner.md)."""
 
 from __future__ import annotations
 
@@ -38,7 +40,39 @@ BENCH_MODELS: dict[str, dict] = {
         num_experts_per_tok=4,
         moe_intermediate_size=1024,
     ),
+    # held out: DeepSeek-V2-style MLA (compressed KV, decoupled RoPE), a dense first layer,
+    # shared experts beside group-limited top-2 routing
+    "bench-heldout-mla": dict(
+        family="deepseek-v2",
+        num_hidden_layers=8,
+        hidden_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        intermediate_size=1024,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=512,
+    ),
+    # held out: Qwen2-MoE, a gated shared expert on every layer, QKV bias, unnormalised top-4
+    "bench-heldout-qwen2-moe": dict(
+        family="qwen2-moe",
+        num_hidden_layers=8,
+        hidden_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1024,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=256,
+        shared_expert_intermediate_size=1024,
+    ),
 }
+HELD_OUT = ("bench-heldout-mla", "bench-heldout-qwen2-moe")
 _VERSION = {"bench-balanced-moe": 5}
 
 
@@ -49,10 +83,10 @@ def bench_model_path(name: str) -> Path:
 
     path = cache_dir() / "models" / f"{name}-v{_VERSION.get(name, 1)}"
     if not (path / "config.json").is_file():
+        shape = dict(BENCH_MODELS[name])
+        family = shape.pop("family", "qwen3-moe")
         train_bytelevel_bpe(path, VOCAB_SIZE)
-        build_tiny_checkpoint(
-            "qwen3-moe", path, seed=0, vocab_size=VOCAB_SIZE, **BENCH_MODELS[name]
-        )
+        build_tiny_checkpoint(family, path, seed=0, vocab_size=VOCAB_SIZE, **shape)
     return path
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from afd.scheduler.step_model import ModelShape
+from afd.scheduler.step_model import ModelShape, dispatch_row_bytes
 
 PROFILE_VERSION = 1
 FEATURES = {
@@ -203,11 +203,7 @@ class _LayerBench:
     def prep(self, batch: int, context: int, reps: int) -> float:
         from afd.attention_nodes.worker import build_micro_batch
 
-        per_seq = -(-(context + 1) // self.block_size)
-        entries = [
-            [i, [5], context, list(range(i * per_seq, (i + 1) * per_seq)), True, {}]
-            for i in range(batch)
-        ]
+        entries = decode_entries(decode_sequences(batch, context, self.block_size))
 
         def run():
             mb = build_micro_batch(entries, self.block_size, "cpu")
@@ -229,48 +225,109 @@ class _LayerBench:
         return _timeit(torch.inference_mode()(lambda: self.model(ids, pos, meta, kv)), reps)
 
 
+def decode_sequences(batch: int, context: int, block_size: int) -> list:
+    """`batch` greedy sequences about to decode their token at position `context`, each with
+    its own run of blocks, as the driver's scheduler holds them."""
+    from afd.scheduler.sequence import Sequence
+
+    from afd.sampling.params import SamplingParams
+
+    params = SamplingParams(temperature=0)
+    per_seq = -(-(context + 1) // block_size)
+    seqs = []
+    for i in range(batch):
+        seq = Sequence(f"profile-{i}", 0, [5] * context, params)
+        seq.append_token(5, None)
+        seq.num_computed_tokens = context
+        seq.block_table = list(range(i * per_seq, (i + 1) * per_seq))
+        seqs.append(seq)
+    return seqs
+
+
+def decode_entries(seqs: list) -> list:
+    """The driver's plan entries of one decode token per sequence."""
+    from afd.scheduler.cluster import plan_entry
+
+    return [plan_entry(seq, 1, sample=True) for seq in seqs]
+
+
+def _canned_attention_worker():
+    """The attention worker's own result building (AttentionWorker.run) over a step that
+    samples token 7 for every entry instead of running a model."""
+    from types import SimpleNamespace
+
+    from afd.attention_nodes.worker import AttentionWorker
+
+    from afd.timing import StageClock
+
+    class Canned(AttentionWorker):
+        def __init__(self):
+            self.transport = SimpleNamespace(stats={"bytes_sent": 0, "bytes_received": 0})
+
+        def step(self, plan: dict, errors: list | None = None):
+            clock = StageClock(plan["trace"], "cpu")
+            start = clock.now()
+            seq_ids = [e[0] for mb in plan["micro_batches"] for e in mb]
+            sampled = [[[s, 7, None] for s in seq_ids] for _ in range(plan["num_steps"])]
+            clock.total("attention_plan", start, clock.now())
+            return sampled, [], clock
+
+    return Canned()
+
+
+class _ControlPair:
+    """The driver's two sockets to one attention worker and that worker's own channel
+    (comm/control.WorkerChannel), over IPC as the disaggregated executor binds them."""
+
+    def __init__(self):
+        import tempfile
+
+        import zmq
+        from afd.comm.control import WorkerChannel
+
+        self.folder = tempfile.mkdtemp(prefix="afd-profile-ipc-")
+        inbox, driver = f"ipc://{self.folder}/w0", f"ipc://{self.folder}/driver"
+        self.ctx = zmq.Context()
+        self.outbox, self.inbox = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.PULL)
+        self.outbox.setsockopt(zmq.LINGER, 0)
+        self.outbox.bind(inbox)
+        self.inbox.bind(driver)
+        self.channel = WorkerChannel({"rank": 0, "inbox_addrs": [inbox], "driver_addr": driver},
+                                     "attention")  # fmt: skip
+        self.channel.gen = 0
+
+    def close(self) -> None:
+        import shutil
+
+        self.channel.close()
+        self.outbox.close()
+        self.inbox.close(linger=0)
+        self.ctx.term()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def plan_message_seconds(batch: int, context: int, block_size: int, reps: int) -> float:
-    """What the disaggregated driver adds per scheduling step for `batch` sequences: plan
-    entries, msgpack encode and decode of the plan and of the sampled tokens."""
+    """What the disaggregated driver adds per scheduling step for `batch` sequences: its plan
+    entries and `attn_step`, through IPC to the worker's channel, the worker's `attn_result`
+    and its way back, each message encoded and checked as driver and worker do."""
     from afd.comm import wire
 
-    per_seq = -(-(context + 1) // block_size)
-    params = {
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "top_k": 0,
-        "min_p": 0.0,
-        "seed": None,
-        "logprobs": None,
-        "index": 0,
-    }
+    seqs = decode_sequences(batch, context, block_size)
+    worker, pair = _canned_attention_worker(), _ControlPair()
 
     def run():
-        entries = [
-            [i, [5], context, list(range(i * per_seq, (i + 1) * per_seq)), True, params]
-            for i in range(batch)
-        ]
-        raw = wire.encode(
-            "attn_step",
-            step=1,
-            micro_batches=[entries],
-            release=[],
-            imports=[],
-            num_steps=1,
-            trace=False,
-        )
-        wire.decode(raw)
-        res = wire.encode(
-            "attn_result",
-            step=1,
-            rank=0,
-            sampled=[[[i, 7, None] for i in range(batch)]],
-            times={},
-            events=[],
-        )
-        wire.decode(res)
+        raw = wire.encode("attn_step", step=1, micro_batches=[decode_entries(seqs)], release=[],
+                          imports=[], num_steps=1, trace=False)  # fmt: skip
+        pair.outbox.send(raw)
+        plan = pair.channel.recv()
+        kind, fields = worker.run(plan)
+        pair.channel.send(kind, step=plan["step"], **fields)  # as comm/control.serve does
+        wire.decode(pair.inbox.recv())
 
-    return _timeit(run, reps)
+    try:
+        return _timeit(run, reps)
+    finally:
+        pair.close()
 
 
 def host_points(path: Path, dtype: str, batches: list[int], threads: int) -> list[dict]:
@@ -327,38 +384,30 @@ def host_points(path: Path, dtype: str, batches: list[int], threads: int) -> lis
 # ---- two processes: transfers and interference ----------------------------------------------
 
 
-def _pair_worker(role: str, spec: dict, barrier, queue) -> None:
-    """One of the two processes of the transfer and interference measurements."""
+def _pair_worker(role: str, spec: dict, bench_spec: dict, barrier, queue) -> None:
+    """One of the two processes of the transfer and interference measurements: a worker of
+    a 1A1F cluster (its spec from scheduler/cluster.worker_spec), joined to generation 0 with
+    the world and transport a real worker builds."""
     import torch
 
     torch.set_num_threads(1)
-    from afd.comm.dispatch import exchange_tag, get_transport
+    from afd.comm import dist as afd_dist
+    from afd.comm.control import init_world, transport_for
+    from afd.comm.dispatch import exchange_tag
 
     from afd.config import ModelConfig
 
-    cfg = ModelConfig.from_pretrained(spec["path"])
-    rank = 0 if role == "attention" else 1
-    if spec["backend"] == "torch":
-        from afd.comm import dist
-
-        dist.init_world(rank, 2, "127.0.0.1", spec["port"], "gloo", "cpu", 60.0)
-    transport = get_transport(
-        spec["backend"],
-        [1],
-        [(0, cfg.n_routed_experts)],
-        "cpu",
-        rank=rank,
-        shm_dir=spec["shm_dir"],
-        hidden_size=cfg.hidden_size,
-        top_k=cfg.num_experts_per_tok,
-        combine_group=None,
-    )
-    bench = _LayerBench(Path(spec["path"]), spec["dtype"], spec["max_tokens"])
+    spec = {**spec, "rank": 0 if role == "attention" else 1}
+    cfg = ModelConfig.from_pretrained(spec["model_path"])
+    init_world(spec, 0)
+    transport = transport_for(spec, cfg, "cpu", 0)
+    job = bench_spec
+    bench = _LayerBench(Path(job["path"]), job["dtype"], job["max_tokens"])
     dtype, k, gen = bench.dtype, cfg.num_experts_per_tok, torch.Generator().manual_seed(1)
     out: dict[str, Any] = {"transfer": []}
-    reps = spec["reps"]
+    reps = job["reps"]
     with torch.inference_mode():
-        for rows in spec["rows"]:
+        for rows in job["rows"]:
             x = torch.randn(rows, cfg.hidden_size, generator=gen).to(dtype)
             ids = torch.rand(rows, cfg.n_routed_experts, generator=gen).topk(k, -1).indices
             w = torch.full((rows, k), 1.0 / k)
@@ -380,20 +429,20 @@ def _pair_worker(role: str, spec: dict, barrier, queue) -> None:
                     transport.send_back(b, b.x.clone(), tag)
                     calls.append(time.perf_counter() - t0)
                     transport.flush()
-            nbytes = rows * (cfg.hidden_size * dtype.itemsize + 8 * k)
+            nbytes = rows * dispatch_row_bytes(cfg.hidden_size, dtype.itemsize, k)
             trip = statistics.median(trips[1:]) if trips else None
             out["transfer"].append(
                 {"rows": rows, "bytes": nbytes, "call": statistics.median(calls[1:]), "trip": trip}
             )
         # interference: each side alone, then both at once, same work
-        b, c = spec["interference_point"]
+        b, c = job["interference_point"]
         solo, both = [], []
         for phase in ("attention", "expert", "both"):
             barrier.wait()
             mine = phase in (role, "both")
             if not mine:
                 continue
-            t_end = time.perf_counter() + spec["interference_s"]
+            t_end = time.perf_counter() + job["interference_s"]
             samples = both if phase == "both" else solo
             while time.perf_counter() < t_end:
                 if role == "attention":
@@ -403,24 +452,30 @@ def _pair_worker(role: str, spec: dict, barrier, queue) -> None:
         out["solo"], out["both"] = statistics.median(solo), statistics.median(both)
     barrier.wait()
     transport.close()
+    afd_dist.destroy_world()
     queue.put((role, out))
 
 
 def pair_measurements(path: Path, dtype: str, backend: str, max_tokens: int, quick: bool) -> dict:
     """Transfers between two processes over `backend` and the interference of both sides."""
     import shutil
+    from datetime import timedelta
 
-    from afd.comm.control import shm_dir
-    from afd.comm.dispatch import resolve_transport_name
+    import torch.distributed as dist
+    from afd.comm.control import generation_dir
+    from afd.scheduler.cluster import layout_for, worker_spec
 
-    folder = shm_dir()
-    name = resolve_transport_name(backend, "cpu", folder)
-    spec = {
+    from afd.config import EngineConfig, ModelConfig
+
+    model_config = ModelConfig.from_pretrained(path)
+    config = EngineConfig.from_flat(model=str(path), dtype=dtype, comm_backend=backend,
+                                    num_attention_workers=1, num_expert_workers=1,
+                                    num_kv_blocks=1)  # fmt: skip
+    layout = layout_for(config, model_config)
+    spec = worker_spec(config, path, model_config, layout)
+    bench_spec = {
         "path": str(path),
         "dtype": dtype,
-        "backend": name,
-        "shm_dir": folder,
-        "port": _free_port(),
         "max_tokens": 128 * 256,
         "reps": 5 if quick else 15,
         "rows": [8, 64, 512, 2048],
@@ -430,10 +485,16 @@ def pair_measurements(path: Path, dtype: str, backend: str, max_tokens: int, qui
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(2), ctx.Queue()
     procs = [
-        ctx.Process(target=_pair_worker, args=(r, spec, barrier, queue), daemon=True)
+        ctx.Process(target=_pair_worker, args=(r, spec, bench_spec, barrier, queue), daemon=True)
         for r in ("attention", "expert")
     ]
+    store = None  # the driver's part: the rendezvous store and generation 0's folder
     try:
+        store = dist.TCPStore(layout.host, layout.port, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=60))  # fmt: skip
+        folder = generation_dir(layout.shm, 0)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
         for p in procs:
             p.start()
         got = dict(queue.get(timeout=300) for _ in procs)
@@ -443,7 +504,10 @@ def pair_measurements(path: Path, dtype: str, backend: str, max_tokens: int, qui
             if p.is_alive():
                 p.kill()
                 p.join()
-        shutil.rmtree(folder, ignore_errors=True)
+        for d in (layout.shm, layout.ipc):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+        del store
     a, f = got["attention"], got["expert"]
     transfers = []
     for ra, rf in zip(a["transfer"], f["transfer"], strict=True):
@@ -453,7 +517,7 @@ def pair_measurements(path: Path, dtype: str, backend: str, max_tokens: int, qui
             {"bytes": ra["bytes"], "dispatch": ra["call"], "combine": rf["call"], "link": one_way}
         )
     return {
-        "backend": name,
+        "backend": spec["comm_backend"],
         "transfers": transfers,
         "interference": {
             "attention": max(1.0, a["both"] / a["solo"]),
@@ -461,14 +525,6 @@ def pair_measurements(path: Path, dtype: str, backend: str, max_tokens: int, qui
             "raw": {"attention": [a["solo"], a["both"]], "expert": [f["solo"], f["both"]]},
         },
     }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the whole profile ----------------------------------------------------------------------

@@ -257,6 +257,12 @@ def split_sizes(batch: int, m: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(m)]
 
 
+def dispatch_row_bytes(hidden: int, act_bytes: int, top_k: int) -> int:
+    """Bytes one routed row takes from attention to experts: activations, then its int32
+    expert ids and float32 weights."""
+    return hidden * act_bytes + top_k * 8
+
+
 def expert_fraction(experts: int, top_k: int, held: int) -> float:
     """Chance that a token routes at least one of its top_k experts (uniform) to a worker
     holding `held` of `experts`: 1 - C(E - h, k) / C(E, k)."""
@@ -328,7 +334,7 @@ def _build_ops(costs: Costs, cfg: StepConfig, zero_comm: bool = False) -> list[_
     res_a, res_f = ("gpu", "gpu") if ep else ("attention", "expert")
     held = shape.experts / f_workers
     frac = expert_fraction(shape.experts, shape.top_k, max(1, round(held)))
-    meta_bytes = shape.top_k * 8  # int32 ids and float32 weights per row
+    row_bytes = dispatch_row_bytes(shape.hidden, costs.act_bytes, shape.top_k)
     oversub = 1.0
     if costs.device == "cpu":
         oversub = max(1.0, (a_workers + (0 if ep else f_workers)) / max(1, costs.cores))
@@ -339,8 +345,8 @@ def _build_ops(costs: Costs, cfg: StepConfig, zero_comm: bool = False) -> list[_
         rows_in = a_workers * b * frac
         pairs = a_workers * b * shape.top_k / f_workers
         active = active_experts(round(held), shape.experts, shape.top_k, a_workers * b)
-        d_bytes = b * frac * f_workers * (shape.hidden * costs.act_bytes + meta_bytes)
-        f_recv = rows_in * (shape.hidden * costs.act_bytes + meta_bytes)
+        d_bytes = b * frac * f_workers * row_bytes
+        f_recv = rows_in * row_bytes
         c_bytes = b * frac * f_workers * shape.hidden * costs.act_bytes
         f_send = rows_in * shape.hidden * costs.act_bytes
         ds, dl, dr = costs.transfer(max(d_bytes, f_recv), "dispatch")

@@ -1,0 +1,52 @@
+"""`afd bench chaos` reads its recovery counts off the server's own /metrics page."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+from afd.benchmarks.chaos import metric_total
+from afd.scheduler.recovery import RecoveryStats
+
+from afd.engine.llm_engine import LLMEngine
+from afd.entrypoints.metrics import ServerMetrics
+
+
+class _Recovered:
+    """An engine after recoveries: the engine's own failure_stats() over its counters."""
+
+    def __init__(self, recomputed: int):
+        rec = RecoveryStats(restarts={"attention": 2, "prefill": 1}, seconds=[1.5, 2.0, 2.5])
+        self.executor = SimpleNamespace(recovery=rec)
+        self.requests_recomputed = recomputed
+
+    def stats(self) -> dict:
+        return {"num_requests_running": 0.0, "num_requests_waiting": 0.0}
+
+    failure_stats = LLMEngine.failure_stats
+
+
+def page(recomputed: int) -> str:
+    """What the server's /metrics answers for that engine (refresh, then render)."""
+    metrics = ServerMetrics("tiny-deepseek-v3")
+    metrics.refresh(_Recovered(recomputed))
+    return metrics.render().decode()
+
+
+def test_recomputed_requests_come_from_the_rendered_page():
+    text = page(7)
+    assert metric_total(text, "afd:requests_recomputed_total") == 7
+    assert metric_total(page(0), "afd:requests_recomputed_total") == 0
+    # every sample carries model_name: an unlabelled pattern (what chaos once matched) misses it
+    assert not re.search(r"^afd:requests_recomputed_total \S+$", text, re.M)
+    # labelled series are summed over their labels
+    assert metric_total(text, "afd:worker_restarts_total") == 3
+    assert metric_total(text, "afd:recovery_seconds_count") == 3
+
+
+def test_a_missing_metric_is_an_error_not_zero():
+    with pytest.raises(ValueError, match="no afd:requests_recomputed_total"):
+        metric_total("# nothing here\n", "afd:requests_recomputed_total")
+    with pytest.raises(ValueError, match="no afd:requests_recomputed_totl"):
+        metric_total(page(7), "afd:requests_recomputed_totl")
