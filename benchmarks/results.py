@@ -67,7 +67,9 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
 
 def git_commit(repo: Path | None = None) -> str | None:
-    """HEAD of the checkout this code runs from, with `-dirty` when it has local changes."""
+    """HEAD of the checkout this code runs from, with `-dirty` when it has local changes to
+    anything but result files (`benchmarks/results/`: data, so that one run's new result does
+    not make the next run's code look changed)."""
     try:
         git = ["git", "-C", str(repo or _PACKAGE_DIR)]
         sha = subprocess.run(
@@ -76,7 +78,15 @@ def git_commit(repo: Path | None = None) -> str | None:
         if not sha:
             return None
         dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"],
+            [
+                *git,
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":/",
+                ":!/benchmarks/results",
+            ],
             capture_output=True,
             text=True,
             timeout=10,

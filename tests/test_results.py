@@ -53,6 +53,19 @@ def test_a_dirty_checkout_is_refused_unless_allowed(checkout, tmp_path):
     assert record["commit"].endswith("-dirty") and "allow_dirty" not in record
 
 
+def test_a_changed_result_file_is_no_change_of_code(checkout):
+    """One run's new result does not make the next run's code look changed."""
+    inside = checkout / "benchmarks" / "results" / "r.json"
+    write(inside)
+    subprocess.run(["git", "-C", str(checkout), "add", "."], check=True)
+    subprocess.run(
+        ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t", "commit",
+         "-qm", "r"], check=True,
+    )  # fmt: skip
+    inside.write_text("{}")  # a re-measured result, not committed yet
+    assert not write(checkout / "benchmarks" / "results" / "s.json")["commit"].endswith("-dirty")
+
+
 def test_the_cli_refuses_before_measuring(checkout, capsys):
     """`afd bench pipeline` stops at once with a one-line error (exit 2), not after its run."""
     from afd.entrypoints import cli
