@@ -287,3 +287,19 @@ derive accuracy: p.json
     assert len(problems(text.replace("1 of the 4", "2 of the 4"), repo)) == 1
     found = problems(text.replace("derive accuracy", "derive nothing"), repo)
     assert found == ["p.json: \"no derived figure 'nothing' (afd.benchmarks.derived)\""]
+
+
+def test_a_block_marked_not_measured_may_hold_figures(repo):
+    """Data-sheet values and defaults stand after `<!-- not measured: ... -->`; the next block
+    is checked again."""
+    text = """<!-- not measured: data-sheet peaks -->
+| H100 | 3.35 TB/s | 0.7 of it |
+
+It ran 12.5% faster.
+"""
+    assert problems(text, repo) == ["'12.5%' looks measured but no results comment backs it"]
+    assert problems(text.replace("not measured", "measured"), repo) == [
+        "'3.35' looks measured but no results comment backs it",
+        "'0.7' looks measured but no results comment backs it",
+        "'12.5%' looks measured but no results comment backs it",
+    ]
