@@ -10,9 +10,14 @@ A results comment names a JSON file (relative to the repository root) and holds 
     each runs where num_scheduler_steps=4: | {m} |   one line per element of a list
     -->
 
-Every rendered line must appear verbatim in the block that follows the comment (up to the next
-blank line; runs of white space count as one space, so prose may wrap). Inside that block, no
-other decimal number, percentage or `Nx` factor may stand.
+A line `results: PATH` switches the file for the templates after it; `derive NAME: PATH ...`
+makes a figure derived from several files (afd.benchmarks.derived: counts, ranges, best rows)
+their data. Every rendered line must appear verbatim in the block that follows the comment (up to
+the next blank line; runs of white space count as one space, so prose may wrap). Inside that
+block, no other decimal number, percentage or `Nx` factor may stand; outside every block, none
+may stand either (nor a throughput), except in the block after a `<!-- not measured: WHY -->`
+comment (data-sheet values, defaults, tolerances). Result files are read as committed
+(`git show HEAD:PATH`), so an uncommitted result cannot back a figure.
 """
 
 from __future__ import annotations
@@ -26,16 +31,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+from afd.benchmarks.derived import DERIVES
+
 ROOT = Path(__file__).resolve().parent.parent
 COMMENT = re.compile(r"<!--\s*results:\s*(?P<path>\S+)(?P<body>.*?)-->", re.S)
+# a block of figures that are not measurements (data-sheet peaks, defaults, tolerances)
+NOT_MEASURED = re.compile(r"<!--\s*not measured:\s*\S.*?-->", re.S)
 FIELD = re.compile(r"\{(?P<path>[^{}:]+)(?::(?P<fmt>[^{}]*))?\}")
+DERIVE = re.compile(r"derive\s+(?P<name>\w+):\s*(?P<paths>.+)")
 EACH = re.compile(r"^each\s+(?P<path>[^\s:]+)(?:\s+where\s+(?P<key>[\w.]+)=(?P<value>[^:]+))?:\s?")
 # a measured figure: a decimal number, a percentage or a factor like 2x (integers alone may be
 # sizes, counts or flags)
 FIGURE = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:%|x\b)|(?<![\w.])\d+\.\d+(?![\w.])")
-# figures outside any results block that can only be measurements
+# outside every results block: any such figure, and a throughput even when it is an integer
 UNBACKED = re.compile(
-    r"(?<![\w.])\d[\d,.]*\s*(?:GB/s|TFLOP/s|tok/s|tokens/s|req/s)|(?<![\w.])\d+\.\d+x\b"
+    rf"(?<![\w.])\d[\d,.]*\s*(?:GB/s|TFLOP/s|tok/s|tokens/s|req/s)|{FIGURE.pattern}"
 )
 
 
@@ -105,6 +116,13 @@ def render_lines(body: str, load: Any, first: str) -> list[tuple[str, str]]:
         if switch:
             rel, data = switch[1], load(switch[1])
             continue
+        derive = DERIVE.fullmatch(template)
+        if derive:
+            if derive["name"] not in DERIVES:
+                raise KeyError(f"no derived figure {derive['name']!r} (afd.benchmarks.derived)")
+            files = [load(path) for path in derive["paths"].split()]
+            rel, data = f"derive {derive['name']}", DERIVES[derive["name"]](files)
+            continue
         each = EACH.match(template)
         if not each:
             lines.append((render(template, data), rel))
@@ -130,51 +148,58 @@ def following_block(text: str, start: int) -> tuple[int, int]:
     return pos, len(text) if end < 0 else end
 
 
-def is_tracked(path: Path, root: Path) -> bool | None:
-    """Whether git tracks `path` (None when `root` is no git checkout)."""
+def read_committed(rel: str, root: Path) -> str:
+    """A file's text as committed at HEAD (`git show HEAD:rel`); the working copy when `root` is
+    no git checkout. FileNotFoundError says whether it is missing or only uncommitted."""
     try:
         r = subprocess.run(
-            ["git", "-C", str(root), "ls-files", "--error-unmatch", str(path)],
-            capture_output=True,
-            timeout=30,
+            ["git", "-C", str(root), "show", f"HEAD:{rel}"], capture_output=True, timeout=30
         )
     except (OSError, subprocess.SubprocessError):
-        return None
-    if r.returncode != 0 and b"not a git repository" in r.stderr:
-        return None
-    return r.returncode == 0
+        r = None
+    if r is not None and r.returncode == 0:
+        return r.stdout.decode()
+    exists = (root / rel).is_file()
+    if r is None or b"not a git repository" in r.stderr:
+        if exists:
+            return (root / rel).read_text()
+    elif exists:
+        raise FileNotFoundError(f"{rel}: not committed (HEAD does not have it)")
+    raise FileNotFoundError(f"{rel}: no such file")
 
 
-def check_text(
-    text: str, doc: str, root: Path = ROOT, require_tracked: bool = True, unbacked: bool = True
-):
-    """Problems in one document's text; `unbacked`: also flag measured-looking figures outside
-    every results block (README.md)."""
+def load_result(rel: str, root: Path) -> Any:
+    """A committed result: JSON, or YAML for a plan (`.yaml`, `.yml`)."""
+    text = read_committed(rel, root)
+    try:
+        return yaml.safe_load(text) if rel.endswith((".yaml", ".yml")) else json.loads(text)
+    except (ValueError, yaml.YAMLError) as e:
+        kind = "YAML" if rel.endswith("ml") else "JSON"
+        raise FileNotFoundError(f"{rel}: not {kind} ({e})") from None
+
+
+def without_code(text: str) -> str:
+    """`text` with its code (fenced or inline) blanked out, positions kept: examples in code are
+    neither results comments nor figures."""
+    blank = lambda c: re.sub(r"\S", " ", c.group())  # noqa: E731
+    return re.sub(r"`[^`\n]+`", blank, re.sub(r"```.*?```", blank, text, flags=re.S))
+
+
+def check_text(text: str, doc: str, root: Path = ROOT) -> list[Problem]:
+    """Problems in one document's text: figures that differ from their committed results, and
+    measured-looking figures outside every results block."""
     problems: list[Problem] = []
     covered: list[tuple[int, int]] = []
     line_of = lambda pos: text.count("\n", 0, pos) + 1  # noqa: E731
-    # examples in code (fenced or inline) are neither comments nor figures
-    blank = lambda c: re.sub(r"\S", " ", c.group())  # noqa: E731
-    scan = re.sub(r"`[^`\n]+`", blank, re.sub(r"```.*?```", blank, text, flags=re.S))
+    scan = without_code(text)
     for m in COMMENT.finditer(scan):
         where = line_of(m.start())
         start, end = following_block(text, m.end())
         covered.append((m.start(), end))  # reported once here, not again as unbacked figures
         first = m["path"]
-
-        def load(rel: str) -> Any:
-            path = root / rel
-            if not path.is_file():
-                raise FileNotFoundError(f"{rel}: no such file")
-            if require_tracked and is_tracked(path, root) is False:
-                raise FileNotFoundError(f"{rel}: not committed (git does not track it)")
-            try:
-                return json.loads(path.read_text())
-            except ValueError as e:
-                raise FileNotFoundError(f"{rel}: not JSON ({e})") from None
-
         try:
-            lines = render_lines(m["body"], load, first)
+            body = text[m.start("body") : m.end("body")]  # `scan` blanked inline code
+            lines = render_lines(body, lambda rel: load_result(rel, root), first)
         except FileNotFoundError as e:
             problems.append(Problem(doc, where, str(e)))
             continue
@@ -201,7 +226,9 @@ def check_text(
                     f"{stray.group()!r} is not produced by the results comment's templates",
                 )
             )
-    outside = scan if unbacked else ""
+    for m in NOT_MEASURED.finditer(scan):
+        covered.append((m.start(), following_block(text, m.end())[1]))
+    outside = scan
     for a, b in covered:
         outside = outside[:a] + " " * (b - a) + outside[b:]
     for stray in UNBACKED.finditer(outside):
@@ -243,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         full = doc.resolve()
         name = str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else str(doc)
-        problems += check_text(text, name, unbacked=doc.name == "README.md")
+        problems += check_text(text, name)
     for problem in problems:
         print(problem, file=sys.stderr)
     if not problems:

@@ -86,7 +86,7 @@ def parse_steps_list(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from afd.benchmarks.results import results_dir, write_result
+    from afd.benchmarks.results import check_clean, results_dir, write_result
 
     from afd import LLM, SamplingParams
 
@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_micro_batches > MAX_MICRO_BATCHES:
         raise ValueError(f"--max-micro-batches must be at most {MAX_MICRO_BATCHES}")
     ks = parse_steps_list(args.num_scheduler_steps)
+    out = Path(args.output_dir) if args.output_dir else results_dir(args.device)
+    check_clean(out / f"{args.name}.json", getattr(args, "allow_dirty", False))  # before measuring
     model = str(resolve_bench_model(args.model))
     # Every round runs one scheduling step of every variant (K, m); --steps and --warmup count
     # decode steps of the largest K, so every variant sees the same contexts.
@@ -138,7 +140,6 @@ def run(args: argparse.Namespace) -> int:
         result["colocated"] = measure_colocated(model, args, ks, longest)
     if args.profile:
         add_predictions(result, args, ks)
-    out = Path(args.output_dir) if args.output_dir else results_dir(args.device)
     events = {f"{r['num_scheduler_steps']},{r['m']}": r.pop("events") for r in result["runs"]}
     path = write_result(
         args.name,
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         path=out / f"{args.name}.json",
         argv=getattr(args, "command_argv", None),
+        allow_dirty=getattr(args, "allow_dirty", False),
     )
     trace_path, png_path = out / f"{args.name}_trace.json", out / f"{args.name}_timeline.png"
     write_chrome_trace(result, events, trace_path)

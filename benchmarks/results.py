@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-PROVENANCE = frozenset({"name", "command", "commit", "machine", "date"})
+PROVENANCE = frozenset({"name", "command", "commit", "machine", "date", "allow_dirty"})
 
 
 def _slug(text: str) -> str:
@@ -66,17 +66,27 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     return info
 
 
-def git_commit(repo: Path = _PACKAGE_DIR) -> str | None:
-    """HEAD of the checkout this code runs from, with `-dirty` when it has local changes."""
+def git_commit(repo: Path | None = None) -> str | None:
+    """HEAD of the checkout this code runs from, with `-dirty` when it has local changes to
+    anything but result files (`benchmarks/results/`: data, so that one run's new result does
+    not make the next run's code look changed)."""
     try:
-        git = ["git", "-C", str(repo)]
+        git = ["git", "-C", str(repo or _PACKAGE_DIR)]
         sha = subprocess.run(
             [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
         ).stdout.strip()
         if not sha:
             return None
         dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"],
+            [
+                *git,
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":/",
+                ":!/benchmarks/results",
+            ],
             capture_output=True,
             text=True,
             timeout=10,
@@ -103,6 +113,39 @@ def command_line(argv: list[str] | None = None) -> str:
     return " ".join(["afd", *args])
 
 
+ALLOW_DIRTY = "--allow-dirty"
+
+
+def add_allow_dirty(parser) -> None:
+    """`--allow-dirty` on a command that writes a result (`afd bench ...`, `afd profile`)."""
+    parser.add_argument(
+        ALLOW_DIRTY,
+        action="store_true",
+        help="write the result into the checkout although it has uncommitted changes "
+        "(the file records it)",
+    )
+
+
+def _inside_checkout(path: Path) -> bool:
+    """Whether `path` lies in the git checkout AFD runs from, where a result could be committed."""
+    root = _PACKAGE_DIR.parent
+    return (root / ".git").exists() and path.resolve().is_relative_to(root.resolve())
+
+
+def check_clean(path: str | Path, allow_dirty: bool = False) -> str | None:
+    """The commit a result written to `path` records; a ValueError when that result would land
+    in the checkout from code with uncommitted changes and `allow_dirty` is not given (a bench
+    calls it before measuring too, so that a long run does not fail at its end)."""
+    commit = git_commit()
+    dirty = commit is not None and commit.endswith("-dirty")
+    if dirty and not allow_dirty and _inside_checkout(Path(path)):
+        raise ValueError(
+            f"{path}: the checkout has uncommitted changes, so the result would not match its "
+            f"commit; commit first, or pass {ALLOW_DIRTY}"
+        )
+    return commit
+
+
 def write_result(
     name: str,
     payload: dict[str, Any],
@@ -110,20 +153,28 @@ def write_result(
     device: str = "cpu",
     path: str | Path | None = None,
     argv: list[str] | None = None,
+    allow_dirty: bool | None = None,
 ) -> Path:
     """Write `payload` with its provenance (command, commit, machine, date) to `path`, default
-    `results_dir(device)/<name>.json`; returns the path written."""
+    `results_dir(device)/<name>.json`; returns the path written. `check_clean` decides on a
+    checkout with uncommitted changes; `allow_dirty` defaults to whether the recorded command
+    says `--allow-dirty`, and a dirty result written with it records `"allow_dirty": true`."""
     clash = PROVENANCE & payload.keys()
     if clash:
         raise ValueError(f"result payload keys {sorted(clash)} would hide the provenance")
     out = Path(path) if path is not None else results_dir(device) / f"{name}.json"
+    command = command_line(argv)
+    if allow_dirty is None:
+        allow_dirty = ALLOW_DIRTY in command.split()
+    commit = check_clean(out, allow_dirty)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "name": name,
-        "command": command_line(argv),
-        "commit": git_commit(),
+        "command": command,
+        "commit": commit,
         "machine": machine_info(device),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **({"allow_dirty": True} if allow_dirty and str(commit).endswith("-dirty") else {}),
         **payload,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -448,12 +448,20 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `afd bench serve`; 0 when at least one request succeeded."""
+    from afd.benchmarks.results import check_clean, results_dir, write_result
+
+    path = Path(args.result_file) if args.result_file else results_dir() / f"{args.name}.json"
+    allow_dirty = getattr(args, "allow_dirty", False)
+    check_clean(path, allow_dirty)  # before the run, not after it
     metrics = asyncio.run(benchmark(args))
     percentiles = [float(p) for p in str(args.metric_percentiles).split(",") if p.strip()]
     print(format_table(metrics, percentiles))
-    from afd.benchmarks.results import results_dir, write_result
-
-    path = Path(args.result_file) if args.result_file else results_dir() / f"{args.name}.json"
-    path = write_result(args.name, metrics, path=path, argv=getattr(args, "command_argv", None))
+    path = write_result(
+        args.name,
+        metrics,
+        path=path,
+        argv=getattr(args, "command_argv", None),
+        allow_dirty=allow_dirty,
+    )
     print(f"results written to {path}")
     return 0 if metrics["completed"] > 0 else 1

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import sys
 
+from afd.benchmarks.results import add_allow_dirty
 from afd.config import (
     DTYPES,
     WORKER_POOLS,
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         b = bench_sub.add_parser(name, help=f"{name} benchmark")
         _bench_module(module).add_arguments(b)
+        add_allow_dirty(b)
         b.set_defaults(func=_bench_module(module).run)
 
     _add_serve(sub)
@@ -188,6 +190,7 @@ def _add_profile(sub) -> None:
     add_flags(p, ClusterConfig, only=["comm_backend"], overrides=_PROFILE_FLAGS)
     p.add_argument("--quick", action="store_true", help="fewer points (seconds, for a smoke test)")
     p.add_argument("--output", default=None, help="profile JSON (default: benchmarks/results/...)")
+    add_allow_dirty(p)
     p.set_defaults(func=cmd_profile)
 
 
@@ -343,6 +346,7 @@ def _add_plan(sub) -> None:
         action="store_true",
         help="reproduce the published operating points (docs/planner.md)",
     )
+    add_allow_dirty(p)
     p.set_defaults(func=cmd_plan)
 
 
