@@ -202,10 +202,11 @@ class _LayerBench:
 
     def prep(self, batch: int, context: int, reps: int) -> float:
         from afd.attention_nodes.worker import build_micro_batch
+        from afd.comm.messages import PlanEntry
 
         per_seq = -(-(context + 1) // self.block_size)
         entries = [
-            [i, [5], context, list(range(i * per_seq, (i + 1) * per_seq)), True, {}]
+            PlanEntry(i, [5], context, list(range(i * per_seq, (i + 1) * per_seq)), True)
             for i in range(batch)
         ]
 
@@ -233,42 +234,20 @@ def plan_message_seconds(batch: int, context: int, block_size: int, reps: int) -
     """What the disaggregated driver adds per scheduling step for `batch` sequences: plan
     entries, msgpack encode and decode of the plan and of the sampled tokens."""
     from afd.comm import wire
+    from afd.comm.messages import AttnResult, AttnStep, PlanEntry, Sampled, SampleSpec
 
     per_seq = -(-(context + 1) // block_size)
-    params = {
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "top_k": 0,
-        "min_p": 0.0,
-        "seed": None,
-        "logprobs": None,
-        "index": 0,
-    }
+    params = SampleSpec(temperature=0.0)
 
     def run():
         entries = [
-            [i, [5], context, list(range(i * per_seq, (i + 1) * per_seq)), True, params]
+            PlanEntry(i, [5], context, list(range(i * per_seq, (i + 1) * per_seq)), True, params)
             for i in range(batch)
         ]
-        raw = wire.encode(
-            "attn_step",
-            step=1,
-            micro_batches=[entries],
-            release=[],
-            imports=[],
-            num_steps=1,
-            trace=False,
-        )
-        wire.decode(raw)
-        res = wire.encode(
-            "attn_result",
-            step=1,
-            rank=0,
-            sampled=[[[i, 7, None] for i in range(batch)]],
-            times={},
-            events=[],
-        )
-        wire.decode(res)
+        wire.decode_to_worker(wire.encode(AttnStep(step=1, micro_batches=[entries])))
+        sampled = [[Sampled(i, 7) for i in range(batch)]]
+        res = AttnResult(rank=0, inc=0, gen=0, step=1, sampled=sampled)
+        wire.decode_from_worker(wire.encode(res))
 
     return _timeit(run, reps)
 
