@@ -133,7 +133,7 @@ class AttnStep(DriverMessage, tag="attn_step"):
 
     step: int
     micro_batches: list[list[PlanEntry]]
-    num_steps: Annotated[int, Meta(ge=1, le=1024)] = 1
+    num_steps: Annotated[int, Meta(ge=1, le=1024)] = 1  # --num-scheduler-steps' range
     release: list[Index] = []
     imports: list[KvTransfer] = []
     trace: bool = False
@@ -153,7 +153,7 @@ class ExpertStep(DriverMessage, tag="expert_step"):
 
     step: int
     sources: list[Index]
-    num_micro_batches: Annotated[int, Meta(ge=1, le=64)]
+    num_micro_batches: Annotated[int, Meta(ge=1, le=1024)]  # --num-micro-batches' range
     num_steps: Annotated[int, Meta(ge=1, le=1024)] = 1
     trace: bool = False
 

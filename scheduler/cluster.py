@@ -405,10 +405,7 @@ class AFDExecutor(ClusterRecovery):
         if time.monotonic() > deadline:
             raise TimeoutError(f"no answer from the workers in time during {what}")
         if self.inbox.poll(100):
-            try:
-                return wire.decode_from_worker(self.inbox.recv())
-            except wire.WireError:
-                return None
+            return self._receive()
         self.supervisor.check()
         return None
 

@@ -80,6 +80,14 @@ class ClusterRecovery:
             return _Failure(f"{name} failed: {msg.message}", rank)
         return None
 
+    def _receive(self) -> FromWorker | None:
+        """The worker message waiting in the inbox; None (and a log line) if it is malformed."""
+        try:
+            return wire.decode_from_worker(self.inbox.recv())
+        except wire.WireError as e:
+            self._log(f"dropped a worker message: {e}")
+            return None
+
     def _check_failures(self) -> None:
         """Raise _Failure for a worker death the supervisor recorded since the last recovery."""
         self.supervisor.check()
@@ -210,9 +218,8 @@ class ClusterRecovery:
         prefill results are kept; anything else is stale."""
         self._check_failures()
         while self.inbox.poll(0):
-            try:
-                msg = wire.decode_from_worker(self.inbox.recv())
-            except wire.WireError:
+            msg = self._receive()
+            if msg is None:
                 continue
             failure = self._failure_in(msg)
             if failure is not None:
