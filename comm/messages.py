@@ -1,13 +1,14 @@
 """The records of the control plane, as msgspec Structs: the worker spec, the driver's plans
 (with their plan entries), the workers' answers. Each direction is one tagged union (`type`
 is the tag), decoded by `afd.comm.wire` into the right record with every field checked,
-nested ones included; an unknown, missing or ill-typed field is an error, never a default.
+nested ones included; an unknown or ill-typed field or a missing required one is an error.
 
 Integers that reach torch or the sampler are signed 64-bit (msgpack also carries uint64);
 sampler floats must be finite."""
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import msgspec
@@ -17,7 +18,7 @@ from afd.sampling.params import SamplingParams
 
 I64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Index = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # ids, positions, counts, block numbers
-Finite = Annotated[float, Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)]
+Finite = Annotated[float, Meta(ge=-sys.float_info.max, le=sys.float_info.max)]  # no NaN, inf
 # token id -> (logprob, rank); rank 1 is the most likely token (-inf is a logprob)
 TokenLogprobs = dict[I64, tuple[float, Index]]
 TraceEvent = tuple[str, str, int, int]  # (lane, label, start_ns, end_ns), see StageClock
