@@ -13,6 +13,7 @@ from afd.attention_nodes.worker import (
 )
 from afd.comm import liveness
 from afd.comm.control import RoleWorker, serve
+from afd.comm.messages import PrefillResult, PrefillStep, WorkerSpec
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import allocate_kv_cache
@@ -20,8 +21,8 @@ from afd.sampling.sampler import Sampler
 from afd.timing import StageClock
 
 
-def run_prefill_worker(spec: dict) -> None:
-    serve(spec, "prefill", PrefillWorker.build)
+def run_prefill_worker(raw_spec: bytes) -> None:
+    serve(raw_spec, "prefill", PrefillWorker.build)
 
 
 class PrefillWorker(RoleWorker):
@@ -34,28 +35,24 @@ class PrefillWorker(RoleWorker):
         self.sampler = sampler
 
     @classmethod
-    def build(cls, spec: dict) -> PrefillWorker:
-        device = torch.device(spec["device"])
-        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device, part="full",
-                           quantization=spec["quantization"])  # fmt: skip
-        dtype = getattr(torch, spec["dtype"])  # (FP8 layers hold other dtypes)
-        caches = allocate_kv_cache(
-            model.config, spec["num_kv_blocks"], spec["block_size"], dtype, device
-        )
-        sampler = Sampler(spec.get("eos_token_ids", ()), spec["tokenizer_dir"])
-        worker = cls(model, caches, spec["block_size"], device, sampler)
+    def build(cls, spec: WorkerSpec) -> PrefillWorker:
+        device = torch.device(spec.device)
+        model = load_model(spec.model_path, dtype=spec.dtype, device=device, part="full",
+                           quantization=spec.quantization)  # fmt: skip
+        dtype = getattr(torch, spec.dtype)  # (FP8 layers hold other dtypes)
+        caches = allocate_kv_cache(model.config, spec.num_kv_blocks, spec.block_size, dtype, device)
+        sampler = Sampler(spec.eos_token_ids, spec.tokenizer_dir)
+        worker = cls(model, caches, spec.block_size, device, sampler)
         worker.param_bytes = count_parameter_bytes(model)
         return worker
 
-    def run(self, msg: dict) -> tuple[str, dict]:
-        clock = StageClock(msg["trace"], self.device)
+    def run(self, plan: PrefillStep) -> tuple[type[PrefillResult], dict]:
+        clock = StageClock(plan.trace, self.device)
         t0 = clock.now()
-        sends = [
-            send_kv(self.caches, blocks, dst, seq_id) for seq_id, dst, blocks in msg["exports"]
-        ]
+        sends = [send_kv(self.caches, t.blocks, t.peer, t.seq_id) for t in plan.exports]
         sampled, prompt_logprobs, errors = [], [], []
-        if msg["micro_batches"]:
-            mb = build_micro_batch(msg["micro_batches"][0], self.block_size, self.device)
+        if plan.entries:
+            mb = build_micro_batch(plan.entries, self.block_size, self.device)
             with torch.inference_mode():
                 hidden = self.model(mb.input_ids, mb.positions, mb.meta, self.caches)
                 injected_fault(mb.input_ids)
@@ -73,4 +70,4 @@ class PrefillWorker(RoleWorker):
         clock.record("prefill", "prefill", t0, clock.now())
         fields = dict(sampled=sampled, prompt_logprobs=prompt_logprobs, errors=errors,
                       times=clock.times, events=clock.events)  # fmt: skip
-        return "prefill_result", fields
+        return PrefillResult, fields

@@ -8,11 +8,23 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
+import msgspec
 import torch
 from afd.attention_nodes.kv_transfer import recv_kv
 from afd.comm import liveness
 from afd.comm.control import RoleWorker, serve, transport_for
 from afd.comm.dispatch import exchange_tag
+from afd.comm.messages import (
+    AttnResult,
+    AttnStep,
+    PlanEntry,
+    PromptLogprobs,
+    Sampled,
+    SampleError,
+    SampleSpec,
+    WireBytes,
+    WorkerSpec,
+)
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import AttentionMetadata, allocate_kv_cache
@@ -27,28 +39,27 @@ class MicroBatch:
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata | None  # None for an empty micro-batch
     sample_rows: torch.Tensor  # [S]
-    sample_entries: list  # plan entries of sampled sequences, in row order
-    # prompt_logprobs: rows and [seq_id, first position, prompt tokens they predict, k]
+    sample_entries: list[PlanEntry]  # of sampled sequences, in row order
+    # prompt_logprobs: the rows of the entries that compute them
     prompt_rows: list[int] = field(default_factory=list)
-    prompt_entries: list = field(default_factory=list)
+    prompt_entries: list[PlanEntry] = field(default_factory=list)
 
 
-def build_micro_batch(entries: list, block_size: int, device) -> MicroBatch:
-    """entries: [seq_id, new_token_ids, start, block_table, sample, params|None]."""
+def build_micro_batch(entries: list[PlanEntry], block_size: int, device) -> MicroBatch:
+    """The model inputs of one micro-batch of plan entries."""
     ids, pos, q_lens, seq_lens, tables, rows, sampled = [], [], [], [], [], [], []
     prompt_rows, prompt_entries = [], []
     for e in entries:
-        seq_id, tokens, start, table, sample, params = e
-        targets = params.get("prompt_targets") if params else None
-        if targets:
-            prompt_rows += range(len(ids), len(ids) + len(targets))
-            prompt_entries.append([seq_id, start + 1, targets, params["prompt_logprobs"]])
+        tokens, start = e.tokens, e.start
+        if e.prompt_targets:
+            prompt_rows += range(len(ids), len(ids) + len(e.prompt_targets))
+            prompt_entries.append(e)
         ids += tokens
         pos += range(start, start + len(tokens))
         q_lens.append(len(tokens))
         seq_lens.append(start + len(tokens))
-        tables.append(table)
-        if sample:
+        tables.append(e.block_table)
+        if e.sample:
             rows.append(len(ids) - 1)
             sampled.append(e)
     meta = (
@@ -78,8 +89,8 @@ def injected_fault(input_ids: torch.Tensor) -> None:
         raise RuntimeError(f"injected fault: token {token} ({FAULT_TOKEN_ENV}, tests only)")
 
 
-def run_attention_worker(spec: dict) -> None:
-    serve(spec, "attention", AttentionWorker.build)
+def run_attention_worker(raw_spec: bytes) -> None:
+    serve(raw_spec, "attention", AttentionWorker.build)
 
 
 class AttentionWorker(RoleWorker):
@@ -96,20 +107,20 @@ class AttentionWorker(RoleWorker):
         self.states: dict[int, SequenceState] = {}
 
     @classmethod
-    def build(cls, spec: dict) -> AttentionWorker:
-        device = torch.device(spec["device"])
-        model = load_model(spec["model_path"], dtype=spec["dtype"], device=device,
-                           part="attention", quantization=spec["quantization"])  # fmt: skip
-        dtype = getattr(torch, spec["dtype"])  # (FP8 layers hold other dtypes)
+    def build(cls, spec: WorkerSpec) -> AttentionWorker:
+        device = torch.device(spec.device)
+        model = load_model(spec.model_path, dtype=spec.dtype, device=device,
+                           part="attention", quantization=spec.quantization)  # fmt: skip
+        dtype = getattr(torch, spec.dtype)  # (FP8 layers hold other dtypes)
         kv_caches = allocate_kv_cache(
-            model.config, spec["num_kv_blocks"], spec["block_size"], dtype, device
+            model.config, spec.num_kv_blocks, spec.block_size, dtype, device
         )
-        sampler = Sampler(spec.get("eos_token_ids", ()), spec["tokenizer_dir"])
-        worker = cls(model, kv_caches, None, spec["block_size"], device, sampler)
+        sampler = Sampler(spec.eos_token_ids, spec.tokenizer_dir)
+        worker = cls(model, kv_caches, None, spec.block_size, device, sampler)
         worker.param_bytes = count_parameter_bytes(model)
         return worker
 
-    def join(self, spec: dict, generation: int) -> None:
+    def join(self, spec: WorkerSpec, generation: int) -> None:
         self.transport = transport_for(spec, self.model.config, self.device, generation)
 
     def leave(self) -> None:
@@ -117,39 +128,41 @@ class AttentionWorker(RoleWorker):
             self.transport.abandon()
             self.transport = None
 
-    def run(self, plan: dict) -> tuple[str, dict]:
-        errors: list = []
+    def run(self, plan: AttnStep) -> tuple[type[AttnResult], dict]:
+        errors: list[SampleError] = []
         stats = self.transport.stats
         sent, got = stats["bytes_sent"], stats["bytes_received"]
         sampled, prompt_logprobs, clock = self.step(plan, errors)
-        wire = {"dispatch": stats["bytes_sent"] - sent, "combine": stats["bytes_received"] - got}
+        wire = WireBytes(stats["bytes_sent"] - sent, stats["bytes_received"] - got)
         fields = dict(sampled=sampled, prompt_logprobs=prompt_logprobs, errors=errors,
                       times=clock.times, events=clock.events, wire=wire)  # fmt: skip
-        return "attn_result", fields
+        return AttnResult, fields
 
     @torch.inference_mode()
-    def step(self, plan: dict, errors: list | None = None) -> tuple[list, list, StageClock]:
-        """Run the plan's decode steps: the sampled [[seq_id, token, logprobs]] of each step, and
-        the prompt logprobs [[seq_id, first position, entries]] of prompt chunks. Sequences
-        whose sampling failed get token -1 and [seq_id, reason] in `errors`."""
-        clock = StageClock(plan["trace"], self.device)
+    def step(
+        self, plan: AttnStep, errors: list[SampleError] | None = None
+    ) -> tuple[list[list[Sampled]], list[PromptLogprobs], StageClock]:
+        """Run the plan's decode steps: the sampled tokens of each step, and the prompt
+        logprobs of prompt chunks. Sequences whose sampling failed get token -1 and their
+        reason in `errors`."""
+        clock = StageClock(plan.trace, self.device)
         errors = [] if errors is None else errors
         start = clock.now()
-        for seq_id in plan["release"]:
+        for seq_id in plan.release:
             self.states.pop(seq_id, None)
         t0 = clock.now()
-        for seq_id, src, blocks in plan["imports"]:
-            recv_kv(self.kv_caches, blocks, src, seq_id)
-        if plan["imports"]:
+        for t in plan.imports:
+            recv_kv(self.kv_caches, t.blocks, t.peer, t.seq_id)
+        if plan.imports:
             clock.record("kv_import", "comm", t0, clock.now(), "kv import")
-        num_steps = plan["num_steps"]
-        if not plan["micro_batches"]:
+        num_steps = plan.num_steps
+        if not plan.micro_batches:
             clock.total("attention_plan", start, clock.now())
             return [[] for _ in range(num_steps)], [], clock
-        entries = plan["micro_batches"]
+        entries = plan.micro_batches
         mbs = [build_micro_batch(e, self.block_size, self.device) for e in entries]
-        sampled: list[list] = [[] for _ in range(num_steps)]
-        prompt_logprobs: list = []
+        sampled: list[list[Sampled]] = [[] for _ in range(num_steps)]
+        prompt_logprobs: list[PromptLogprobs] = []
 
         def sample(i: int, step: int, hidden: torch.Tensor) -> MicroBatch | None:
             # runs as soon as micro-batch i leaves its last layer, while the experts still work
@@ -170,8 +183,8 @@ class AttentionWorker(RoleWorker):
                 # a multi-step plan is pure decode: one token per entry, every entry samples
                 # (a sequence whose sampling failed has finished; any valid id keeps it going)
                 entries[i] = [
-                    [e[0], [max(tok, 0)], e[2] + 1, *e[3:]]
-                    for e, (_, tok, _) in zip(entries[i], got, strict=True)
+                    msgspec.structs.replace(e, tokens=[max(s.token, 0)], start=e.start + 1)
+                    for e, s in zip(entries[i], got, strict=True)
                 ]
                 nxt = mbs[i] = build_micro_batch(entries[i], self.block_size, self.device)
             clock.record("attention", "attention", t0, clock.now(), f"sample mb{i}")
@@ -242,64 +255,61 @@ class AttentionWorker(RoleWorker):
         return routed if shared is None else routed + shared
 
 
-# plan-entry params that describe the sequence, not the request's settings
-_PER_SEQUENCE = frozenset({"index", "prompt_len", "history", "prompt_targets"})
-
-
-def _freeze(value):
-    return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
-
-
-def _cache_key(params: dict) -> tuple:
-    return tuple(sorted((k, _freeze(v)) for k, v in params.items() if k not in _PER_SEQUENCE))
-
-
 @functools.lru_cache(maxsize=1024)
-def _sampling_params(key: tuple) -> SamplingParams:
+def _sampling_params(spec: SampleSpec) -> SamplingParams:
     # most requests share a handful of settings: build (and validate) each one once
-    return SamplingParams.from_wire({k: _thaw(v) for k, v in key})
+    return spec.to_params()
 
 
-def _thaw(value):
-    return [_thaw(v) for v in value] if isinstance(value, tuple) else value
+def _params_of(e: PlanEntry) -> SampleSpec:
+    if e.params is None:
+        raise ValueError(f"plan entry of seq {e.seq_id} samples but has no params")
+    return e.params
 
 
 def sample_entries(
-    model, sampler: Sampler, entries: list, hidden, states: dict, errors: list | None = None
-) -> list:
-    """Sample one token per plan entry from its final hidden row; [[seq_id, token, logprobs]].
-    Seeded sequences draw from a generator derived from (seed, index, position), never from
-    worker state; requests that need their history keep a SequenceState per seq_id in `states`
-    (rebuilt from the plan's history on a new worker). A sequence whose sampling fails gets
-    token -1 and [seq_id, reason] in `errors`."""
+    model,
+    sampler: Sampler,
+    entries: list[PlanEntry],
+    hidden,
+    states: dict,
+    errors: list[SampleError] | None = None,
+) -> list[Sampled]:
+    """Sample one token per plan entry from its final hidden row. Seeded sequences draw from
+    a generator derived from (seed, index, position), never from worker state; requests that
+    need their history keep a SequenceState per seq_id in `states` (rebuilt from the plan's
+    history on a new worker). A sequence whose sampling fails gets token -1 and its reason in
+    `errors`."""
     logits = model.compute_logits(hidden)
     params, gens, seq_states, num_out = [], [], [], []
-    for seq_id, tokens, start, _, _, p in entries:
-        sp = _sampling_params(_cache_key(p))
+    for e in entries:
+        sp = _sampling_params(_params_of(e))
         params.append(sp)
-        position = start + len(tokens)  # of the token being sampled
-        gens.append(row_generator(sp.seed, p["index"], position) if sp.seed is not None else None)
-        num_out.append(start + len(tokens) - p["prompt_len"])
+        position = e.start + len(e.tokens)  # of the token being sampled
+        gens.append(row_generator(sp.seed, e.index, position) if sp.seed is not None else None)
+        num_out.append(position - e.prompt_len)
         seq_states.append(
-            sequence_state(states, seq_id, sp, p["prompt_len"], start, tokens, p.get("history"))
+            sequence_state(states, e.seq_id, sp, e.prompt_len, e.start, e.tokens, e.history)
         )
     out = sampler.sample_isolated(
-        logits, params, gens, seq_states, num_out, [f"seq {e[0]}" for e in entries]
+        logits, params, gens, seq_states, num_out, [f"seq {e.seq_id}" for e in entries]
     )
     if errors is not None:
-        errors.extend([entries[j][0], msg] for j, msg in out.errors.items())
+        errors.extend(SampleError(entries[j].seq_id, msg) for j, msg in out.errors.items())
     return [
-        [e[0], tok, out.logprobs[j] if out.logprobs is not None else None]
+        Sampled(e.seq_id, tok, out.logprobs[j] if out.logprobs is not None else None)
         for j, (e, tok) in enumerate(zip(entries, out.token_ids, strict=True))
     ]
 
 
 def entry_prompt_logprobs(model, sampler: Sampler, mb: MicroBatch, hidden) -> list:
-    """[[seq_id, first position, entries]] for the prompt rows of a micro-batch."""
+    """The prompt logprobs of the entries of a micro-batch that compute them."""
     logits = model.compute_logits(hidden[mb.prompt_rows])  # [P, V]
     out, offset = [], 0
-    for seq_id, pos, targets, k in mb.prompt_entries:
+    for e in mb.prompt_entries:
+        targets = e.prompt_targets
         rows = logits[offset : offset + len(targets)]
         offset += len(targets)
-        out.append([seq_id, pos, sampler.prompt_logprobs(rows, targets, k)])
+        k = _params_of(e).prompt_logprobs
+        out.append(PromptLogprobs(e.seq_id, e.start + 1, sampler.prompt_logprobs(rows, targets, k)))
     return out

@@ -16,6 +16,21 @@ from datetime import timedelta
 import zmq
 from afd.comm import dist as afd_dist
 from afd.comm import liveness, wire
+from afd.comm.messages import (
+    Abort,
+    Aborted,
+    Error,
+    Joined,
+    Plan,
+    Ready,
+    Reform,
+    ReformFailed,
+    Shutdown,
+    StepFailed,
+    ToWorker,
+    WorkerMessage,
+    WorkerSpec,
+)
 
 RECV_SLICE_MS = 100
 
@@ -51,20 +66,20 @@ class WorkerChannel:
     carries the worker's incarnation (`inc`, new for each process) and data-plane generation
     (`gen`), so the driver can tell a replacement's messages from its predecessor's."""
 
-    def __init__(self, spec: dict, role: str):
-        self.role, self.rank = role, spec["rank"]
+    def __init__(self, spec: WorkerSpec, role: str):
+        self.role, self.rank = role, spec.rank
         self.inc = int.from_bytes(os.urandom(6), "little")
         self.gen = -1
-        self.pending: dict | None = None  # a driver message that arrived in the middle of a step
+        self.pending: ToWorker | None = None  # a driver message that came in mid-step
         self.lock = threading.Lock()  # the inbox is read by the main and the watcher thread
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
-        self.inbox.connect(spec["inbox_addrs"][self.rank])
+        self.inbox.connect(spec.inbox_addrs[self.rank])
         self.outbox = self.ctx.socket(zmq.PUSH)
         self.outbox.setsockopt(zmq.LINGER, 2000)
-        self.outbox.connect(spec["driver_addr"])
+        self.outbox.connect(spec.driver_addr)
 
-    def recv(self) -> dict:
+    def recv(self) -> ToWorker:
         """The next driver message; waiting for it counts as progress (liveness)."""
         while True:
             with self.lock:
@@ -73,7 +88,7 @@ class WorkerChannel:
                     return msg
                 if self.inbox.poll(RECV_SLICE_MS):
                     liveness.beat()
-                    return wire.decode(self.inbox.recv())
+                    return wire.decode_to_worker(self.inbox.recv())
             liveness.beat()
 
     def driver_message(self) -> bool:
@@ -81,18 +96,18 @@ class WorkerChannel:
         writes to abort it. Called by the main thread and by liveness's watcher thread."""
         with self.lock:
             if self.pending is None and self.inbox.poll(0):
-                self.pending = wire.decode(self.inbox.recv())
+                self.pending = wire.decode_to_worker(self.inbox.recv())
             return self.pending is not None
 
-    def send(self, msg_type: str, **fields) -> None:
-        self.outbox.send(
-            wire.encode(msg_type, rank=self.rank, inc=self.inc, gen=self.gen, **fields)
-        )
+    def send(self, kind: type[WorkerMessage], **fields) -> None:
+        """A message of record type `kind` with this worker's rank, incarnation, generation."""
+        msg = kind(rank=self.rank, inc=self.inc, gen=self.gen, **fields)
+        self.outbox.send(wire.encode(msg))
 
     def report_error(self, exc: BaseException) -> None:
         text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         try:
-            self.send("error", role=self.role, message=text)
+            self.send(Error, role=self.role, message=text)
         except Exception:
             pass
 
@@ -105,46 +120,46 @@ class WorkerChannel:
 _store = None  # the client of the driver's TCPStore, kept across generations
 
 
-def init_world(spec: dict, generation: int = 0) -> None:
+def init_world(spec: WorkerSpec, generation: int = 0) -> None:
     """Join data-plane generation `generation`: a torch.distributed world over the driver's
     TCP store, under a key prefix of its own (one rank cannot rejoin a live group, so every
     generation is a new world of every rank)."""
     import torch.distributed as dist
 
     global _store
-    host, _, port = spec["init_addr"].rpartition(":")
-    timeout = timedelta(seconds=spec.get("dist_timeout_s", 300.0))
+    host, _, port = spec.init_addr.rpartition(":")
+    timeout = timedelta(seconds=spec.dist_timeout_s)
     if _store is None:
         _store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
     # gloo when workers share a GPU (NCCL allows no two ranks on one GPU)
-    backend = afd_dist.resolve_backend(spec.get("dist_backend", "auto"), spec["device"])
+    backend = afd_dist.resolve_backend(spec.dist_backend, spec.device)
     afd_dist.init_world(
-        spec["rank"],
-        spec["world_size"],
+        spec.rank,
+        spec.world_size,
         backend=backend,
         store=dist.PrefixStore(f"afd/g{generation}/", _store),
-        device=spec["device"],
+        device=spec.device,
         timeout_s=timeout.total_seconds(),
         combine_group=backend == "nccl",
     )
 
 
-def transport_for(spec: dict, model_config, device, generation: int = 0):
+def transport_for(spec: WorkerSpec, model_config, device, generation: int = 0):
     """The dispatch/combine transport a worker of this cluster uses (spec from worker_spec)."""
     from afd.comm.dispatch import get_transport
 
     from afd.models import expert_split
 
     return get_transport(
-        spec["comm_backend"],
-        spec["expert_ranks"],
-        expert_split(model_config.n_routed_experts, spec["num_expert_workers"]),
+        spec.comm_backend,
+        spec.expert_ranks,
+        expert_split(model_config.n_routed_experts, spec.num_expert_workers),
         device,
-        rank=spec["rank"],
-        shm_dir=generation_dir(spec.get("shm_dir"), generation),
+        rank=spec.rank,
+        shm_dir=generation_dir(spec.shm_dir, generation),
         hidden_size=model_config.hidden_size,
         top_k=model_config.num_experts_per_tok,
-        dispatch_dtype=spec.get("dispatch_dtype", "auto"),
+        dispatch_dtype=spec.dispatch_dtype,
         combine_group=afd_dist.get_combine_group(),
     )
 
@@ -156,25 +171,26 @@ class RoleWorker:
     role = "abstract"
     param_bytes = 0
 
-    def join(self, spec: dict, generation: int) -> None:
+    def join(self, spec: WorkerSpec, generation: int) -> None:
         """Build this generation's data plane (the world is already formed)."""
 
     def leave(self) -> None:
         """Drop the data plane of the current generation; keep weights and KV caches."""
 
-    def run(self, plan: dict) -> tuple[str, dict]:
-        """Run one plan; (result message type, its fields)."""
+    def run(self, plan: Plan) -> tuple[type[WorkerMessage], dict]:
+        """Run one plan; (its result's record type, the result's fields but the step)."""
         raise NotImplementedError
 
 
-def serve(spec: dict, role: str, build: Callable[[dict], RoleWorker]) -> None:
+def serve(raw_spec: bytes, role: str, build: Callable[[WorkerSpec], RoleWorker]) -> None:
     """A worker process's life: load (build), say ready, then serve plans. The driver forms the
     data plane with `reform` (at start-up and after every failure), ends a step early with
     `abort`, and stops the worker with `shutdown`. A step that fails (a peer died, or a bug)
     is reported and the worker waits for the driver's re-form; only start-up failures and
-    errors outside a step end the process."""
+    errors outside a step end the process. `raw_spec`: the encoded WorkerSpec."""
     import torch
 
+    spec = wire.decode_spec(raw_spec)
     channel = WorkerChannel(spec, role)
     worker: RoleWorker | None = None
     joined = False
@@ -188,35 +204,34 @@ def serve(spec: dict, role: str, build: Callable[[dict], RoleWorker]) -> None:
         joined = False
 
     try:
-        torch.set_num_threads(spec.get("threads", 1))
+        torch.set_num_threads(spec.threads)
         worker = build(spec)
-        channel.send("ready", role=role, param_bytes=worker.param_bytes, pid=os.getpid())
+        channel.send(Ready, role=role, param_bytes=worker.param_bytes, pid=os.getpid())
         liveness.set_interrupt(channel.driver_message)
         liveness.start()
         while True:
             msg = channel.recv()
-            kind = msg["type"]
-            if kind == "shutdown":
+            if isinstance(msg, Shutdown):
                 break
-            if kind == "abort":
+            if isinstance(msg, Abort):
                 leave()
-                channel.gen = msg["gen"]
-                channel.send("aborted")
+                channel.gen = msg.gen
+                channel.send(Aborted)
                 continue
-            if kind == "reform":
+            if isinstance(msg, Reform):
                 leave()
-                channel.gen = msg["gen"]
+                channel.gen = msg.gen
                 try:
-                    with liveness.bounded(spec.get("dist_timeout_s", 300.0)):
-                        init_world(spec, msg["gen"])
+                    with liveness.bounded(spec.dist_timeout_s):
+                        init_world(spec, msg.gen)
                     liveness.set_breaker(afd_dist.break_waits)
                     joined = True
-                    worker.join(spec, msg["gen"])
+                    worker.join(spec, msg.gen)
                 except Exception as e:  # e.g. a peer died during the rendezvous: try again
                     leave()
-                    channel.send("reform_failed", message=f"{type(e).__name__}: {e}"[:2000])
+                    channel.send(ReformFailed, message=f"{type(e).__name__}: {e}"[:2000])
                     continue
-                channel.send("joined")
+                channel.send(Joined)
                 continue
             if not joined:
                 continue  # a plan of a generation this worker has left
@@ -226,12 +241,12 @@ def serve(spec: dict, role: str, build: Callable[[dict], RoleWorker]) -> None:
                 continue  # the driver's message is handled next
             except Exception as e:
                 text = f"{type(e).__name__}: {e}"
-                print(f"afd: {role} worker {channel.rank}: step {msg.get('step')} failed: "
+                print(f"afd: {role} worker {channel.rank}: step {msg.step} failed: "
                       f"{text}", file=sys.stderr, flush=True)  # fmt: skip
                 leave()
-                channel.send("step_failed", step=msg.get("step", -1), message=text[:2000])
+                channel.send(StepFailed, step=msg.step, message=text[:2000])
                 continue
-            channel.send(result_type, step=msg["step"], **fields)
+            channel.send(result_type, step=msg.step, **fields)
     except BaseException as e:  # report anything, then die: the supervisor replaces us
         channel.report_error(e)
         raise SystemExit(1) from None

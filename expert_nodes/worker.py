@@ -9,14 +9,15 @@ import itertools
 import torch
 from afd.comm.control import RoleWorker, serve, transport_for
 from afd.comm.dispatch import exchange_tag
+from afd.comm.messages import ExpertResult, ExpertStep, WorkerSpec
 
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import expert_split
 from afd.timing import StageClock
 
 
-def run_expert_worker(spec: dict) -> None:
-    serve(spec, "expert", ExpertWorker.build)
+def run_expert_worker(raw_spec: bytes) -> None:
+    serve(raw_spec, "expert", ExpertWorker.build)
 
 
 class ExpertWorker(RoleWorker):
@@ -29,26 +30,26 @@ class ExpertWorker(RoleWorker):
         self.transport = None
 
     @classmethod
-    def build(cls, spec: dict) -> ExpertWorker:
+    def build(cls, spec: WorkerSpec) -> ExpertWorker:
         from afd.config import ModelConfig
 
-        device = torch.device(spec["device"])
-        index = spec["rank"] - spec["num_attention_workers"]
-        cfg = ModelConfig.from_pretrained(spec["model_path"])
-        start, end = expert_split(cfg.n_routed_experts, spec["num_expert_workers"])[index]
+        device = torch.device(spec.device)
+        index = spec.rank - spec.num_attention_workers
+        cfg = ModelConfig.from_pretrained(spec.model_path)
+        start, end = expert_split(cfg.n_routed_experts, spec.num_expert_workers)[index]
         shard = load_model(
-            spec["model_path"],
-            dtype=spec["dtype"],
+            spec.model_path,
+            dtype=spec.dtype,
             device=device,
             part="experts",
             expert_range=(start, end),
-            quantization=spec["quantization"],
+            quantization=spec.quantization,
         )
         worker = cls(shard, cfg, start, end, device)
         worker.param_bytes = count_parameter_bytes(shard)
         return worker
 
-    def join(self, spec: dict, generation: int) -> None:
+    def join(self, spec: WorkerSpec, generation: int) -> None:
         self.transport = transport_for(spec, self.cfg, self.device, generation)
 
     def leave(self) -> None:
@@ -56,31 +57,31 @@ class ExpertWorker(RoleWorker):
             self.transport.abandon()
             self.transport = None
 
-    def run(self, plan: dict) -> tuple[str, dict]:
+    def run(self, plan: ExpertStep) -> tuple[type[ExpertResult], dict]:
         times, events, load = serve_plan(self.shard, self.transport, plan, self.start, self.end)
-        return "expert_result", dict(times=times, events=events, load=load.tolist())
+        return ExpertResult, dict(times=times, events=events, load=load.tolist())
 
 
 @torch.inference_mode()
 def serve_plan(
-    shard, transport, plan: dict, start: int, end: int
+    shard, transport, plan: ExpertStep, start: int, end: int
 ) -> tuple[dict, list, torch.Tensor]:
     """Every (decode step, MoE layer, micro-batch) exchange of one plan, in the order the
     attention workers send them; returns stage times, trace events and tokens per expert.
     Stages: expert_recv_wait (blocked until the rows arrived), expert_recv_copy (unpacking them),
     expert (compute), expert_send (returning the partial sums), expert_plan (the whole plan)."""
-    clock = StageClock(plan["trace"], transport.device)
+    clock = StageClock(plan.trace, transport.device)
     for stage in ("expert_recv_wait", "expert_recv_copy", "expert", "expert_send"):
         clock.times[stage] = 0.0
     load = torch.zeros(end - start, dtype=torch.int64)
     exchanges = itertools.product(
-        range(plan["num_steps"]), shard.moe_layers, range(plan["num_micro_batches"])
+        range(plan.num_steps), shard.moe_layers, range(plan.num_micro_batches)
     )
     plan_start = clock.now()
     for _step, layer, mb in exchanges:
         t0, waited = clock.now(), transport.wait_ns
         tag = exchange_tag(layer, mb)
-        batch = transport.receive(plan["sources"], tag)
+        batch = transport.receive(plan.sources, tag)
         t1 = clock.now()
         label = f"L{layer} mb{mb}"
         clock.split("expert_recv_wait", "expert_recv_copy", t0, t1, transport.wait_ns - waited,

@@ -12,10 +12,29 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import msgspec
 import zmq
 from afd.comm import wire
 from afd.comm.control import ipc_dir, shm_dir
 from afd.comm.dispatch import resolve_transport_name
+from afd.comm.messages import (
+    AttnResult,
+    AttnStep,
+    DriverMessage,
+    Error,
+    ExpertResult,
+    ExpertStep,
+    FromWorker,
+    KvTransfer,
+    PlanEntry,
+    PrefillResult,
+    PrefillStep,
+    Ready,
+    SampleSpec,
+    Shutdown,
+    StepResult,
+    WorkerSpec,
+)
 from afd.comm.net import free_port, listen_socket
 from afd.scheduler.recovery import (
     REFORM_TIMEOUT_S,
@@ -48,29 +67,23 @@ def split_micro_batches(batch: ScheduledBatch, m: int) -> list[list[int]]:
     return groups
 
 
-def plan_entry(seq, n: int, sample: bool, with_history: bool = False) -> list:
-    """[seq_id, new_token_ids, start, block_table, sample, params | None]. params (the sampler's
-    view of the request, see SamplingParams.wire) go with entries that sample or compute prompt
-    logprobs; `history` (the tokens before start) only when the worker has not seen the sequence
-    yet and its request needs its history (penalties, structured outputs)."""
+def plan_entry(seq, n: int, sample: bool, with_history: bool = False) -> PlanEntry:
+    """The next `n` tokens of a sequence as a plan entry. Its sampler params go with entries
+    that sample or compute prompt logprobs; `history` (the tokens before start) only when the
+    worker has not seen the sequence yet and its request needs its history (penalties,
+    structured outputs)."""
     start = seq.num_computed_tokens
+    tokens, table = seq.token_ids[start : start + n], list(seq.block_table)
     p = seq.sampling_params
-    params = None
     targets = seq.prompt_logprob_targets(start, n)
-    if sample or targets:
-        params = {**p.wire, "index": seq.index, "prompt_len": seq.num_prompt_tokens}
-        if targets:
-            params["prompt_targets"] = targets
-        if sample and with_history and start and p.needs_history:
-            params["history"] = seq.token_ids[:start]
-    return [
-        seq.seq_id,
-        seq.token_ids[start : start + n],
-        start,
-        list(seq.block_table),
-        sample,
-        params,
-    ]
+    if not (sample or targets):
+        return PlanEntry(seq.seq_id, tokens, start, table, sample)
+    needs_history = sample and with_history and start and p.needs_history
+    return PlanEntry(
+        seq.seq_id, tokens, start, table, sample, SampleSpec.of(p), index=seq.index,
+        prompt_len=seq.num_prompt_tokens, prompt_targets=targets,
+        history=seq.token_ids[:start] if needs_history else None,
+    )  # fmt: skip
 
 
 @dataclass
@@ -167,8 +180,13 @@ def shares_gpus(config, layout: ClusterLayout | None = None) -> bool:
 
 
 def worker_spec(
-    config, model_path, model_config: ModelConfig, layout: ClusterLayout, tokenizer_dir=None
-) -> dict:
+    config,
+    model_path,
+    model_config: ModelConfig,
+    layout: ClusterLayout,
+    tokenizer_dir=None,
+    eos_token_ids=(),
+) -> WorkerSpec:
     """What every worker process is started with (same on every node); `tokenizer_dir`: the
     tokenizer grammar masks are built from (default: the model's)."""
     from afd.engine.executor import num_kv_blocks_for
@@ -177,32 +195,34 @@ def worker_spec(
     dtype = config.torch_dtype(model_config)
     a, f = layout.num_attention, layout.num_expert
     shared = shares_gpus(config, layout)
-    return {
-        "model_path": str(model_path),
-        "tokenizer_dir": str(tokenizer_dir or model_path),
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": cluster.device,
-        "block_size": config.cache.block_size,
-        "num_kv_blocks": num_kv_blocks_for(config, model_config, dtype, model_path),
-        "world_size": layout.world_size,
-        "init_addr": f"{layout.host}:{layout.port}",
-        "driver_addr": layout.driver_addr(),
-        "inbox_addrs": {r: layout.inbox_addr(r) for r in range(layout.world_size)},
-        "num_attention_workers": a,
-        "num_expert_workers": f,
-        "expert_ranks": list(range(a, a + f)),
+    spec = WorkerSpec(
+        model_path=str(model_path),
+        tokenizer_dir=str(tokenizer_dir or model_path),
+        dtype=str(dtype).removeprefix("torch."),
+        device=cluster.device,
+        block_size=config.cache.block_size,
+        num_kv_blocks=num_kv_blocks_for(config, model_config, dtype, model_path),
+        world_size=layout.world_size,
+        init_addr=f"{layout.host}:{layout.port}",
+        driver_addr=layout.driver_addr(),
+        inbox_addrs={r: layout.inbox_addr(r) for r in range(layout.world_size)},
+        num_attention_workers=a,
+        num_expert_workers=f,
+        expert_ranks=list(range(a, a + f)),
         # "auto" resolved here, once, with what the workers cannot see (shared GPUs, one node)
-        "comm_backend": resolve_transport_name(
+        comm_backend=resolve_transport_name(
             cluster.comm_backend, cluster.device, layout.shm, shared
         ),
-        "dist_backend": "gloo" if shared else "auto",
-        "gpus_per_node": cluster.gpus_per_node,
-        "dispatch_dtype": cluster.dispatch_dtype,
-        "quantization": config.source.quantization,
-        "shm_dir": layout.shm,
-        "threads": cluster.worker_threads,
-        "dist_timeout_s": REFORM_TIMEOUT_S,
-    }
+        dist_backend="gloo" if shared else "auto",
+        gpus_per_node=cluster.gpus_per_node,
+        dispatch_dtype=cluster.dispatch_dtype,
+        quantization=config.source.quantization,
+        shm_dir=layout.shm,
+        threads=cluster.worker_threads,
+        dist_timeout_s=REFORM_TIMEOUT_S,
+        eos_token_ids=sorted(eos_token_ids),
+    )
+    return wire.decode_spec(wire.encode(spec))  # checked here as every worker will check it
 
 
 def node_devices(
@@ -226,7 +246,8 @@ def node_devices(
     return {r: f"cuda:{i % gpus_per_node}" for i, r in enumerate(ranks)}
 
 
-def spawn_node_workers(supervisor: Supervisor, spec: dict, layout: ClusterLayout, node: int):
+def spawn_node_workers(supervisor: Supervisor, spec: WorkerSpec, layout: ClusterLayout, node: int):
+    """Start this node's workers, each with its encoded copy of the spec (rank, device set)."""
     import torch
     from afd.attention_nodes.prefill_worker import run_prefill_worker
     from afd.attention_nodes.worker import run_attention_worker
@@ -234,11 +255,12 @@ def spawn_node_workers(supervisor: Supervisor, spec: dict, layout: ClusterLayout
 
     roles = {"attention": run_attention_worker, "expert": run_expert_worker,
              "prefill": run_prefill_worker}  # fmt: skip
-    num_gpus = torch.cuda.device_count() if spec["device"] == "cuda" else 0
-    devices = node_devices(layout, node, spec["device"], num_gpus, spec["gpus_per_node"])
+    num_gpus = torch.cuda.device_count() if spec.device == "cuda" else 0
+    devices = node_devices(layout, node, spec.device, num_gpus, spec.gpus_per_node)
     for rank, device in devices.items():
         role = layout.role(rank)
-        supervisor.spawn(role, rank, roles[role], {**spec, "rank": rank, "device": device})
+        own = msgspec.structs.replace(spec, rank=rank, device=device)
+        supervisor.spawn(role, rank, roles[role], wire.encode(own))
 
 
 class AFDExecutor(ClusterRecovery):
@@ -269,9 +291,8 @@ class AFDExecutor(ClusterRecovery):
         self.num_replicas = a
         self.num_prefill_replicas = p
         self.num_micro_batches = config.cluster.num_micro_batches
-        spec = worker_spec(config, model_path, model_config, layout, tokenizer_dir)
-        spec["eos_token_ids"] = sorted(eos_token_ids)
-        self.num_kv_blocks = spec["num_kv_blocks"]
+        spec = worker_spec(config, model_path, model_config, layout, tokenizer_dir, eos_token_ids)
+        self.num_kv_blocks = spec.num_kv_blocks
         self.trace = False
         self.last_events: list = []
         self.last_times: dict[str, float] = {}
@@ -291,7 +312,7 @@ class AFDExecutor(ClusterRecovery):
         self._has_history: dict[int, set[int]] = {}
         self._prompt_logprobs: dict[int, list] = {}
         self._prefill_busy: set[int] = set()
-        self._prefill_done: dict[int, tuple] = {}  # results not yet returned
+        self._prefill_done: dict[int, PrefillResult] = {}  # results not yet returned
         self._attempt_prefill: set[int] = set()  # prefill plans sent by the running execute()
         self._inc: dict[int, int] = {}  # rank -> incarnation of its current process
         self.pids: dict[int, int] = {}  # rank -> pid of its current process (any node)
@@ -328,13 +349,9 @@ class AFDExecutor(ClusterRecovery):
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
             while len(self._inc) < layout.world_size:
                 msg = self._next(deadline, "worker start-up")
-                if msg is None:
-                    continue
-                if msg["type"] == "error":
-                    raise RuntimeError(
-                        f"{msg['role']} worker {msg['rank']} failed: {msg['message']}"
-                    )
-                if msg["type"] == "ready":
+                if isinstance(msg, Error):
+                    raise RuntimeError(f"{msg.role} worker {msg.rank} failed: {msg.message}")
+                if isinstance(msg, Ready):
                     self._adopt(msg)
             self.generation = 0
             if not self._form(0, time.monotonic() + STARTUP_TIMEOUT_S):
@@ -349,55 +366,52 @@ class AFDExecutor(ClusterRecovery):
     def role(self, rank: int) -> str:
         return self.layout.role(rank)
 
-    def _send(self, rank: int, msg_type: str, **fields) -> None:
+    def _send(self, rank: int, msg: DriverMessage) -> None:
         """A plan or instruction; a worker that cannot take it is a failure."""
         try:
-            self.outboxes[rank].send(wire.encode(msg_type, **fields))
+            self.outboxes[rank].send(wire.encode(msg))
         except zmq.Again:
             raise _Failure(f"{self.role(rank)} worker {rank} does not take messages") from None
 
-    def _send_nowait(self, rank: int, msg_type: str, **fields) -> None:
+    def _send_nowait(self, rank: int, msg: DriverMessage) -> None:
         try:
-            self.outboxes[rank].send(wire.encode(msg_type, **fields), flags=zmq.NOBLOCK)
+            self.outboxes[rank].send(wire.encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # not connected: gone; its replacement starts fresh
 
-    def _next(self, deadline: float, what: str) -> dict | None:
+    def _next(self, deadline: float, what: str) -> FromWorker | None:
         """The next worker message, or None after 0.1 s; raises WorkerDiedError when a worker
         is gone for good (restart budget spent) and TimeoutError past the deadline."""
         if time.monotonic() > deadline:
             raise TimeoutError(f"no answer from the workers in time during {what}")
         if self.inbox.poll(100):
-            try:
-                return wire.decode(self.inbox.recv())
-            except wire.WireError:
-                return None
+            return self._receive()
         self.supervisor.check()
         return None
 
-    def _adopt(self, msg: dict) -> None:
+    def _adopt(self, msg: Ready) -> None:
         """A (new) process of a rank said ready: its incarnation is the one to listen to."""
-        rank = msg["rank"]
+        rank = msg.rank
         if self._inc.get(rank) is not None:
             self._replaced.add(rank)
-        self._inc[rank] = msg["inc"]
-        self.pids[rank] = msg["pid"]
-        self.param_bytes[(msg["role"], rank)] = msg["param_bytes"]
+        self._inc[rank] = msg.inc
+        self.pids[rank] = msg.pid
+        self.param_bytes[(msg.role, rank)] = msg.param_bytes
         if self.progress and self.generation < 0:
-            print(f"afd: {msg['role']} worker {rank} ready (pid {msg.get('pid')}, "
-                  f"{msg['param_bytes'] / 2**20:.1f} MiB of weights; "
+            print(f"afd: {msg.role} worker {rank} ready (pid {msg.pid}, "
+                  f"{msg.param_bytes / 2**20:.1f} MiB of weights; "
                   f"{len(self._inc)}/{self.layout.world_size})", flush=True)  # fmt: skip
 
-    def _take_prefill_result(self, msg: dict) -> bool:
-        if msg["type"] != "prefill_result" or not self._current(msg):
+    def _take_prefill_result(self, msg: FromWorker) -> bool:
+        if not isinstance(msg, PrefillResult) or not self._current(msg):
             return False
-        if msg["gen"] != self.generation:
+        if msg.gen != self.generation or msg.rank not in self.prefill_ranks:
             return False
-        p = self.prefill_ranks.index(msg["rank"])
+        p = self.prefill_ranks.index(msg.rank)
         if p not in self._prefill_busy:
             return False
         self._prefill_busy.discard(p)
-        self._prefill_done[p] = (msg["sampled"], msg["errors"], msg["prompt_logprobs"])
+        self._prefill_done[p] = msg
         return True
 
     # ---- executor API --------------------------------------------------------------------
@@ -410,7 +424,7 @@ class AFDExecutor(ClusterRecovery):
         out, self._prompt_logprobs = self._prompt_logprobs, {}
         return out
 
-    def _attention_entry(self, replica: int, seq, n: int, sample: bool) -> list:
+    def _attention_entry(self, replica: int, seq, n: int, sample: bool) -> PlanEntry:
         known = self._has_history.setdefault(replica, set())
         entry = plan_entry(seq, n, sample, with_history=seq.seq_id not in known)
         if sample and seq.sampling_params.needs_history:
@@ -444,13 +458,14 @@ class AFDExecutor(ClusterRecovery):
         num_steps = max((batches[r].num_steps for r in active), default=1)
         if any(batches[r].num_steps != num_steps for r in active):
             raise ValueError("every replica must run the same number of decode steps")
-        imports: dict[int, list] = {}
-        exports: dict[int, list] = {}
+        imports: dict[int, list[KvTransfer]] = {}
+        exports: dict[int, list[KvTransfer]] = {}
         for t in transfers:
             src_blocks, dst_blocks = t.blocks
             prefill_rank, attn_rank = self.prefill_ranks[t.prefill], self.attention_ranks[t.replica]
-            imports.setdefault(t.replica, []).append([t.seq.seq_id, prefill_rank, dst_blocks])
-            exports.setdefault(t.prefill, []).append([t.seq.seq_id, attn_rank, src_blocks])
+            seq_id = t.seq.seq_id
+            imports.setdefault(t.replica, []).append(KvTransfer(seq_id, prefill_rank, dst_blocks))
+            exports.setdefault(t.prefill, []).append(KvTransfer(seq_id, attn_rank, src_blocks))
         planned = sorted(set(active) | set(imports))
         for r in planned:
             mbs = []
@@ -463,9 +478,7 @@ class AFDExecutor(ClusterRecovery):
                     ]
                     for g in split_micro_batches(b, m)
                 ]
-            self._send(
-                self.attention_ranks[r],
-                "attn_step",
+            plan = AttnStep(
                 step=self._step,
                 micro_batches=mbs,
                 release=self._released.pop(r, []),
@@ -473,17 +486,12 @@ class AFDExecutor(ClusterRecovery):
                 num_steps=num_steps,
                 trace=self.trace,
             )
+            self._send(self.attention_ranks[r], plan)
         if active:
+            expert_plan = ExpertStep(step=self._step, sources=active, num_micro_batches=m,
+                                     num_steps=num_steps, trace=self.trace)  # fmt: skip
             for rank in self.expert_ranks:
-                self._send(
-                    rank,
-                    "expert_step",
-                    step=self._step,
-                    sources=active,
-                    num_micro_batches=m,
-                    num_steps=num_steps,
-                    trace=self.trace,
-                )
+                self._send(rank, expert_plan)
         prefilling = [p for p, b in enumerate(prefill_batches) if not b.is_empty or p in exports]
         for p in prefilling:
             b = prefill_batches[p]
@@ -492,9 +500,9 @@ class AFDExecutor(ClusterRecovery):
                 plan_entry(seq, n, smp, with_history=True)
                 for seq, n, smp in zip(b.seqs, b.num_new_tokens, b.sample, strict=True)
             ]
-            self._send(self.prefill_ranks[p], "prefill_step", step=self._step,
-                       micro_batches=[entries] if entries else [], exports=exports.get(p, []),
-                       trace=self.trace)  # fmt: skip
+            plan = PrefillStep(step=self._step, entries=entries, exports=exports.get(p, []),
+                               trace=self.trace)  # fmt: skip
+            self._send(self.prefill_ranks[p], plan)
             self._attempt_prefill.add(p)
         steps: list[dict] = [{} for _ in range(num_steps)]  # sampled tokens per decode step
         prompt_lps: list = []  # [seq_id, first position, entries] of this step
@@ -519,34 +527,34 @@ class AFDExecutor(ClusterRecovery):
             if failure is not None:
                 raise failure
             if self._take_prefill_result(msg):
-                exports_only.discard(self.prefill_ranks.index(msg["rank"]))
+                exports_only.discard(self.prefill_ranks.index(msg.rank))
                 self._add_times(times, events, msg)
                 continue
             if (
-                msg["type"] not in ("attn_result", "expert_result")
+                not isinstance(msg, AttnResult | ExpertResult)
                 or not self._current(msg)
-                or msg["gen"] != self.generation
-                or msg["step"] != self._step
+                or msg.gen != self.generation
+                or msg.step != self._step
             ):
                 continue  # stale: from an abandoned step or generation
-            waiting.discard(msg["rank"])
+            waiting.discard(msg.rank)
             self._add_times(times, events, msg)
-            if msg["type"] == "attn_result":
-                prompt_lps += msg["prompt_logprobs"]
-                for k, v in msg["wire"].items():
-                    wire_bytes[k] = wire_bytes.get(k, 0) + v
-                for sampled, got in zip(steps, msg["sampled"], strict=True):
-                    sampled.update((seq_id, (tok, lps)) for seq_id, tok, lps in got)
-                self.sample_errors.update((seq_id, text) for seq_id, text in msg["errors"])
+            if isinstance(msg, AttnResult):
+                prompt_lps += msg.prompt_logprobs
+                wire_bytes["dispatch"] = wire_bytes.get("dispatch", 0) + msg.wire.dispatch
+                wire_bytes["combine"] = wire_bytes.get("combine", 0) + msg.wire.combine
+                for sampled, got in zip(steps, msg.sampled, strict=True):
+                    sampled.update((s.seq_id, (s.token, s.logprobs)) for s in got)
+                self.sample_errors.update((e.seq_id, e.message) for e in msg.errors)
             else:
-                load.append(msg["load"])
+                load.append(msg.load)
         self._drain()  # prefill results that are already here
         done = sorted(self._prefill_done)
         for p in done:
-            sampled, errors, found = self._prefill_done.pop(p)
-            steps[0].update((seq_id, (tok, lps)) for seq_id, tok, lps in sampled)
-            self.sample_errors.update((seq_id, text) for seq_id, text in errors)
-            prompt_lps += found
+            result = self._prefill_done.pop(p)
+            steps[0].update((s.seq_id, (s.token, s.logprobs)) for s in result.sampled)
+            self.sample_errors.update((e.seq_id, e.message) for e in result.errors)
+            prompt_lps += result.prompt_logprobs
         # only now: an attempt that fails is replayed and would report them again
         self._collect_prompt_logprobs(prompt_lps)
         self._attempt_prefill = set()
@@ -560,14 +568,14 @@ class AFDExecutor(ClusterRecovery):
         return steps, done
 
     @staticmethod
-    def _add_times(times: dict, events: list, msg: dict) -> None:
-        for k, v in msg["times"].items():
+    def _add_times(times: dict, events: list, msg: StepResult) -> None:
+        for k, v in msg.times.items():
             times[k] = times.get(k, 0.0) + v
-        events += [[*e, msg["rank"]] for e in msg["events"]]
+        events += [[*e, msg.rank] for e in msg.events]
 
     def _collect_prompt_logprobs(self, found: list) -> None:
-        for seq_id, pos, entries in found:
-            self._prompt_logprobs.setdefault(seq_id, []).append([pos, entries])
+        for p in found:
+            self._prompt_logprobs.setdefault(p.seq_id, []).append([p.position, p.entries])
 
     def stage_times(self) -> dict[str, float]:
         """Cumulative stage seconds, and the data plane's bytes (A->F dispatch, F->A combine)."""
@@ -582,7 +590,7 @@ class AFDExecutor(ClusterRecovery):
         self.supervisor.restarting = False  # what exits now is told to
         for sock in self.outboxes.values():
             try:
-                sock.send(wire.encode("shutdown"), flags=zmq.NOBLOCK)
+                sock.send(wire.encode(Shutdown()), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         self.supervisor.shutdown()

@@ -257,6 +257,7 @@ def _canned_attention_worker():
     from types import SimpleNamespace
 
     from afd.attention_nodes.worker import AttentionWorker
+    from afd.comm.messages import AttnStep, Sampled
 
     from afd.timing import StageClock
 
@@ -264,11 +265,11 @@ def _canned_attention_worker():
         def __init__(self):
             self.transport = SimpleNamespace(stats={"bytes_sent": 0, "bytes_received": 0})
 
-        def step(self, plan: dict, errors: list | None = None):
-            clock = StageClock(plan["trace"], "cpu")
+        def step(self, plan: AttnStep, errors: list | None = None):
+            clock = StageClock(plan.trace, "cpu")
             start = clock.now()
-            seq_ids = [e[0] for mb in plan["micro_batches"] for e in mb]
-            sampled = [[[s, 7, None] for s in seq_ids] for _ in range(plan["num_steps"])]
+            seq_ids = [e.seq_id for mb in plan.micro_batches for e in mb]
+            sampled = [[Sampled(s, 7) for s in seq_ids] for _ in range(plan.num_steps)]
             clock.total("attention_plan", start, clock.now())
             return sampled, [], clock
 
@@ -281,6 +282,7 @@ class _ControlPair:
 
     def __init__(self):
         import tempfile
+        from types import SimpleNamespace
 
         import zmq
         from afd.comm.control import WorkerChannel
@@ -292,8 +294,9 @@ class _ControlPair:
         self.outbox.setsockopt(zmq.LINGER, 0)
         self.outbox.bind(inbox)
         self.inbox.bind(driver)
-        self.channel = WorkerChannel({"rank": 0, "inbox_addrs": [inbox], "driver_addr": driver},
-                                     "attention")  # fmt: skip
+        # the three WorkerSpec fields a channel reads
+        spec = SimpleNamespace(rank=0, inbox_addrs={0: inbox}, driver_addr=driver)
+        self.channel = WorkerChannel(spec, "attention")
         self.channel.gen = 0
 
     def close(self) -> None:
@@ -311,18 +314,17 @@ def plan_message_seconds(batch: int, context: int, block_size: int, reps: int) -
     entries and `attn_step`, through IPC to the worker's channel, the worker's `attn_result`
     and its way back, each message encoded and checked as driver and worker do."""
     from afd.comm import wire
+    from afd.comm.messages import AttnStep
 
     seqs = decode_sequences(batch, context, block_size)
     worker, pair = _canned_attention_worker(), _ControlPair()
 
     def run():
-        raw = wire.encode("attn_step", step=1, micro_batches=[decode_entries(seqs)], release=[],
-                          imports=[], num_steps=1, trace=False)  # fmt: skip
-        pair.outbox.send(raw)
+        pair.outbox.send(wire.encode(AttnStep(step=1, micro_batches=[decode_entries(seqs)])))
         plan = pair.channel.recv()
         kind, fields = worker.run(plan)
-        pair.channel.send(kind, step=plan["step"], **fields)  # as comm/control.serve does
-        wire.decode(pair.inbox.recv())
+        pair.channel.send(kind, step=plan.step, **fields)  # as comm/control.serve does
+        wire.decode_from_worker(pair.inbox.recv())
 
     try:
         return _timeit(run, reps)
@@ -384,21 +386,23 @@ def host_points(path: Path, dtype: str, batches: list[int], threads: int) -> lis
 # ---- two processes: transfers and interference ----------------------------------------------
 
 
-def _pair_worker(role: str, spec: dict, bench_spec: dict, barrier, queue) -> None:
+def _pair_worker(role: str, spec: bytes, bench_spec: dict, barrier, queue) -> None:
     """One of the two processes of the transfer and interference measurements: a worker of
     a 1A1F cluster (its spec from scheduler/cluster.worker_spec), joined to generation 0 with
     the world and transport a real worker builds."""
     import torch
 
     torch.set_num_threads(1)
+    import msgspec
     from afd.comm import dist as afd_dist
+    from afd.comm import wire
     from afd.comm.control import init_world, transport_for
     from afd.comm.dispatch import exchange_tag
 
     from afd.config import ModelConfig
 
-    spec = {**spec, "rank": 0 if role == "attention" else 1}
-    cfg = ModelConfig.from_pretrained(spec["model_path"])
+    spec = msgspec.structs.replace(wire.decode_spec(spec), rank=0 if role == "attention" else 1)
+    cfg = ModelConfig.from_pretrained(spec.model_path)
     init_world(spec, 0)
     transport = transport_for(spec, cfg, "cpu", 0)
     job = bench_spec
@@ -462,6 +466,7 @@ def pair_measurements(path: Path, dtype: str, backend: str, max_tokens: int, qui
     from datetime import timedelta
 
     import torch.distributed as dist
+    from afd.comm import wire
     from afd.comm.control import generation_dir
     from afd.scheduler.cluster import layout_for, worker_spec
 
@@ -473,6 +478,7 @@ def pair_measurements(path: Path, dtype: str, backend: str, max_tokens: int, qui
                                     num_kv_blocks=1)  # fmt: skip
     layout = layout_for(config, model_config)
     spec = worker_spec(config, path, model_config, layout)
+    raw_spec = wire.encode(spec)  # as workers get theirs: bytes, decoded in the child
     bench_spec = {
         "path": str(path),
         "dtype": dtype,
@@ -485,7 +491,9 @@ def pair_measurements(path: Path, dtype: str, backend: str, max_tokens: int, qui
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(2), ctx.Queue()
     procs = [
-        ctx.Process(target=_pair_worker, args=(r, spec, bench_spec, barrier, queue), daemon=True)
+        ctx.Process(
+            target=_pair_worker, args=(r, raw_spec, bench_spec, barrier, queue), daemon=True
+        )  # fmt: skip
         for r in ("attention", "expert")
     ]
     store = None  # the driver's part: the rendezvous store and generation 0's folder
@@ -517,7 +525,7 @@ def pair_measurements(path: Path, dtype: str, backend: str, max_tokens: int, qui
             {"bytes": ra["bytes"], "dispatch": ra["call"], "combine": rf["call"], "link": one_way}
         )
     return {
-        "backend": spec["comm_backend"],
+        "backend": spec.comm_backend,
         "transfers": transfers,
         "interference": {
             "attention": max(1.0, a["both"] / a["solo"]),

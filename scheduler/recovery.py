@@ -12,6 +12,17 @@ from dataclasses import dataclass, field
 
 from afd.comm import wire
 from afd.comm.control import generation_dir, remove_generation_dirs
+from afd.comm.messages import (
+    Abort,
+    Aborted,
+    Error,
+    FromWorker,
+    Joined,
+    Ready,
+    Reform,
+    ReformFailed,
+    StepFailed,
+)
 from afd.scheduler.supervisor import RestartPolicy, Supervisor, WorkerDiedError
 
 from afd.engine.executor import StepInterrupted
@@ -51,25 +62,31 @@ class ClusterRecovery:
     """Notices failures (supervisor deaths, replacements saying ready, failed steps), re-forms
     the data plane as a new generation, and tells the engine what to fix up."""
 
-    def _current(self, msg: dict) -> bool:
+    def _current(self, msg: FromWorker) -> bool:
         """From the worker's live incarnation and, for a failed step, from this generation's
         data plane (a step of an abandoned generation was dealt with when it was abandoned)."""
-        if msg.get("type") == "step_failed" and msg.get("gen") != self.generation:
+        if isinstance(msg, StepFailed) and msg.gen != self.generation:
             return False
-        return msg.get("inc") == self._inc.get(msg.get("rank"))
+        return msg.inc == self._inc.get(msg.rank)
 
-    def _failure_in(self, msg: dict) -> _Failure | None:
+    def _failure_in(self, msg: FromWorker) -> _Failure | None:
         """The failure this message tells of (the data plane must be re-formed), if any."""
-        kind = msg["type"]
-        if kind == "ready" and not self._current(msg):
+        if isinstance(msg, Ready) and not self._current(msg):
             self._adopt(msg)
-            return _Failure(f"{msg['role']} worker {msg['rank']} was replaced "
-                            f"(pid {msg.get('pid')})")  # fmt: skip
-        if kind in ("error", "step_failed") and self._current(msg):
-            name = f"{self.role(msg['rank'])} worker {msg['rank']}"
-            rank = msg["rank"] if kind == "step_failed" else None
-            return _Failure(f"{name} failed: {msg['message']}", rank)
+            return _Failure(f"{msg.role} worker {msg.rank} was replaced (pid {msg.pid})")
+        if isinstance(msg, Error | StepFailed) and self._current(msg):
+            name = f"{self.role(msg.rank)} worker {msg.rank}"
+            rank = msg.rank if isinstance(msg, StepFailed) else None
+            return _Failure(f"{name} failed: {msg.message}", rank)
         return None
+
+    def _receive(self) -> FromWorker | None:
+        """The worker message waiting in the inbox; None (and a log line) if it is malformed."""
+        try:
+            return wire.decode_from_worker(self.inbox.recv())
+        except wire.WireError as e:
+            self._log(f"dropped a worker message: {e}")
+            return None
 
     def _check_failures(self) -> None:
         """Raise _Failure for a worker death the supervisor recorded since the last recovery."""
@@ -89,7 +106,7 @@ class ClusterRecovery:
         if folder:
             os.makedirs(folder, exist_ok=True)
         for rank in self.ranks:
-            self._send(rank, "reform", gen=gen)
+            self._send(rank, Reform(gen=gen))
         pending = set(self.ranks)
         while pending:
             msg = self._next(deadline, f"forming generation {gen}")
@@ -97,15 +114,15 @@ class ClusterRecovery:
                 return False
             if msg is None:
                 continue
-            if msg["type"] == "ready" and not self._current(msg):
+            if isinstance(msg, Ready) and not self._current(msg):
                 self._adopt(msg)
                 return False
             if not self._current(msg):
                 continue
-            if msg["type"] == "joined" and msg["gen"] == gen:
-                pending.discard(msg["rank"])
-            elif msg["type"] in ("error", "step_failed", "reform_failed"):
-                self._log(f"{self.role(msg['rank'])} worker {msg['rank']}: {msg.get('message')}")
+            if isinstance(msg, Joined) and msg.gen == gen:
+                pending.discard(msg.rank)
+            elif isinstance(msg, Error | StepFailed | ReformFailed):
+                self._log(f"{self.role(msg.rank)} worker {msg.rank}: {msg.message}")
                 return False
         return True
 
@@ -123,17 +140,16 @@ class ClusterRecovery:
             self._failures_seen = len(self.supervisor.failures)
             pending = set(self.ranks)
             for rank in self.ranks:
-                self._send_nowait(rank, "abort", gen=gen)
+                self._send_nowait(rank, Abort(gen=gen))
             while pending:
                 msg = self._next(deadline, "recovery")
                 if msg is None:
                     continue
-                rank = msg.get("rank")
-                if msg["type"] == "ready" and not self._current(msg):
+                if isinstance(msg, Ready) and not self._current(msg):
                     self._adopt(msg)  # a replacement, idle and without a data plane
-                    pending.discard(rank)
-                elif msg["type"] == "aborted" and self._current(msg) and msg["gen"] == gen:
-                    pending.discard(rank)
+                    pending.discard(msg.rank)
+                elif isinstance(msg, Aborted) and self._current(msg) and msg.gen == gen:
+                    pending.discard(msg.rank)
             if self._form(gen, deadline):
                 break
             self._log(f"another failure while re-forming generation {gen}; again")
@@ -202,9 +218,8 @@ class ClusterRecovery:
         prefill results are kept; anything else is stale."""
         self._check_failures()
         while self.inbox.poll(0):
-            try:
-                msg = wire.decode(self.inbox.recv())
-            except wire.WireError:
+            msg = self._receive()
+            if msg is None:
                 continue
             failure = self._failure_in(msg)
             if failure is not None:

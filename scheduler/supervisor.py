@@ -2,7 +2,7 @@
 everything down with no orphans, also when the parent is signalled or dies.
 
 * Children start with the "spawn" context and run `_child_entry`, which reports an uncaught
-  exception to the parent as msgpack bytes over a one-way pipe (never a pickled object).
+  exception to the parent as a `Crashed` record over a one-way pipe (never a pickled object).
 * A monitor thread waits on every child's sentinel and error pipe; the first failure is
   recorded (and `on_failure` called) within a fraction of a second.
 * Children leave when the parent goes: they hold the read end of a lifeline pipe whose only
@@ -34,7 +34,8 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgpack
+from afd.comm import wire
+from afd.comm.messages import Crashed, Heartbeat
 
 MAX_ERROR_CHARS = 8000
 HEARTBEAT_S = 0.5
@@ -236,16 +237,14 @@ class Supervisor:
 
     def _read_error_locked(self, worker: WorkerProcess) -> None:
         try:
-            raw = worker.errors.recv_bytes(maxlength=1 << 20)
-            msg = msgpack.unpackb(raw, raw=False)
-            if isinstance(msg, dict) and isinstance(msg.get("stuck"), int | float):
+            msg = wire.decode_to_supervisor(worker.errors.recv_bytes(maxlength=1 << 20))
+            if isinstance(msg, Heartbeat):
                 worker.last_heartbeat = time.monotonic()
-                worker.stuck_s = float(msg["stuck"])
+                worker.stuck_s = msg.stuck
                 return
-            text = str(msg.get("error", ""))[:MAX_ERROR_CHARS] if isinstance(msg, dict) else ""
-            if text:
-                self._errors[worker.process.pid] = text
-        except (EOFError, OSError, ValueError, msgpack.UnpackException):
+            if msg.error:
+                self._errors[worker.process.pid] = msg.error[:MAX_ERROR_CHARS]
+        except (EOFError, OSError, ValueError):  # WireError is a ValueError
             with self._lock:
                 conn, worker.errors = worker.errors, None
             conn.close()
@@ -432,7 +431,7 @@ def _child_entry(parent_pid: int, lifeline, errors, target: Callable, *args) -> 
             time.sleep(HEARTBEAT_S)
             try:
                 with pipe_lock:
-                    errors.send_bytes(msgpack.packb({"stuck": liveness.stuck_for()}))
+                    errors.send_bytes(wire.encode(Heartbeat(float(liveness.stuck_for()))))
             except (OSError, ValueError):
                 return
 
@@ -448,7 +447,7 @@ def _child_entry(parent_pid: int, lifeline, errors, target: Callable, *args) -> 
         text = "".join(traceback.format_exception(e))[-MAX_ERROR_CHARS:]
         try:
             with pipe_lock:
-                errors.send_bytes(msgpack.packb({"error": text}, use_bin_type=True))
+                errors.send_bytes(wire.encode(Crashed(text)))
         except OSError:
             pass
         raise SystemExit(1) from None

@@ -410,11 +410,11 @@ def test_workers_share_gpus_when_asked(builtin_path):
     layout = layout_for(config, model)
     try:
         spec = worker_spec(config, path, model, layout)
-        assert spec["dist_backend"] == "gloo" and spec["comm_backend"] == "shm"
-        assert spec["gpus_per_node"] == 1
+        assert spec.dist_backend == "gloo" and spec.comm_backend == "shm"
+        assert spec.gpus_per_node == 1
         own = EngineConfig.from_flat(model=str(path), comm_backend="torch", **cfg)
         spec = worker_spec(own, path, model, layout)
-        assert spec["dist_backend"] == "auto" and spec["comm_backend"] == "torch"
+        assert spec.dist_backend == "auto" and spec.comm_backend == "torch"
     finally:
         shutil.rmtree(layout.shm, ignore_errors=True)
         shutil.rmtree(layout.ipc, ignore_errors=True)

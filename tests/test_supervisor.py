@@ -215,6 +215,8 @@ def test_a_main_thread_without_progress_is_killed_as_hung():
 def test_only_live_messages_are_failures():
     """A failed step counts only from this generation's data plane and the worker's live
     incarnation; a worker error counts from any generation of a live incarnation."""
+    import msgspec
+    from afd.comm.messages import Error, StepFailed
     from afd.scheduler.recovery import ClusterRecovery
 
     class Driver(ClusterRecovery):
@@ -225,10 +227,11 @@ def test_only_live_messages_are_failures():
             return "attention"
 
     driver = Driver()
-    failed = dict(type="step_failed", rank=0, inc=7, gen=3, step=5, message="boom")
+    failed = StepFailed(rank=0, inc=7, gen=3, step=5, message="boom")
     failure = driver._failure_in(failed)
     assert failure is not None and failure.rank == 0 and "boom" in str(failure)
-    assert driver._failure_in({**failed, "gen": 2}) is None  # its step was abandoned with gen 2
-    assert driver._failure_in({**failed, "inc": 6}) is None  # from a replaced process
-    error = dict(type="error", rank=0, inc=7, gen=2, message="lost")
+    replace = msgspec.structs.replace
+    assert driver._failure_in(replace(failed, gen=2)) is None  # its step was abandoned with gen 2
+    assert driver._failure_in(replace(failed, inc=6)) is None  # from a replaced process
+    error = Error(rank=0, inc=7, gen=2, role="attention", message="lost")
     assert driver._failure_in(error) is not None
