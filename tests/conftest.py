@@ -101,7 +101,6 @@ def launched(*args: str, timeout_s: float = 180.0, serve: bool = False, env: dic
     """`afd launch --port PORT ARGS` (`afd serve` with serve=True) in its own process group:
     yields (base URL, process) once /health answers; Ctrl-C on exit, then SIGKILL to the group
     if it does not stop."""
-    import httpx
 
     port = free_port()
     command = "serve" if serve else "launch"
@@ -117,18 +116,27 @@ def launched(*args: str, timeout_s: float = 180.0, serve: bool = False, env: dic
     proc.lines = []  # the launcher's output, read all along so its pipe never fills
     threading.Thread(target=lambda: proc.lines.extend(proc.stdout), daemon=True).start()
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert proc.poll() is None, "".join(proc.lines)
-            assert time.monotonic() < deadline, f"afd launch not up within {timeout_s:.0f} s"
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_healthy(base, proc, timeout_s, lambda: "".join(proc.lines))
         yield base, proc
     finally:
         stop(proc)
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float, output=lambda: "") -> None:
+    """Until GET base/health answers 200; fails, with output(), if proc exits first or timeout_s
+    pass."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"exited with code {proc.returncode}\n{output()}"
+        assert time.monotonic() < deadline, f"not healthy within {timeout_s:.0f} s\n{output()}"
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
 
 
 def stop(proc: subprocess.Popen) -> None:
