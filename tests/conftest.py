@@ -3,8 +3,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,7 +101,6 @@ def launched(*args: str, timeout_s: float = 180.0, serve: bool = False, env: dic
     """`afd launch --port PORT ARGS` (`afd serve` with serve=True) in its own process group:
     yields (base URL, process) once /health answers; Ctrl-C on exit, then SIGKILL to the group
     if it does not stop."""
-    import httpx
 
     port = free_port()
     command = "serve" if serve else "launch"
@@ -115,18 +116,27 @@ def launched(*args: str, timeout_s: float = 180.0, serve: bool = False, env: dic
     proc.lines = []  # the launcher's output, read all along so its pipe never fills
     threading.Thread(target=lambda: proc.lines.extend(proc.stdout), daemon=True).start()
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert proc.poll() is None, "".join(proc.lines)
-            assert time.monotonic() < deadline, f"afd launch not up within {timeout_s:.0f} s"
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_healthy(base, proc, timeout_s, lambda: "".join(proc.lines))
         yield base, proc
     finally:
         stop(proc)
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float, output=lambda: "") -> None:
+    """Until GET base/health answers 200; fails, with output(), if proc exits first or timeout_s
+    pass."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"exited with code {proc.returncode}\n{output()}"
+        assert time.monotonic() < deadline, f"not healthy within {timeout_s:.0f} s\n{output()}"
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -138,6 +148,43 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+KILL_SEED = 20261207  # the default: every run draws the same kill points unless told otherwise
+CALIBRATION_IDLE_S = 0.03  # calibration_s() on the idle 2-core CI machine (AMD EPYC)
+
+
+@pytest.fixture
+def kill_rng() -> random.Random:
+    """Where tests draw kill points from: seeded by $AFD_TEST_KILL_SEED (else KILL_SEED), and
+    the seed printed, so a failure shows how to replay it."""
+    seed = int(os.environ.get("AFD_TEST_KILL_SEED", KILL_SEED))
+    print(f"kill points drawn with AFD_TEST_KILL_SEED={seed}")
+    return random.Random(seed)
+
+
+def calibration_s() -> float:
+    """Median wall time of a fixed piece of single-thread work (matmuls and a Python loop), now:
+    how fast this machine runs this test under whatever else runs on it."""
+
+    def once() -> float:
+        a = torch.ones(192, 192)
+        t0 = time.perf_counter()
+        for _ in range(100):
+            a = (a @ a).clamp_(-1, 1)
+        sum(i * i for i in range(300_000))
+        return time.perf_counter() - t0
+
+    return statistics.median(once() for _ in range(3))
+
+
+@pytest.fixture
+def bound():
+    """bound(idle_s): a duration limit of idle_s on an idle machine, stretched by how much
+    slower the calibration ran at this test's start (never tighter than idle_s)."""
+    slowdown = max(1.0, calibration_s() / CALIBRATION_IDLE_S)
+    print(f"duration bounds x{slowdown:.2f} (calibration)")
+    return lambda idle_s: idle_s * slowdown
 
 
 def hf_rows(model_dir, sequences: list[list[int]], dtype=torch.float32, device="cpu"):

@@ -59,11 +59,12 @@ def _waiter(port: int, case: str, abort, results) -> None:
         def watch() -> None:
             while watching:
                 if liveness._waiting:
+                    if not stuck:  # the main thread is blocked in wait_work now
+                        results.put(("waiting", os.getpid()))
                     stuck.append(liveness.stuck_for())
                 time.sleep(0.05)
 
         threading.Thread(target=watch, daemon=True).start()
-        results.put(("waiting", os.getpid()))
         try:
             liveness.wait_work(work)
             outcome = "returned"
@@ -113,7 +114,6 @@ def test_a_blocked_gloo_wait_is_abandoned_when_the_driver_asks(case):
         assert first[0] == "waiting", first
         if case == "stopped-peer":
             os.kill(peer.pid, signal.SIGSTOP)
-        time.sleep(0.5)  # rank 0 is blocked in wait() by now
         abort.set()  # the driver's message
         outcome = results.get(timeout=HANG_GUARD_S)
         assert outcome[0] not in ("error", "peer error"), outcome[1]
