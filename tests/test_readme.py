@@ -105,8 +105,6 @@ ADAPT: tuple[Adapt, ...] = (
         "afd profile",
         "minutes of measuring; --quick is the same parts on fewer points",
         sub=(("afd profile", "afd profile --quick"),),
-        needs="afd profile stops at 'attn_result: field errors missing' (issue 18 item 1); "
-        "branch i18-profile fixes it: drop this `needs` when it is merged",
     ),
     Adapt(
         "--batch-size 128 --context-len 343 --max-micro-batches 4",
