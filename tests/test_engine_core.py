@@ -24,7 +24,7 @@ from afd.config import EngineConfig
 from afd.engine import core_records as rec
 from afd.engine.async_engine import EngineDeadError
 from afd.engine.core import pid_alive
-from afd.engine.core_client import CoreClient, CoreProcess, _advance, _Stream
+from afd.engine.core_client import CoreClient, CoreProcess
 
 MODEL = "tiny-qwen3-moe"
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -80,21 +80,6 @@ def test_malformed_frames_are_refused(frame):
         rec.to_core.decode(frame)
 
 
-def test_outputs_accumulate_into_fresh_snapshots():
-    loop = asyncio.new_event_loop()
-    try:
-        stream = _Stream(loop, asyncio.Queue(), [5, 6], 1)
-        one = rec.RequestDelta("r", [rec.SeqDelta(0, [7], 0, "ab", None, None, None)], False)
-        first = _advance(stream, one)
-        two = rec.RequestDelta("r", [rec.SeqDelta(0, [8], 1, "xy", None, "stop", "y")], True)
-        last = _advance(stream, two)
-    finally:
-        loop.close()
-    assert (first.outputs[0].text, first.outputs[0].token_ids) == ("ab", [7])  # unchanged
-    assert (last.outputs[0].text, last.outputs[0].token_ids) == ("axy", [7, 8])
-    assert last.finished and last.outputs[0].stop_reason == "y"
-
-
 # -- a live core --------------------------------------------------------------------------------
 
 
@@ -135,6 +120,27 @@ def test_two_api_clients_share_one_core_and_match_offline(clients):
         assert last.outputs[0].token_ids == w.outputs[0].token_ids
         assert last.outputs[0].text == w.outputs[0].text
         assert last.metrics is not None and last.metrics.finished_time is not None
+
+
+def test_stop_strings_and_logprobs_in_the_api_process_match_offline(clients):
+    """The core sends token ids only; the API's OutputProcessor cuts at the stop string (and
+    drops the tokens the core made past it) as the offline engine does."""
+    a, _ = clients
+    llm = LLM(MODEL, dtype="float32")
+    prompt = a.tokenizer.encode("Hello there")
+    long = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    text = llm.generate([{"prompt_token_ids": prompt}], long)[0].outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop],
+                            logprobs=2)  # fmt: skip
+    want = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0]
+    outs = asyncio.run(_collect(a, "stop-0", prompt, params))
+    got = outs[-1].outputs[0]
+    assert (got.text, got.finish_reason, got.stop_reason) == (want.text, "stop", stop)
+    assert got.token_ids == want.token_ids and len(got.logprobs) == len(want.token_ids)
+    assert [e.keys() for e in got.logprobs] == [e.keys() for e in want.logprobs]
+    # each snapshot is its own: the first one did not grow with the later ones
+    assert len(outs[0].outputs[0].token_ids) < len(got.token_ids) or len(outs) == 1
 
 
 def test_bad_requests_are_value_errors_and_the_core_goes_on(core, clients):

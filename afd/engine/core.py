@@ -38,12 +38,11 @@ class _Client:
 
 @dataclass
 class _Sent:
-    """What a request's API process already has, per sequence: tokens and text."""
+    """What a request's API process already has: tokens per sequence."""
 
     client: int
     num_seqs: int
     tokens: list[int]
-    texts: list[str]
     prompt_logprobs_sent: bool = False
 
 
@@ -60,7 +59,7 @@ class EngineCore:
     """The step loop behind the sockets; `run` returns once told to shut down."""
 
     def __init__(self, spec: rec.CoreSpec):
-        self.engine = LLMEngine(spec.config)
+        self.engine = LLMEngine(spec.config, detokenize=False)  # text: the API's
         self.capacity = spec.max_queue_len + spec.config.limits.max_num_seqs
         self.parent_pid = spec.parent_pid
         self.ctx = zmq.Context()
@@ -79,7 +78,13 @@ class EngineCore:
     def welcome(self) -> bytes:
         eng = self.engine
         return rec.encode(
-            rec.Welcome(eng.config, str(eng.tokenizer_path), eng.max_model_len, self.capacity)
+            rec.Welcome(
+                eng.config,
+                str(eng.tokenizer_path),
+                eng.max_model_len,
+                self.capacity,
+                sorted(eng.eos_token_ids),
+            )
         )
 
     # ---- the step loop ----------------------------------------------------------------------
@@ -173,7 +178,7 @@ class EngineCore:
             return
         eng.requests[rid].arrival_time = msg.arrival
         self.num_seqs += params.n
-        self.sent[rid] = _Sent(msg.client, params.n, [0] * params.n, [""] * params.n)
+        self.sent[rid] = _Sent(msg.client, params.n, [0] * params.n)
         client.requests.add(rid)
 
     def _forget(self, rid: str) -> None:
@@ -216,21 +221,12 @@ class EngineCore:
     def _delta(out: RequestOutput, sent: _Sent) -> rec.RequestDelta:
         seqs = []
         for c in out.outputs:
-            i = c.index
-            start, old = sent.tokens[i], sent.texts[i]
-            cut = len(old) if c.text.startswith(old) else 0
+            start = sent.tokens[c.index]
+            logprobs = c.logprobs[start:] if c.logprobs is not None else None
             seqs.append(
-                rec.SeqDelta(
-                    i,
-                    c.token_ids[start:],
-                    cut,
-                    c.text[cut:],
-                    c.logprobs[start:] if c.logprobs is not None else None,
-                    c.finish_reason,
-                    c.stop_reason,
-                )
+                rec.SeqDelta(c.index, c.token_ids[start:], logprobs, c.finish_reason, c.stop_reason)
             )
-            sent.tokens[i], sent.texts[i] = len(c.token_ids), c.text
+            sent.tokens[c.index] = len(c.token_ids)
         prompt_logprobs = None
         pl = out.prompt_logprobs
         if pl is not None and not sent.prompt_logprobs_sent:

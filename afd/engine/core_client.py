@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -25,7 +25,8 @@ from afd.config import EngineConfig
 from afd.engine import core_records as rec
 from afd.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestFailedError
 from afd.engine.core import pid_alive
-from afd.outputs import CompletionOutput, LogprobsEntry, RequestOutput
+from afd.engine.core_output import OutputProcessor
+from afd.outputs import LogprobsEntry, RequestOutput
 from afd.sampling.params import SamplingParams
 from afd.tokenizer import Tokenizer, load_chat_template
 
@@ -106,9 +107,10 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     prompt_token_ids: list[int]
-    n: int
-    outputs: list[CompletionOutput] = field(default_factory=list)
+    params: SamplingParams
+    texts: OutputProcessor | None = None  # made by the receiving thread, at the first delta
     prompt_logprobs: list[LogprobsEntry | None] | None = None
+    done: bool = False
 
 
 class CoreClient:
@@ -138,6 +140,7 @@ class CoreClient:
         self.max_model_len = welcome.max_model_len
         self.sequence_capacity = welcome.sequence_capacity
         self.model_name = self.model_root = welcome.config.source.model
+        self.eos_token_ids = frozenset(welcome.eos_token_ids)
         self.tokenizer = Tokenizer.from_pretrained(welcome.tokenizer_path)
         if welcome.config.source.chat_template is not None:
             self.tokenizer.set_chat_template(
@@ -180,7 +183,7 @@ class CoreClient:
             raise EngineDeadError(self.error)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), prompt_token_ids, params.n)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), prompt_token_ids, params)
         self._streams[request_id] = stream
         try:
             self._send(
@@ -243,12 +246,17 @@ class CoreClient:
 
     def _apply(self, delta: rec.RequestDelta) -> None:
         stream = self._streams.get(delta.request_id)
-        if stream is None:
-            return  # aborted here meanwhile, or not ours
+        if stream is None or stream.done:
+            return  # aborted or finished here meanwhile, or not ours
         if delta.error is not None:
             item: Any = _error(delta)
         else:
+            if stream.texts is None:
+                stream.texts = OutputProcessor(
+                    self.tokenizer, stream.prompt_token_ids, stream.params, self.eos_token_ids
+                )
             item = _advance(stream, delta)
+        stream.done = delta.finished or delta.error is not None or item.finished
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
     def _check_core(self) -> None:
@@ -303,31 +311,20 @@ def _error(delta: rec.RequestDelta) -> BaseException:
 
 
 def _advance(stream: _Stream, delta: rec.RequestDelta) -> RequestOutput:
-    """The next cumulative snapshot: fresh lists, so an earlier snapshot does not change."""
-    if not stream.outputs:
-        stream.outputs = [CompletionOutput(i, "", [], None, None) for i in range(stream.n)]
+    """The next cumulative snapshot (fresh lists: an earlier snapshot does not change)."""
+    texts = stream.texts
+    assert texts is not None
     for d in delta.seqs:
-        old = stream.outputs[d.index]
-        logprobs = old.logprobs
-        if d.logprobs is not None:
-            logprobs = (logprobs or []) + d.logprobs
-        stream.outputs[d.index] = CompletionOutput(
-            d.index,
-            old.text[: d.text_start] + d.text,
-            old.token_ids + d.token_ids,
-            logprobs,
-            d.finish_reason,
-            d.stop_reason,
-        )
+        texts.add(d.index, d.token_ids, d.logprobs, d.finish_reason, d.stop_reason)
     if delta.prompt_logprobs is not None:
         stream.prompt_logprobs = delta.prompt_logprobs
     return RequestOutput(
         delta.request_id,
         None,
         stream.prompt_token_ids,
-        list(stream.outputs),
-        delta.finished,
+        list(texts.outputs),
+        texts.finished,
         stream.prompt_logprobs,
         None,
-        delta.metrics,
+        texts.metrics(delta.metrics),
     )

@@ -67,16 +67,15 @@ class Welcome(_Record, tag="welcome"):
     tokenizer_path: str
     max_model_len: int
     sequence_capacity: int
+    eos_token_ids: list[int]
 
 
 class SeqDelta(_Record):
-    """What one sequence gained this step: new tokens (and their logprobs), and its text as
-    `text[:text_start] + text` of the text so far (a stop string may cut held-back text)."""
+    """What one sequence gained this step: new tokens (and their logprobs), and whether the
+    core finished it (length, EOS, a stop token; stop strings are the API process's)."""
 
     index: int
     token_ids: list[TokenId]
-    text_start: int
-    text: str
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None
     stop_reason: int | str | None
