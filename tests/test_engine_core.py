@@ -132,15 +132,39 @@ def test_stop_strings_and_logprobs_in_the_api_process_match_offline(clients):
     text = llm.generate([{"prompt_token_ids": prompt}], long)[0].outputs[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop],
-                            logprobs=2)  # fmt: skip
-    want = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0]
+                            logprobs=2, prompt_logprobs=1)  # fmt: skip
+    want_all = llm.generate([{"prompt_token_ids": prompt}], params)[0]
+    want = want_all.outputs[0]
     outs = asyncio.run(_collect(a, "stop-0", prompt, params))
     got = outs[-1].outputs[0]
     assert (got.text, got.finish_reason, got.stop_reason) == (want.text, "stop", stop)
     assert got.token_ids == want.token_ids and len(got.logprobs) == len(want.token_ids)
-    assert [e.keys() for e in got.logprobs] == [e.keys() for e in want.logprobs]
+    # the API process names every logprob's token, as the offline engine does
+    assert got.logprobs == want.logprobs
+    assert outs[-1].prompt_logprobs == want_all.prompt_logprobs
     # each snapshot is its own: the first one did not grow with the later ones
     assert len(outs[0].outputs[0].token_ids) < len(got.token_ids) or len(outs) == 1
+
+
+def test_a_grammar_compiles_beside_the_loop_and_constrains_the_output(clients):
+    a, b = clients
+    choice = SamplingParams(max_tokens=8, structured_outputs={"choice": ["yes", "no"]})
+
+    async def both():
+        plain = asyncio.ensure_future(_collect(b, "plain-0", [1, 2, 3]))
+        constrained = await _collect(a, "choice-0", [1, 2, 3], choice)
+        return constrained, await plain
+
+    constrained, plain = asyncio.run(both())
+    assert constrained[-1].outputs[0].text in ("yes", "no")
+    assert plain[-1].finished
+
+    async def bad():
+        bad_regex = SamplingParams(max_tokens=4, structured_outputs={"regex": "(unclosed"})
+        with pytest.raises(ValueError):
+            await _collect(a, "bad-regex", [1, 2], bad_regex)
+
+    asyncio.run(bad())
 
 
 def test_bad_requests_are_value_errors_and_the_core_goes_on(core, clients):

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import msgspec
@@ -73,6 +74,10 @@ class EngineCore:
         self.error: str | None = None
         self.stop = threading.Event()
         self._gone: queue.SimpleQueue[int] = queue.SimpleQueue()  # dead API processes
+        # a grammar compiles beside the loop (the cache then has it), so streams go on meanwhile
+        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="afd-core-grammar")
+        self._compiling: set[str] = set()
+        self._compiled: queue.SimpleQueue[rec.AddRequest] = queue.SimpleQueue()
         self._status = threading.Thread(target=self._publish, name="afd-core-status", daemon=True)
 
     def welcome(self) -> bytes:
@@ -97,6 +102,11 @@ class EngineCore:
                 self._drain_input()
             while not self._gone.empty():
                 self._drop_client(self._gone.get())
+            while not self._compiled.empty():
+                msg = self._compiled.get()
+                if msg.request_id in self._compiling:  # not aborted meanwhile
+                    self._compiling.discard(msg.request_id)
+                    self._add(msg)
             if self.error is not None or self.stop.is_set():
                 continue
             try:
@@ -126,9 +136,14 @@ class EngineCore:
 
     def _handle(self, msg: rec.ToCore) -> None:
         if isinstance(msg, rec.AddRequest):
-            self._add(msg)
+            if msg.params.structured_outputs is None:
+                self._add(msg)
+            elif msg.request_id not in self._compiling:
+                self._compiling.add(msg.request_id)
+                self._compiler.submit(self._compile, msg)
         elif isinstance(msg, rec.Abort):
             for rid in msg.request_ids:
+                self._compiling.discard(rid)
                 sent = self.sent.get(rid)
                 if sent is not None and sent.client == msg.client:
                     self._forget(rid)
@@ -137,6 +152,14 @@ class EngineCore:
             self._hello(msg)
         else:
             self.stop.set()
+
+    def _compile(self, msg: rec.AddRequest) -> None:
+        try:
+            self.engine.validate_params(msg.params)
+        except ValueError:
+            pass  # _add says why, to the client
+        finally:
+            self._compiled.put(msg)
 
     def _hello(self, msg: rec.Hello) -> None:
         old = self.clients.pop(msg.client, None)
@@ -274,6 +297,7 @@ class EngineCore:
     def shutdown(self) -> None:
         self.stop.set()
         self._status.join(timeout=2 * STATUS_INTERVAL_S + 1)
+        self._compiler.shutdown(wait=False, cancel_futures=True)
         try:
             self.engine.shutdown()
         finally:

@@ -25,7 +25,7 @@ from afd.config import EngineConfig
 from afd.engine import core_records as rec
 from afd.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestFailedError
 from afd.engine.core import pid_alive
-from afd.engine.core_output import OutputProcessor
+from afd.engine.core_output import OutputProcessor, TokenTexts
 from afd.outputs import LogprobsEntry, RequestOutput
 from afd.sampling.params import SamplingParams
 from afd.tokenizer import Tokenizer, load_chat_template
@@ -146,6 +146,7 @@ class CoreClient:
             self.tokenizer.set_chat_template(
                 load_chat_template(welcome.config.source.chat_template)
             )
+        self._texts = TokenTexts(self.tokenizer)
         self._thread = threading.Thread(target=self._loop, name="afd-core-client", daemon=True)
         self._thread.start()
 
@@ -253,7 +254,11 @@ class CoreClient:
         else:
             if stream.texts is None:
                 stream.texts = OutputProcessor(
-                    self.tokenizer, stream.prompt_token_ids, stream.params, self.eos_token_ids
+                    self.tokenizer,
+                    stream.prompt_token_ids,
+                    stream.params,
+                    self.eos_token_ids,
+                    self._texts,
                 )
             item = _advance(stream, delta)
         stream.done = delta.finished or delta.error is not None or item.finished
@@ -317,7 +322,9 @@ def _advance(stream: _Stream, delta: rec.RequestDelta) -> RequestOutput:
     for d in delta.seqs:
         texts.add(d.index, d.token_ids, d.logprobs, d.finish_reason, d.stop_reason)
     if delta.prompt_logprobs is not None:
-        stream.prompt_logprobs = delta.prompt_logprobs
+        stream.prompt_logprobs = [
+            None if e is None else texts.texts.named(e) for e in delta.prompt_logprobs
+        ]
     return RequestOutput(
         delta.request_id,
         None,

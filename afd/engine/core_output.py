@@ -9,7 +9,7 @@ import dataclasses
 import time
 from collections.abc import Collection
 
-from afd.outputs import CompletionOutput, RequestMetrics
+from afd.outputs import CompletionOutput, Logprob, LogprobsEntry, RequestMetrics
 from afd.sampling.params import SamplingParams
 from afd.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -45,6 +45,24 @@ def add_text(
     return detok.add_token(token, final=finished)
 
 
+class TokenTexts:
+    """Each token's own text (a logprob's decoded_token), decoded once per process."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def text(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.tokenizer.decode([token_id], False)
+        return text
+
+    def named(self, entry: LogprobsEntry) -> LogprobsEntry:
+        """The entry with every decoded_token filled in."""
+        return {t: Logprob(lp.logprob, lp.rank, self.text(t)) for t, lp in entry.items()}
+
+
 class OutputProcessor:
     """The text side of one request in an API process: deltas of token ids from the core ->
     cumulative CompletionOutputs with text, stop strings applied (a sequence a stop string
@@ -56,8 +74,9 @@ class OutputProcessor:
         prompt_token_ids: list[int],
         params: SamplingParams,
         eos_token_ids: Collection[int],
+        texts: TokenTexts,
     ):
-        self.params, self.eos_token_ids = params, eos_token_ids
+        self.params, self.eos_token_ids, self.texts = params, eos_token_ids, texts
         self.detoks = [
             IncrementalDetokenizer(tokenizer, prompt_token_ids, params) for _ in range(params.n)
         ]
@@ -83,10 +102,14 @@ class OutputProcessor:
                         params=self.params):  # fmt: skip
                 finish_reason, stop_reason = "stop", detok.stop_reason
                 break
-        lps = old.logprobs if logprobs is None else (old.logprobs or []) + logprobs[:kept]
+        if logprobs is not None:
+            logprobs = (old.logprobs or []) + [self.texts.named(e) for e in logprobs[:kept]]
+        else:
+            logprobs = old.logprobs
         self.outputs[index] = CompletionOutput(
-            index, detok.text, old.token_ids + token_ids[:kept], lps, finish_reason, stop_reason
-        )
+            index, detok.text, old.token_ids + token_ids[:kept], logprobs, finish_reason,
+            stop_reason,
+        )  # fmt: skip
 
     def metrics(self, metrics: RequestMetrics | None) -> RequestMetrics | None:
         """The core's timings; finished now when a stop string ended the request here."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from afd.builtin import resolve_model, resolve_tokenizer
 from afd.config import EngineConfig, ModelConfig
-from afd.engine.core_output import add_text, stopped_by_token
+from afd.engine.core_output import TokenTexts, add_text, stopped_by_token
 from afd.engine.executor import Sampled, StepInterrupted
 from afd.outputs import (
     CompletionOutput,
@@ -147,7 +147,7 @@ class LLMEngine:
             sorted(self.eos_token_ids),
             self.tokenizer_path,
         )
-        self._token_texts: dict[int, str] = {}
+        self._token_texts = TokenTexts(self.tokenizer)
         sched_config = SchedulerConfig(
             max_num_seqs=config.limits.max_num_seqs,
             max_num_batched_tokens=config.limits.max_num_batched_tokens,
@@ -581,19 +581,13 @@ class LLMEngine:
                 touched[state.request_id] = state
 
     def _logprob_entry(self, entry: dict) -> LogprobsEntry:
-        """{token: (logprob, rank)} from a sampler -> {token: Logprob} with the token's text."""
+        """{token: (logprob, rank)} from a sampler -> {token: Logprob}, with the token's text
+        unless an API process's OutputProcessor adds it (detokenize=False)."""
+        texts = self._token_texts.text if self.detokenize else None
         return {
-            int(t): Logprob(float(lp), int(rank), self._token_text(int(t)))
+            int(t): Logprob(float(lp), int(rank), texts(int(t)) if texts else None)
             for t, (lp, rank) in entry.items()
         }
-
-    def _token_text(self, token_id: int) -> str:
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode(
-                [token_id], skip_special_tokens=False
-            )
-        return text
 
     def _with_logprob_objects(self, sampled: Sampled) -> None:
         for seq_id, (token, entry) in list(sampled.items()):
