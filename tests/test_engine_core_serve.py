@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
-from conftest import launched
+from conftest import free_port, launched
 
 from afd.engine.core import pid_alive
 
@@ -102,3 +103,22 @@ def test_a_killed_api_process_leaves_the_port_and_the_core_serving():
             assert r.status_code == 200, r.text
         assert httpx.get(f"{base}/health", timeout=5).json() == {"status": "ok"}
         assert pid_alive(core)
+
+
+def test_a_bad_model_is_one_line_and_exit_2_as_in_one_process(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    port = str(free_port())
+    command = [
+        sys.executable,
+        "-m",
+        "afd",
+        "serve",
+        missing,
+        "--engine-core-process",
+        "--port",
+        port,
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("afd: error:")]
+    assert proc.returncode == 2, proc.stderr
+    assert len(errors) == 1 and "no-such-model" in errors[0], proc.stderr

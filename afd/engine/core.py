@@ -320,7 +320,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         core = EngineCore(spec)
-    except (RuntimeError, TimeoutError, ValueError, OSError) as e:
+    except ValueError as e:  # a user error (the model, a setting): exit 2, as the CLI's
+        print(f"afd: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (RuntimeError, TimeoutError, OSError) as e:  # a worker failed to start
         print(f"afd: error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

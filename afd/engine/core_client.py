@@ -99,7 +99,9 @@ class CoreProcess:
 
 
 class CoreStartError(RuntimeError):
-    """The core exited before it was ready (it printed why)."""
+    """The core exited before it was ready (it printed why); `exit_code` is its own."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -297,6 +299,10 @@ def start_core_client(config: EngineConfig, max_queue_len: int, log_level: str) 
     core = CoreProcess(config, max_queue_len, log_level)
     try:
         client = CoreClient(core.addresses, core.pid)
+    except CoreStartError as e:
+        e.exit_code = core.process.wait()
+        core.stop(timeout=0)
+        raise
     except BaseException:  # Ctrl-C while loading too: the core unwinds its workers
         core.stop(timeout=0)
         raise

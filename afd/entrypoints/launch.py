@@ -260,8 +260,12 @@ def _serve(config, server_config, sock, processes: ProcessConfig) -> int:
 
     _print_plan(config)
     print("afd: loading model and starting workers ...", flush=True)
+    from afd.engine.core_client import CoreStartError
+
     try:
         engine = _start_engine(config, server_config, processes)
+    except CoreStartError as e:  # the core said why
+        return e.exit_code
     except (RuntimeError, TimeoutError) as e:  # a worker failed to start: say which, exit 1
         print(f"afd: error: {e}", file=sys.stderr, flush=True)
         return 1
