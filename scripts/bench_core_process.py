@@ -99,14 +99,46 @@ def _code_is_clean() -> bool:
     return all(line[3:].endswith(".md") for line in out.splitlines())
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Means over the rounds per topology and mode (what the README's table shows); RSS of
+    the HTTP (launcher) process and of the second one (the core, or the first worker)."""
+    out = []
+    for topology in TOPOLOGIES:
+        for mode in MODES:
+            rs = [r for r in runs if r["topology"] == topology and r["mode"] == mode]
+            if not rs:
+                continue
+            row: dict = {"topology": topology, "mode": mode, "rounds": len(rs)}
+            for key in ("output_throughput", "median_ttft_ms", "median_tpot_ms"):
+                row[key] = _mean([r["bench"][key] for r in rs])
+            row["startup_s"] = _mean([r["startup_s"] for r in rs])
+            row["rss_total_mb"] = _mean([r["rss_total_mb"] for r in rs])
+            row["rss_http_mb"] = _mean([r["rss_mb"][0]["mb"] for r in rs])
+            second = [r["rss_mb"][1]["mb"] for r in rs if len(r["rss_mb"]) > 1]
+            row["rss_second_mb"] = _mean(second) if second else 0.0
+            out.append(row)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-qwen3-moe")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--output", required=True)
+    p.add_argument("--summarize", action="store_true",
+                   help="only (re)write the summary of the runs already in --output")  # fmt: skip
     p.add_argument("--bench", default="--num-prompts 48 --max-concurrency 16 "
                    "--random-input-len 64 --random-output-len 32 --request-rate inf")  # fmt: skip
     args = p.parse_args()
+    if args.summarize:
+        data = json.loads(Path(args.output).read_text())
+        data["summary"] = summarize(data["runs"])
+        Path(args.output).write_text(json.dumps(data, indent=1) + "\n")
+        return 0
     # the code every run imports must be the commit's: checked before the first and after the last
     clean = [_code_is_clean()]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -126,7 +158,7 @@ def main() -> int:
                       f"tpot p50 {b.get('median_tpot_ms', 0):6.1f} ms", flush=True)  # fmt: skip
     clean.append(_code_is_clean())
     out = {"commit": commit.stdout.strip(), "clean_tree": all(clean), "model": args.model,
-           "bench_args": args.bench, "runs": runs}  # fmt: skip
+           "bench_args": args.bench, "runs": runs, "summary": summarize(runs)}  # fmt: skip
     Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
