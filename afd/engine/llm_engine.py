@@ -12,6 +12,7 @@ from pathlib import Path
 
 from afd.builtin import resolve_model, resolve_tokenizer
 from afd.config import EngineConfig, ModelConfig
+from afd.engine.core_output import TokenTexts, add_text, stopped_by_token
 from afd.engine.executor import Sampled, StepInterrupted
 from afd.outputs import (
     CompletionOutput,
@@ -115,12 +116,14 @@ def derived_seed(seed: int, index: int) -> int:
 
 
 class LLMEngine:
-    """Owns request state; each step schedules, executes and detokenizes."""
+    """Owns request state; each step schedules, executes and detokenizes (with
+    detokenize=False it leaves text and stop strings to an API process's OutputProcessor)."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, detokenize: bool = True):
         from afd.engine.executor import build_executor
 
         self.config = config
+        self.detokenize = detokenize
         source = config.source
         self.model_path: Path = resolve_model(source.model, source.revision, source.download_dir)
         # a different tokenizer (--tokenizer): the engine and every sampler (grammar masks) use it
@@ -144,7 +147,7 @@ class LLMEngine:
             sorted(self.eos_token_ids),
             self.tokenizer_path,
         )
-        self._token_texts: dict[int, str] = {}
+        self._token_texts = TokenTexts(self.tokenizer)
         sched_config = SchedulerConfig(
             max_num_seqs=config.limits.max_num_seqs,
             max_num_batched_tokens=config.limits.max_num_batched_tokens,
@@ -558,38 +561,33 @@ class LLMEngine:
                     state.error = why if dead_end else f"the engine failed on this request: {why}"
                     touched[state.request_id] = state
                     continue
-                if self._stopped_by_token(seq, token, state.params):
-                    # the EOS or stop token's own text is left out, as in vLLM
-                    detok.finalize()
-                elif not (state.stream or seq.is_finished or state.params.stop):
-                    detok.defer_token(token)
-                elif detok.add_token(token, final=seq.is_finished):
+                by_token = stopped_by_token(
+                    seq.status == SequenceStatus.FINISHED_STOPPED,
+                    token,
+                    state.params,
+                    self.eos_token_ids,
+                )
+                if self.detokenize and add_text(
+                    detok,
+                    token,
+                    by_token=by_token,
+                    finished=seq.is_finished,
+                    stream=state.stream,
+                    params=state.params,
+                ):
                     # a stop string ended the text; the scheduler must stop the sequence
                     scheduler.finish(seq.seq_id, SequenceStatus.FINISHED_STOPPED)
                     seq.stop_reason = detok.stop_reason
                 touched[state.request_id] = state
 
-    def _stopped_by_token(self, seq: Sequence, token: int, params: SamplingParams) -> bool:
-        if seq.status != SequenceStatus.FINISHED_STOPPED or params.include_stop_str_in_output:
-            return False
-        return token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.eos_token_ids
-        )
-
     def _logprob_entry(self, entry: dict) -> LogprobsEntry:
-        """{token: (logprob, rank)} from a sampler -> {token: Logprob} with the token's text."""
+        """{token: (logprob, rank)} from a sampler -> {token: Logprob}, with the token's text
+        unless an API process's OutputProcessor adds it (detokenize=False)."""
+        texts = self._token_texts.text if self.detokenize else None
         return {
-            int(t): Logprob(float(lp), int(rank), self._token_text(int(t)))
+            int(t): Logprob(float(lp), int(rank), texts(int(t)) if texts else None)
             for t, (lp, rank) in entry.items()
         }
-
-    def _token_text(self, token_id: int) -> str:
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode(
-                [token_id], skip_special_tokens=False
-            )
-        return text
 
     def _with_logprob_objects(self, sampled: Sampled) -> None:
         for seq_id, (token, entry) in list(sampled.items()):

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
+import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import msgspec
 
 from afd.entrypoints.flags import (
     CLIError,
@@ -16,6 +24,32 @@ from afd.entrypoints.flags import (
     flag_values,
 )
 from afd.entrypoints.serving import ServerConfig
+from afd.options import check_int, option
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """How `afd serve` splits into processes (vLLM's --api-server-count)."""
+
+    engine_core_process: bool = option(
+        False,
+        "run the engine core (scheduler, executor, request state) in a process of its own, "
+        "the HTTP server and tokenization in another, talking over ZMQ",
+        scope="server",
+    )
+    api_server_count: int = option(
+        1,
+        "HTTP API processes sharing the port against one engine core (more than 1 implies "
+        "--engine-core-process)",
+        scope="server",
+    )
+
+    def __post_init__(self) -> None:
+        check_int("--api-server-count", self.api_server_count, 1, 64)
+
+    @property
+    def split(self) -> bool:
+        return self.engine_core_process or self.api_server_count > 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_args(p, workers=1, nodes=True)
     server = p.add_argument_group("server")
     add_flags(server, ServerConfig, scopes=("server",))
+    add_flags(server, ProcessConfig, scopes=("server",))
     server.add_argument(
         "--enforce-eager",
         action="store_true",
@@ -128,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
     _model_from_args(args)
     server_config = server_config_from_args(args)
+    processes = ProcessConfig(**flag_values(ProcessConfig, args))
     setup_logging(server_config.log_level)
     config = engine_config_from_args(args)
     nnodes = config.cluster.nnodes
@@ -144,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     # SIGTERM while loading unwinds like Ctrl-C, so workers and temp folders are cleaned up
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return _serve(config, server_config, sock)
+        return _serve(config, server_config, sock, processes)
     except KeyboardInterrupt:
         print("afd: stopped", file=sys.stderr, flush=True)
         return 130
@@ -170,14 +206,7 @@ def transport_label(config) -> str:
     return f"{name} (auto)" if cluster.comm_backend == "auto" else name
 
 
-def _serve(config, server_config, sock) -> int:
-    import threading
-    import time
-
-    from afd.engine.async_engine import AsyncEngine
-    from afd.entrypoints.server import build_app
-    from afd.entrypoints.serving import ServerState, make_server
-
+def _print_plan(config) -> None:
     cluster, model = config.cluster, config.source.model
     if cluster.num_attention_workers:
         a, f, p = (
@@ -195,51 +224,163 @@ def _serve(config, server_config, sock) -> int:
         )
     else:
         print(f"afd: plan: single process, device={cluster.device}, model={model}", flush=True)
+
+
+def _start_engine(config, server_config, processes: ProcessConfig):
+    """The EngineClient: the engine in this process, or a core process of its own."""
+    config = config.replace(progress=True)
+    if not processes.split:
+        from afd.engine.async_engine import AsyncEngine
+
+        return AsyncEngine(config, max_queue_len=server_config.max_queue_len)
+    from afd.engine.core_client import start_core_client
+
+    return start_core_client(config, server_config.max_queue_len, server_config.log_level)
+
+
+def watch_engine(engine, server, failure: list[str]) -> None:
+    """A dead cluster: /health says 503 and requests fail at once; after a grace period in
+    which clients can see that, the server stops and its process exits non-zero."""
+    while not server.should_exit:
+        ok, reason = engine.health()
+        if not ok:
+            failure.append(reason)
+            print(f"afd: error: {reason}; stopping in {DEATH_GRACE_S:.0f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            time.sleep(DEATH_GRACE_S)
+            server.begin_shutdown("the cluster cannot serve")
+            server.abort_in_flight()
+            return
+        time.sleep(0.5)
+
+
+def _serve(config, server_config, sock, processes: ProcessConfig) -> int:
+    from afd.entrypoints.server import build_app
+    from afd.entrypoints.serving import ServerState, make_server
+
+    _print_plan(config)
     print("afd: loading model and starting workers ...", flush=True)
+    from afd.engine.core_client import CoreStartError
+
     try:
-        engine = AsyncEngine(
-            config.replace(progress=True), max_queue_len=server_config.max_queue_len
-        )
+        engine = _start_engine(config, server_config, processes)
+    except CoreStartError as e:  # the core said why
+        return e.exit_code
     except (RuntimeError, TimeoutError) as e:  # a worker failed to start: say which, exit 1
         print(f"afd: error: {e}", file=sys.stderr, flush=True)
         return 1
+    children: list[subprocess.Popen] = []
     try:
+        for index in range(1, processes.api_server_count):
+            children.append(start_api_process(engine, server_config, sock, index))
         state = ServerState()
         app = build_app(engine, server_config, state=state)
         server = make_server(app, server_config, state, server_config.uvicorn_log_level)
         names = server_config.served_model_names or [engine.model_name]
         host = server_config.host
         host = f"[{host}]" if ":" in host else host
+        count = processes.api_server_count
         print(
             f"afd: ready: OpenAI API at http://{host}:{server_config.port}/v1 (model "
-            f"{', '.join(repr(n) for n in names)}); Ctrl-C stops",
+            f"{', '.join(repr(n) for n in names)})"
+            + (f", {count} API processes" if count > 1 else "")
+            + "; Ctrl-C stops",
             flush=True,
         )
         failure: list[str] = []
-
-        def watchdog() -> None:
-            # A dead cluster: /health says 503 and requests fail at once; after a grace period
-            # in which clients can see that, the launcher stops everything and exits non-zero.
-            while not server.should_exit:
-                ok, reason = engine.health()
-                if not ok:
-                    failure.append(reason)
-                    print(f"afd: error: {reason}; stopping in {DEATH_GRACE_S:.0f} s",
-                          file=sys.stderr, flush=True)  # fmt: skip
-                    time.sleep(DEATH_GRACE_S)
-                    server.begin_shutdown("the cluster cannot serve")
-                    server.abort_in_flight()
-                    return
-                time.sleep(0.5)
-
-        threading.Thread(target=watchdog, name="afd-watchdog", daemon=True).start()
+        args = (engine, server, failure)
+        threading.Thread(target=watch_engine, args=args, name="afd-watchdog", daemon=True).start()
         server.run(sockets=[sock])
     finally:
         # the clean-up (workers, shm segments, temp folders) is bounded: no signal cuts it short
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+        stop_api_processes(children, server_config.shutdown_timeout_s + 10.0)
         engine.shutdown()
         print("afd: stopped", file=sys.stderr, flush=True)
+    return 1 if failure else 0
+
+
+# -- more API processes (--api-server-count) ------------------------------------------------
+
+
+class APIProcessSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """What an extra API process reads on stdin: its slot, the core and the server settings;
+    the listening socket comes as an inherited file descriptor (all accept on one socket)."""
+
+    index: int
+    socket_fd: int
+    core_pid: int
+    core_folder: str
+    server: ServerConfig
+
+
+def start_api_process(engine, server_config: ServerConfig, sock, index: int) -> subprocess.Popen:
+    """API process `index`, serving the same socket against `engine`'s core."""
+    spec = APIProcessSpec(
+        index, sock.fileno(), engine.core_pid, engine.addresses.folder, server_config
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "afd.entrypoints.launch"],
+        stdin=subprocess.PIPE,
+        pass_fds=[sock.fileno()],
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(msgspec.msgpack.encode(spec))
+    proc.stdin.close()
+    return proc
+
+
+def stop_api_processes(children: list[subprocess.Popen], timeout: float) -> None:
+    """SIGTERM (each drains its requests), then SIGKILL past `timeout`."""
+    for proc in children:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in children:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _watch_parent(server, parent: int) -> None:
+    from afd.engine.core import pid_alive
+
+    while not server.should_exit:
+        if not pid_alive(parent):  # the launcher is gone: no orphan
+            server.begin_shutdown("the launcher stopped")
+            server.abort_in_flight()
+            return
+        time.sleep(0.5)
+
+
+def api_process_main() -> int:
+    """An extra API process: HTTP and tokenization against the launcher's engine core."""
+    from afd.engine.core_client import CoreAddresses, CoreClient
+    from afd.entrypoints.server import build_app
+    from afd.entrypoints.serving import ServerState, make_server
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the server handles it
+    spec = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=APIProcessSpec)
+    config = spec.server
+    setup_logging(config.log_level)
+    sock = socket.socket(fileno=spec.socket_fd)
+    engine = CoreClient(CoreAddresses.at(spec.core_folder), spec.core_pid, spec.index)
+    try:
+        state = ServerState()
+        server = make_server(build_app(engine, config, state=state), config, state,
+                             config.uvicorn_log_level)  # fmt: skip
+        failure: list[str] = []
+        for target, args in ((watch_engine, (engine, server, failure)),
+                             (_watch_parent, (server, os.getppid()))):  # fmt: skip
+            threading.Thread(target=target, args=args, daemon=True).start()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        server.run(sockets=[sock])
+    finally:
+        engine.close()
+        sock.close()
     return 1 if failure else 0
 
 
@@ -287,3 +428,7 @@ def run_worker_node(config, node_rank: int) -> int:
         supervisor.shutdown()
     print(f"afd: node {node_rank}: stopped", file=sys.stderr, flush=True)
     return code
+
+
+if __name__ == "__main__":
+    sys.exit(api_process_main())
