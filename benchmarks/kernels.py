@@ -517,6 +517,7 @@ def measure_case(
     rows, passed = {}, []
     for be in (b for b in backends if b in case.impls):
         row = {"kernel": case.kernel, "backend": be, "shape": case.shape, **case.extra}
+        row["label"] = " ".join(f"{k}={v}" for k, v in case.shape.items())
         check = check_output(case.call(be)(), ref32, ref_lowp, dtype, case.floors)
         row["check"] = check
         rows[be] = row
@@ -550,6 +551,7 @@ def measure_case(
         for row in rows:
             if row["backend"] != "torch" and row["backend"] in times:
                 row["speedup_vs_torch"] = times["torch"] / times[row["backend"]]
+                row["torch_time_us"] = times["torch"] * 1e6
     return rows
 
 
