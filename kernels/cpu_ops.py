@@ -38,17 +38,6 @@ def rms_norm(
     return y if residual is None else (y, residual)
 
 
-def _expert_mm(a: torch.Tensor, w: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Rows of `a` grouped by expert (sizes[e] rows each) times w[e].T -> [rows, w.shape[1]]:
-    one MKL GEMM per non-empty expert into one buffer. torch._grouped_mm gives the same on CPU
-    but slows 8x on the denormal products of real activations (MKL flushes them)."""
-    out = a.new_empty(a.shape[0], w.shape[1])
-    for e, (ae, oe) in enumerate(zip(a.split(sizes), out.split(sizes), strict=True)):
-        if oe.shape[0]:
-            torch.mm(ae, w[e].t(), out=oe)
-    return out
-
-
 def fused_moe(
     x: torch.Tensor,  # [T, H]
     w13: torch.Tensor,  # [E, 2I, H]
@@ -56,23 +45,24 @@ def fused_moe(
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k], shard-local; out-of-range ids are skipped
 ) -> torch.Tensor:
-    """(token, slot) pairs sorted by expert, a GEMM per non-empty expert (the group sizes read
-    once, no per-expert sync), SiLU-and-mul on the whole batch, each token's k terms added."""
+    """(token, slot) pairs sorted by expert, one grouped GEMM per projection (empty experts are
+    empty groups), SiLU-and-mul on the whole batch, each token's k terms added."""
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     flat = topk_ids.reshape(-1)
     # Skipped ids sort last, as one extra expert whose rows are never computed.
     key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
     order = torch.argsort(key, stable=True)
-    sizes = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
-    routed = sum(sizes)
+    ends = torch.cumsum(torch.bincount(key, minlength=num_experts + 1)[:num_experts], 0)
+    routed = int(ends[-1]) if num_experts else 0
     if routed == 0:
         return torch.zeros_like(x)
     pairs = order[:routed]
     tok = pairs // top_k
-    gate_up = _expert_mm(x.index_select(0, tok), w13, sizes)
+    offs = ends.to(torch.int32)
+    gate_up = torch._grouped_mm(x.index_select(0, tok), w13.transpose(1, 2), offs=offs)
     inter = gate_up.shape[1] // 2
     act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
-    h = _expert_mm(act, w2, sizes)  # [routed, H]
+    h = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)  # [routed, H]
     h.mul_(topk_weights.reshape(-1)[pairs].to(x.dtype)[:, None])
     # Each token's k terms summed in ascending expert order, as the reference does: in bf16 a
     # different order rounds differently, and the engine's greedy tests see it.
