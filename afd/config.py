@@ -429,7 +429,8 @@ class ClusterConfig:
     device: str = option("cpu", "where workers run", choices=DEVICES)
     kernel_backend: str = option(
         "auto",
-        "auto: Triton kernels for CUDA tensors, torch references otherwise",
+        "auto: Triton kernels for CUDA tensors, the cpu fast paths for CPU tensors; torch: "
+        "the references everywhere",
         choices=_kernel_backends,
     )
     # Disaggregated decode (0 attention workers = everything in this process). On the command

@@ -1,9 +1,10 @@
-"""`afd bench kernels`: each kernel over a sweep of decode shapes. Every kernel's output is first
-checked against the torch reference (fp32 ground truth, bound from the torch reference's own
-error in the same dtype); a kernel that fails is reported as failed and never timed. Then time,
-achieved GB/s (attention, norm, rotary) or TFLOP/s (MoE), and the ratio to the device's copy
-bandwidth and dense matmul throughput measured in the same run, with warm-up and repetitions.
-JSON output under benchmarks/results/<machine>/."""
+"""`afd bench kernels`: each kernel over a sweep of decode (and, on CPU, prefill) shapes. Every
+kernel's output is first checked against the torch reference (fp32 ground truth, bound from the
+torch reference's own error in the same dtype); a kernel that fails is reported as failed and
+never timed. Then time (backends in alternating rounds), achieved GB/s (attention, norm, rotary)
+or TFLOP/s (MoE), and the ratio to the device's copy bandwidth and dense matmul throughput
+measured in the same run, with warm-up and repetitions. JSON output under
+benchmarks/results/<machine>/."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+BACKENDS = ("torch", "cpu", "triton")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KERNELS = (
     "rms_norm",
@@ -72,6 +74,39 @@ GPU_SWEEP = {
     ],
 }
 
+# CPU sweep (the cpu fast paths against the torch references): the peer models' shapes
+# (benchmarks/peer_models.py: hidden 256, head_dim 32-64) at the serving load of issue 20 (16
+# streams, contexts 128-192), 64 streams, prefill of 128-token prompts and of ragged 16-400-token
+# prompts, plus wider shapes where the one gather of the pages costs more than it saves.
+# `query`: new tokens per sequence (default 1: decode; = context: a whole prompt); `ragged`:
+# contexts spread evenly from context/25 to context.
+_PEER = dict(q_heads=8, kv_heads=2, head_dim=32, block_size=16)
+CPU_SWEEP = {
+    "rms_norm": [dict(tokens=16, hidden=256), dict(tokens=2048, hidden=256)],
+    "paged_attention": [
+        dict(batch=16, context=192, **_PEER),
+        dict(batch=64, context=192, **_PEER),
+        dict(batch=16, context=400, ragged=True, **_PEER),
+        dict(batch=16, context=192, q_heads=16, kv_heads=8, head_dim=64, block_size=16),
+        dict(batch=4, context=4096, q_heads=32, kv_heads=8, head_dim=128, block_size=16),
+        dict(batch=16, context=128, query=128, **_PEER),
+        dict(batch=32, context=400, query=400, ragged=True, **_PEER),
+    ],
+    "mla_attention": [
+        dict(batch=16, context=192, q_heads=8, latent=64, rope=16, block_size=16),
+        dict(batch=8, context=1024, q_heads=16, latent=512, rope=64, block_size=64),
+        dict(batch=8, context=128, query=128, q_heads=8, latent=64, rope=16, block_size=16),
+    ],
+    "fused_moe": [
+        dict(tokens=1, hidden=256, inter=256, experts=16, top_k=4, shard=1),
+        dict(tokens=16, hidden=256, inter=256, experts=16, top_k=4, shard=1),
+        dict(tokens=64, hidden=256, inter=256, experts=16, top_k=4, shard=1),
+        dict(tokens=2048, hidden=256, inter=256, experts=16, top_k=4, shard=1),
+        dict(tokens=16, hidden=256, inter=1024, experts=16, top_k=4, shard=1),
+        dict(tokens=16, hidden=1024, inter=512, experts=64, top_k=8, shard=2),
+    ],
+}
+
 # Runs on a CPU in seconds with the torch backend (and with Triton under TRITON_INTERPRET=1).
 QUICK_SWEEP = {
     "rms_norm": [dict(tokens=16, hidden=256)],
@@ -96,7 +131,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backends",
         default="auto",
-        help="comma list of torch,triton; auto: triton,torch on CUDA, torch on CPU",
+        help=f"comma list of {','.join(BACKENDS)}; auto: triton,torch on CUDA, cpu,torch on CPU",
     )
     p.add_argument("--kernels", default="all", help=f"comma list of {','.join(KERNELS)}")
     p.add_argument("--quick", action="store_true", help="tiny sweep (CPU-friendly, seconds)")
@@ -105,6 +140,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--min-time", type=float, default=None, help="least seconds of timed calls per case"
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="timed rounds per case, the backends' order alternating each round (median kept)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--name", default="kernels", help="result name (NAME.json)")
     p.add_argument(
         "--output",
@@ -265,25 +307,38 @@ def device_limits(device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
-def _impl(name: str, backend: str) -> Callable:
-    if backend == "torch":
-        from afd.kernels import torch_ops
+def _impls(name: str) -> dict[str, Callable]:
+    """The backends that implement kernel `name` (cpu and triton only where they have one)."""
+    from afd.kernels import torch_ops
+    from afd.kernels.cpu_ops import CPU_IMPLS
 
-        return getattr(torch_ops, name)
-    from afd.kernels.triton_ops import TRITON_IMPLS
+    impls = {"torch": getattr(torch_ops, name)}
+    if name in CPU_IMPLS:
+        impls["cpu"] = CPU_IMPLS[name]
+    if _has_triton():
+        from afd.kernels.triton_ops import TRITON_IMPLS
 
-    return TRITON_IMPLS[name]
+        impls["triton"] = TRITON_IMPLS[name]
+    return impls
 
 
-def _paged_meta(batch: int, context: int, block_size: int, device: torch.device):
-    """Decode metadata: every sequence at `context` tokens, pages scattered over the cache."""
+def _paged_meta(shape: dict, device: torch.device):
+    """Metadata of an attention shape: `batch` sequences at `context` tokens (or ragged up to
+    it), the last `query` of each new, pages scattered over the cache."""
     from afd.models.metadata import AttentionMetadata
 
-    per_seq = (context + block_size - 1) // block_size
-    num_blocks = batch * per_seq
-    tables = torch.randperm(num_blocks).view(batch, per_seq).tolist()
-    meta = AttentionMetadata.build([1] * batch, [context] * batch, tables, block_size, device)
-    return meta, num_blocks
+    batch, context, block_size = shape["batch"], shape["context"], shape["block_size"]
+    if shape.get("ragged"):
+        lens = torch.linspace(context / 25, context, batch).round().int().clamp(min=1).tolist()
+    else:
+        lens = [context] * batch
+    query = shape.get("query", 1)
+    q_lens = [min(query, n) for n in lens]
+    per_seq = [-(-n // block_size) for n in lens]
+    pool = torch.randperm(sum(per_seq)).tolist()
+    tables = [pool[sum(per_seq[:b]) : sum(per_seq[: b + 1])] for b in range(batch)]
+    meta = AttentionMetadata.build(q_lens, lens, tables, block_size, device)
+    return meta, len(pool)
 
 
 def make_case(kernel: str, shape: dict, device: torch.device, dtype: torch.dtype) -> Case:
@@ -291,7 +346,7 @@ def make_case(kernel: str, shape: dict, device: torch.device, dtype: torch.dtype
     attention shape forces that many split-K partitions on the Triton side."""
     elt = torch.finfo(dtype).bits // 8
     kw = dict(device=device, dtype=dtype)
-    impls = {be: _impl(kernel, be) for be in ("torch", "triton") if be == "torch" or _has_triton()}
+    impls = _impls(kernel)
     if kernel == "rms_norm":
         x = torch.randn(shape["tokens"], shape["hidden"], **kw)
         res = torch.randn_like(x)
@@ -307,10 +362,9 @@ def make_case(kernel: str, shape: dict, device: torch.device, dtype: torch.dtype
         inputs = (q, k, cos, sin, bool(shape["interleaved"]))
         return Case(kernel, shape, inputs, impls, bytes_moved=moved)
     if kernel == "paged_attention":
-        b, ctx, bs = shape["batch"], shape["context"], shape["block_size"]
-        hq, hkv, d = shape["q_heads"], shape["kv_heads"], shape["head_dim"]
-        meta, num_blocks = _paged_meta(b, ctx, bs, device)
-        q = torch.randn(b, hq, d, **kw)
+        bs, hq, hkv, d = shape["block_size"], shape["q_heads"], shape["kv_heads"], shape["head_dim"]
+        meta, num_blocks = _paged_meta(shape, device)
+        q = torch.randn(meta.slot_mapping.shape[0], hq, d, **kw)
         k_cache = torch.randn(num_blocks, bs, hkv, d, **kw)
         v_cache = torch.randn(num_blocks, bs, hkv, d, **kw)
         if "splits" in shape and "triton" in impls:
@@ -319,15 +373,15 @@ def make_case(kernel: str, shape: dict, device: torch.device, dtype: torch.dtype
             impls["triton"] = lambda q, k, v, meta, scale: paged_decode_attention(
                 q, k, v, meta.block_tables, meta.seq_lens, scale, num_splits=shape["splits"]
             )
-        kv_bytes = 2 * b * ctx * hkv * d * elt
+        kv_bytes = 2 * int(meta.seq_lens.sum()) * hkv * d * elt
         inputs = (q, k_cache, v_cache, meta, d**-0.5)
         return Case(kernel, shape, inputs, impls, bytes_moved=kv_bytes + 2 * q.numel() * elt)
     if kernel == "mla_attention":
-        b, ctx, bs = shape["batch"], shape["context"], shape["block_size"]
-        h, lat, r = shape["q_heads"], shape["latent"], shape["rope"]
-        meta, num_blocks = _paged_meta(b, ctx, bs, device)
-        q_latent = torch.randn(b, h, lat, **kw)
-        q_rope = torch.randn(b, h, r, **kw)
+        bs, h, lat, r = shape["block_size"], shape["q_heads"], shape["latent"], shape["rope"]
+        meta, num_blocks = _paged_meta(shape, device)
+        t = meta.slot_mapping.shape[0]
+        q_latent = torch.randn(t, h, lat, **kw)
+        q_rope = torch.randn(t, h, r, **kw)
         kv_cache = torch.randn(num_blocks, bs, lat + r, **kw)
         if "splits" in shape and "triton" in impls:
             from afd.kernels.triton_attention import mla_decode_attention
@@ -335,9 +389,9 @@ def make_case(kernel: str, shape: dict, device: torch.device, dtype: torch.dtype
             impls["triton"] = lambda ql, qr, kv, meta, scale: mla_decode_attention(
                 ql, qr, kv, meta.block_tables, meta.seq_lens, scale, num_splits=shape["splits"]
             )
-        kv_bytes = b * ctx * (lat + r) * elt
+        kv_bytes = int(meta.seq_lens.sum()) * (lat + r) * elt
         inputs = (q_latent, q_rope, kv_cache, meta, (128 + r) ** -0.5)
-        moved = kv_bytes + b * h * (2 * lat + r) * elt
+        moved = kv_bytes + t * h * (2 * lat + r) * elt
         return Case(kernel, shape, inputs, impls, bytes_moved=moved)
     if kernel == "fp8_linear":  # weights quantized in 128 x 128 blocks, as checkpoints hold them
         from afd.kernels.torch_ops import quant_fp8_blocks
@@ -402,11 +456,14 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, list[
     else:
         dtype = DTYPES[args.dtype]
     if args.backends == "auto":
-        backends = ["triton", "torch"] if device.type == "cuda" else ["torch"]
+        backends = ["triton", "torch"] if device.type == "cuda" else ["cpu", "torch"]
     else:
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if not backends or any(b not in ("torch", "triton") for b in backends):
-        raise ValueError(f"--backends: a comma list of torch and/or triton, got {args.backends!r}")
+    if not backends or any(b not in BACKENDS for b in backends):
+        choices = ", ".join(BACKENDS)
+        raise ValueError(f"--backends: a comma list of {choices}, got {args.backends!r}")
+    if "cpu" in backends and device.type != "cpu":
+        raise ValueError("--backends cpu times the CPU fast paths: it needs --device cpu")
     if "triton" in backends:
         from afd.kernels import ops
 
@@ -425,28 +482,57 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, list[
             raise ValueError(f"--{name} must be in [0, 100000]")
     if args.iters is not None and args.iters < 1:
         raise ValueError("--iters must be at least 1")
+    if not 1 <= args.rounds <= 100:
+        raise ValueError("--rounds must be in [1, 100]")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise ValueError("--threads must be in [1, 1024]")
     if args.min_time is not None and not 0 <= args.min_time <= 3600:
         raise ValueError("--min-time must be in [0, 3600] seconds")
     return device, dtype, backends
 
 
-def measure_case(case: Case, backends: list[str], dtype: torch.dtype, timer: Timer, limits: dict):
-    """Rows of one case: each backend's output checked, then timed if it passed."""
+def _timed_rounds(case: Case, backends: list[str], timer: Timer, rounds: int) -> dict[str, list]:
+    """Each backend's timings over `rounds` rounds, the order reversed every other round so that
+    neither side always runs second (warmer caches, a neighbour's load at one end)."""
+    timings: dict[str, list] = {be: [] for be in backends}
+    for r in range(rounds):
+        for be in backends if r % 2 == 0 else backends[::-1]:
+            timings[be].append(timer(case.call(be)))
+    return timings
+
+
+def measure_case(
+    case: Case,
+    backends: list[str],
+    dtype: torch.dtype,
+    timer: Timer,
+    limits: dict,
+    rounds: int = 1,
+):
+    """Rows of one case: each backend's output checked, then those that passed timed in
+    alternating rounds (the median of the rounds' medians kept). Backends without an
+    implementation of the kernel get no row."""
     ref32 = case.reference(fp32=True)
     ref_lowp = case.reference(fp32=False) if dtype != torch.float32 else ref32
-    rows, times = [], {}
-    for be in backends:
+    rows, passed = {}, []
+    for be in (b for b in backends if b in case.impls):
         row = {"kernel": case.kernel, "backend": be, "shape": case.shape, **case.extra}
+        row["label"] = " ".join(f"{k}={v}" for k, v in case.shape.items())
         check = check_output(case.call(be)(), ref32, ref_lowp, dtype, case.floors)
         row["check"] = check
-        if not check["passed"]:
+        rows[be] = row
+        if check["passed"]:
+            passed.append(be)
+        else:
             row["error"] = "output does not match the torch reference: not timed"
-            rows.append(row)
-            continue
-        timing = timer(case.call(be))
-        seconds = timing["seconds"]
+    times = {}
+    for be, timings in _timed_rounds(case, passed, timer, rounds).items():
+        row, seconds = rows[be], statistics.median(t["seconds"] for t in timings)
         times[be] = seconds
-        row.update(time_us=seconds * 1e6, calls=timing["calls"], warmup=timing["warmup"])
+        calls = sum(t["calls"] for t in timings)
+        row.update(time_us=seconds * 1e6, calls=calls, warmup=timings[0]["warmup"])
+        if rounds > 1:
+            row["round_time_us"] = [t["seconds"] * 1e6 for t in timings]
         row["GBps"] = case.bytes_moved / seconds / 1e9
         ratios = {"fraction_of_copy_bw": row["GBps"] / limits["copy_GBps"]}
         if case.flops:
@@ -460,11 +546,12 @@ def measure_case(case: Case, backends: list[str], dtype: torch.dtype, timer: Tim
                 )
             else:
                 row[name] = value
-        rows.append(row)
+    rows = list(rows.values())
     if "torch" in times:
         for row in rows:
             if row["backend"] != "torch" and row["backend"] in times:
                 row["speedup_vs_torch"] = times["torch"] / times[row["backend"]]
+                row["torch_time_us"] = times["torch"] * 1e6
     return rows
 
 
@@ -482,14 +569,20 @@ def format_row(row: dict) -> str:
     else:
         metric, ratio, what = f"{row['GBps']:.1f} GB/s", row["fraction_of_copy_bw"], "copy"
     share = f"{ratio:.0%} of {what}" if ratio is not None else f"MEASUREMENT ERROR: above {what}"
-    return f"{head} {row['time_us']:10.1f} us  {metric} ({share})"
+    speedup = f"  {row['speedup_vs_torch']:.2f}x torch" if "speedup_vs_torch" in row else ""
+    return f"{head} {row['time_us']:10.1f} us  {metric} ({share}){speedup}"
 
 
 def run(args: argparse.Namespace) -> int:
     from afd.benchmarks.results import machine_name, results_dir, write_result
 
     device, dtype, backends = _resolve(args)
-    sweep = QUICK_SWEEP if args.quick or device.type == "cpu" else GPU_SWEEP
+    if args.quick:
+        sweep = QUICK_SWEEP
+    else:
+        sweep = CPU_SWEEP if device.type == "cpu" else GPU_SWEEP
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     kernels = list(sweep) if args.kernels == "all" else args.kernels.split(",")
     for k in kernels:
         if k not in sweep:
@@ -504,13 +597,14 @@ def run(args: argparse.Namespace) -> int:
     limits = device_limits(device, dtype)
     print(
         f"{device_name}: copy {limits['copy_GBps']:.1f} GB/s, "
-        f"matmul {limits['matmul_TFLOPs']:.3f} TFLOP/s ({dtype})"
+        f"matmul {limits['matmul_TFLOPs']:.3f} TFLOP/s ({dtype}), {torch.get_num_threads()} "
+        f"thread(s), {args.rounds} round(s)"
     )
     results = []
     for kernel in kernels:
         for shape in sweep[kernel]:
             case = make_case(kernel, shape, device, dtype)
-            for row in measure_case(case, backends, dtype, timer, limits):
+            for row in measure_case(case, backends, dtype, timer, limits, args.rounds):
                 results.append(row)
                 print(format_row(row))
             del case
@@ -520,6 +614,8 @@ def run(args: argparse.Namespace) -> int:
         "device_type": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         "backends": backends,
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
         "timing": "cuda events" if cuda else "perf_counter",
         "warmup": warmup,
         "min_iters": iters,

@@ -1,4 +1,4 @@
-"""Kernel entry points the engine calls; the backend (torch or triton) is picked only here."""
+"""Kernel entry points the engine calls; the backend (torch, cpu or triton) is picked only here."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import os
 from collections.abc import Callable
 
 import torch
-from afd.kernels import torch_ops
+from afd.kernels import cpu_ops, torch_ops
 
 from afd.models.metadata import AttentionMetadata
 
-KERNEL_BACKENDS = ("auto", "torch", "triton")
-# "triton" on CPU tensors needs TRITON_INTERPRET=1 (how CI runs the kernels); "auto" picks
-# triton only for CUDA tensors.
+KERNEL_BACKENDS = ("auto", "torch", "cpu", "triton")
+# "auto": triton for CUDA tensors, the cpu fast paths for CPU tensors. "torch" forces the
+# references. "cpu" uses its fast paths on CPU tensors (the references elsewhere and for the
+# kernels it lacks, FP8 among them). "triton" on CPU tensors needs TRITON_INTERPRET=1 (how CI
+# runs the kernels).
 _backend = os.environ.get("AFD_KERNEL_BACKEND", "auto")
 
 # name -> triton implementation, filled by afd.kernels.triton_ops when triton imports
@@ -21,7 +23,7 @@ _triton_import_error: ImportError | None = None
 
 
 def set_kernel_backend(name: str) -> None:
-    """Force 'torch' or 'triton' kernels, or 'auto' (triton on CUDA, torch on CPU)."""
+    """Force 'torch', 'cpu' or 'triton' kernels, or 'auto' (triton on CUDA, cpu on CPU)."""
     global _backend
     if name not in KERNEL_BACKENDS:
         raise ValueError(
@@ -37,7 +39,11 @@ def get_kernel_backend() -> str:
 
 def _pick(name: str, x: torch.Tensor) -> Callable:
     """The implementation of `name` for tensor `x` under the current backend."""
-    if _backend == "torch" or (_backend == "auto" and not x.is_cuda):
+    if _backend == "torch":
+        return getattr(torch_ops, name)
+    if _backend in ("auto", "cpu") and not x.is_cuda:
+        return cpu_ops.CPU_IMPLS.get(name) or getattr(torch_ops, name)
+    if _backend == "cpu":
         return getattr(torch_ops, name)
     impl = _TRITON_IMPLS.get(name) if triton_available() else None
     if impl is not None:

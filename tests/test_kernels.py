@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from afd.kernels import ops, torch_ops
+from afd.kernels import cpu_ops, ops, torch_ops
 from afd.kernels.triton_attention import mla_decode_attention, paged_decode_attention
 from afd.kernels.triton_moe import fused_moe as triton_fused_moe
 from afd.kernels.triton_moe import moe_align_block_size
@@ -234,8 +234,8 @@ def test_backend_selection(backend):
     x = torch.randn(2, 16)
     with pytest.raises(ValueError):
         backend("cuda")
-    backend("auto")  # CPU tensors -> torch
-    assert ops._pick("rms_norm", x) is torch_ops.rms_norm
+    backend("auto")  # CPU tensors -> the cpu fast paths (tests/test_cpu_kernels.py)
+    assert ops._pick("rms_norm", x) is cpu_ops.rms_norm
     backend("torch")
     assert ops._pick("fused_moe", x) is torch_ops.fused_moe
     backend("triton")
@@ -461,7 +461,8 @@ def test_bench_kernels_reports_a_ratio_above_the_ceiling_as_an_error(tmp_path, m
     tiny = {"copy_GBps": 1e-9, "matmul_TFLOPs": 1e-12}
     monkeypatch.setattr(bench, "device_limits", lambda device, dtype: tiny)
     out = tmp_path / "kernels.json"
-    assert bench.run(_bench_args("--kernels", "fused_moe", "--output", str(out))) == 0
+    args = _bench_args("--kernels", "fused_moe", "--backends", "torch", "--output", str(out))
+    assert bench.run(args) == 0
     (row,) = json.loads(out.read_text())["results"]
     assert row["fraction_of_copy_bw"] is None and row["fraction_of_matmul"] is None
     assert len(row["measurement_error"]) == 2
@@ -540,3 +541,30 @@ def test_kernels_compile_for_cuda_without_a_gpu():
         pytest.skip("this triton build ships no ptxas")
     assert r.returncode == 0, r.stderr[-3000:]
     assert int(r.stdout.strip().splitlines()[-1]) == 12  # 8 kernels + 4 FP8 specialisations
+
+
+def test_bench_kernels_times_the_cpu_backend_in_alternating_rounds(tmp_path, monkeypatch):
+    import json
+
+    from afd.benchmarks import kernels as bench
+
+    order = []
+    real = bench.Case.call
+    monkeypatch.setattr(bench.Case, "call", lambda self, be: order.append(be) or real(self, be))
+    out = tmp_path / "kernels.json"
+    args = _bench_args("--kernels", "fused_moe,rotary_embedding", "--rounds", "3", "--threads",
+                       "1", "--output", str(out))  # fmt: skip
+    assert bench.run(args) == 0
+    report = json.loads(out.read_text())
+    assert report["backends"] == ["cpu", "torch"] and report["threads"] == 1
+    rows = report["results"]
+    # rotary has no cpu fast path: only the reference is timed
+    assert [(r["kernel"], r["backend"]) for r in rows] == [
+        ("fused_moe", "cpu"), ("fused_moe", "torch"), ("rotary_embedding", "torch")
+    ]  # fmt: skip
+    moe_cpu, moe_torch = rows[0], rows[1]
+    assert len(moe_cpu["round_time_us"]) == 3 and moe_cpu["check"]["passed"]
+    assert moe_cpu["time_us"] == pytest.approx(sorted(moe_cpu["round_time_us"])[1])
+    assert moe_cpu["speedup_vs_torch"] == pytest.approx(moe_torch["time_us"] / moe_cpu["time_us"])
+    # fused_moe: both outputs checked, then rounds cpu, torch | torch, cpu | cpu, torch
+    assert order[:8] == ["cpu", "torch", "cpu", "torch", "torch", "cpu", "cpu", "torch"]
