@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 from afd.comm import liveness
 
 KV_TAG_BASE = 1 << 24

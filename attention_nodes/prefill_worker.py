@@ -4,6 +4,7 @@ the scheduler), samples the first token, and ships the prompt's KV to an attenti
 from __future__ import annotations
 
 import torch
+
 from afd.attention_nodes.kv_transfer import send_kv
 from afd.attention_nodes.worker import (
     build_micro_batch,
@@ -14,7 +15,6 @@ from afd.attention_nodes.worker import (
 from afd.comm import liveness
 from afd.comm.control import RoleWorker, serve
 from afd.comm.messages import PrefillResult, PrefillStep, WorkerSpec
-
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import allocate_kv_cache
 from afd.sampling.sampler import Sampler

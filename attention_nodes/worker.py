@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 import torch
+
 from afd.attention_nodes.kv_transfer import recv_kv
 from afd.comm import liveness
 from afd.comm.control import RoleWorker, serve, transport_for
@@ -25,7 +26,6 @@ from afd.comm.messages import (
     WireBytes,
     WorkerSpec,
 )
-
 from afd.loader import count_parameter_bytes, load_model
 from afd.models import AttentionMetadata, allocate_kv_cache
 from afd.sampling.params import SamplingParams

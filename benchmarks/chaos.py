@@ -101,9 +101,9 @@ def _launch_argv(config, port: int, launch_args: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Entry point of `afd bench chaos`; 0 when no request failed."""
     import httpx
+
     from afd.benchmarks import serve
     from afd.benchmarks.results import write_result
-
     from afd.config import WORKER_POOLS
     from afd.entrypoints.flags import engine_config_from_args
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from afd.benchmarks.derived import DERIVES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -518,7 +518,6 @@ def words_for_tokens(model_dir: Path, tokens: int, seed: int) -> int:
     """`afd bench serve` prompts are words: how many words make `tokens` tokens on average with
     this model's tokenizer (so both clients send prompts of the same length)."""
     from afd.benchmarks.serve import random_requests
-
     from afd.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(model_dir)
@@ -847,6 +846,7 @@ def run_profile(peer: Peer, args: argparse.Namespace) -> dict[str, Any]:
 def build_peer(args: argparse.Namespace, logs: Path) -> Peer:
     """The run's model, sides and load from the arguments (the checkpoint built if needed)."""
     import torch
+
     from afd.benchmarks.peer_models import peer_model_path
 
     sides = [parse_side(s) for s in (args.afd or DEFAULT_AFD_SIDES)]

@@ -86,9 +86,8 @@ def parse_steps_list(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from afd.benchmarks.results import check_clean, results_dir, write_result
-
     from afd import LLM, SamplingParams
+    from afd.benchmarks.results import check_clean, results_dir, write_result
 
     for name in (
         "num_attention_workers",
@@ -160,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
 def measure(llm, args, ks: list[int], SamplingParams) -> dict:
     import torch
+
     from afd.scheduler.cluster import shares_gpus
 
     eng, ex = llm.engine, llm.engine.executor

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import zmq
+
 from afd.comm import dist as afd_dist
 from afd.comm import liveness, wire
 from afd.comm.messages import (
@@ -147,7 +148,6 @@ def init_world(spec: WorkerSpec, generation: int = 0) -> None:
 def transport_for(spec: WorkerSpec, model_config, device, generation: int = 0):
     """The dispatch/combine transport a worker of this cluster uses (spec from worker_spec)."""
     from afd.comm.dispatch import get_transport
-
     from afd.models import expert_split
 
     return get_transport(

@@ -26,6 +26,7 @@ import time
 
 import torch
 import torch.distributed as dist
+
 from afd.comm.dispatch import (
     DispatchHandle,
     ExpertBatch,

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from afd.comm import liveness
 from afd.comm.dispatch import (
     CODE_DTYPES,

@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.distributed as dist
+
 from afd.comm import liveness
 from afd.comm.dispatch import (
     CODE_DTYPES,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
+
 from afd.comm.messages import FromWorker, Record, ToSupervisor, ToWorker, WorkerSpec
 
 if TYPE_CHECKING:

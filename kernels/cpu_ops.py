@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from afd.kernels import torch_ops
 
+from afd.kernels import torch_ops
 from afd.models.metadata import AttentionMetadata
 
 # A group of sequences padded to its longest costs at most this many times its real work

@@ -6,8 +6,8 @@ import os
 from collections.abc import Callable
 
 import torch
-from afd.kernels import cpu_ops, torch_ops
 
+from afd.kernels import cpu_ops, torch_ops
 from afd.models.metadata import AttentionMetadata
 
 KERNEL_BACKENDS = ("auto", "torch", "cpu", "triton")

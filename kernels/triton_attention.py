@@ -9,9 +9,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from afd.kernels import torch_ops
 from afd.kernels.triton_utils import INTERPRET, cast_to, check_tensor, next_pow2
-
 from afd.models.metadata import AttentionMetadata
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from afd.kernels.torch_ops import FP8_DTYPE, FP8_MAX, FP8_MIN_AMAX
 from afd.kernels.triton_utils import INTERPRET, cast_to, check_tensor, next_pow2
 

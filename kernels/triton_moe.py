@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from afd.kernels.triton_utils import INTERPRET, cast_to, check_tensor, next_pow2
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from afd.kernels.triton_utils import cast_to, check_tensor, next_pow2
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import msgspec
 import zmq
+
 from afd.comm import wire
 from afd.comm.control import ipc_dir, shm_dir
 from afd.comm.dispatch import resolve_transport_name
@@ -36,6 +37,7 @@ from afd.comm.messages import (
     WorkerSpec,
 )
 from afd.comm.net import free_port, listen_socket
+from afd.config import ModelConfig, parse_node_roles
 from afd.scheduler.recovery import (
     REFORM_TIMEOUT_S,
     STARTUP_TIMEOUT_S,
@@ -46,8 +48,6 @@ from afd.scheduler.recovery import (
 )
 from afd.scheduler.scheduler import ScheduledBatch
 from afd.scheduler.supervisor import Supervisor, WorkerDiedError
-
-from afd.config import ModelConfig, parse_node_roles
 
 STEP_TIMEOUT_S = 600.0
 SEND_TIMEOUT_MS = 5000  # a plan to a worker that is gone must not block the driver
@@ -249,6 +249,7 @@ def node_devices(
 def spawn_node_workers(supervisor: Supervisor, spec: WorkerSpec, layout: ClusterLayout, node: int):
     """Start this node's workers, each with its encoded copy of the spec (rank, device set)."""
     import torch
+
     from afd.attention_nodes.prefill_worker import run_prefill_worker
     from afd.attention_nodes.worker import run_attention_worker
     from afd.expert_nodes.worker import run_expert_worker

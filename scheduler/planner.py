@@ -393,9 +393,8 @@ def model_shape(model: str):
     if model in PUBLISHED_SHAPES:
         return PUBLISHED_SHAPES[model]
     from afd.benchmarks.models import resolve_bench_model
-    from afd.scheduler.step_model import ModelShape
-
     from afd.config import ModelConfig
+    from afd.scheduler.step_model import ModelShape
 
     return ModelShape.from_config(ModelConfig.from_pretrained(resolve_bench_model(model)), model)
 

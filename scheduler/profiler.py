@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from afd.scheduler.step_model import ModelShape, dispatch_row_bytes
 
 PROFILE_VERSION = 1
@@ -163,6 +164,7 @@ class _LayerBench:
 
     def expert(self, tokens: int, held: int, reps: int) -> dict:
         import torch
+
         from afd.kernels import ops
 
         cfg, shard = self.cfg, self.moe_layer.mlp.experts
@@ -228,9 +230,8 @@ class _LayerBench:
 def decode_sequences(batch: int, context: int, block_size: int) -> list:
     """`batch` greedy sequences about to decode their token at position `context`, each with
     its own run of blocks, as the driver's scheduler holds them."""
-    from afd.scheduler.sequence import Sequence
-
     from afd.sampling.params import SamplingParams
+    from afd.scheduler.sequence import Sequence
 
     params = SamplingParams(temperature=0)
     per_seq = -(-(context + 1) // block_size)
@@ -258,7 +259,6 @@ def _canned_attention_worker():
 
     from afd.attention_nodes.worker import AttentionWorker
     from afd.comm.messages import AttnStep, Sampled
-
     from afd.timing import StageClock
 
     class Canned(AttentionWorker):
@@ -285,6 +285,7 @@ class _ControlPair:
         from types import SimpleNamespace
 
         import zmq
+
         from afd.comm.control import WorkerChannel
 
         self.folder = tempfile.mkdtemp(prefix="afd-profile-ipc-")
@@ -394,11 +395,11 @@ def _pair_worker(role: str, spec: bytes, bench_spec: dict, barrier, queue) -> No
 
     torch.set_num_threads(1)
     import msgspec
+
     from afd.comm import dist as afd_dist
     from afd.comm import wire
     from afd.comm.control import init_world, transport_for
     from afd.comm.dispatch import exchange_tag
-
     from afd.config import ModelConfig
 
     spec = msgspec.structs.replace(wire.decode_spec(spec), rank=0 if role == "attention" else 1)
@@ -466,11 +467,11 @@ def pair_measurements(path: Path, dtype: str, backend: str, max_tokens: int, qui
     from datetime import timedelta
 
     import torch.distributed as dist
+
     from afd.comm import wire
     from afd.comm.control import generation_dir
-    from afd.scheduler.cluster import layout_for, worker_spec
-
     from afd.config import EngineConfig, ModelConfig
+    from afd.scheduler.cluster import layout_for, worker_spec
 
     model_config = ModelConfig.from_pretrained(path)
     config = EngineConfig.from_flat(model=str(path), dtype=dtype, comm_backend=backend,
@@ -548,8 +549,9 @@ def run_profile(
 ) -> dict:
     """Measure this machine for `model` and return the profile (fits + raw points)."""
     import torch
-    from afd.benchmarks.models import resolve_bench_model
     from tqdm import tqdm
+
+    from afd.benchmarks.models import resolve_bench_model
 
     if device != "cpu":
         raise ValueError("afd profile measures CPU workers today; use --hardware presets for GPUs")

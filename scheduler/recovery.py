@@ -23,9 +23,8 @@ from afd.comm.messages import (
     ReformFailed,
     StepFailed,
 )
-from afd.scheduler.supervisor import RestartPolicy, Supervisor, WorkerDiedError
-
 from afd.engine.executor import StepInterrupted
+from afd.scheduler.supervisor import RestartPolicy, Supervisor, WorkerDiedError
 
 STARTUP_TIMEOUT_S = 300.0  # loading weights; also how long a replacement may take to start
 REFORM_TIMEOUT_S = 60.0  # torch.distributed rendezvous of a generation (every rank is loaded)

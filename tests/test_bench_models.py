@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from afd.benchmarks.models import HELD_OUT, bench_model_path
-from afd.scheduler.step_model import ModelShape
 from conftest import hf_greedy, mixed_prompts
 
 from afd import LLM, SamplingParams
+from afd.benchmarks.models import HELD_OUT, bench_model_path
 from afd.config import ModelConfig
+from afd.scheduler.step_model import ModelShape
 
 WANT = {
     "bench-heldout-mla": ("deepseek_v2", "mla"),

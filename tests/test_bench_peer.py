@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from afd.benchmarks import peer
 from afd.benchmarks.profile_serve import COMPONENTS, FOLD_RULES, classify, fold, parse_raw
-
 from afd.entrypoints.cli import main
 
 # what `vllm bench serve --save-result` (0.32.0) wrote for a run, trimmed to a few keys of each

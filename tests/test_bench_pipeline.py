@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from afd.benchmarks import pipeline
 from afd.benchmarks.results import machine_name
-
 from afd.builtin import resolve_model
 from afd.config import ModelConfig
 from afd.entrypoints.cli import main

@@ -11,9 +11,10 @@ import time
 import numpy as np
 import pytest
 import uvicorn
-from afd.benchmarks import serve
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from afd.benchmarks import serve
 
 TOKEN_DELAY_S = 0.004
 PREFILL_DELAY_S = 0.02

@@ -6,11 +6,11 @@ import re
 from types import SimpleNamespace
 
 import pytest
-from afd.benchmarks.chaos import metric_total
-from afd.scheduler.recovery import RecoveryStats
 
+from afd.benchmarks.chaos import metric_total
 from afd.engine.llm_engine import LLMEngine
 from afd.entrypoints.metrics import ServerMetrics
+from afd.scheduler.recovery import RecoveryStats
 
 
 class _Recovered:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from afd.benchmarks import check_docs, derived
 
 RESULT = {

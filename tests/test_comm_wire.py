@@ -8,6 +8,7 @@ import math
 import msgspec
 import pytest
 import torch
+
 from afd.comm import wire
 from afd.comm.messages import (
     Abort,
@@ -31,10 +32,9 @@ from afd.comm.messages import (
     WorkerSpec,
 )
 from afd.comm.wire import TensorBytes, WireError
+from afd.sampling.params import SamplingParams, StructuredOutputsParams
 from afd.scheduler.cluster import plan_entry
 from afd.scheduler.sequence import Sequence
-
-from afd.sampling.params import SamplingParams, StructuredOutputsParams
 
 decode_tensor = wire.Decoder(TensorBytes)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from afd.kernels import cpu_ops, ops, torch_ops
 from test_kernels import (
     DTYPES,
     _edge_case_routing,
@@ -16,6 +15,7 @@ from test_kernels import (
     naive_paged_attention,
 )
 
+from afd.kernels import cpu_ops, ops, torch_ops
 from afd.models.metadata import AttentionMetadata
 
 # ---- RMSNorm ----------------------------------------------------------------------------------

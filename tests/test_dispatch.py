@@ -11,6 +11,7 @@ import traceback
 
 import pytest
 import torch
+
 from afd.comm.dispatch import (
     exchange_tag,
     get_transport,
@@ -20,7 +21,6 @@ from afd.comm.dispatch import (
     unpack_rows,
 )
 from afd.kernels.torch_ops import fused_moe
-
 from afd.models.model import expert_split
 
 HIDDEN, INTER, NUM_EXPERTS, TOP_K = 16, 8, 7, 3
@@ -164,6 +164,7 @@ MAX_ATTN, MAX_EXPERT = 3, 2  # one world serves every topology: process startup 
 def _run_rank(rank: int, port: int, err_dir: str) -> None:
     # both backends, every topology, one world: process startup dominates
     import torch.distributed as dist
+
     from afd.comm.dist import destroy_world, init_world
 
     torch.set_num_threads(1)
@@ -332,9 +333,8 @@ def test_cluster_layout_checks_the_comm_backend():
     import shutil
     from types import SimpleNamespace
 
-    from afd.scheduler.cluster import layout_for
-
     from afd.config import EngineConfig
+    from afd.scheduler.cluster import layout_for
 
     model = SimpleNamespace(n_routed_experts=4)
     topology = dict(num_attention_workers=1, num_expert_workers=1)
@@ -374,6 +374,7 @@ def test_workers_share_gpus_when_asked(builtin_path):
     import shutil
 
     from afd.comm.dispatch import resolve_transport_name
+    from afd.config import EngineConfig, ModelConfig
     from afd.scheduler.cluster import (
         ClusterLayout,
         layout_for,
@@ -382,8 +383,6 @@ def test_workers_share_gpus_when_asked(builtin_path):
         shares_gpus,
         worker_spec,
     )
-
-    from afd.config import EngineConfig, ModelConfig
 
     one = ClusterLayout(2, 2, 1)  # 1P + 2A + 2F on one node
     assert node_devices(one, 0, "cuda", 1, gpus_per_node=1) == dict.fromkeys(range(5), "cuda:0")

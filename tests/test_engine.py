@@ -240,10 +240,9 @@ def test_triton_kernels_give_the_same_greedy_tokens(model):
 
 
 def test_routing_prefers_the_replica_with_the_cached_prefix():
+    from afd.engine.llm_engine import LLMEngine
     from afd.scheduler.scheduler import Scheduler, SchedulerConfig
     from afd.scheduler.sequence import Sequence
-
-    from afd.engine.llm_engine import LLMEngine
 
     replicas = [Scheduler(SchedulerConfig(num_blocks=16, block_size=4)) for _ in range(3)]
     warm = Sequence("warm", 0, list(range(10, 22)), greedy())

@@ -62,8 +62,9 @@ def test_cuda_fp8_engine_matches_cpu_fp8_engine(model, triton_calls):
 def test_cuda_fp8_gemm_on_hand_computed_values(triton_calls):
     """The compiled FP8 GEMM of one-hot activations returns the hand-computed weight columns
     (e4m3 value times the block's weight_scale_inv; see test_fp8_checkpoints.E4M3)."""
-    from afd.kernels import ops
     from test_fp8_checkpoints import hand_fp8
+
+    from afd.kernels import ops
 
     weight, scales, expected = hand_fp8("model.layers.0.self_attn.q_proj.weight")
     columns = [0, 130, 255]

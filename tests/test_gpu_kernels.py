@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+
 from afd.benchmarks import kernels as bench
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -13,10 +13,10 @@ import time
 
 import httpx
 import pytest
-from afd.comm.net import listen_socket
 from fastapi.testclient import TestClient
 from test_server import MAX_MODEL_LEN, MODEL, FakeEngine, sse_events, wait_for
 
+from afd.comm.net import listen_socket
 from afd.entrypoints.server import build_app
 from afd.entrypoints.serving import ServerConfig, ServerState, make_server
 

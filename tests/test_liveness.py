@@ -27,6 +27,7 @@ def _world(rank: int, port: int, generation: int) -> None:
     from datetime import timedelta
 
     import torch.distributed as dist
+
     from afd.comm import dist as afd_dist
 
     global _store
@@ -42,6 +43,7 @@ def _waiter(port: int, case: str, abort, results) -> None:
     try:
         import torch
         import torch.distributed as dist
+
         from afd.comm import dist as afd_dist
         from afd.comm import liveness
 
@@ -88,6 +90,7 @@ def _peer(port: int, leave, results) -> None:
     try:
         import torch
         import torch.distributed as dist
+
         from afd.comm import dist as afd_dist
 
         _world(1, port, 0)

@@ -7,6 +7,8 @@ import json
 import math
 
 import pytest
+
+from afd.entrypoints.cli import main
 from afd.scheduler import planner
 from afd.scheduler.hardware import PRESETS, RooflineCosts, calibrate, get_preset
 from afd.scheduler.profiler import MeasuredCosts, evaluate, features, fit
@@ -20,8 +22,6 @@ from afd.scheduler.step_model import (
     split_sizes,
     ttft,
 )
-
-from afd.entrypoints.cli import main
 
 SHAPE = ModelShape(
     name="synthetic", hidden=4, layers=2, moe_layers=2, vocab=8, experts=4, top_k=1,

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import yaml
+
 from afd.scheduler import planner
 from afd.scheduler.profiler import FEATURES, MeasuredCosts
 from afd.scheduler.step_model import StepConfig, layer_kinds, predict

@@ -10,10 +10,10 @@ import signal
 import time
 
 import pytest
-from afd.scheduler.supervisor import WorkerDiedError
 from conftest import assert_cleaned_up, greedy_and_seeded, mixed_prompts
 
 from afd import LLM, SamplingParams
+from afd.scheduler.supervisor import WorkerDiedError
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ import os
 import signal
 
 import pytest
-from afd.attention_nodes.worker import FAULT_TOKEN_ENV
 from conftest import assert_cleaned_up, greedy_and_seeded, mixed_prompts
 
 from afd import LLM, SamplingParams
+from afd.attention_nodes.worker import FAULT_TOKEN_ENV
 from afd.engine.executor import StepInterrupted
 from afd.engine.llm_engine import ISOLATION_FAILURES_PER_LEVEL, MAX_FAILED_REPLAYS
 

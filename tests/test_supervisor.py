@@ -10,6 +10,7 @@ import textwrap
 import time
 
 import pytest
+
 from afd.scheduler.supervisor import RestartPolicy, Supervisor, WorkerDiedError
 
 
@@ -216,6 +217,7 @@ def test_only_live_messages_are_failures():
     """A failed step counts only from this generation's data plane and the worker's live
     incarnation; a worker error counts from any generation of a live incarnation."""
     import msgspec
+
     from afd.comm.messages import Error, StepFailed
     from afd.scheduler.recovery import ClusterRecovery
 
