@@ -109,14 +109,24 @@ def _timeit(
     return reduce(samples)
 
 
-def layer_timing(threads: int, reps: int) -> tuple[int, Callable[[list[float]], float]]:
-    """Repetitions and reduction for layer points timed with `threads` threads. With every
-    core busy, any other process on the machine stretches some runs (by up to 35x on the
-    shared 2-core machine): the fastest of more runs is the op's own time; a one-thread op
-    keeps a core to itself, so the median of a few serves."""
+def layer_timing(threads: int, reps: int) -> tuple[int, Callable[[list[float]], float], int]:
+    """Repetitions, their reduction and passes over the grid for layer points timed with
+    `threads` threads. With every core busy, another process on the machine stretches runs
+    (10-35x on the shared 2-core machine), often for seconds on end: the fastest of the runs of
+    three passes, seconds apart, is the op's own time; a one-thread op keeps a core to itself,
+    so the median of a few runs in one pass serves."""
     if threads > 1:
-        return reps + 2, min
-    return reps, statistics.median
+        return reps, min, 3
+    return reps, statistics.median, 1
+
+
+def fastest(passes: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """Point by point, the fastest of several passes over the same points."""
+    seconds = lambda p: p["seconds"]  # noqa: E731
+    return {
+        kind: [min(ps, key=seconds) for ps in zip(*(r[kind] for r in passes), strict=True)]
+        for kind in passes[0]
+    }
 
 
 def decode_meta(batch: int, context: int, block_size: int):
@@ -571,6 +581,31 @@ def pair_measurements(path: Path, dtype: str, backend: str, max_tokens: int, qui
 # ---- the whole profile ----------------------------------------------------------------------
 
 
+def _layer_points(
+    bench: _LayerBench, pts: list[tuple[int, int]], reps: int, dense: bool, prep: bool, quick: bool
+) -> dict[str, list]:
+    """One pass over the layer grid: attention sides, sampling, (prep,) expert shards."""
+    cfg = bench.cfg
+    raw: dict[str, list] = {"attention_moe": [], "attention_dense": [], "sample": [], "prep": [],
+                            "expert": []}  # fmt: skip
+    for b, c in pts:
+        for moe in (True, False) if dense else (True,):
+            seconds = bench.attention(moe, b, c, reps)
+            kind = "attention_moe" if moe else "attention_dense"
+            raw[kind].append({"batch": b, "context": c, "seconds": seconds})
+    for b in sorted({b for b, _ in pts}):
+        raw["sample"].append({"batch": b, "seconds": bench.sample(b, reps)})
+        if prep:
+            for c in (64, 1024):
+                raw["prep"].append({"batch": b, "context": c, "seconds": bench.prep(b, c, reps)})
+    e = cfg.n_routed_experts
+    for held in sorted({e, max(1, e // 2), max(1, e // 4)}):
+        for t in (4, 16, 64, 256, 1024, 2048):
+            if not (quick and t > 512):
+                raw["expert"].append(bench.expert(t, held, reps))
+    return raw
+
+
 def run_profile(
     model: str,
     device: str = "cpu",
@@ -613,40 +648,14 @@ def run_profile(
         bench = _LayerBench(path, dtype, max_tokens)
         for suffix, threads in (("", 1), ("_mt", cores)):
             torch.set_num_threads(threads)
-            layer_reps, bench.reduce = layer_timing(threads, reps)
+            layer_reps, bench.reduce, passes = layer_timing(threads, reps)
             bar.set_postfix_str(f"layers, {threads} thread(s)")
-            raw: dict[str, list] = {
-                "attention_moe": [],
-                "attention_dense": [],
-                "sample": [],
-                "prep": [],
-                "expert": [],
-            }
-            for b, c in pts:
-                raw["attention_moe"].append(
-                    {"batch": b, "context": c, "seconds": bench.attention(True, b, c, layer_reps)}
-                )
-                if has_dense:
-                    raw["attention_dense"].append(
-                        {
-                            "batch": b,
-                            "context": c,
-                            "seconds": bench.attention(False, b, c, layer_reps),
-                        }
-                    )
-            for b in sorted({b for b, _ in pts}):
-                raw["sample"].append({"batch": b, "seconds": bench.sample(b, layer_reps)})
-                if not suffix:
-                    for c in (64, 1024):
-                        raw["prep"].append(
-                            {"batch": b, "context": c, "seconds": bench.prep(b, c, reps)}
-                        )
-            e = cfg.n_routed_experts
-            for held in sorted({e, max(1, e // 2), max(1, e // 4)}):
-                for t in (4, 16, 64, 256, 1024, 2048):
-                    if quick and t > 512:
-                        continue
-                    raw["expert"].append(bench.expert(t, held, layer_reps))
+            raw = fastest(
+                [
+                    _layer_points(bench, pts, layer_reps, has_dense, not suffix, quick)
+                    for _ in range(passes)
+                ]
+            )
             fits[f"attention_moe{suffix}"] = fit("attention", raw["attention_moe"])
             if has_dense:
                 fits[f"attention_dense{suffix}"] = fit("attention", raw["attention_dense"])

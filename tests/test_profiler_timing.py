@@ -7,7 +7,13 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-from afd.scheduler.profiler import _interference_rounds, _timeit, interference_ratio, layer_timing
+from afd.scheduler.profiler import (
+    _interference_rounds,
+    _timeit,
+    fastest,
+    interference_ratio,
+    layer_timing,
+)
 
 
 def fake_clock(durations: list[float]):
@@ -21,16 +27,22 @@ def fake_clock(durations: list[float]):
 
 
 def test_two_thread_points_keep_the_undisturbed_time():
-    reps, reduce = layer_timing(threads=2, reps=3)
-    # three of five runs stretched by another process: a median would report 0.25
-    durations = [0.010, 0.300, 0.250, 0.012, 0.350][:reps]
-    assert len(durations) == reps
-    t = _timeit(lambda: None, reps, reduce, clock=fake_clock(durations))
+    reps, reduce, passes = layer_timing(threads=2, reps=3)
+    # two of three runs stretched by another process: a median would report 0.25
+    t = _timeit(lambda: None, reps, reduce, clock=fake_clock([0.300, 0.010, 0.250]))
     assert t == pytest.approx(0.010)
+    # a busy stretch that covers a whole pass: another pass, later, keeps each point clean
+    assert passes >= 2
+    clean = {"expert": [{"pairs": 8, "seconds": 0.002}, {"pairs": 64, "seconds": 0.004}]}
+    busy = {"expert": [{"pairs": 9, "seconds": 0.050}, {"pairs": 63, "seconds": 0.090}]}
+    mixed = {"expert": [{"pairs": 8, "seconds": 0.003}, {"pairs": 62, "seconds": 0.080}]}
+    got = fastest([busy, mixed, clean])
+    assert got == {"expert": [clean["expert"][0], clean["expert"][1]]}
 
 
 def test_one_thread_points_take_the_median():
-    reps, reduce = layer_timing(threads=1, reps=3)
+    reps, reduce, passes = layer_timing(threads=1, reps=3)
+    assert passes == 1
     t = _timeit(lambda: None, reps, reduce, clock=fake_clock([0.010, 0.500, 0.012]))
     assert t == pytest.approx(0.012)
 
