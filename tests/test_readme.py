@@ -123,6 +123,12 @@ ADAPT: tuple[Adapt, ...] = (
         sub=(("--max-workers 32", "--max-workers 8"),),
     ),
     Adapt(
+        "--model bench-heldout-mla --profile",
+        "minutes of decode steps (8 measured, 4 warm-up, per variant); one step of each variant "
+        "shows the command works",
+        sub=(("--steps 8 --warmup 4", "--steps 1 --warmup 0"),),
+    ),
+    Adapt(
         "--model bench-balanced-moe --profile",
         "minutes of decode steps at batch 512",
         sub=(
