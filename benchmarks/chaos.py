@@ -16,12 +16,13 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+
+from afd.comm.net import free_port
 
 ROLES = ("expert", "attention", "prefill")
 SIGNALS = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP}
@@ -55,12 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         help="extra `afd launch` argument, e.g. --launch-arg=--max-num-seqs=128",
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_pid(lines: list[str], role: str) -> int | None:
@@ -115,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--kill-worker prefill needs --num-prefill-workers >= 1")
     if not 0 < args.kill_every < 1e6:
         raise ValueError("--kill-every must be a positive number of seconds")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         _launch_argv(config, port, args.launch_arg),
         stdout=subprocess.PIPE,

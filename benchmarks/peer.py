@@ -23,7 +23,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from afd.comm.net import free_port
 
 VENV_ENV = "AFD_PEER_VLLM_VENV"
 DEFAULT_VENV = "/work/venvs/vllm-cpu"
@@ -303,13 +304,6 @@ def random_prompts(allowed: list[int], spec: dict[str, int], seed: int) -> list[
 
 
 # ---- processes ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,18 +20,14 @@ from pathlib import Path
 
 import httpx
 
+from afd.comm.net import free_port
+
 TOPOLOGIES = {
     "colocated": ["--num-attention-workers", "0"],
     "1p1a1f": ["--num-prefill-workers", "1", "--num-attention-workers", "1",
                "--num-expert-workers", "1"],
 }  # fmt: skip
 MODES = {"one-process": [], "core-process": ["--engine-core-process"]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tree(pid: int) -> list[int]:
@@ -51,7 +46,7 @@ def _rss_mb(pid: int) -> tuple[str, float]:
 
 
 def _one_run(model: str, topology: str, mode: str, bench: list[str]) -> dict:
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "afd", "serve", model, "--port", str(port),
                "--dtype", "float32", *TOPOLOGIES[topology], *MODES[mode]]  # fmt: skip
     start = time.monotonic()

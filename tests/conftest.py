@@ -5,7 +5,6 @@ import math
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import afd  # noqa: E402, F401  (takes the checkout off sys.path: its kernels/ hides a pip package)
+from afd.comm.net import free_port
 
 torch.set_num_threads(1)
 
@@ -88,12 +88,6 @@ def builtin_path():
     from afd.builtin import resolve_model
 
     return resolve_model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

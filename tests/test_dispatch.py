@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import traceback
 
 import pytest
@@ -20,6 +19,7 @@ from afd.comm.dispatch import (
     resolve_transport_name,
     unpack_rows,
 )
+from afd.comm.net import free_port
 from afd.kernels.torch_ops import fused_moe
 from afd.models.model import expert_split
 
@@ -27,12 +27,6 @@ HIDDEN, INTER, NUM_EXPERTS, TOP_K = 16, 8, 7, 3
 NUM_LAYERS, NUM_MICRO_BATCHES = 2, 3
 BF16_LAYER = NUM_LAYERS  # one extra exchange in bfloat16
 BYTES_LAYER = NUM_LAYERS + 1  # every token routed to 2 experts of expert rank 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _weights(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +190,7 @@ def _run_rank(rank: int, port: int, err_dir: str) -> None:
 def test_dispatch_combine_matches_reference(tmp_path):
     """Every topology in TOPOLOGIES: combine == single-process fused_moe over all experts."""
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_run_rank, args=(r, port, str(tmp_path)))
         for r in range(MAX_ATTN + MAX_EXPERT)
