@@ -515,8 +515,8 @@ def measured_context(args, ks: list[int]) -> float:
 
 def add_predictions(result: dict, args, ks: list[int]) -> None:
     """The step model's tok/s for every measured row (and the colocated rows), from --profile."""
-    from afd.scheduler.profiler import MeasuredCosts
-    from afd.scheduler.step_model import StepConfig, predict
+    from afd.scheduler.planner.profiler import MeasuredCosts
+    from afd.scheduler.planner.step_model import StepConfig, predict
 
     costs = MeasuredCosts.load(args.profile)
     context = measured_context(args, ks)

@@ -14,7 +14,7 @@ from afd.sampling.sampler import (
     row_generator,
     sequence_state,
 )
-from afd.scheduler.scheduler import ScheduledBatch
+from afd.scheduler.core.scheduler import ScheduledBatch
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from afd.scheduler.step_model import ModelShape, dispatch_row_bytes
+from afd.scheduler.planner.step_model import ModelShape, dispatch_row_bytes
 
 PROFILE_VERSION = 1
 FEATURES = {
@@ -261,7 +261,7 @@ def decode_sequences(batch: int, context: int, block_size: int) -> list:
     """`batch` greedy sequences about to decode their token at position `context`, each with
     its own run of blocks, as the driver's scheduler holds them."""
     from afd.sampling.params import SamplingParams
-    from afd.scheduler.sequence import Sequence
+    from afd.scheduler.core.sequence import Sequence
 
     params = SamplingParams(temperature=0)
     per_seq = -(-(context + 1) // block_size)
@@ -735,7 +735,7 @@ def _machine_memory() -> int:
 
 
 class MeasuredCosts:
-    """scheduler/step_model.Costs evaluated from a profile's fits."""
+    """scheduler/planner/step_model.Costs evaluated from a profile's fits."""
 
     device = "cpu"
 
@@ -800,7 +800,7 @@ class MeasuredCosts:
     def colocated_step(self, batch: int, context: float) -> float:
         """The engine in one process with every core: each layer's attention side and its
         experts one after the other, then sampling."""
-        from afd.scheduler.step_model import active_experts, layer_kinds
+        from afd.scheduler.planner.step_model import active_experts, layer_kinds
 
         s = self.shape
         act = active_experts(s.experts, s.experts, s.top_k, batch)
