@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from afd.models.metadata import AttentionMetadata
+from afd.kernels.metadata import AttentionMetadata
 from afd.sampling.sampler import (
     Sampler,
     SamplerOutput,

@@ -306,7 +306,7 @@ def cluster_yaml(best: Candidate, model: str, req: PlanRequest, device: str, ext
 def frontier_png(cands: list[Candidate], best: Candidate | None, req: PlanRequest, path) -> None:
     """Predicted tokens/s per worker against TPOT for every candidate; the Pareto frontier,
     the TPOT SLO and the chosen plan marked."""
-    from afd.benchmarks.results import pyplot
+    from afd.results import pyplot
 
     plt = pyplot()
 
@@ -392,11 +392,11 @@ def model_shape(model: str):
 
     if model in PUBLISHED_SHAPES:
         return PUBLISHED_SHAPES[model]
-    from afd.benchmarks.models import resolve_bench_model
+    from afd.builtin import resolve_model
     from afd.config import ModelConfig
     from afd.scheduler.planner.step_model import ModelShape
 
-    return ModelShape.from_config(ModelConfig.from_pretrained(resolve_bench_model(model)), model)
+    return ModelShape.from_config(ModelConfig.from_pretrained(resolve_model(model)), model)
 
 
 def write_outputs(path: Path, text: str) -> None:

@@ -133,7 +133,7 @@ def fastest(passes: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
 def decode_meta(batch: int, context: int, block_size: int):
     """Decode metadata: `batch` sequences at `context` tokens, each in its own run of blocks
     (as a fresh engine allocates them)."""
-    from afd.models.metadata import AttentionMetadata
+    from afd.kernels.metadata import AttentionMetadata
 
     per_seq = -(-context // block_size)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
@@ -246,8 +246,8 @@ class _LayerBench:
     def prefill(self, tokens: int, reps: int) -> float:
         import torch
 
+        from afd.kernels.metadata import AttentionMetadata
         from afd.models import allocate_kv_cache
-        from afd.models.metadata import AttentionMetadata
 
         blocks = -(-tokens // self.block_size)
         kv = allocate_kv_cache(self.cfg, blocks + 1, self.block_size, self.dtype, "cpu")
@@ -627,11 +627,11 @@ def run_profile(
     import torch
     from tqdm import tqdm
 
-    from afd.benchmarks.models import resolve_bench_model
+    from afd.builtin import resolve_model
 
     if device != "cpu":
         raise ValueError("afd profile measures CPU workers today; use --hardware presets for GPUs")
-    path = resolve_bench_model(model)
+    path = resolve_model(model)
     from afd.config import ModelConfig
 
     cfg = ModelConfig.from_pretrained(path)
@@ -705,7 +705,7 @@ def run_profile(
         bar.close()
     from dataclasses import asdict
 
-    from afd.benchmarks.results import machine_info
+    from afd.results import machine_info
 
     return {
         "profile_version": PROFILE_VERSION,

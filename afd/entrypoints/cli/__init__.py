@@ -7,7 +7,6 @@ import importlib
 import importlib.util
 import sys
 
-from afd.benchmarks.results import add_allow_dirty
 from afd.config import (
     DTYPES,
     WORKER_POOLS,
@@ -24,6 +23,7 @@ from afd.entrypoints.flags import (
     engine_config_from_args,
     flag_values,
 )
+from afd.results import add_allow_dirty
 
 # vLLM flags AFD cannot honour, and why: an error naming the flag, never a silent ignore
 # (README "`afd serve` and `vllm serve`" lists these beside the ones AFD shares)
@@ -122,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def version() -> str:
-    from afd import __version__
+    from afd.version import __version__
 
     return __version__
 
@@ -205,7 +205,7 @@ _PROFILE_FLAGS = {
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from afd.benchmarks.results import write_result
+    from afd.results import write_result
     from afd.scheduler.planner.profiler import run_profile
 
     ModelSource(**flag_values(ModelSource, args))  # the checks of every command's flags
@@ -476,7 +476,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _plan_published(args) -> int:
     import json
 
-    from afd.benchmarks.results import write_result
+    from afd.results import write_result
     from afd.scheduler.planner.published import reproduce
 
     rows = reproduce()
