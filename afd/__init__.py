@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-__version__ = "0.1.0"
+from afd.version import __version__
+
 __all__ = ["LLM", "SamplingParams", "__version__"]
 
 

@@ -200,7 +200,7 @@ def dtype_name(text: str) -> str:
 
 
 def _kernel_backends() -> tuple[str, ...]:
-    from afd.kernels.ops import KERNEL_BACKENDS  # afd.kernels imports afd.models, which needs us
+    from afd.kernels.ops import KERNEL_BACKENDS
 
     return KERNEL_BACKENDS
 

@@ -14,10 +14,10 @@ from torch import nn
 from afd.config import ModelConfig
 from afd.kernels import torch_ops
 from afd.models import build_model
+from afd.models.layers import convert_to_fp8
 from afd.quantization import (
     SCALE_SUFFIX,
     Fp8Config,
-    convert_to_fp8,
     resolve_quantization,
     scale_name,
 )

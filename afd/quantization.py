@@ -1,5 +1,5 @@
 """Block-quantized FP8 checkpoints (DeepSeek-V3/R1, Qwen3 FP8 releases): the config they carry,
-which weights stay FP8, and how a model skeleton is switched to FP8 layers before loading.
+which weights stay FP8 (afd.models.layers.convert_to_fp8 switches a skeleton's layers).
 
 `quantization_config` = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
 "weight_block_size": [128, 128]}: every quantized linear weight is float8_e4m3fn with a float32
@@ -10,20 +10,14 @@ embeddings, lm_head and e_score_correction_bias stay unquantized.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 QUANTIZATION_MODES = ("auto", "fp8", "none")
 SCALE_SUFFIX = "_scale_inv"  # "<linear>.weight_scale_inv" next to "<linear>.weight"
-# Linear layers that stay unquantized even when the rest is FP8: the absorbed MLA reads
-# kv_b_proj's weight directly (dequantized once at load, as vLLM does), and the tiny
-# shared-expert gate of Qwen2-MoE is a [1, H] vector.
-KEEP_DENSE = ("kv_b_proj", "shared_expert_gate")
 
 
 @dataclass(frozen=True)
@@ -87,26 +81,6 @@ def resolve_quantization(
 def scale_name(weight_name: str) -> str:
     """'...q_proj.weight' -> '...q_proj.weight_scale_inv'."""
     return weight_name + SCALE_SUFFIX
-
-
-def convert_to_fp8(model: nn.Module, config: Fp8Config, is_fp8) -> None:
-    """Switch a (meta) skeleton's linear layers and expert shards to FP8 where `is_fp8(name)`
-    says the weight `name` (checkpoint naming) should be FP8. Run after any `.to(dtype)`."""
-    from afd.models.layers import ExpertShard, Fp8Linear
-
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and child_name not in KEEP_DENSE:
-                if ".layers." in f".{full}" and is_fp8(f"{full}.weight"):
-                    setattr(module, child_name, Fp8Linear.like(child, config.block))
-            elif isinstance(child, ExpertShard):
-                # "model.layers.3.mlp.experts" (full model) or "experts.3" (expert shard)
-                layer = re.search(r"(?:layers\.(\d+)\.mlp\.experts|^experts\.(\d+))$", full)
-                index = next(g for g in layer.groups() if g is not None)
-                first = f"model.layers.{index}.mlp.experts.{child.start}.gate_proj.weight"
-                if is_fp8(first):
-                    child.to_fp8(config.block)
 
 
 def is_quantizable(name: str, tensor: torch.Tensor) -> bool:

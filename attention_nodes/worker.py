@@ -26,8 +26,9 @@ from afd.comm.messages import (
     WireBytes,
     WorkerSpec,
 )
+from afd.kernels.metadata import AttentionMetadata
 from afd.loader import count_parameter_bytes, load_model
-from afd.models import AttentionMetadata, allocate_kv_cache
+from afd.models import allocate_kv_cache
 from afd.sampling.params import SamplingParams
 from afd.sampling.sampler import Sampler, SequenceState, row_generator, sequence_state
 from afd.timing import StageClock

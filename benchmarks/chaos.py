@@ -5,7 +5,7 @@ every `--kill-every` seconds sends `--kill-signal` to the current worker of `--k
 (`any` takes expert, attention and prefill in turn). Reports, next to the serving table: kills,
 recoveries, recovery time p50/max (from the launcher's "recovered in" lines), requests failed
 (the target is 0) and requests recomputed (`afd:requests_recomputed_total` on the server's
-/metrics; missing is an error). Writes the result with `afd.benchmarks.results.write_result`
+/metrics; missing is an error). Writes the result with `afd.results.write_result`
 (command, commit, machine, date inside).
 """
 
@@ -98,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
     import httpx
 
     from afd.benchmarks import serve
-    from afd.benchmarks.results import write_result
     from afd.config import WORKER_POOLS
     from afd.entrypoints.flags import engine_config_from_args
+    from afd.results import write_result
 
     config = engine_config_from_args(args)  # checks every engine flag, fills in the pools
     vars(args).update({name: getattr(config.cluster, name) for name in WORKER_POOLS})

@@ -325,7 +325,7 @@ def _impls(name: str) -> dict[str, Callable]:
 def _paged_meta(shape: dict, device: torch.device):
     """Metadata of an attention shape: `batch` sequences at `context` tokens (or ragged up to
     it), the last `query` of each new, pages scattered over the cache."""
-    from afd.models.metadata import AttentionMetadata
+    from afd.kernels.metadata import AttentionMetadata
 
     batch, context, block_size = shape["batch"], shape["context"], shape["block_size"]
     if shape.get("ragged"):
@@ -574,7 +574,7 @@ def format_row(row: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from afd.benchmarks.results import machine_name, results_dir, write_result
+    from afd.results import machine_name, results_dir, write_result
 
     device, dtype, backends = _resolve(args)
     if args.quick:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from afd.comm.net import free_port
+from afd.process import raise_interrupt
 
 VENV_ENV = "AFD_PEER_VLLM_VENV"
 DEFAULT_VENV = "/work/venvs/vllm-cpu"
@@ -412,10 +413,6 @@ def run_bounded(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float
         lines = log.read_text(errors="replace").splitlines()[-15:]
         why = f"timed out after {timeout_s:g} s" if code is None else f"exit {code}"
         raise RuntimeError(f"{shlex.join(cmd[:3])} ...: {why}:\n" + "\n".join(lines))
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -903,10 +900,10 @@ def _model_info(model_dir: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `afd bench peer`."""
-    from afd.benchmarks.results import write_result
+    from afd.results import write_result
 
     _validate(args)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # servers stop on SIGTERM too
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)  # servers stop on SIGTERM too
     try:
         with tempfile.TemporaryDirectory(prefix="afd-peer-") as tmp:
             logs = Path(args.log_dir) if args.log_dir else Path(tmp)

@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from afd.builtin import build_builtin, cache_dir, resolve_model
+
 _COMMON = dict(
     hidden_size=256,
     num_hidden_layers=4,
@@ -54,11 +56,7 @@ def peer_model_path(name: str) -> Path:
     """The checkpoint of peer model `name` (built on first use); any other name as AFD resolves
     it (a directory, a built-in or bench model: those do not all load in vLLM)."""
     if name not in PEER_MODELS:
-        from afd.benchmarks.models import resolve_bench_model
-
-        return resolve_bench_model(name)
-    from afd.builtin import cache_dir
-
+        return resolve_model(name)
     target = cache_dir() / "models" / f"{name}-v{_VERSION}"
     if (target / "config.json").is_file():
         return target
@@ -79,7 +77,5 @@ def peer_model_path(name: str) -> Path:
 def build_peer_model(name: str, out_dir: str | Path) -> Path:
     """Write peer model `name` (float32 weights, config, tokenizer) into `out_dir`: the built-in
     tiny-qwen3-moe recipe (same tokenizer, seed and EOS ids) in this shape."""
-    from afd.builtin import build_builtin
-
     build_builtin("tiny-qwen3-moe", out_dir, **PEER_MODELS[name])
     return Path(out_dir)

@@ -9,7 +9,7 @@ import statistics
 import time
 from pathlib import Path
 
-from afd.benchmarks.models import resolve_bench_model
+from afd.builtin import resolve_model
 from afd.comm.dispatch import (
     DISPATCH_DTYPES,
     MAX_MICRO_BATCHES,
@@ -17,7 +17,7 @@ from afd.comm.dispatch import (
     transport_names,
 )
 
-BENCH_MODEL = "bench-balanced-moe"  # shapes: afd.benchmarks.models.BENCH_MODELS
+BENCH_MODEL = "bench-balanced-moe"  # shapes: afd.builtin.BENCH_MODELS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,8 +86,9 @@ def parse_steps_list(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from afd import LLM, SamplingParams
-    from afd.benchmarks.results import check_clean, results_dir, write_result
+    from afd.entrypoints.llm import LLM
+    from afd.results import check_clean, results_dir, write_result
+    from afd.sampling.params import SamplingParams
 
     for name in (
         "num_attention_workers",
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     ks = parse_steps_list(args.num_scheduler_steps)
     out = Path(args.output_dir) if args.output_dir else results_dir(args.device)
     check_clean(out / f"{args.name}.json", getattr(args, "allow_dirty", False))  # before measuring
-    model = str(resolve_bench_model(args.model))
+    model = str(resolve_model(args.model))
     # Every round runs one scheduling step of every variant (K, m); --steps and --warmup count
     # decode steps of the largest K, so every variant sees the same contexts.
     args.warmup_rounds = -(-args.warmup // max(ks))
@@ -411,7 +412,7 @@ def write_chrome_trace(result: dict, events: dict[str, list], path: Path) -> Non
 
 
 def write_timeline_png(result: dict, events: dict[str, list], path: Path) -> None:
-    from afd.benchmarks.results import pyplot
+    from afd.results import pyplot
 
     plt = pyplot()
 
@@ -456,7 +457,8 @@ def add_planner_arguments(p: argparse.ArgumentParser) -> None:
 def measure_colocated(model: str, args, ks: list[int], longest: int) -> list[dict]:
     """The single-process engine on the same model, batch and contexts, with every core: one
     row per K, steps taken in turns as the disaggregated variants were."""
-    from afd import LLM, SamplingParams
+    from afd.entrypoints.llm import LLM
+    from afd.sampling.params import SamplingParams
 
     total = args.batch_size * args.num_attention_workers
     block_size = 16
@@ -515,8 +517,8 @@ def measured_context(args, ks: list[int]) -> float:
 
 def add_predictions(result: dict, args, ks: list[int]) -> None:
     """The step model's tok/s for every measured row (and the colocated rows), from --profile."""
-    from afd.scheduler.profiler import MeasuredCosts
-    from afd.scheduler.step_model import StepConfig, predict
+    from afd.scheduler.planner.profiler import MeasuredCosts
+    from afd.scheduler.planner.step_model import StepConfig, predict
 
     costs = MeasuredCosts.load(args.profile)
     context = measured_context(args, ks)

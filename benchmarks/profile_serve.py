@@ -62,7 +62,7 @@ FOLD_RULES: tuple[tuple[str, str, str], ...] = (
     ("sampling", r"(^|/)attention_nodes/worker\.py$", r"sample"),
     ("input building", r"(^|/)afd/engine/model_runner\.py$", r"prepare|ModelInputs"),
     ("input building", r"(^|/)attention_nodes/worker\.py$", r"build_micro_batch"),
-    ("input building", r"(^|/)afd/models/metadata\.py$", r""),
+    ("input building", r"(^|/)kernels/metadata\.py$", r""),
     ("detokenization", r"(^|/)afd/tokenizer\.py$", r"Detokenizer|decode|Stop|id_to_token|stop"),
     ("detokenization", r"(^|/)afd/engine/llm_engine\.py$", r"_token_text|output"),
     ("detokenization", r"(^|/)afd/outputs\.py$", r""),

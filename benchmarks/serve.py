@@ -448,7 +448,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `afd bench serve`; 0 when at least one request succeeded."""
-    from afd.benchmarks.results import check_clean, results_dir, write_result
+    from afd.results import check_clean, results_dir, write_result
 
     path = Path(args.result_file) if args.result_file else results_dir() / f"{args.name}.json"
     allow_dirty = getattr(args, "allow_dirty", False)

@@ -15,7 +15,7 @@ import time
 import types
 from pathlib import Path
 
-from afd.benchmarks.results import write_result
+from afd.results import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE_REV = "511a7a2"  # main before the msgspec records

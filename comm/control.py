@@ -147,8 +147,7 @@ def init_world(spec: WorkerSpec, generation: int = 0) -> None:
 
 def transport_for(spec: WorkerSpec, model_config, device, generation: int = 0):
     """The dispatch/combine transport a worker of this cluster uses (spec from worker_spec)."""
-    from afd.comm.dispatch import get_transport
-    from afd.models import expert_split
+    from afd.comm.dispatch import expert_split, get_transport
 
     return get_transport(
         spec.comm_backend,

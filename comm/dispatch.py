@@ -214,6 +214,17 @@ _REGISTRY: dict[str, str | Callable[..., Transport]] = {
 }
 
 
+def expert_split(num_experts: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous expert ranges per shard; the first `num_experts % num_shards` get one more."""
+    base, extra = divmod(num_experts, num_shards)
+    ranges, start = [], 0
+    for i in range(num_shards):
+        end = start + base + (1 if i < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
 def register_transport(name: str, factory: str | Callable[..., Transport]) -> None:
     """Add a transport: a factory(expert_ranks, expert_ranges, device, **options) or its path."""
     if name == "auto":

@@ -9,10 +9,9 @@ import itertools
 import torch
 
 from afd.comm.control import RoleWorker, serve, transport_for
-from afd.comm.dispatch import exchange_tag
+from afd.comm.dispatch import exchange_tag, expert_split
 from afd.comm.messages import ExpertResult, ExpertStep, WorkerSpec
 from afd.loader import count_parameter_bytes, load_model
-from afd.models import expert_split
 from afd.timing import StageClock
 
 

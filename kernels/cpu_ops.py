@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from afd.kernels import torch_ops
-from afd.models.metadata import AttentionMetadata
+from afd.kernels.metadata import AttentionMetadata
 
 # A group of sequences padded to its longest costs at most this many times its real work
 # (query rows x keys) before the next length starts a group of its own.

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from afd.kernels import cpu_ops, torch_ops
-from afd.models.metadata import AttentionMetadata
+from afd.kernels.metadata import AttentionMetadata
 
 KERNEL_BACKENDS = ("auto", "torch", "cpu", "triton")
 # "auto": triton for CUDA tensors, the cpu fast paths for CPU tensors. "torch" forces the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from afd.models.metadata import AttentionMetadata
+from afd.kernels.metadata import AttentionMetadata
 
 
 def rms_norm(

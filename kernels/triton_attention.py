@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from afd.kernels import torch_ops
+from afd.kernels.metadata import AttentionMetadata
 from afd.kernels.triton_utils import INTERPRET, cast_to, check_tensor, next_pow2
-from afd.models.metadata import AttentionMetadata
 
 
 @triton.jit

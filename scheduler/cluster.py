@@ -38,6 +38,7 @@ from afd.comm.messages import (
 )
 from afd.comm.net import free_port, listen_socket
 from afd.config import ModelConfig, parse_node_roles
+from afd.scheduler.core.scheduler import ScheduledBatch
 from afd.scheduler.recovery import (
     REFORM_TIMEOUT_S,
     STARTUP_TIMEOUT_S,
@@ -46,7 +47,6 @@ from afd.scheduler.recovery import (
     _Failure,
     node_supervisor,
 )
-from afd.scheduler.scheduler import ScheduledBatch
 from afd.scheduler.supervisor import Supervisor, WorkerDiedError
 
 STEP_TIMEOUT_S = 600.0

@@ -9,9 +9,9 @@ import pytest
 from conftest import hf_greedy, mixed_prompts
 
 from afd import LLM, SamplingParams
-from afd.benchmarks.models import HELD_OUT, bench_model_path
+from afd.builtin import HELD_OUT, bench_model_path
 from afd.config import ModelConfig
-from afd.scheduler.step_model import ModelShape
+from afd.scheduler.planner.step_model import ModelShape
 
 WANT = {
     "bench-heldout-mla": ("deepseek_v2", "mla"),

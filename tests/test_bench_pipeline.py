@@ -8,10 +8,10 @@ import json
 import pytest
 
 from afd.benchmarks import pipeline
-from afd.benchmarks.results import machine_name
 from afd.builtin import resolve_model
 from afd.config import ModelConfig
 from afd.entrypoints.cli import main
+from afd.results import machine_name
 
 
 def _stage_sums(per_step: dict[str, float], steps: int) -> dict[str, float]:

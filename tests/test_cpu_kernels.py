@@ -16,7 +16,7 @@ from test_kernels import (
 )
 
 from afd.kernels import cpu_ops, ops, torch_ops
-from afd.models.metadata import AttentionMetadata
+from afd.kernels.metadata import AttentionMetadata
 
 # ---- RMSNorm ----------------------------------------------------------------------------------
 

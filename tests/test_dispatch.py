@@ -13,6 +13,7 @@ import torch
 
 from afd.comm.dispatch import (
     exchange_tag,
+    expert_split,
     get_transport,
     local_ids,
     pack_rows,
@@ -21,7 +22,6 @@ from afd.comm.dispatch import (
 )
 from afd.comm.net import free_port
 from afd.kernels.torch_ops import fused_moe
-from afd.models.model import expert_split
 
 HIDDEN, INTER, NUM_EXPERTS, TOP_K = 16, 8, 7, 3
 NUM_LAYERS, NUM_MICRO_BATCHES = 2, 3

@@ -241,8 +241,8 @@ def test_triton_kernels_give_the_same_greedy_tokens(model):
 
 def test_routing_prefers_the_replica_with_the_cached_prefix():
     from afd.engine.llm_engine import LLMEngine
-    from afd.scheduler.scheduler import Scheduler, SchedulerConfig
-    from afd.scheduler.sequence import Sequence
+    from afd.scheduler.core.scheduler import Scheduler, SchedulerConfig
+    from afd.scheduler.core.sequence import Sequence
 
     replicas = [Scheduler(SchedulerConfig(num_blocks=16, block_size=4)) for _ in range(3)]
     warm = Sequence("warm", 0, list(range(10, 22)), greedy())
@@ -311,8 +311,8 @@ def test_multi_step_stops_seeds_and_limits_match_single_steps():
 
 
 def test_max_decode_steps_respects_blocks_limits_and_prefill():
-    from afd.scheduler.scheduler import Scheduler, SchedulerConfig
-    from afd.scheduler.sequence import Sequence
+    from afd.scheduler.core.scheduler import Scheduler, SchedulerConfig
+    from afd.scheduler.core.sequence import Sequence
 
     sched = Scheduler(SchedulerConfig(num_blocks=6, block_size=4, max_model_len=16))
     a = Sequence("a", 0, [5] * 7, greedy())

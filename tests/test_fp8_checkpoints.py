@@ -146,7 +146,8 @@ def test_kept_fp8_serves_and_halves_expert_bytes(fp8_models):
 
 def _first_layer(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(attention part's output, FFN part's output) of layer 0 for one prompt."""
-    from afd.models import AttentionMetadata, allocate_kv_cache
+    from afd.kernels.metadata import AttentionMetadata
+    from afd.models import allocate_kv_cache
 
     n = ids.numel()
     meta = AttentionMetadata.build([n], [n], [list(range(-(-n // 16)))], 16)

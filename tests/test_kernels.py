@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from afd.kernels import cpu_ops, ops, torch_ops
+from afd.kernels.metadata import AttentionMetadata
 from afd.kernels.triton_attention import mla_decode_attention, paged_decode_attention
 from afd.kernels.triton_moe import fused_moe as triton_fused_moe
 from afd.kernels.triton_moe import moe_align_block_size
 from afd.kernels.triton_norm import rms_norm as triton_rms_norm
-from afd.models.metadata import AttentionMetadata
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 DTYPES = [torch.float32, torch.bfloat16]

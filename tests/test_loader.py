@@ -11,9 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from afd.comm.dispatch import expert_split
 from afd.config import ModelConfig
 from afd.loader import count_parameter_bytes, load_model
-from afd.models import allocate_kv_cache, expert_split, kv_cache_bytes_per_block
+from afd.models import allocate_kv_cache, kv_cache_bytes_per_block
 from afd.models.tiny import build_tiny_checkpoint
 
 

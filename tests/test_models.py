@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import hf_greedy
 
+from afd.kernels.metadata import AttentionMetadata
 from afd.loader import count_parameter_bytes, load_model
-from afd.models import AttentionMetadata, allocate_kv_cache
+from afd.models import allocate_kv_cache
 from afd.models.tiny import FAMILIES, build_tiny_checkpoint
 
 BLOCK = 4

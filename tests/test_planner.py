@@ -9,11 +9,11 @@ import math
 import pytest
 
 from afd.entrypoints.cli import main
-from afd.scheduler import planner
-from afd.scheduler.hardware import PRESETS, RooflineCosts, calibrate, get_preset
-from afd.scheduler.profiler import MeasuredCosts, evaluate, features, fit
-from afd.scheduler.published import POINTS, reproduce
-from afd.scheduler.step_model import (
+from afd.scheduler.planner import planner
+from afd.scheduler.planner.hardware import PRESETS, RooflineCosts, calibrate, get_preset
+from afd.scheduler.planner.profiler import MeasuredCosts, evaluate, features, fit
+from afd.scheduler.planner.published import POINTS, reproduce
+from afd.scheduler.planner.step_model import (
     ModelShape,
     StepConfig,
     active_experts,

@@ -12,9 +12,9 @@ import sys
 import pytest
 import yaml
 
-from afd.scheduler import planner
-from afd.scheduler.profiler import FEATURES, MeasuredCosts
-from afd.scheduler.step_model import StepConfig, layer_kinds, predict
+from afd.scheduler.planner import planner
+from afd.scheduler.planner.profiler import FEATURES, MeasuredCosts
+from afd.scheduler.planner.step_model import StepConfig, layer_kinds, predict
 
 MODEL = "tiny-qwen3-moe"  # has dense and MoE layers: every fit is taken
 FITS = {

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from afd.scheduler.profiler import (
+from afd.scheduler.planner.profiler import (
     _interference_rounds,
     _timeit,
     fastest,

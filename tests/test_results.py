@@ -1,4 +1,4 @@
-"""Results record their provenance (afd.benchmarks.results): a result measured on uncommitted
+"""Results record their provenance (afd.results): a result measured on uncommitted
 code is refused inside the checkout unless --allow-dirty, which the file then records."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import subprocess
 
 import pytest
 
-from afd.benchmarks import results
+from afd import results
 
 
 @pytest.fixture
 def checkout(tmp_path, monkeypatch):
-    """A git checkout with a committed `benchmarks/` folder that results.py takes as its own."""
+    """A git checkout with a committed `benchmarks/` folder: the checkout results.py reads."""
     root = tmp_path / "repo"
     (root / "benchmarks").mkdir(parents=True)
     (root / "benchmarks" / "code.py").write_text("x = 1\n")
@@ -21,7 +21,7 @@ def checkout(tmp_path, monkeypatch):
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "code"], check=True)
-    monkeypatch.setattr(results, "_PACKAGE_DIR", root / "benchmarks")
+    monkeypatch.setattr(results, "_CHECKOUT", root)
     return root
 
 

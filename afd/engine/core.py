@@ -313,11 +313,11 @@ def main() -> int:
     the launcher's: it drains the API first, then stops the core)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     spec = rec.spec_decoder.decode(sys.stdin.buffer.read())
-    from afd.entrypoints.launch import _raise_interrupt, setup_logging
+    from afd.process import raise_interrupt, setup_logging
 
     setup_logging(os.environ.get("AFD_LOG_LEVEL", "info"))
     # SIGTERM while loading unwinds, so workers and temp folders are cleaned up
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         core = EngineCore(spec)
     except ValueError as e:  # a user error (the model, a setting): exit 2, as the CLI's

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from afd.config import ModelConfig
-from afd.scheduler.scheduler import ScheduledBatch
+from afd.scheduler.core.scheduler import ScheduledBatch
 
 # seq_id -> (token, logprobs {token: (logprob, rank)} or None)
 Sampled = dict[int, tuple[int, dict[int, tuple[float, int]] | None]]

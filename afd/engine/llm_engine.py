@@ -24,8 +24,8 @@ from afd.outputs import (
 from afd.quantization import resolve_quantization
 from afd.sampling.params import SamplingParams
 from afd.sampling.structured import GRAMMAR_DEAD_END, grammar_backend
-from afd.scheduler.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from afd.scheduler.sequence import Sequence, SequenceStatus
+from afd.scheduler.core.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from afd.scheduler.core.sequence import Sequence, SequenceStatus
 from afd.tokenizer import IncrementalDetokenizer, Tokenizer, load_chat_template
 
 logger = logging.getLogger("afd.engine")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from afd.models.metadata import AttentionMetadata
+from afd.kernels.metadata import AttentionMetadata
 from afd.sampling.sampler import (
     Sampler,
     SamplerOutput,
@@ -14,7 +14,7 @@ from afd.sampling.sampler import (
     row_generator,
     sequence_state,
 )
-from afd.scheduler.scheduler import ScheduledBatch
+from afd.scheduler.core.scheduler import ScheduledBatch
 
 
 @dataclass

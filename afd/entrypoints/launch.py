@@ -4,7 +4,6 @@ over HTTP."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import socket
@@ -25,6 +24,7 @@ from afd.entrypoints.flags import (
 )
 from afd.entrypoints.serving import ServerConfig
 from afd.options import check_int, option
+from afd.process import raise_interrupt, setup_logging
 
 
 @dataclass(frozen=True)
@@ -90,28 +90,6 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**flag_values(ServerConfig, args))
 
 
-class _StderrHandler(logging.StreamHandler):
-    """A handler writing to whatever sys.stderr is when a record comes (not when made)."""
-
-    @property  # type: ignore[override]
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def setup_logging(level: str) -> None:
-    """AFD's loggers to stderr at `level`."""
-    log = logging.getLogger("afd")
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(level.upper())
-
-
 def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Use a --config YAML's values as defaults, so explicit flags still win."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -154,10 +132,6 @@ def _model_from_args(args: argparse.Namespace) -> None:
     args.model = args.model_tag
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     from afd.comm.net import listen_socket
 
@@ -178,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     # SIGTERM while loading unwinds like Ctrl-C, so workers and temp folders are cleaned up
-    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         return _serve(config, server_config, sock, processes)
     except KeyboardInterrupt:

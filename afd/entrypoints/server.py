@@ -20,7 +20,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import afd
 from afd.comm.net import listen_socket
 from afd.entrypoints.protocol import (
     APIError,
@@ -36,6 +35,7 @@ from afd.entrypoints.serving import HTTPGuard, ServerConfig, ServerState, make_s
 from afd.entrypoints.serving_base import AppState, auth_digest
 from afd.entrypoints.serving_chat import ChatServing
 from afd.entrypoints.serving_completion import CompletionServing
+from afd.version import __version__
 
 logger = logging.getLogger("afd.entrypoints.server")
 
@@ -156,7 +156,7 @@ async def health(app: App) -> JSONResponse:
 
 @admin_router.get("/version")
 async def version():
-    return {"version": afd.__version__}
+    return {"version": __version__}
 
 
 @admin_router.get("/metrics")

@@ -20,7 +20,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-import afd
 from afd.engine.async_engine import EngineOverloadedError
 from afd.entrypoints.metrics import ServerMetrics
 from afd.entrypoints.protocol import (
@@ -33,6 +32,7 @@ from afd.entrypoints.protocol import (
 from afd.entrypoints.serving import RequestInfo, ServerConfig, ServerState, request_info
 from afd.outputs import CompletionOutput, Logprob, RequestOutput
 from afd.sampling.structured import GRAMMAR_DEAD_END
+from afd.version import __version__
 
 logger = logging.getLogger("afd.entrypoints.server")
 
@@ -54,7 +54,7 @@ def system_fingerprint(engine: EngineClient) -> str:
     settings (model, dtype, quantization, backends, ...), so a client can tell that the backend
     that produced its tokens changed."""
     config = engine.config
-    parts = [f"afd-{afd.__version__}"]
+    parts = [f"afd-{__version__}"]
     if config is not None:
         # what the launcher prints and how many threads a worker takes change no token
         settings = {k: v for k, v in config.flat().items() if k not in _NOT_FINGERPRINTED}

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from afd.models.metadata import AttentionMetadata
 from afd.models.model import (
     ExpertShardModel,
     MoEForCausalLM,
     allocate_kv_cache,
     build_model,
-    expert_split,
     kv_cache_bytes_per_block,
 )
 
 __all__ = [
-    "AttentionMetadata",
     "ExpertShardModel",
     "MoEForCausalLM",
     "allocate_kv_cache",
     "build_model",
-    "expert_split",
     "kv_cache_bytes_per_block",
 ]

@@ -7,8 +7,8 @@ from torch import nn
 
 from afd.config import ModelConfig
 from afd.kernels import ops
+from afd.kernels.metadata import AttentionMetadata
 from afd.models.layers import RMSNorm, RotaryEmbedding
-from afd.models.metadata import AttentionMetadata
 
 
 class GQAAttention(nn.Module):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from afd.kernels import ops
+from afd.quantization import Fp8Config
 
 
 class RMSNorm(nn.Module):
@@ -260,3 +263,27 @@ class MoE(nn.Module):
         out = self.experts(x, weights, ids)
         shared = self.shared(x)
         return out if shared is None else out + shared
+
+
+# Linear layers that stay unquantized even when the rest is FP8: the absorbed MLA reads
+# kv_b_proj's weight directly (dequantized once at load, as vLLM does), and the tiny
+# shared-expert gate of Qwen2-MoE is a [1, H] vector.
+KEEP_DENSE = ("kv_b_proj", "shared_expert_gate")
+
+
+def convert_to_fp8(model: nn.Module, config: Fp8Config, is_fp8) -> None:
+    """Switch a (meta) skeleton's linear layers and expert shards to FP8 where `is_fp8(name)`
+    says the weight `name` (checkpoint naming) should be FP8. Run after any `.to(dtype)`."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and child_name not in KEEP_DENSE:
+                if ".layers." in f".{full}" and is_fp8(f"{full}.weight"):
+                    setattr(module, child_name, Fp8Linear.like(child, config.block))
+            elif isinstance(child, ExpertShard):
+                # "model.layers.3.mlp.experts" (full model) or "experts.3" (expert shard)
+                layer = re.search(r"(?:layers\.(\d+)\.mlp\.experts|^experts\.(\d+))$", full)
+                index = next(g for g in layer.groups() if g is not None)
+                first = f"model.layers.{index}.mlp.experts.{child.start}.gate_proj.weight"
+                if is_fp8(first):
+                    child.to_fp8(config.block)

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from afd.config import ModelConfig
+from afd.kernels.metadata import AttentionMetadata
 from afd.models.attention import GQAAttention, MLAAttention
 from afd.models.layers import DenseMLP, ExpertShard, MoE, RMSNorm, Router
-from afd.models.metadata import AttentionMetadata
 
 PARTS = ("full", "attention", "experts")
 
@@ -60,17 +60,6 @@ def build_shared_experts(config: ModelConfig) -> tuple[DenseMLP | None, bool, st
     if config.model_type == "qwen2_moe" and size:
         return DenseMLP(config.hidden_size, size), True, "shared_expert"
     return None, False, "shared_expert"
-
-
-def expert_split(num_experts: int, num_shards: int) -> list[tuple[int, int]]:
-    """Contiguous expert ranges per shard; the first `num_experts % num_shards` get one more."""
-    base, extra = divmod(num_experts, num_shards)
-    ranges, start = [], 0
-    for i in range(num_shards):
-        end = start + base + (1 if i < extra else 0)
-        ranges.append((start, end))
-        start = end
-    return ranges
 
 
 class DecoderLayer(nn.Module):

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+# afd/ sits in the checkout root (pyproject package-dir); in a wheel its parent is no checkout
+_CHECKOUT = Path(__file__).resolve().parent.parent
 PROVENANCE = frozenset({"name", "command", "commit", "machine", "date", "allow_dirty"})
 
 
@@ -71,7 +72,7 @@ def git_commit(repo: Path | None = None) -> str | None:
     anything but result files (`benchmarks/results/`: data, so that one run's new result does
     not make the next run's code look changed)."""
     try:
-        git = ["git", "-C", str(repo or _PACKAGE_DIR)]
+        git = ["git", "-C", str(repo or _CHECKOUT)]
         sha = subprocess.run(
             [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
         ).stdout.strip()
@@ -103,7 +104,7 @@ def results_dir(device: str = "cpu") -> Path:
     override = os.environ.get("AFD_RESULTS_DIR")
     if override:
         return Path(override) / machine_name(device)
-    root = _PACKAGE_DIR / "results" if (_PACKAGE_DIR.parent / ".git").exists() else None
+    root = _CHECKOUT / "benchmarks" / "results" if (_CHECKOUT / ".git").exists() else None
     return (root or Path.cwd() / "results") / machine_name(device)
 
 
@@ -128,7 +129,7 @@ def add_allow_dirty(parser) -> None:
 
 def _inside_checkout(path: Path) -> bool:
     """Whether `path` lies in the git checkout AFD runs from, where a result could be committed."""
-    root = _PACKAGE_DIR.parent
+    root = _CHECKOUT
     return (root / ".git").exists() and path.resolve().is_relative_to(root.resolve())
 
 

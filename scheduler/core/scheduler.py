@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from afd.scheduler.block_manager import BlockManager
-from afd.scheduler.sequence import Sequence, SequenceStatus
+from afd.scheduler.core.block_manager import BlockManager
+from afd.scheduler.core.sequence import Sequence, SequenceStatus
 
 
 @dataclass

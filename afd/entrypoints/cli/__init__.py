@@ -7,7 +7,6 @@ import importlib
 import importlib.util
 import sys
 
-from afd.benchmarks.results import add_allow_dirty
 from afd.config import (
     DTYPES,
     WORKER_POOLS,
@@ -24,6 +23,7 @@ from afd.entrypoints.flags import (
     engine_config_from_args,
     flag_values,
 )
+from afd.results import add_allow_dirty
 
 # vLLM flags AFD cannot honour, and why: an error naming the flag, never a silent ignore
 # (README "`afd serve` and `vllm serve`" lists these beside the ones AFD shares)
@@ -122,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def version() -> str:
-    from afd import __version__
+    from afd.version import __version__
 
     return __version__
 
@@ -205,8 +205,8 @@ _PROFILE_FLAGS = {
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from afd.benchmarks.results import write_result
-    from afd.scheduler.profiler import run_profile
+    from afd.results import write_result
+    from afd.scheduler.planner.profiler import run_profile
 
     ModelSource(**flag_values(ModelSource, args))  # the checks of every command's flags
     ClusterConfig(**flag_values(ClusterConfig, args))
@@ -255,7 +255,7 @@ def _efficiency(text: str) -> tuple[str, float]:
 
 
 def _add_plan(sub) -> None:
-    from afd.scheduler.hardware import DTYPE_BYTES, PRESETS
+    from afd.scheduler.planner.hardware import DTYPE_BYTES, PRESETS
 
     p = sub.add_parser(
         "plan", help="predict every topology and pick P, A, F, m, K and batch under SLOs"
@@ -355,7 +355,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import math
     from pathlib import Path
 
-    from afd.scheduler import planner
+    from afd.scheduler.planner import planner
 
     if args.published:
         return _plan_published(args)
@@ -378,7 +378,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         workers=(a + f) if args.predict else (args.max_workers or 8),
     )
     if args.predict:
-        from afd.scheduler.step_model import StepConfig, predict
+        from afd.scheduler.planner.step_model import StepConfig, predict
 
         kind = "colocated" if a == 0 else "afd"
         cfg = StepConfig(
@@ -476,8 +476,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _plan_published(args) -> int:
     import json
 
-    from afd.benchmarks.results import write_result
-    from afd.scheduler.published import reproduce
+    from afd.results import write_result
+    from afd.scheduler.planner.published import reproduce
 
     rows = reproduce()
     if args.json:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from afd.scheduler.step_model import ModelShape, StepConfig
+from afd.scheduler.planner.step_model import ModelShape, StepConfig
 
 # DeepSeek-V3 config.json (deepseek-ai/DeepSeek-V3): 61 layers, the first 3 dense, MLA.
 DEEPSEEK_V3 = ModelShape(
@@ -146,8 +146,8 @@ def reproduce() -> list[dict]:
     host time overlapped)."""
     from dataclasses import replace
 
-    from afd.scheduler.hardware import RooflineCosts, get_preset
-    from afd.scheduler.step_model import predict
+    from afd.scheduler.planner.hardware import RooflineCosts, get_preset
+    from afd.scheduler.planner.step_model import predict
 
     rows = []
     for p in POINTS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from afd.scheduler.sequence import Sequence
+from afd.scheduler.core.sequence import Sequence
 
 
 def block_hash(parent: int | None, tokens: list[int]) -> int:

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from afd.scheduler.step_model import Costs, StepConfig, StepPrediction, predict, ttft
+from afd.scheduler.planner.step_model import Costs, StepConfig, StepPrediction, predict, ttft
 
 MAX_BATCH = 1 << 14
 
@@ -119,7 +119,7 @@ def topologies(kinds: tuple[str, ...], max_workers: int, experts: int) -> list[t
 def _evaluate(costs: Costs, req: PlanRequest, cfg: StepConfig, slots: int) -> Candidate | None:
     """Prediction, prefill pool and SLO check of one configuration; `slots` = workers left for
     prefill. None when it cannot hold its batch in memory."""
-    from afd.scheduler.step_model import memory_needed
+    from afd.scheduler.planner.step_model import memory_needed
 
     pred = predict(costs, cfg)
     mem = memory_needed(costs, cfg, max_context=req.input_len + req.output_len)
@@ -306,7 +306,7 @@ def cluster_yaml(best: Candidate, model: str, req: PlanRequest, device: str, ext
 def frontier_png(cands: list[Candidate], best: Candidate | None, req: PlanRequest, path) -> None:
     """Predicted tokens/s per worker against TPOT for every candidate; the Pareto frontier,
     the TPOT SLO and the chosen plan marked."""
-    from afd.benchmarks.results import pyplot
+    from afd.results import pyplot
 
     plt = pyplot()
 
@@ -368,13 +368,13 @@ def load_costs(
     if (profile is None) == (hardware is None):
         raise ValueError("give exactly one of --profile and --hardware")
     if profile is not None:
-        from afd.scheduler.profiler import MeasuredCosts
+        from afd.scheduler.planner.profiler import MeasuredCosts
 
         costs = MeasuredCosts.load(profile)
         if costs.model and model and costs.model != model:
             raise ValueError(f"--profile {profile} was taken for {costs.model!r}, not {model!r}")
         return costs
-    from afd.scheduler.hardware import RooflineCosts, calibrate, get_preset
+    from afd.scheduler.planner.hardware import RooflineCosts, calibrate, get_preset
 
     hw = get_preset(hardware)
     if calibration:
@@ -388,15 +388,15 @@ def load_costs(
 
 def model_shape(model: str):
     """The shape of a model: a published one by name (docs/planner.md), else its config."""
-    from afd.scheduler.published import PUBLISHED_SHAPES
+    from afd.scheduler.planner.published import PUBLISHED_SHAPES
 
     if model in PUBLISHED_SHAPES:
         return PUBLISHED_SHAPES[model]
-    from afd.benchmarks.models import resolve_bench_model
+    from afd.builtin import resolve_model
     from afd.config import ModelConfig
-    from afd.scheduler.step_model import ModelShape
+    from afd.scheduler.planner.step_model import ModelShape
 
-    return ModelShape.from_config(ModelConfig.from_pretrained(resolve_bench_model(model)), model)
+    return ModelShape.from_config(ModelConfig.from_pretrained(resolve_model(model)), model)
 
 
 def write_outputs(path: Path, text: str) -> None:

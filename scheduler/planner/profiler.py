@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from afd.scheduler.step_model import ModelShape, dispatch_row_bytes
+from afd.scheduler.planner.step_model import ModelShape, dispatch_row_bytes
 
 PROFILE_VERSION = 1
 FEATURES = {
@@ -133,7 +133,7 @@ def fastest(passes: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
 def decode_meta(batch: int, context: int, block_size: int):
     """Decode metadata: `batch` sequences at `context` tokens, each in its own run of blocks
     (as a fresh engine allocates them)."""
-    from afd.models.metadata import AttentionMetadata
+    from afd.kernels.metadata import AttentionMetadata
 
     per_seq = -(-context // block_size)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
@@ -246,8 +246,8 @@ class _LayerBench:
     def prefill(self, tokens: int, reps: int) -> float:
         import torch
 
+        from afd.kernels.metadata import AttentionMetadata
         from afd.models import allocate_kv_cache
-        from afd.models.metadata import AttentionMetadata
 
         blocks = -(-tokens // self.block_size)
         kv = allocate_kv_cache(self.cfg, blocks + 1, self.block_size, self.dtype, "cpu")
@@ -261,7 +261,7 @@ def decode_sequences(batch: int, context: int, block_size: int) -> list:
     """`batch` greedy sequences about to decode their token at position `context`, each with
     its own run of blocks, as the driver's scheduler holds them."""
     from afd.sampling.params import SamplingParams
-    from afd.scheduler.sequence import Sequence
+    from afd.scheduler.core.sequence import Sequence
 
     params = SamplingParams(temperature=0)
     per_seq = -(-(context + 1) // block_size)
@@ -627,11 +627,11 @@ def run_profile(
     import torch
     from tqdm import tqdm
 
-    from afd.benchmarks.models import resolve_bench_model
+    from afd.builtin import resolve_model
 
     if device != "cpu":
         raise ValueError("afd profile measures CPU workers today; use --hardware presets for GPUs")
-    path = resolve_bench_model(model)
+    path = resolve_model(model)
     from afd.config import ModelConfig
 
     cfg = ModelConfig.from_pretrained(path)
@@ -705,7 +705,7 @@ def run_profile(
         bar.close()
     from dataclasses import asdict
 
-    from afd.benchmarks.results import machine_info
+    from afd.results import machine_info
 
     return {
         "profile_version": PROFILE_VERSION,
@@ -735,7 +735,7 @@ def _machine_memory() -> int:
 
 
 class MeasuredCosts:
-    """scheduler/step_model.Costs evaluated from a profile's fits."""
+    """scheduler/planner/step_model.Costs evaluated from a profile's fits."""
 
     device = "cpu"
 
@@ -800,7 +800,7 @@ class MeasuredCosts:
     def colocated_step(self, batch: int, context: float) -> float:
         """The engine in one process with every core: each layer's attention side and its
         experts one after the other, then sampling."""
-        from afd.scheduler.step_model import active_experts, layer_kinds
+        from afd.scheduler.planner.step_model import active_experts, layer_kinds
 
         s = self.shape
         act = active_experts(s.experts, s.experts, s.top_k, batch)

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from afd.scheduler.step_model import ModelShape
+from afd.scheduler.planner.step_model import ModelShape
 
 
 @dataclass(frozen=True)

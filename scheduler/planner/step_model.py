@@ -115,8 +115,8 @@ class ModelShape:
 
 
 class Costs(Protocol):
-    """Per-operation times of one machine for one model (scheduler/profiler.MeasuredCosts from
-    `afd profile`, scheduler/hardware.RooflineCosts from a preset). Times in seconds."""
+    """Per-operation times of one machine for one model (profiler.MeasuredCosts from `afd
+    profile`, hardware.RooflineCosts from a preset, both in this package). Times in seconds."""
 
     shape: ModelShape
     device: str  # "cpu": workers share `cores` and copy transfers on their own thread; "cuda"

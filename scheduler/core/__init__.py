@@ -1,0 +1,1 @@
+"""Scheduling core: sequences, the KV block manager and the continuous-batching scheduler."""

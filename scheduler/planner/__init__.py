@@ -1,0 +1,1 @@
+"""Offline planner: step model, hardware presets, profiler, published points and the search."""
