@@ -1,7 +1,7 @@
 """Failures of a cluster, seen from the driver: the restart policy of each node's supervisor,
 and the re-formation of the data plane after a worker died, hung or failed a step (see
-docs/structures.md, "Failures"). `ClusterRecovery` is mixed into `AFDExecutor`, whose messaging
-(`_send`, `_send_nowait`, `_next`, `_adopt`) and state it uses."""
+docs/structures.md, "Failures"). `AFDExecutor` holds a `ClusterRecovery`, which keeps the roster
+of live worker incarnations and the data-plane generation."""
 
 from __future__ import annotations
 

@@ -34,13 +34,6 @@ class StepPlan:
     def is_empty(self) -> bool:
         return not self.transfers and all(b.is_empty for b in self.batches + self.prefill)
 
-    def request_ids(self) -> list[str]:
-        """Every request of the plan once, decode work first (batches, then transfers)."""
-        decode = [s.request_id for b in self.batches for s in b.seqs]
-        decode += [t.seq.request_id for t in self.transfers]
-        prefill = [s.request_id for b in self.prefill for s in b.seqs]
-        return list(dict.fromkeys(decode + prefill))
-
 
 @dataclass(slots=True)
 class StepResult:
