@@ -197,19 +197,19 @@ def measure(llm, args, ks: list[int], SamplingParams) -> dict:
             if rnd < args.warmup_rounds:
                 continue
             running = sum(len(s.running) for s in eng.schedulers)
-            if running != total or ex.last_num_steps != k:
+            if running != total or ex.last.num_steps != k:
                 raise RuntimeError(
-                    f"{running} of {total} sequences ran {ex.last_num_steps} decode steps in a "
+                    f"{running} of {total} sequences ran {ex.last.num_steps} decode steps in a "
                     f"scheduling step, not {k}"
                 )
             walls[v].append(wall)
-            for name, sec in ex.last_times.items():
+            for name, sec in ex.last.times.items():
                 stage_sums[v][name] = stage_sums[v].get(name, 0.0) + sec
-            loads[v].append(ex.last_load)
-            for key, n in ex.last_wire.items():
+            loads[v].append(ex.last.load)
+            for key, n in ex.last.wire.items():
                 wire[v][key] = wire[v].get(key, 0) + n
             if ex.trace:
-                events[v] = ex.last_events
+                events[v] = ex.last.events
     ex.trace = False
     runs = [
         summarise(

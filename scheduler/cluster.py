@@ -1,7 +1,7 @@
 """The disaggregated executor: spawns attention, expert and prefill workers, forms their data
 plane (one torch.distributed world per generation), sends them step plans, gathers sampled
-tokens, and heals the cluster when a worker fails (see `AFDExecutor._recover`). Runs in the
-scheduler's process."""
+tokens, and heals the cluster with its `ClusterRecovery` when a worker fails. Runs in the
+engine's process."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from afd.comm.messages import (
     AttnResult,
     AttnStep,
     DriverMessage,
-    Error,
     ExpertResult,
     ExpertStep,
     FromWorker,
@@ -30,23 +29,23 @@ from afd.comm.messages import (
     PlanEntry,
     PrefillResult,
     PrefillStep,
-    Ready,
     SampleSpec,
     Shutdown,
-    StepResult,
     WorkerSpec,
 )
+from afd.comm.messages import StepResult as WorkerResult
 from afd.comm.net import free_port, listen_socket
 from afd.config import ModelConfig, parse_node_roles
+from afd.engine.executor import num_kv_blocks_for
+from afd.engine.step import RecoveryStats, Sampled, StepInterrupted, StepPlan, StepResult
 from afd.scheduler.core.scheduler import ScheduledBatch
 from afd.scheduler.recovery import (
     REFORM_TIMEOUT_S,
-    STARTUP_TIMEOUT_S,
     ClusterRecovery,
-    RecoveryStats,
     _Failure,
     node_supervisor,
 )
+from afd.scheduler.recovery import log as recovery_log
 from afd.scheduler.supervisor import Supervisor, WorkerDiedError
 
 STEP_TIMEOUT_S = 600.0
@@ -189,8 +188,6 @@ def worker_spec(
 ) -> WorkerSpec:
     """What every worker process is started with (same on every node); `tokenizer_dir`: the
     tokenizer grammar masks are built from (default: the model's)."""
-    from afd.engine.executor import num_kv_blocks_for
-
     cluster = config.cluster
     dtype = config.torch_dtype(model_config)
     a, f = layout.num_attention, layout.num_expert
@@ -264,16 +261,97 @@ def spawn_node_workers(supervisor: Supervisor, spec: WorkerSpec, layout: Cluster
         supervisor.spawn(role, rank, roles[role], wire.encode(own))
 
 
-class AFDExecutor(ClusterRecovery):
+class DriverChannel:
+    """The driver's control sockets: one inbox every worker pushes to, one outbox per rank."""
+
+    def __init__(self, layout: ClusterLayout):
+        self.layout = layout
+        self.zctx = zmq.Context()
+        self.inbox = self.zctx.socket(zmq.PULL)
+        self.inbox.bind(layout.driver_addr())
+        self.outboxes: dict[int, zmq.Socket] = {}
+
+    def bind_outboxes(self) -> None:
+        for rank in range(self.layout.world_size):
+            sock = self.zctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+            sock.bind(self.layout.inbox_addr(rank))
+            self.outboxes[rank] = sock
+
+    def send(self, rank: int, msg: DriverMessage) -> None:
+        """A plan or instruction; a worker that cannot take it is a failure."""
+        try:
+            self.outboxes[rank].send(wire.encode(msg))
+        except zmq.Again:
+            role = self.layout.role(rank)
+            raise _Failure(f"{role} worker {rank} does not take messages") from None
+
+    def send_nowait(self, rank: int, msg: DriverMessage) -> None:
+        try:
+            self.outboxes[rank].send(wire.encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # not connected: gone; its replacement starts fresh
+
+    def poll(self, timeout_ms: int) -> bool:
+        return bool(self.inbox.poll(timeout_ms))
+
+    def recv(self) -> bytes:
+        return self.inbox.recv()
+
+    def announce_shutdown(self) -> None:
+        for sock in self.outboxes.values():
+            try:
+                sock.send(wire.encode(Shutdown()), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def close(self) -> None:
+        for sock in self.outboxes.values():
+            sock.close(linger=0)
+        self.inbox.close(linger=0)
+        self.zctx.term()
+
+
+@dataclass
+class StepStats:
+    """What the last step measured (for benchmarks): stage seconds, trace events (with
+    `trace` on), expert load, data-plane bytes, micro-batches and decode steps."""
+
+    times: dict[str, float] = field(default_factory=dict)
+    events: list = field(default_factory=list)
+    load: list[list[int]] = field(default_factory=list)
+    wire: dict[str, int] = field(default_factory=dict)
+    num_micro_batches: int = 1
+    num_steps: int = 1
+
+    def add(self, msg: WorkerResult) -> None:
+        for k, v in msg.times.items():
+            self.times[k] = self.times.get(k, 0.0) + v
+        self.events += [[*e, msg.rank] for e in msg.events]
+
+
+@dataclass
+class _Gathered:
+    """What the workers answered to one step."""
+
+    steps: list[Sampled]  # sampled tokens per decode step
+    stats: StepStats
+    errors: dict[int, str] = field(default_factory=dict)  # seq_id -> why its sampling failed
+    prompt_logprobs: list = field(default_factory=list)  # PromptLogprobs of this step
+
+
+class AFDExecutor:
     """A attention workers (data-parallel replicas, one KV cache each), F expert workers and P
     prefill workers; on one node or several (this process is node 0).
 
     Failures: a worker that dies is replaced by its node's supervisor (same rank and role, within
     the restart policy); one that hangs is killed by it first. This driver then re-forms the
-    data plane as a new generation: every living worker abandons its step (`abort`), the
-    replacement loads only what its role owns and says `ready`, and every rank joins the new
-    generation (`reform` -> `joined`). Living workers keep their KV caches and expert shards.
-    The step is then replayed (StepInterrupted tells the engine which replicas lost their KV)."""
+    data plane as a new generation (`ClusterRecovery`): every living worker abandons its step
+    (`abort`), the replacement loads only what its role owns and says `ready`, and every rank
+    joins the new generation (`reform` -> `joined`). Living workers keep their KV caches and
+    expert shards. The step is then replayed (StepInterrupted tells the engine which replicas
+    lost their KV)."""
 
     def __init__(
         self,
@@ -283,130 +361,73 @@ class AFDExecutor(ClusterRecovery):
         eos_token_ids=(),
         tokenizer_dir: Path | None = None,
     ):
-        import torch.distributed as dist
-
         layout = layout_for(config, model_config)
         a, f, p = layout.num_attention, layout.num_expert, layout.num_prefill
-        self.config = config
-        self.layout = layout
-        self.num_replicas = a
-        self.num_prefill_replicas = p
+        self.config, self.layout = config, layout
+        self.num_replicas, self.num_prefill_replicas = a, p
         self.num_micro_batches = config.cluster.num_micro_batches
         spec = worker_spec(config, model_path, model_config, layout, tokenizer_dir, eos_token_ids)
         self.num_kv_blocks = spec.num_kv_blocks
-        self.trace = False
-        self.last_events: list = []
-        self.last_times: dict[str, float] = {}
-        self.last_load: list[list[int]] = []
-        self.param_bytes: dict[tuple[str, int], int] = {}
-        self.sample_errors: dict[int, str] = {}  # seq_id -> why its sampling failed
+        self.trace = False  # workers record stage events (benchmarks)
+        self.last = StepStats()
         self.recovery = RecoveryStats()
-        self.recovering: str | None = None  # what is being recovered (for /health)
         self.fatal: str | None = None  # why the cluster cannot serve any more
-        self.generation = -1
-        self.progress = config.cluster.progress
+        self._shut = False
+        self._store_sock = self.store = None
         self._stage_totals: dict[str, float] = {}
         self._wire_totals: dict[str, int] = {}
-        self.last_wire: dict[str, int] = {}
         self._released: dict[int, list[int]] = {}
         # per attention replica: sequences whose sampler state it holds (history was sent)
         self._has_history: dict[int, set[int]] = {}
-        self._prompt_logprobs: dict[int, list] = {}
         self._prefill_busy: set[int] = set()
         self._prefill_done: dict[int, PrefillResult] = {}  # results not yet returned
         self._attempt_prefill: set[int] = set()  # prefill plans sent by the running execute()
-        self._inc: dict[int, int] = {}  # rank -> incarnation of its current process
-        self.pids: dict[int, int] = {}  # rank -> pid of its current process (any node)
-        self._replaced: set[int] = set()  # ranks seen with a new incarnation, not yet handled
-        self._failures_seen = 0
         self._step = 0
-        self.ipc = layout.ipc
-        self.zctx = zmq.Context()
-        self.inbox = self.zctx.socket(zmq.PULL)
-        self.inbox.bind(layout.driver_addr())
-        self.outboxes: dict[int, zmq.Socket] = {}
-        self.supervisor = node_supervisor(config)
         self.attention_ranks = list(range(a))
         self.expert_ranks = list(range(a, a + f))
         self.prefill_ranks = list(range(a + f, a + f + p))
-        self.ranks = list(range(layout.world_size))
+        self.channel = DriverChannel(layout)
+        self.supervisor = node_supervisor(config)
+        self.recoverer = ClusterRecovery(
+            self.supervisor, self.channel, layout, self.recovery, config.cluster.progress
+        )
         try:
-            # the rendezvous of every generation; here, so it outlives any worker. Its socket
-            # is bound here, to node 0's address only (TCPStore alone listens on every one)
-            self._store_sock = listen_socket(layout.host, layout.port)
-            self.store = dist.TCPStore(
-                layout.host, layout.port, is_master=True, wait_for_workers=False,
-                timeout=timedelta(seconds=REFORM_TIMEOUT_S),
-                master_listen_fd=self._store_sock.fileno(),
-            )  # fmt: skip
-            self._store_sock.detach()  # the store owns the descriptor now
-            for rank in self.ranks:
-                sock = self.zctx.socket(zmq.PUSH)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-                sock.bind(layout.inbox_addr(rank))
-                self.outboxes[rank] = sock
-            spawn_node_workers(self.supervisor, spec, layout, node=0)
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while len(self._inc) < layout.world_size:
-                msg = self._next(deadline, "worker start-up")
-                if isinstance(msg, Error):
-                    raise RuntimeError(f"{msg.role} worker {msg.rank} failed: {msg.message}")
-                if isinstance(msg, Ready):
-                    self._adopt(msg)
-            self.generation = 0
-            if not self._form(0, time.monotonic() + STARTUP_TIMEOUT_S):
-                raise RuntimeError("a worker failed while the cluster formed")
-            self._replaced.clear()
-            self.supervisor.enable_restarts()
+            self._start(spec)
         except BaseException:
             self.shutdown()
             raise
 
-    # ---- messaging -----------------------------------------------------------------------
-    def role(self, rank: int) -> str:
-        return self.layout.role(rank)
+    def _start(self, spec: WorkerSpec) -> None:
+        import torch.distributed as dist
 
-    def _send(self, rank: int, msg: DriverMessage) -> None:
-        """A plan or instruction; a worker that cannot take it is a failure."""
-        try:
-            self.outboxes[rank].send(wire.encode(msg))
-        except zmq.Again:
-            raise _Failure(f"{self.role(rank)} worker {rank} does not take messages") from None
+        layout = self.layout
+        # the rendezvous of every generation; here, so it outlives any worker. Its socket is
+        # bound here, to node 0's address only (TCPStore alone listens on every one)
+        self._store_sock = listen_socket(layout.host, layout.port)
+        self.store = dist.TCPStore(
+            layout.host, layout.port, is_master=True, wait_for_workers=False,
+            timeout=timedelta(seconds=REFORM_TIMEOUT_S),
+            master_listen_fd=self._store_sock.fileno(),
+        )  # fmt: skip
+        self._store_sock.detach()  # the store owns the descriptor now
+        self.channel.bind_outboxes()
+        spawn_node_workers(self.supervisor, spec, layout, node=0)
+        self.recoverer.start()
 
-    def _send_nowait(self, rank: int, msg: DriverMessage) -> None:
-        try:
-            self.outboxes[rank].send(wire.encode(msg), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # not connected: gone; its replacement starts fresh
+    @property
+    def param_bytes(self) -> dict[tuple[str, int], int]:
+        """(role, rank) -> bytes of the weights the worker loaded."""
+        return self.recoverer.param_bytes
 
-    def _next(self, deadline: float, what: str) -> FromWorker | None:
-        """The next worker message, or None after 0.1 s; raises WorkerDiedError when a worker
-        is gone for good (restart budget spent) and TimeoutError past the deadline."""
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no answer from the workers in time during {what}")
-        if self.inbox.poll(100):
-            return self._receive()
-        self.supervisor.check()
-        return None
-
-    def _adopt(self, msg: Ready) -> None:
-        """A (new) process of a rank said ready: its incarnation is the one to listen to."""
-        rank = msg.rank
-        if self._inc.get(rank) is not None:
-            self._replaced.add(rank)
-        self._inc[rank] = msg.inc
-        self.pids[rank] = msg.pid
-        self.param_bytes[(msg.role, rank)] = msg.param_bytes
-        if self.progress and self.generation < 0:
-            print(f"afd: {msg.role} worker {rank} ready (pid {msg.pid}, "
-                  f"{msg.param_bytes / 2**20:.1f} MiB of weights; "
-                  f"{len(self._inc)}/{self.layout.world_size})", flush=True)  # fmt: skip
+    @property
+    def pids(self) -> dict[int, int]:
+        """rank -> pid of its current process (any node)."""
+        return self.recoverer.pids
 
     def _take_prefill_result(self, msg: FromWorker) -> bool:
-        if not isinstance(msg, PrefillResult) or not self._current(msg):
+        if not isinstance(msg, PrefillResult) or not self.recoverer.current(msg):
             return False
-        if msg.gen != self.generation or msg.rank not in self.prefill_ranks:
+        if msg.gen != self.recoverer.generation or msg.rank not in self.prefill_ranks:
             return False
         p = self.prefill_ranks.index(msg.rank)
         if p not in self._prefill_busy:
@@ -421,9 +442,71 @@ class AFDExecutor(ClusterRecovery):
         self._released.setdefault(replica, []).extend(seq_ids)
         self._has_history.get(replica, set()).difference_update(seq_ids)
 
-    def take_prompt_logprobs(self) -> dict[int, list]:
-        out, self._prompt_logprobs = self._prompt_logprobs, {}
-        return out
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step: sampled tokens per decode step, and the prefill replicas whose plan (of
+        this or an earlier step) finished; a busy prefill worker is not waited for. Raises
+        StepInterrupted after healing a failure (run the step again), WorkerDiedError when the
+        cluster cannot be healed."""
+        if self.fatal is not None:
+            raise WorkerDiedError(self.fatal)
+        try:
+            self._drain()
+            return self._execute(plan)
+        except _Failure as f:
+            raise self._guarded(self._interrupted, f) from None
+        except Exception as e:
+            self._die(e)
+
+    def _execute(self, plan: StepPlan) -> StepResult:
+        self._step += 1
+        self._attempt_prefill = set()
+        batches = plan.batches
+        active = [r for r, b in enumerate(batches) if not b.is_empty]
+        m = max(
+            1, min(self.num_micro_batches, max((len(batches[r].seqs) for r in active), default=1))
+        )
+        num_steps = plan.num_steps
+        if any(batches[r].num_steps != num_steps for r in active):
+            raise ValueError("every replica must run the same number of decode steps")
+        imports, exports = self._transfers(plan)
+        planned = self._send_decode(plan, active, imports, m)
+        prefilling = self._send_prefill(plan, exports)
+        self._prefill_busy |= set(prefilling)
+        got = _Gathered([{} for _ in range(num_steps)], StepStats(num_micro_batches=m,
+                                                                  num_steps=num_steps))  # fmt: skip
+        waiting = {self.attention_ranks[r] for r in planned}
+        waiting |= set(self.expert_ranks) if active else set()
+        exports_only = {p for p in prefilling if plan.prefill[p].is_empty}
+        self._gather(got, waiting, exports_only, bool(active))
+        self._drain()  # prefill results that are already here
+        done = sorted(self._prefill_done)
+        for p in done:
+            result = self._prefill_done.pop(p)
+            got.steps[0].update((s.seq_id, (s.token, s.logprobs)) for s in result.sampled)
+            got.errors.update((e.seq_id, e.message) for e in result.errors)
+            got.prompt_logprobs += result.prompt_logprobs
+        self._attempt_prefill = set()
+        for k, v in got.stats.times.items():
+            self._stage_totals[k] = self._stage_totals.get(k, 0.0) + v
+        for k, v in got.stats.wire.items():
+            self._wire_totals[k] = self._wire_totals.get(k, 0) + v
+        self.last = got.stats
+        prompt_lps: dict[int, list] = {}
+        for lp in got.prompt_logprobs:
+            prompt_lps.setdefault(lp.seq_id, []).append([lp.position, lp.entries])
+        return StepResult(got.steps, done, got.errors, prompt_lps)
+
+    def _transfers(self, plan: StepPlan) -> tuple[dict[int, list], dict[int, list]]:
+        """The KV copies of the plan: imports per attention replica, exports per prefill one."""
+        imports: dict[int, list[KvTransfer]] = {}
+        exports: dict[int, list[KvTransfer]] = {}
+        for t in plan.transfers:
+            src_blocks, dst_blocks = t.blocks
+            prefill_rank, attn_rank = self.prefill_ranks[t.prefill], self.attention_ranks[t.replica]
+            seq_id = t.seq.seq_id
+            imports.setdefault(t.replica, []).append(KvTransfer(seq_id, prefill_rank, dst_blocks))
+            exports.setdefault(t.prefill, []).append(KvTransfer(seq_id, attn_rank, src_blocks))
+        return imports, exports
 
     def _attention_entry(self, replica: int, seq, n: int, sample: bool) -> PlanEntry:
         known = self._has_history.setdefault(replica, set())
@@ -432,46 +515,14 @@ class AFDExecutor(ClusterRecovery):
             known.add(seq.seq_id)
         return entry
 
-    def execute(self, batches: list[ScheduledBatch], prefill_batches=None, transfers=()):
-        """Run one step. Without a prefill pool: sampled tokens per decode step. With one: (those,
-        prefill replicas whose earlier plan finished); a busy prefill worker is not waited for.
-        Raises StepInterrupted after healing a failure (run the step again), WorkerDiedError
-        when the cluster cannot be healed."""
-        if self.fatal is not None:
-            raise WorkerDiedError(self.fatal)
-        try:
-            self._drain()
-            sampled, done = self._execute(batches, list(prefill_batches or []), list(transfers))
-            return sampled if prefill_batches is None else (sampled, done)
-        except _Failure as f:
-            raise self._guarded(self._interrupted, f) from None
-        except Exception as e:
-            self._die(e)
-
-    def _execute(self, batches: list[ScheduledBatch], prefill_batches, transfers) -> tuple:
-        self._step += 1
-        self.sample_errors = {}
-        self._attempt_prefill = set()
-        active = [r for r, b in enumerate(batches) if not b.is_empty]
-        m = max(
-            1, min(self.num_micro_batches, max((len(batches[r].seqs) for r in active), default=1))
-        )
-        num_steps = max((batches[r].num_steps for r in active), default=1)
-        if any(batches[r].num_steps != num_steps for r in active):
-            raise ValueError("every replica must run the same number of decode steps")
-        imports: dict[int, list[KvTransfer]] = {}
-        exports: dict[int, list[KvTransfer]] = {}
-        for t in transfers:
-            src_blocks, dst_blocks = t.blocks
-            prefill_rank, attn_rank = self.prefill_ranks[t.prefill], self.attention_ranks[t.replica]
-            seq_id = t.seq.seq_id
-            imports.setdefault(t.replica, []).append(KvTransfer(seq_id, prefill_rank, dst_blocks))
-            exports.setdefault(t.prefill, []).append(KvTransfer(seq_id, attn_rank, src_blocks))
+    def _send_decode(self, plan: StepPlan, active: list[int], imports, m: int) -> list[int]:
+        """Plans to the attention workers with work or KV to import, and to every expert worker
+        when some replica computes; returns the replicas planned."""
         planned = sorted(set(active) | set(imports))
         for r in planned:
             mbs = []
             if r in active:
-                b = batches[r]
+                b = plan.batches[r]
                 mbs = [
                     [
                         self._attention_entry(r, b.seqs[i], b.num_new_tokens[i], b.sample[i])
@@ -479,104 +530,156 @@ class AFDExecutor(ClusterRecovery):
                     ]
                     for g in split_micro_batches(b, m)
                 ]
-            plan = AttnStep(
-                step=self._step,
-                micro_batches=mbs,
-                release=self._released.pop(r, []),
-                imports=imports.get(r, []),
-                num_steps=num_steps,
-                trace=self.trace,
-            )
-            self._send(self.attention_ranks[r], plan)
+            step = AttnStep(step=self._step, micro_batches=mbs, release=self._released.pop(r, []),
+                            imports=imports.get(r, []), num_steps=plan.num_steps,
+                            trace=self.trace)  # fmt: skip
+            self.channel.send(self.attention_ranks[r], step)
         if active:
             expert_plan = ExpertStep(step=self._step, sources=active, num_micro_batches=m,
-                                     num_steps=num_steps, trace=self.trace)  # fmt: skip
+                                     num_steps=plan.num_steps, trace=self.trace)  # fmt: skip
             for rank in self.expert_ranks:
-                self._send(rank, expert_plan)
-        prefilling = [p for p, b in enumerate(prefill_batches) if not b.is_empty or p in exports]
+                self.channel.send(rank, expert_plan)
+        return planned
+
+    def _send_prefill(self, plan: StepPlan, exports) -> list[int]:
+        """Plans to the prefill workers with prompts to compute or KV to export."""
+        prefilling = [p for p, b in enumerate(plan.prefill) if not b.is_empty or p in exports]
         for p in prefilling:
-            b = prefill_batches[p]
+            b = plan.prefill[p]
             # prefill workers keep no sampler state: the history goes with every sampled entry
             entries = [
                 plan_entry(seq, n, smp, with_history=True)
                 for seq, n, smp in zip(b.seqs, b.num_new_tokens, b.sample, strict=True)
             ]
-            plan = PrefillStep(step=self._step, entries=entries, exports=exports.get(p, []),
+            step = PrefillStep(step=self._step, entries=entries, exports=exports.get(p, []),
                                trace=self.trace)  # fmt: skip
-            self._send(self.prefill_ranks[p], plan)
+            self.channel.send(self.prefill_ranks[p], step)
             self._attempt_prefill.add(p)
-        steps: list[dict] = [{} for _ in range(num_steps)]  # sampled tokens per decode step
-        prompt_lps: list = []  # [seq_id, first position, entries] of this step
-        times: dict[str, float] = {}
-        events: list = []
-        load: list[list[int]] = []
-        wire_bytes: dict[str, int] = {}  # data-plane bytes of the attention workers this step
-        self._prefill_busy |= set(prefilling)
-        waiting = {self.attention_ranks[r] for r in planned}
-        waiting |= set(self.expert_ranks) if active else set()
-        exports_only = {p for p in prefilling if prefill_batches[p].is_empty}
-        deadline = time.monotonic() + STEP_TIMEOUT_S
-        # Wait for the decode side and for export-only prefill plans; long prefills only when
-        # nothing else is running (otherwise their results are collected when they arrive).
+        return prefilling
+
+    def _gather(self, got: _Gathered, waiting: set[int], exports_only: set[int], active: bool):
+        """Wait for the decode side and for export-only prefill plans; long prefills only when
+        nothing else is running (otherwise their results are collected when they arrive)."""
+        rec, deadline = self.recoverer, time.monotonic() + STEP_TIMEOUT_S
         while waiting or exports_only or (not active and not self._prefill_done
                                            and self._prefill_busy):  # fmt: skip
-            msg = self._next(deadline, f"step {self._step}")
-            self._check_failures()
+            msg = rec.next(deadline, f"step {self._step}")
+            rec.check_failures()
             if msg is None:
                 continue
-            failure = self._failure_in(msg)
+            failure = rec.failure_in(msg)
             if failure is not None:
                 raise failure
             if self._take_prefill_result(msg):
                 exports_only.discard(self.prefill_ranks.index(msg.rank))
-                self._add_times(times, events, msg)
+                got.stats.add(msg)
                 continue
             if (
                 not isinstance(msg, AttnResult | ExpertResult)
-                or not self._current(msg)
-                or msg.gen != self.generation
+                or not rec.current(msg)
+                or msg.gen != rec.generation
                 or msg.step != self._step
             ):
                 continue  # stale: from an abandoned step or generation
             waiting.discard(msg.rank)
-            self._add_times(times, events, msg)
+            got.stats.add(msg)
             if isinstance(msg, AttnResult):
-                prompt_lps += msg.prompt_logprobs
+                got.prompt_logprobs += msg.prompt_logprobs
+                wire_bytes = got.stats.wire
                 wire_bytes["dispatch"] = wire_bytes.get("dispatch", 0) + msg.wire.dispatch
                 wire_bytes["combine"] = wire_bytes.get("combine", 0) + msg.wire.combine
-                for sampled, got in zip(steps, msg.sampled, strict=True):
-                    sampled.update((s.seq_id, (s.token, s.logprobs)) for s in got)
-                self.sample_errors.update((e.seq_id, e.message) for e in msg.errors)
+                for sampled, step in zip(got.steps, msg.sampled, strict=True):
+                    sampled.update((s.seq_id, (s.token, s.logprobs)) for s in step)
+                got.errors.update((e.seq_id, e.message) for e in msg.errors)
             else:
-                load.append(msg.load)
-        self._drain()  # prefill results that are already here
-        done = sorted(self._prefill_done)
-        for p in done:
-            result = self._prefill_done.pop(p)
-            steps[0].update((s.seq_id, (s.token, s.logprobs)) for s in result.sampled)
-            self.sample_errors.update((e.seq_id, e.message) for e in result.errors)
-            prompt_lps += result.prompt_logprobs
-        # only now: an attempt that fails is replayed and would report them again
-        self._collect_prompt_logprobs(prompt_lps)
+                got.stats.load.append(msg.load)
+
+    # ---- failures ------------------------------------------------------------------------
+    def _interrupted(self, failure: _Failure) -> StepInterrupted:
+        """Recover, forget the interrupted attempt, and say what the engine must fix up."""
+        reason = str(failure)
+        for p in self._attempt_prefill:  # the engine sends these again with the replay
+            self._prefill_busy.discard(p)
+            self._prefill_done.pop(p, None)
         self._attempt_prefill = set()
-        for k, v in times.items():
-            self._stage_totals[k] = self._stage_totals.get(k, 0.0) + v
-        for k, v in wire_bytes.items():
-            self._wire_totals[k] = self._wire_totals.get(k, 0) + v
-        self.last_wire = wire_bytes
-        self.last_times, self.last_events, self.last_load, self.last_m = times, events, load, m
-        self.last_num_steps = num_steps
-        return steps, done
+        replaced = self.recoverer.recover(reason)
+        lost_attention = {r for r in replaced if r in self.attention_ranks}
+        lost_prefill = {self.prefill_ranks.index(r) for r in replaced if r in self.prefill_ranks}
+        for p in lost_prefill:  # its batch and KV are gone: the engine requeues them
+            self._prefill_busy.discard(p)
+            self._prefill_done.pop(p, None)
+        # living prefill workers abandoned the batch of an earlier step: the engine sends it
+        # again with the replay (as a plan of this step, so that it can also bisect it)
+        dropped_prefill, self._prefill_busy = self._prefill_busy, set()
+        for r in lost_attention:
+            self._released.pop(r, None)
+        # the replay sends every sampler history again: a replacement has none, and a living
+        # worker may have abandoned the step before it kept one
+        self._has_history.clear()
+        raised = failure.rank
+        failed_prefill = (
+            {self.prefill_ranks.index(raised)}
+            if raised in self.prefill_ranks and raised not in replaced
+            else set()
+        )
+        lost_expert = {r for r in replaced if r in self.expert_ranks}
+        return StepInterrupted(
+            reason, lost_attention, lost_prefill, dropped_prefill, failed_prefill, lost_expert
+        )
 
-    @staticmethod
-    def _add_times(times: dict, events: list, msg: StepResult) -> None:
-        for k, v in msg.times.items():
-            times[k] = times.get(k, 0.0) + v
-        events += [[*e, msg.rank] for e in msg.events]
+    def poll_failures(self) -> StepInterrupted | None:
+        """Between steps: notice a failure and recover now (so /health and the next request
+        see a healed cluster); returns what the engine must fix up, if anything happened."""
+        if self.fatal is not None:
+            raise WorkerDiedError(self.fatal)
+        try:
+            self._drain()
+        except _Failure as f:
+            return self._guarded(self._interrupted, f)
+        except Exception as e:
+            self._die(e)
+        return None
 
-    def _collect_prompt_logprobs(self, found: list) -> None:
-        for p in found:
-            self._prompt_logprobs.setdefault(p.seq_id, []).append([p.position, p.entries])
+    def _drain(self) -> None:
+        """Read what the workers sent while no step ran: failures raise _Failure; finished
+        prefill results are kept; anything else is stale."""
+        self.recoverer.check_failures()
+        while self.channel.poll(0):
+            msg = self.recoverer.receive()
+            if msg is None:
+                continue
+            failure = self.recoverer.failure_in(msg)
+            if failure is not None:
+                raise failure
+            self._take_prefill_result(msg)
+
+    def _guarded(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            self._die(e)
+
+    def _die(self, e: BaseException):
+        self.fatal = f"{e}"
+        recovery_log(f"error: the cluster cannot serve any more: {e}")
+        self.shutdown()
+        raise e if isinstance(e, WorkerDiedError) else WorkerDiedError(str(e)) from e
+
+    def check_alive(self) -> None:
+        """Raise WorkerDiedError if the cluster cannot serve (a worker gone for good)."""
+        if self.fatal is not None:
+            raise WorkerDiedError(self.fatal)
+        self.supervisor.check()
+
+    def health(self) -> tuple[bool, str]:
+        """(can serve, why not / what is recovering); safe from any thread."""
+        if self.fatal is not None:
+            return False, self.fatal
+        if self.supervisor.fatal is not None:
+            return False, self.supervisor.fatal.describe()
+        if self.recoverer.recovering is not None:
+            return True, f"recovering: {self.recoverer.recovering}"
+        return True, "ok"
 
     def stage_times(self) -> dict[str, float]:
         """Cumulative stage seconds, and the data plane's bytes (A->F dispatch, F->A combine)."""
@@ -585,24 +688,16 @@ class AFDExecutor(ClusterRecovery):
         return out
 
     def shutdown(self) -> None:
-        if getattr(self, "_shut", False):
+        if self._shut:
             return
         self._shut = True
         self.supervisor.restarting = False  # what exits now is told to
-        for sock in self.outboxes.values():
-            try:
-                sock.send(wire.encode(Shutdown()), flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+        self.channel.announce_shutdown()
         self.supervisor.shutdown()
-        for sock in self.outboxes.values():
-            sock.close(linger=0)
-        self.inbox.close(linger=0)
-        self.zctx.term()
+        self.channel.close()
         self.store = None
-        sock = getattr(self, "_store_sock", None)
-        if sock is not None:
-            sock.close()  # a no-op once the store took it
-        for folder in (self.ipc, self.layout.shm):
+        if self._store_sock is not None:
+            self._store_sock.close()  # a no-op once the store took it
+        for folder in (self.layout.ipc, self.layout.shm):
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)

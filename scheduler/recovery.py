@@ -1,14 +1,14 @@
 """Failures of a cluster, seen from the driver: the restart policy of each node's supervisor,
 and the re-formation of the data plane after a worker died, hung or failed a step (see
-docs/structures.md, "Failures"). `ClusterRecovery` is mixed into `AFDExecutor`, whose messaging
-(`_send`, `_send_nowait`, `_next`, `_adopt`) and state it uses."""
+docs/structures.md, "Failures"). `AFDExecutor` holds a `ClusterRecovery`, which keeps the roster
+of live worker incarnations and the data-plane generation."""
 
 from __future__ import annotations
 
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from afd.comm import wire
 from afd.comm.control import generation_dir, remove_generation_dirs
@@ -23,8 +23,11 @@ from afd.comm.messages import (
     ReformFailed,
     StepFailed,
 )
-from afd.engine.executor import StepInterrupted
-from afd.scheduler.supervisor import RestartPolicy, Supervisor, WorkerDiedError
+from afd.engine.step import RecoveryStats
+from afd.scheduler.supervisor import RestartPolicy, Supervisor
+
+if TYPE_CHECKING:
+    from afd.scheduler.cluster import ClusterLayout, DriverChannel
 
 STARTUP_TIMEOUT_S = 300.0  # loading weights; also how long a replacement may take to start
 REFORM_TIMEOUT_S = 60.0  # torch.distributed rendezvous of a generation (every rank is loaded)
@@ -49,206 +52,176 @@ class _Failure(Exception):
         self.rank = rank
 
 
-@dataclass
-class RecoveryStats:
-    """What the cluster went through: replacements per role and how long each recovery took."""
-
-    restarts: dict[str, int] = field(default_factory=dict)
-    seconds: list[float] = field(default_factory=list)
-
-
 class ClusterRecovery:
-    """Notices failures (supervisor deaths, replacements saying ready, failed steps), re-forms
-    the data plane as a new generation, and tells the engine what to fix up."""
+    """Notices failures (supervisor deaths, replacements saying ready, failed steps) and
+    re-forms the data plane as a new generation; keeps which process of each rank is live."""
 
-    def _current(self, msg: FromWorker) -> bool:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        channel: DriverChannel,
+        layout: ClusterLayout,
+        stats: RecoveryStats,
+        progress: bool = False,
+    ):
+        self.supervisor, self.channel, self.layout, self.stats = supervisor, channel, layout, stats
+        self.progress = progress  # print each worker's start-up
+        self.ranks = list(range(layout.world_size))
+        self.generation = -1  # of the data plane; -1 until the cluster first formed
+        self.incarnations: dict[int, int] = {}  # rank -> incarnation of its current process
+        self.pids: dict[int, int] = {}  # rank -> pid of its current process (any node)
+        self.param_bytes: dict[tuple[str, int], int] = {}  # (role, rank) -> bytes of weights
+        self.recovering: str | None = None  # what is being recovered (for /health)
+        self._replaced: set[int] = set()  # ranks seen with a new incarnation, not yet handled
+        self._failures_seen = 0
+
+    def role(self, rank: int) -> str:
+        return self.layout.role(rank)
+
+    def adopt(self, msg: Ready) -> None:
+        """A (new) process of a rank said ready: its incarnation is the one to listen to."""
+        rank = msg.rank
+        if self.incarnations.get(rank) is not None:
+            self._replaced.add(rank)
+        self.incarnations[rank] = msg.inc
+        self.pids[rank] = msg.pid
+        self.param_bytes[(msg.role, rank)] = msg.param_bytes
+        if self.progress and self.generation < 0:
+            print(f"afd: {msg.role} worker {rank} ready (pid {msg.pid}, "
+                  f"{msg.param_bytes / 2**20:.1f} MiB of weights; "
+                  f"{len(self.incarnations)}/{self.layout.world_size})", flush=True)  # fmt: skip
+
+    def current(self, msg: FromWorker) -> bool:
         """From the worker's live incarnation and, for a failed step, from this generation's
         data plane (a step of an abandoned generation was dealt with when it was abandoned)."""
         if isinstance(msg, StepFailed) and msg.gen != self.generation:
             return False
-        return msg.inc == self._inc.get(msg.rank)
+        return msg.inc == self.incarnations.get(msg.rank)
 
-    def _failure_in(self, msg: FromWorker) -> _Failure | None:
+    def failure_in(self, msg: FromWorker) -> _Failure | None:
         """The failure this message tells of (the data plane must be re-formed), if any."""
-        if isinstance(msg, Ready) and not self._current(msg):
-            self._adopt(msg)
+        if isinstance(msg, Ready) and not self.current(msg):
+            self.adopt(msg)
             return _Failure(f"{msg.role} worker {msg.rank} was replaced (pid {msg.pid})")
-        if isinstance(msg, Error | StepFailed) and self._current(msg):
+        if isinstance(msg, Error | StepFailed) and self.current(msg):
             name = f"{self.role(msg.rank)} worker {msg.rank}"
             rank = msg.rank if isinstance(msg, StepFailed) else None
             return _Failure(f"{name} failed: {msg.message}", rank)
         return None
 
-    def _receive(self) -> FromWorker | None:
+    def receive(self) -> FromWorker | None:
         """The worker message waiting in the inbox; None (and a log line) if it is malformed."""
         try:
-            return wire.decode_from_worker(self.inbox.recv())
+            return wire.decode_from_worker(self.channel.recv())
         except wire.WireError as e:
-            self._log(f"dropped a worker message: {e}")
+            log(f"dropped a worker message: {e}")
             return None
 
-    def _check_failures(self) -> None:
+    def next(self, deadline: float, what: str) -> FromWorker | None:
+        """The next worker message, or None after 0.1 s; raises WorkerDiedError when a worker
+        is gone for good (restart budget spent) and TimeoutError past the deadline."""
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no answer from the workers in time during {what}")
+        if self.channel.poll(100):
+            return self.receive()
+        self.supervisor.check()
+        return None
+
+    def check_failures(self) -> None:
         """Raise _Failure for a worker death the supervisor recorded since the last recovery."""
         self.supervisor.check()
         failures = self.supervisor.failures
         if len(failures) > self._failures_seen:
             raise _Failure(failures[self._failures_seen].describe())
 
-    # ---- failures and recovery -----------------------------------------------------------
-    def _log(self, text: str) -> None:
-        print(f"afd: {text}", file=sys.stderr, flush=True)
-
-    def _form(self, gen: int, deadline: float) -> bool:
+    def form(self, gen: int, deadline: float) -> bool:
         """Every rank joins data-plane generation `gen` (the same path at start-up and after a
         failure). False when a worker failed meanwhile (the caller starts a new generation)."""
         folder = generation_dir(self.layout.shm, gen)
         if folder:
             os.makedirs(folder, exist_ok=True)
         for rank in self.ranks:
-            self._send(rank, Reform(gen=gen))
+            self.channel.send(rank, Reform(gen=gen))
         pending = set(self.ranks)
         while pending:
-            msg = self._next(deadline, f"forming generation {gen}")
+            msg = self.next(deadline, f"forming generation {gen}")
             if len(self.supervisor.failures) > self._failures_seen:
                 return False
             if msg is None:
                 continue
-            if isinstance(msg, Ready) and not self._current(msg):
-                self._adopt(msg)
+            if isinstance(msg, Ready) and not self.current(msg):
+                self.adopt(msg)
                 return False
-            if not self._current(msg):
+            if not self.current(msg):
                 continue
             if isinstance(msg, Joined) and msg.gen == gen:
                 pending.discard(msg.rank)
             elif isinstance(msg, Error | StepFailed | ReformFailed):
-                self._log(f"{self.role(msg.rank)} worker {msg.rank}: {msg.message}")
+                log(f"{self.role(msg.rank)} worker {msg.rank}: {msg.message}")
                 return False
         return True
 
-    def _recover(self, reason: str) -> set[int]:
+    def start(self) -> None:
+        """Start-up: wait until every rank said ready, then form generation 0."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while len(self.incarnations) < self.layout.world_size:
+            msg = self.next(deadline, "worker start-up")
+            if isinstance(msg, Error):
+                raise RuntimeError(f"{msg.role} worker {msg.rank} failed: {msg.message}")
+            if isinstance(msg, Ready):
+                self.adopt(msg)
+        self.generation = 0
+        if not self.form(0, time.monotonic() + STARTUP_TIMEOUT_S):
+            raise RuntimeError("a worker failed while the cluster formed")
+        self._replaced.clear()
+        self.supervisor.enable_restarts()
+
+    def recover(self, reason: str) -> set[int]:
         """Re-form the data plane after a failure; returns the ranks whose process was replaced
         (their state is gone). Raises (fatal) when the restart budget is spent or a replacement
         does not come up within STARTUP_TIMEOUT_S."""
         t0 = time.monotonic()
         self.recovering = reason
-        self._log(f"worker failure: {reason}; recovering")
+        log(f"worker failure: {reason}; recovering")
         deadline = t0 + STARTUP_TIMEOUT_S
         while True:
             self.generation += 1
             gen = self.generation
-            self._failures_seen = len(self.supervisor.failures)
-            pending = set(self.ranks)
-            for rank in self.ranks:
-                self._send_nowait(rank, Abort(gen=gen))
-            while pending:
-                msg = self._next(deadline, "recovery")
-                if msg is None:
-                    continue
-                if isinstance(msg, Ready) and not self._current(msg):
-                    self._adopt(msg)  # a replacement, idle and without a data plane
-                    pending.discard(msg.rank)
-                elif isinstance(msg, Aborted) and self._current(msg) and msg.gen == gen:
-                    pending.discard(msg.rank)
-            if self._form(gen, deadline):
+            self._abort_generation(gen, deadline)
+            if self.form(gen, deadline):
                 break
-            self._log(f"another failure while re-forming generation {gen}; again")
+            log(f"another failure while re-forming generation {gen}; again")
         remove_generation_dirs(self.layout.shm, keep=gen)
         replaced, self._replaced = self._replaced, set()
         for rank in replaced:
             role = self.role(rank)
-            self.recovery.restarts[role] = self.recovery.restarts.get(role, 0) + 1
+            self.stats.restarts[role] = self.stats.restarts.get(role, 0) + 1
         took = time.monotonic() - t0
-        self.recovery.seconds.append(took)
+        self.stats.seconds.append(took)
         names = ", ".join(
             f"{self.role(r)} worker {r} (now pid {self.pids.get(r)})" for r in sorted(replaced)
         )
-        self._log(f"recovered in {took:.2f} s: data-plane generation {gen}; "
-                  f"replaced: {names or 'none'}")  # fmt: skip
+        log(f"recovered in {took:.2f} s: data-plane generation {gen}; "
+            f"replaced: {names or 'none'}")  # fmt: skip
         self.recovering = None
         return replaced
 
-    def _interrupted(self, failure: _Failure) -> StepInterrupted:
-        """Recover, forget the interrupted attempt, and say what the engine must fix up."""
-        reason = str(failure)
-        for p in self._attempt_prefill:  # the engine sends these again with the replay
-            self._prefill_busy.discard(p)
-            self._prefill_done.pop(p, None)
-        self._attempt_prefill = set()
-        replaced = self._recover(reason)
-        lost_attention = {r for r in replaced if r in self.attention_ranks}
-        lost_prefill = {self.prefill_ranks.index(r) for r in replaced if r in self.prefill_ranks}
-        for p in lost_prefill:  # its batch and KV are gone: the engine requeues them
-            self._prefill_busy.discard(p)
-            self._prefill_done.pop(p, None)
-        # living prefill workers abandoned the batch of an earlier step: the engine sends it
-        # again with the replay (as a plan of this step, so that it can also bisect it)
-        dropped_prefill, self._prefill_busy = self._prefill_busy, set()
-        for r in lost_attention:
-            self._released.pop(r, None)
-        # the replay sends every sampler history again: a replacement has none, and a living
-        # worker may have abandoned the step before it kept one
-        self._has_history.clear()
-        raised = failure.rank
-        failed_prefill = (
-            {self.prefill_ranks.index(raised)}
-            if raised in self.prefill_ranks and raised not in replaced
-            else set()
-        )
-        lost_expert = {r for r in replaced if r in self.expert_ranks}
-        return StepInterrupted(
-            reason, lost_attention, lost_prefill, dropped_prefill, failed_prefill, lost_expert
-        )
-
-    def poll_failures(self) -> StepInterrupted | None:
-        """Between steps: notice a failure and recover now (so /health and the next request
-        see a healed cluster); returns what the engine must fix up, if anything happened."""
-        if self.fatal is not None:
-            raise WorkerDiedError(self.fatal)
-        try:
-            self._drain()
-        except _Failure as f:
-            return self._guarded(self._interrupted, f)
-        except Exception as e:
-            self._die(e)
-        return None
-
-    def _drain(self) -> None:
-        """Read what the workers sent while no step ran: failures raise _Failure; finished
-        prefill results are kept; anything else is stale."""
-        self._check_failures()
-        while self.inbox.poll(0):
-            msg = self._receive()
+    def _abort_generation(self, gen: int, deadline: float) -> None:
+        """Every living worker abandons its step; replacements say ready."""
+        self._failures_seen = len(self.supervisor.failures)
+        pending = set(self.ranks)
+        for rank in self.ranks:
+            self.channel.send_nowait(rank, Abort(gen=gen))
+        while pending:
+            msg = self.next(deadline, "recovery")
             if msg is None:
                 continue
-            failure = self._failure_in(msg)
-            if failure is not None:
-                raise failure
-            self._take_prefill_result(msg)
+            if isinstance(msg, Ready) and not self.current(msg):
+                self.adopt(msg)  # a replacement, idle and without a data plane
+                pending.discard(msg.rank)
+            elif isinstance(msg, Aborted) and self.current(msg) and msg.gen == gen:
+                pending.discard(msg.rank)
 
-    def _guarded(self, fn, *args):
-        try:
-            return fn(*args)
-        except Exception as e:
-            self._die(e)
 
-    def _die(self, e: BaseException):
-        self.fatal = f"{e}"
-        self._log(f"error: the cluster cannot serve any more: {e}")
-        self.shutdown()
-        raise e if isinstance(e, WorkerDiedError) else WorkerDiedError(str(e)) from e
-
-    def check_alive(self) -> None:
-        """Raise WorkerDiedError if the cluster cannot serve (a worker gone for good)."""
-        if self.fatal is not None:
-            raise WorkerDiedError(self.fatal)
-        self.supervisor.check()
-
-    def health(self) -> tuple[bool, str]:
-        """(can serve, why not / what is recovering); safe from any thread."""
-        if self.fatal is not None:
-            return False, self.fatal
-        if self.supervisor.fatal is not None:
-            return False, self.supervisor.fatal.describe()
-        if self.recovering is not None:
-            return True, f"recovering: {self.recovering}"
-        return True, "ok"
+def log(text: str) -> None:
+    print(f"afd: {text}", file=sys.stderr, flush=True)

@@ -130,7 +130,7 @@ def test_multi_step_plans_match_single_process(reference, model, p, a, f):
 
     def spy(*args):
         out = execute(*args)
-        steps_run.append(ex.last_num_steps)
+        steps_run.append(ex.last.num_steps)
         return out
 
     ex._execute = spy
@@ -161,12 +161,13 @@ def test_decode_keeps_going_while_a_long_prompt_prefills():
         long_prompt = [(7 * i) % 500 + 3 for i in range(2000)]
         eng.add_request(long_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
         progressed_during_prefill = 0
+        router = eng.scheduler.router
         for _ in range(2000):
-            busy = bool(eng._prefill_inflight)
+            busy = bool(router.inflight)
             outs = eng.step()
             if busy and any(o.request_id == short for o in outs):
                 progressed_during_prefill += 1
-            if not eng._prefill_inflight and not eng.prefill_schedulers[0].has_unfinished and busy:
+            if not router.inflight and not eng.prefill_schedulers[0].has_unfinished and busy:
                 break
         assert progressed_during_prefill >= 3, "decode waited for the long prefill"
     finally:

@@ -240,7 +240,7 @@ def test_triton_kernels_give_the_same_greedy_tokens(model):
 
 
 def test_routing_prefers_the_replica_with_the_cached_prefix():
-    from afd.engine.llm_engine import LLMEngine
+    from afd.engine.engine_scheduler import pick_replica
     from afd.scheduler.core.scheduler import Scheduler, SchedulerConfig
     from afd.scheduler.core.sequence import Sequence
 
@@ -250,9 +250,9 @@ def test_routing_prefers_the_replica_with_the_cached_prefix():
     batch = replicas[2].schedule()
     replicas[2].update(batch, {}, set())  # prompt computed, its full blocks published
     fresh = Sequence("new", 0, list(range(10, 22)) + [5, 6], greedy())
-    assert LLMEngine._pick_replica(replicas, fresh) == 2
+    assert pick_replica(replicas, fresh) == 2
     other = Sequence("other", 0, [7] * 14, greedy())
-    assert LLMEngine._pick_replica(replicas, other) in (0, 1)  # more free blocks there
+    assert pick_replica(replicas, other) in (0, 1)  # more free blocks there
 
 
 def spy_decode_steps(llm) -> list[int]:
@@ -345,7 +345,7 @@ def test_max_decode_steps_respects_blocks_limits_and_prefill():
 def test_a_step_that_keeps_failing_fails_its_requests_and_the_engine_goes_on():
     """Failures with no worker to blame (StepInterrupted, nothing lost) are replayed once; the
     second time the step's requests fail alone with an error and later requests run as usual."""
-    from afd.engine.executor import StepInterrupted
+    from afd.engine.step import StepInterrupted
 
     llm = LLM("tiny-qwen3-moe", dtype="float32")
     eng = llm.engine
@@ -353,11 +353,11 @@ def test_a_step_that_keeps_failing_fails_its_requests_and_the_engine_goes_on():
     eng.step()
     real, calls = eng.executor.execute, []
 
-    def flaky(batches):
+    def flaky(plan):
         calls.append(1)
         if len(calls) <= 2:
             raise StepInterrupted("boom", set(), set())
-        return real(batches)
+        return real(plan)
 
     eng.executor.execute = flaky
     outs = {o.request_id: o for o in eng.step()}

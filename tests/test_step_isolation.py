@@ -15,8 +15,8 @@ from conftest import assert_cleaned_up, greedy_and_seeded, mixed_prompts
 
 from afd import LLM, SamplingParams
 from afd.attention_nodes.worker import FAULT_TOKEN_ENV
-from afd.engine.executor import StepInterrupted
-from afd.engine.llm_engine import ISOLATION_FAILURES_PER_LEVEL, MAX_FAILED_REPLAYS
+from afd.engine.step import StepInterrupted
+from afd.engine.step_runner import ISOLATION_FAILURES_PER_LEVEL, MAX_FAILED_REPLAYS
 
 POISON = 511  # the token that makes a forward raise; no other prompt or output has it
 FIRST_WAVE = 8
@@ -90,19 +90,19 @@ def poisoned(seq) -> bool:
 def raising_plans(monkeypatch, llm: LLM) -> list[int]:
     """From now on: the decode steps of every execute (a whole step or a part of a bisection)
     that raised with the poisoned request in it."""
-    eng = llm.engine
-    real = eng._run
+    runner = llm.engine.runner
+    real = runner._run
     steps: list[int] = []
 
-    def recorded(batches, new_prefill, transfers):
+    def recorded(plan):
         try:
-            return real(batches, new_prefill, transfers)
+            return real(plan)
         except StepInterrupted:
-            if any(poisoned(s) for b in [*batches, *new_prefill] for s in b.seqs):
-                steps.append(max(b.num_steps for b in batches))
+            if any(poisoned(s) for b in [*plan.batches, *plan.prefill] for s in b.seqs):
+                steps.append(max(b.num_steps for b in plan.batches))
             raise
 
-    monkeypatch.setattr(eng, "_run", recorded)
+    monkeypatch.setattr(runner, "_run", recorded)
     return steps
 
 
@@ -133,9 +133,9 @@ def count_executes(monkeypatch, llm: LLM) -> list[bool]:
     ex = llm.engine.executor
     real = ex.execute
 
-    def counted(batches):
+    def counted(plan):
         calls.append(True)
-        out = real(batches)
+        out = real(plan)
         calls[-1] = False
         return out
 
@@ -235,7 +235,7 @@ def kill_during_isolation(monkeypatch, llm: LLM, role: str) -> list:
     the part must not be blamed for the loss. Returns [the killed worker] once killed."""
     eng = llm.engine
     sup = eng.executor.supervisor
-    run_part, isolate = eng._run, eng._isolate
+    run_part, isolate = eng.runner._run, eng.runner._isolate
     killed: list = []
     bisecting = [False]
 
@@ -246,22 +246,23 @@ def kill_during_isolation(monkeypatch, llm: LLM, role: str) -> list:
         finally:
             bisecting[0] = False
 
-    def part(batches, new_prefill, transfers):
-        seqs = [s for b in [*batches, *new_prefill] for s in b.seqs] + [t.seq for t in transfers]
+    def part(plan):
+        seqs = [s for b in [*plan.batches, *plan.prefill] for s in b.seqs]
+        seqs += [t.seq for t in plan.transfers]
         ids = {s.request_id for s in seqs}
         if bisecting[0] and not killed and len(ids) == 1 and not poisoned(seqs[0]):
             if role == "attention":
                 bad = next(r for r, s in eng.requests.items() if poisoned(s.seqs[0]))
-                rank = eng._replica_of[bad][0]
+                rank = eng.scheduler.replica_of[bad][0]
             else:
                 rank = next(w.rank for w in sup.workers if w.role == role)
             victim = next(w for w in sup.workers if w.role == role and w.rank == rank)
             os.kill(victim.process.pid, signal.SIGKILL)  # the supervisor reaps it
             killed.append(victim)
-        return run_part(batches, new_prefill, transfers)
+        return run_part(plan)
 
-    monkeypatch.setattr(eng, "_isolate", isolating)
-    monkeypatch.setattr(eng, "_run", part)
+    monkeypatch.setattr(eng.runner, "_isolate", isolating)
+    monkeypatch.setattr(eng.runner, "_run", part)
     return killed
 
 
@@ -324,30 +325,30 @@ def hold_prefill_during_replay(monkeypatch, llm: LLM) -> dict:
     raises, prefill and decode sequences)."""
     eng = llm.engine
     sup = eng.executor.supervisor
-    run_part, isolate = eng._run, eng._isolate
+    runner = eng.runner
+    run_part, isolate = runner._run, runner._isolate
     seen = {"held": 0, "raised": 0, "bisections": [], "calls": []}
 
     def isolating(*args):
-        seen["bisections"].append((dict(eng._prefill_raises), seen["raised"]))
+        seen["bisections"].append((dict(runner._prefill_raises), seen["raised"]))
         return isolate(*args)
 
-    def part(batches, new_prefill, transfers):
+    def part(plan):
         hold = (
             not seen["held"]
-            and eng._prefill_raises.get(0) == 1
-            and not new_prefill[0].is_empty
-            and any(not b.is_empty for b in batches)
-            and not transfers  # none are placed while that worker's plan is in flight
+            and runner._prefill_raises.get(0) == 1
+            and not plan.prefill[0].is_empty
+            and any(not b.is_empty for b in plan.batches)
+            and not plan.transfers  # none are placed while that worker's plan is in flight
         )
-        seen["calls"].append(
-            (dict(eng._prefill_raises), len(new_prefill[0].seqs), sum(len(b.seqs) for b in batches))
-        )
+        decode = sum(len(b.seqs) for b in plan.batches)
+        seen["calls"].append((dict(runner._prefill_raises), len(plan.prefill[0].seqs), decode))
         worker = next(w for w in sup.workers if w.role == "prefill")
         if hold:
             os.kill(worker.process.pid, signal.SIGSTOP)
             seen["held"] += 1
         try:
-            got = run_part(batches, new_prefill, transfers)
+            got = run_part(plan)
         except StepInterrupted:
             seen["raised"] += 1
             raise
@@ -357,8 +358,8 @@ def hold_prefill_during_replay(monkeypatch, llm: LLM) -> dict:
         seen["raised"] = 0
         return got
 
-    monkeypatch.setattr(eng, "_isolate", isolating)
-    monkeypatch.setattr(eng, "_run", part)
+    monkeypatch.setattr(runner, "_isolate", isolating)
+    monkeypatch.setattr(runner, "_run", part)
     return seen
 
 

@@ -219,21 +219,18 @@ def test_only_live_messages_are_failures():
     import msgspec
 
     from afd.comm.messages import Error, StepFailed
+    from afd.engine.step import RecoveryStats
+    from afd.scheduler.cluster import ClusterLayout
     from afd.scheduler.recovery import ClusterRecovery
 
-    class Driver(ClusterRecovery):
-        def __init__(self):
-            self._inc, self.generation = {0: 7}, 3
-
-        def role(self, rank: int) -> str:
-            return "attention"
-
-    driver = Driver()
+    # what failure_in reads: the roster and the generation (no supervisor, no sockets)
+    driver = ClusterRecovery(None, None, ClusterLayout(1, 0, 0), RecoveryStats())
+    driver.incarnations, driver.generation = {0: 7}, 3
     failed = StepFailed(rank=0, inc=7, gen=3, step=5, message="boom")
-    failure = driver._failure_in(failed)
+    failure = driver.failure_in(failed)
     assert failure is not None and failure.rank == 0 and "boom" in str(failure)
     replace = msgspec.structs.replace
-    assert driver._failure_in(replace(failed, gen=2)) is None  # its step was abandoned with gen 2
-    assert driver._failure_in(replace(failed, inc=6)) is None  # from a replaced process
+    assert driver.failure_in(replace(failed, gen=2)) is None  # its step was abandoned with gen 2
+    assert driver.failure_in(replace(failed, inc=6)) is None  # from a replaced process
     error = Error(rank=0, inc=7, gen=2, role="attention", message="lost")
-    assert driver._failure_in(error) is not None
+    assert driver.failure_in(error) is not None

@@ -1,79 +1,14 @@
-"""Executors run scheduled batches: in this process, or across attention and expert workers."""
+"""The single-process executor, and the KV cache size every executor allocates (the
+disaggregated one is scheduler/cluster.py's AFDExecutor; both follow afd.engine.step's
+Executor)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
 
 from afd.config import ModelConfig
-from afd.scheduler.core.scheduler import ScheduledBatch
-
-# seq_id -> (token, logprobs {token: (logprob, rank)} or None)
-Sampled = dict[int, tuple[int, dict[int, tuple[float, int]] | None]]
-
-
-class StepInterrupted(RuntimeError):
-    """A step failed (a worker died, hung or raised) and the executor is whole again: the engine
-    fixes up the requests whose KV died (`lost_attention`, `lost_prefill`: replicas whose worker
-    was replaced), sends again the prefill plans of earlier steps that were abandoned
-    (`dropped_prefill`: replicas whose worker lives) and runs the step again (a replay writes
-    the same KV slots). `lost_expert`: expert ranks whose worker was replaced (they hold no
-    request state, but the failure was theirs, not the step's). Nothing lost means the step
-    itself raised: the engine may bisect it; `failed_prefill`: the prefill replica whose plan
-    raised (a plan of an earlier step may fail during a later one)."""
-
-    def __init__(
-        self,
-        reason: str,
-        lost_attention: set[int],
-        lost_prefill: set[int],
-        dropped_prefill: set[int] | None = None,
-        failed_prefill: set[int] | None = None,
-        lost_expert: set[int] | None = None,
-    ):
-        super().__init__(reason)
-        self.reason, self.lost_attention, self.lost_prefill = reason, lost_attention, lost_prefill
-        self.dropped_prefill = dropped_prefill or set()
-        self.failed_prefill = failed_prefill or set()
-        self.lost_expert = lost_expert or set()
-
-    @property
-    def lost_worker(self) -> bool:
-        """A worker was replaced: the failure is not the fault of the requests in the step."""
-        return bool(self.lost_attention or self.lost_prefill or self.lost_expert)
-
-
-class Executor(Protocol):
-    """What the engine needs from whatever runs the model."""
-
-    num_replicas: int  # attention replicas, each with its own KV cache and scheduler
-    num_kv_blocks: int  # blocks per replica
-
-    def execute(self, batches: list[ScheduledBatch]) -> list[Sampled]:
-        """Run one scheduled batch per replica; one Sampled per decode step (see num_steps).
-        A sequence whose sampling failed gets token -1, its reason in `sample_errors`."""
-        ...
-
-    sample_errors: dict[int, str]  # seq_id -> why its sampling failed, for the last execute
-
-    def stage_times(self) -> dict[str, float]: ...
-
-    def release(self, replica: int, seq_ids: list[int]) -> None:
-        """Finished sequences whose sampler state the replica may drop."""
-        ...
-
-    def take_prompt_logprobs(self) -> dict[int, list]:
-        """prompt_logprobs computed since the last call: seq_id -> [[position, entries]]."""
-        ...
-
-    def check_alive(self) -> None: ...
-
-    def health(self) -> tuple[bool, str]:
-        """(can serve, why not or what is being recovered)."""
-        ...
-
-    def shutdown(self) -> None: ...
+from afd.engine.step import RecoveryStats, StepInterrupted, StepPlan, StepResult
 
 
 def num_kv_blocks_for(config, model_config: ModelConfig, dtype, model_path=None) -> int:
@@ -141,6 +76,7 @@ class LocalExecutor:
     """The whole model in this process (the single-process engine)."""
 
     num_replicas = 1
+    num_prefill_replicas = 0
 
     def __init__(
         self,
@@ -166,26 +102,24 @@ class LocalExecutor:
         kv_caches = allocate_kv_cache(model_config, self.num_kv_blocks, block_size, dtype, device)
         sampler = Sampler(eos_token_ids, tokenizer_dir or model_path)
         self.runner = ModelRunner(model, kv_caches, block_size, device, sampler)
+        self.recovery = RecoveryStats()  # stays empty: no worker to replace
 
-    def execute(self, batches: list[ScheduledBatch]) -> list[Sampled]:
+    def execute(self, plan: StepPlan) -> StepResult:
         """Run the batch; a raise in the forward (a kernel, a layer) becomes StepInterrupted,
         so that the engine can find the request that makes it raise and go on without it."""
         self.runner.sample_errors.clear()
         try:
-            return self.runner.execute(batches[0])
+            steps = self.runner.execute(plan.batches[0])
         except Exception as e:
             raise StepInterrupted(f"{type(e).__name__}: {e}", set(), set()) from e
-
-    @property
-    def sample_errors(self) -> dict[int, str]:
-        return self.runner.sample_errors
+        lps, self.runner.prompt_logprobs = self.runner.prompt_logprobs, {}
+        return StepResult(steps, sample_errors=dict(self.runner.sample_errors), prompt_logprobs=lps)
 
     def release(self, replica: int, seq_ids: list[int]) -> None:
         self.runner.release(seq_ids)
 
-    def take_prompt_logprobs(self) -> dict[int, list]:
-        out, self.runner.prompt_logprobs = self.runner.prompt_logprobs, {}
-        return out
+    def poll_failures(self) -> StepInterrupted | None:
+        return None  # nothing fails between steps in this process
 
     def stage_times(self) -> dict[str, float]:
         return {}
@@ -198,21 +132,3 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         pass
-
-
-def build_executor(
-    config,
-    model_path: Path,
-    model_config: ModelConfig,
-    eos_token_ids=(),
-    tokenizer_dir: Path | None = None,
-) -> Executor:
-    """Single process when no attention workers are asked for, else the disaggregated one.
-    `eos_token_ids` are where min_tokens and structured outputs need the end of a sequence;
-    `tokenizer_dir` is the tokenizer grammar masks are built from (default: the model's)."""
-    args = (config, model_path, model_config, eos_token_ids, tokenizer_dir)
-    if config.cluster.num_attention_workers <= 0 and config.cluster.num_expert_workers <= 0:
-        return LocalExecutor(*args)
-    from afd.scheduler.cluster import AFDExecutor
-
-    return AFDExecutor(*args)
