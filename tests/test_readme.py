@@ -58,9 +58,9 @@ ADAPT: tuple[Adapt, ...] = (
     ),
     Adapt(
         "python3 -m pytest -q",
-        "is this suite: running it inside itself would recurse; "
-        "collecting every test checks the command",
-        sub=(("pytest -q", "pytest -q --collect-only -p no:cacheprovider tests"),),
+        "is this suite: running it inside itself would recurse, and this run has collected "
+        "every test already (11 s again); collecting one file checks the command",
+        sub=(("pytest -q", "pytest -q --collect-only -p no:cacheprovider tests/test_config.py"),),
     ),
     Adapt(
         "serve Qwen/Qwen3-30B-A3B",
@@ -102,6 +102,12 @@ ADAPT: tuple[Adapt, ...] = (
         sub=(("--steps 40", "--steps 1 --warmup 0 --batch-size 64"),),
     ),
     Adapt(
+        "bench kernels --threads 2 --rounds 3",
+        "the full sweep three times at 2 threads: 20 s idle, minutes under load; the --quick "
+        "sweep is the same kernels and backends with every flag of the command",
+        sub=(("--rounds 3", "--rounds 3 --quick"),),
+    ),
+    Adapt(
         "afd profile",
         "minutes of measuring; --quick is the same parts on fewer points",
         sub=(("afd profile", "afd profile --quick"),),
@@ -119,8 +125,9 @@ ADAPT: tuple[Adapt, ...] = (
     ),
     Adapt(
         "--hardware H800 --weight-dtype fp8 --kv-dtype fp8",
-        "the search grows steeply with --max-workers: 8 take 11 s, 16 take 57 s, 32 over 4 min",
-        sub=(("--max-workers 32", "--max-workers 8"),),
+        "the search grows steeply with --max-workers: 6 take 4 s, 8 take 11 s, 16 take 57 s, "
+        "32 over 4 min (fewer than 6 fit no configuration)",
+        sub=(("--max-workers 32", "--max-workers 6"),),
     ),
     Adapt(
         "--model bench-heldout-mla --profile",
