@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 def measure(llm, args, ks: list[int], SamplingParams) -> dict:
     import torch
 
-    from afd.scheduler.cluster import shares_gpus
+    from afd.scheduler.cluster.executor import shares_gpus
 
     eng, ex = llm.engine, llm.engine.executor
     g = torch.Generator().manual_seed(0)

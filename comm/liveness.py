@@ -5,7 +5,7 @@ let a worker abandon a step when the driver asks (see docs/structures.md, "Failu
   that finished. A data-plane wait (`wait_work`, or `check()` in a polling wait) counts as
   progress too: it can be abandoned, so the worker is responsive.
 * `stuck_for()` is how long the main thread made no progress; the heartbeat thread
-  (afd.scheduler.supervisor) reports it, and the worker's supervisor kills a worker stuck for
+  (afd.scheduler.cluster.supervisor) reports it, and the supervisor kills a worker stuck for
   longer than --worker-timeout-s. A SIGSTOPped worker sends no heartbeat at all.
 * `check()` (called by polling waits, e.g. the shm transport's) beats and raises StepAborted
   when the driver has sent a message in the middle of a step.

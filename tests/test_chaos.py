@@ -10,7 +10,7 @@ import pytest
 from afd.benchmarks.chaos import metric_total
 from afd.engine.llm_engine import LLMEngine
 from afd.entrypoints.metrics import ServerMetrics
-from afd.scheduler.recovery import RecoveryStats
+from afd.scheduler.cluster.recovery import RecoveryStats
 
 
 class _Recovered:

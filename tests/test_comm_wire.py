@@ -33,7 +33,7 @@ from afd.comm.messages import (
 )
 from afd.comm.wire import TensorBytes, WireError
 from afd.sampling.params import SamplingParams, StructuredOutputsParams
-from afd.scheduler.cluster import plan_entry
+from afd.scheduler.cluster.executor import plan_entry
 from afd.scheduler.core.sequence import Sequence
 
 decode_tensor = wire.Decoder(TensorBytes)

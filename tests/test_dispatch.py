@@ -328,7 +328,7 @@ def test_cluster_layout_checks_the_comm_backend():
     from types import SimpleNamespace
 
     from afd.config import EngineConfig
-    from afd.scheduler.cluster import layout_for
+    from afd.scheduler.cluster.executor import layout_for
 
     model = SimpleNamespace(n_routed_experts=4)
     topology = dict(num_attention_workers=1, num_expert_workers=1)
@@ -348,7 +348,7 @@ def test_cluster_layout_checks_the_comm_backend():
 
 
 def test_every_gpu_worker_of_a_node_gets_its_own_gpu():
-    from afd.scheduler.cluster import ClusterLayout, node_devices, parse_node_roles
+    from afd.scheduler.cluster.executor import ClusterLayout, node_devices, parse_node_roles
 
     one = ClusterLayout(2, 2, 1)
     assert node_devices(one, 0, "cpu", 0) == dict.fromkeys(range(5), "cpu")
@@ -369,7 +369,7 @@ def test_workers_share_gpus_when_asked(builtin_path):
 
     from afd.comm.dispatch import resolve_transport_name
     from afd.config import EngineConfig, ModelConfig
-    from afd.scheduler.cluster import (
+    from afd.scheduler.cluster.executor import (
         ClusterLayout,
         layout_for,
         node_devices,

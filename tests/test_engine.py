@@ -345,7 +345,7 @@ def test_max_decode_steps_respects_blocks_limits_and_prefill():
 def test_a_step_that_keeps_failing_fails_its_requests_and_the_engine_goes_on():
     """Failures with no worker to blame (StepInterrupted, nothing lost) are replayed once; the
     second time the step's requests fail alone with an error and later requests run as usual."""
-    from afd.engine.step import StepInterrupted
+    from afd.scheduler.core.step import StepInterrupted
 
     llm = LLM("tiny-qwen3-moe", dtype="float32")
     eng = llm.engine

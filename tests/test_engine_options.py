@@ -9,7 +9,7 @@ import pytest
 
 from afd import LLM, SamplingParams
 from afd.config import EngineConfig
-from afd.engine import executor
+from afd.scheduler.core import kv_capacity
 from afd.tokenizer import load_chat_template
 
 
@@ -42,13 +42,13 @@ def test_gpu_memory_utilization_sizes_the_kv_cache(monkeypatch, builtin_path):
     cfg = ModelConfig.from_pretrained(path)
     experts, rest = checkpoint_numel(path)
     assert experts > 0 and rest > 0
-    monkeypatch.setattr(executor, "available_memory_bytes", lambda device: 1 << 30)
+    monkeypatch.setattr(kv_capacity, "available_memory_bytes", lambda device: 1 << 30)
     import torch
 
     per_block = kv_cache_bytes_per_block(cfg, 16, torch.float32)
     single = EngineConfig.from_flat(gpu_memory_utilization=0.5)
     want = (2**29 - (experts + rest) * 4) // per_block
-    assert executor.num_kv_blocks_for(single, cfg, torch.float32, path) == want
+    assert kv_capacity.num_kv_blocks_for(single, cfg, torch.float32, path) == want
     # 2 attention + 1 prefill workers on one CPU node share the RAM and hold the weights
     # (the experts once on the expert workers and once in the prefill worker)
     afd = EngineConfig.from_flat(
@@ -56,13 +56,13 @@ def test_gpu_memory_utilization_sizes_the_kv_cache(monkeypatch, builtin_path):
         num_prefill_workers=1,
     )  # fmt: skip
     kv = (2**29 - (3 * rest + 2 * experts) * 4) // 3
-    assert executor.num_kv_blocks_for(afd, cfg, torch.float32, path) == kv // per_block
+    assert kv_capacity.num_kv_blocks_for(afd, cfg, torch.float32, path) == kv // per_block
     # --num-kv-blocks wins; too little memory is a clear error
     five = EngineConfig.from_flat(num_kv_blocks=5)
-    assert executor.num_kv_blocks_for(five, cfg, torch.float32, path) == 5
-    monkeypatch.setattr(executor, "available_memory_bytes", lambda device: 1000)
+    assert kv_capacity.num_kv_blocks_for(five, cfg, torch.float32, path) == 5
+    monkeypatch.setattr(kv_capacity, "available_memory_bytes", lambda device: 1000)
     with pytest.raises(ValueError, match="leaves no memory for the KV cache"):
-        executor.num_kv_blocks_for(single, cfg, torch.float32, path)
+        kv_capacity.num_kv_blocks_for(single, cfg, torch.float32, path)
 
 
 def test_chat_template_from_a_file_or_text(tmp_path):

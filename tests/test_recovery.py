@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_cleaned_up, greedy_and_seeded, mixed_prompts
 
 from afd import LLM, SamplingParams
-from afd.scheduler.supervisor import WorkerDiedError
+from afd.scheduler.cluster.supervisor import WorkerDiedError
 
 pytestmark = pytest.mark.slow
 

@@ -7,12 +7,12 @@ import inspect
 
 from afd.engine.engine_scheduler import EngineScheduler
 from afd.engine.executor import LocalExecutor
-from afd.engine.step import Executor, RecoveryStats, StepInterrupted, StepPlan, StepResult
 from afd.engine.step_runner import MAX_FAILED_REPLAYS, StepRunner
 from afd.sampling.params import SamplingParams
-from afd.scheduler.cluster import AFDExecutor
+from afd.scheduler.cluster.executor import AFDExecutor
 from afd.scheduler.core.scheduler import SchedulerConfig
 from afd.scheduler.core.sequence import Sequence
+from afd.scheduler.core.step import Executor, RecoveryStats, StepInterrupted, StepPlan, StepResult
 
 
 class FakeExecutor:

@@ -15,8 +15,8 @@ from conftest import assert_cleaned_up, greedy_and_seeded, mixed_prompts
 
 from afd import LLM, SamplingParams
 from afd.attention_nodes.worker import FAULT_TOKEN_ENV
-from afd.engine.step import StepInterrupted
 from afd.engine.step_runner import ISOLATION_FAILURES_PER_LEVEL, MAX_FAILED_REPLAYS
+from afd.scheduler.core.step import StepInterrupted
 
 POISON = 511  # the token that makes a forward raise; no other prompt or output has it
 FIRST_WAVE = 8

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from afd.scheduler.supervisor import RestartPolicy, Supervisor, WorkerDiedError
+from afd.scheduler.cluster.supervisor import RestartPolicy, Supervisor, WorkerDiedError
 
 
 def _raise_after(delay: float) -> None:
@@ -123,7 +123,7 @@ def test_shutdown_leaves_no_child(bound):
 _PARENT = textwrap.dedent(
     """
     import os, signal, sys, time
-    from afd.scheduler.supervisor import Supervisor
+    from afd.scheduler.cluster.supervisor import Supervisor
     sup = Supervisor()
     w = sup.spawn("expert", 0, time.sleep, 60)
     while w.last_heartbeat is None:  # the child runs its entry (and watches its parent)
@@ -219,9 +219,9 @@ def test_only_live_messages_are_failures():
     import msgspec
 
     from afd.comm.messages import Error, StepFailed
-    from afd.engine.step import RecoveryStats
-    from afd.scheduler.cluster import ClusterLayout
-    from afd.scheduler.recovery import ClusterRecovery
+    from afd.scheduler.cluster.executor import ClusterLayout
+    from afd.scheduler.cluster.recovery import ClusterRecovery
+    from afd.scheduler.core.step import RecoveryStats
 
     # what failure_in reads: the roster and the generation (no supervisor, no sockets)
     driver = ClusterRecovery(None, None, ClusterLayout(1, 0, 0), RecoveryStats())

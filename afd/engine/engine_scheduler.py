@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 
 from afd.engine.prefill_router import PrefillRouter
-from afd.engine.step import StepInterrupted, StepPlan
 from afd.scheduler.core.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from afd.scheduler.core.sequence import Sequence
+from afd.scheduler.core.step import StepInterrupted, StepPlan
 
 logger = logging.getLogger("afd.engine")
 

@@ -15,16 +15,16 @@ from afd.builtin import resolve_model, resolve_tokenizer
 from afd.config import EngineConfig, ModelConfig
 from afd.engine.engine_scheduler import EngineScheduler
 from afd.engine.executor import LocalExecutor
-from afd.engine.step import Executor
 from afd.engine.step_outputs import StepOutputs
 from afd.engine.step_runner import StepRunner
 from afd.outputs import CompletionOutput, LogprobsEntry, RequestMetrics, RequestOutput
 from afd.quantization import resolve_quantization
 from afd.sampling.params import SamplingParams
 from afd.sampling.structured import grammar_backend
-from afd.scheduler.cluster import AFDExecutor
+from afd.scheduler.cluster.executor import AFDExecutor
 from afd.scheduler.core.scheduler import Scheduler, SchedulerConfig
 from afd.scheduler.core.sequence import Sequence
+from afd.scheduler.core.step import Executor
 from afd.tokenizer import IncrementalDetokenizer, Tokenizer, load_chat_template
 
 logger = logging.getLogger("afd.engine")

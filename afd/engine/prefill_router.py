@@ -4,29 +4,9 @@ their way to a replica (`Handoff`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from afd.engine.step import Sampled, StepInterrupted, StepPlan
 from afd.scheduler.core.scheduler import ScheduledBatch, Scheduler
-from afd.scheduler.core.sequence import Sequence, SequenceStatus
-
-
-@dataclass
-class Handoff:
-    """A prefilled sequence on its way from a prefill worker to an attention replica."""
-
-    seq: Sequence
-    prefill: int
-    replica: int
-    prefill_table: list[int]
-    first_block: int = 0  # blocks [first_block, num_blocks) are copied
-    num_blocks: int = 0
-
-    @property
-    def blocks(self) -> tuple[list[int], list[int]]:
-        """(source blocks on the prefill worker, destination blocks on the replica)."""
-        sl = slice(self.first_block, self.num_blocks)
-        return self.prefill_table[sl], self.seq.block_table[sl]
+from afd.scheduler.core.sequence import SequenceStatus
+from afd.scheduler.core.step import Handoff, Sampled, StepInterrupted, StepPlan
 
 
 class PrefillRouter:

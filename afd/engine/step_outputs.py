@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 from afd.engine.core_output import TokenTexts, add_text, stopped_by_token
 from afd.engine.engine_scheduler import EngineScheduler
-from afd.engine.step import Executor, Sampled, StepPlan, StepResult
 from afd.outputs import Logprob, LogprobsEntry, RequestOutput
 from afd.sampling.structured import GRAMMAR_DEAD_END
 from afd.scheduler.core.sequence import SequenceStatus
+from afd.scheduler.core.step import Executor, Sampled, StepPlan, StepResult
 from afd.tokenizer import Tokenizer
 
 if TYPE_CHECKING:

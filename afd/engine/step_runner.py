@@ -8,8 +8,8 @@ import logging
 from dataclasses import dataclass, field
 
 from afd.engine.engine_scheduler import EngineScheduler
-from afd.engine.step import Executor, StepInterrupted, StepPlan, StepResult
 from afd.scheduler.core.scheduler import ScheduledBatch
+from afd.scheduler.core.step import Executor, StepInterrupted, StepPlan, StepResult
 
 logger = logging.getLogger("afd.engine")
 

@@ -167,7 +167,7 @@ def transport_label(config) -> str:
     """The A<->F transport a cluster of `config` uses, as the start-up line names it: `shm
     (auto)` when --comm-backend auto chose it."""
     from afd.comm.dispatch import resolve_transport_name
-    from afd.scheduler.cluster import shares_gpus
+    from afd.scheduler.cluster.executor import shares_gpus
 
     cluster = config.cluster
     one_node = cluster.nnodes == 1
@@ -365,8 +365,13 @@ def run_worker_node(config, node_rank: int) -> int:
 
     from afd.builtin import resolve_model, resolve_tokenizer
     from afd.config import ModelConfig
-    from afd.scheduler.cluster import layout_for, node_supervisor, spawn_node_workers, worker_spec
-    from afd.scheduler.supervisor import WorkerDiedError
+    from afd.scheduler.cluster.executor import (
+        layout_for,
+        node_supervisor,
+        spawn_node_workers,
+        worker_spec,
+    )
+    from afd.scheduler.cluster.supervisor import WorkerDiedError
 
     cluster, source = config.cluster, config.source
     if cluster.nnodes < 2 or not cluster.num_attention_workers:

@@ -277,7 +277,7 @@ def decode_sequences(batch: int, context: int, block_size: int) -> list:
 
 def decode_entries(seqs: list) -> list:
     """The driver's plan entries of one decode token per sequence."""
-    from afd.scheduler.cluster import plan_entry
+    from afd.scheduler.cluster.executor import plan_entry
 
     return [plan_entry(seq, 1, sample=True) for seq in seqs]
 
@@ -517,7 +517,7 @@ def pair_measurements(path: Path, dtype: str, backend: str, max_tokens: int, qui
     from afd.comm import wire
     from afd.comm.control import generation_dir
     from afd.config import EngineConfig, ModelConfig
-    from afd.scheduler.cluster import layout_for, worker_spec
+    from afd.scheduler.cluster.executor import layout_for, worker_spec
 
     model_config = ModelConfig.from_pretrained(path)
     config = EngineConfig.from_flat(model=str(path), dtype=dtype, comm_backend=backend,

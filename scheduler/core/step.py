@@ -8,11 +8,29 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from afd.engine.prefill_router import Handoff
     from afd.scheduler.core.scheduler import ScheduledBatch
+    from afd.scheduler.core.sequence import Sequence
 
 # seq_id -> (token, logprobs {token: (logprob, rank)} or None)
 Sampled = dict[int, tuple[int, dict[int, tuple[float, int]] | None]]
+
+
+@dataclass
+class Handoff:
+    """A prefilled sequence on its way from a prefill worker to an attention replica."""
+
+    seq: Sequence
+    prefill: int
+    replica: int
+    prefill_table: list[int]
+    first_block: int = 0  # blocks [first_block, num_blocks) are copied
+    num_blocks: int = 0
+
+    @property
+    def blocks(self) -> tuple[list[int], list[int]]:
+        """(source blocks on the prefill worker, destination blocks on the replica)."""
+        sl = slice(self.first_block, self.num_blocks)
+        return self.prefill_table[sl], self.seq.block_table[sl]
 
 
 @dataclass(frozen=True, slots=True)

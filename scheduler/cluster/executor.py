@@ -36,17 +36,17 @@ from afd.comm.messages import (
 from afd.comm.messages import StepResult as WorkerResult
 from afd.comm.net import free_port, listen_socket
 from afd.config import ModelConfig, parse_node_roles
-from afd.engine.executor import num_kv_blocks_for
-from afd.engine.step import RecoveryStats, Sampled, StepInterrupted, StepPlan, StepResult
-from afd.scheduler.core.scheduler import ScheduledBatch
-from afd.scheduler.recovery import (
+from afd.scheduler.cluster.recovery import (
     REFORM_TIMEOUT_S,
     ClusterRecovery,
     _Failure,
     node_supervisor,
 )
-from afd.scheduler.recovery import log as recovery_log
-from afd.scheduler.supervisor import Supervisor, WorkerDiedError
+from afd.scheduler.cluster.recovery import log as recovery_log
+from afd.scheduler.cluster.supervisor import Supervisor, WorkerDiedError
+from afd.scheduler.core.kv_capacity import num_kv_blocks_for
+from afd.scheduler.core.scheduler import ScheduledBatch
+from afd.scheduler.core.step import RecoveryStats, Sampled, StepInterrupted, StepPlan, StepResult
 
 STEP_TIMEOUT_S = 600.0
 SEND_TIMEOUT_MS = 5000  # a plan to a worker that is gone must not block the driver

@@ -23,11 +23,11 @@ from afd.comm.messages import (
     ReformFailed,
     StepFailed,
 )
-from afd.engine.step import RecoveryStats
-from afd.scheduler.supervisor import RestartPolicy, Supervisor
+from afd.scheduler.cluster.supervisor import RestartPolicy, Supervisor
+from afd.scheduler.core.step import RecoveryStats
 
 if TYPE_CHECKING:
-    from afd.scheduler.cluster import ClusterLayout, DriverChannel
+    from afd.scheduler.cluster.executor import ClusterLayout, DriverChannel
 
 STARTUP_TIMEOUT_S = 300.0  # loading weights; also how long a replacement may take to start
 REFORM_TIMEOUT_S = 60.0  # torch.distributed rendezvous of a generation (every rank is loaded)
