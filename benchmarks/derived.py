@@ -141,6 +141,21 @@ def balance(result: Result) -> Result:
     }
 
 
+def sides(files: list[Result]) -> Result:
+    """Per side, how far each worker's measured compute per decode step is from the predicted
+    busy time (measured / predicted - 1) over the disaggregated runs of pipeline results: at
+    m = 1 (the sides never overlap) and at m >= 2."""
+    runs = [r for res in files for r in res["runs"]]
+    off = lambda side, rs: _span(  # noqa: E731
+        [r[side]["compute_s"] / r["predicted"]["stages_s"][side] - 1 for r in rs]
+    )
+    return {
+        side: {"m1": off(side, [r for r in runs if r["m"] == 1]),
+               "m2_up": off(side, [r for r in runs if r["m"] >= 2])}
+        for side in ("attention", "expert")
+    }  # fmt: skip
+
+
 def published(files: list[Result]) -> Result:
     """The published operating points' residuals (afd plan --published): their size range."""
     points = [p for res in files for p in res["points"]]
@@ -152,4 +167,5 @@ DERIVES: dict[str, Callable[[list[Result]], Result]] = {
     "best": best,
     "choice": choice,
     "published": published,
+    "sides": sides,
 }

@@ -273,6 +273,17 @@ def test_derived_accuracy_and_choice_figures():
         derived.choice([{"num-attention-workers": 1, "num-micro-batches": 3}, a])
 
 
+def test_derived_side_errors_split_at_one_micro_batch():
+    def run(m, attention, expert):
+        return {"m": m, "attention": {"compute_s": attention}, "expert": {"compute_s": expert},
+                "predicted": {"stages_s": {"attention": 0.1, "expert": 0.2}}}  # fmt: skip
+
+    got = derived.sides([{"runs": [run(1, 0.08, 0.3), run(2, 0.12, 0.2), run(3, 0.11, 0.25)]}])
+    assert got["attention"]["m1"] == pytest.approx({"min": -0.2, "max": -0.2})
+    assert got["attention"]["m2_up"] == pytest.approx({"min": 0.1, "max": 0.2})
+    assert got["expert"]["m2_up"] == pytest.approx({"min": 0.0, "max": 0.25})
+
+
 def test_a_derived_figure_is_checked_like_any_other(repo):
     (repo / "p.json").write_text(
         json.dumps(pipeline_result("a", [0.1, -0.25], [4.0, 3.0], [6.0, 5.0]))

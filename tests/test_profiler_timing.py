@@ -8,7 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from afd.scheduler.planner import profiler
 from afd.scheduler.planner.profiler import (
+    _flush_caches,
     _interference_rounds,
     _timeit,
     fastest,
@@ -110,3 +112,14 @@ def test_rounds_alternate_solo_and_both_phases():
         assert all(solo == pytest.approx(0.001) for solo, _ in rounds)
         assert rounds[0][1] == pytest.approx(0.020) and rounds[1][1] == pytest.approx(0.002)
         assert interference_ratio(rounds) == pytest.approx(2.0)
+
+
+def test_cache_flush_only_reads():
+    """A written flush leaves dirty lines whose write-back the next op pays, which a worker's
+    previous layer (reads of weights and KV) never leaves."""
+    _flush_caches()
+    buf = profiler._FLUSH[0]
+    before = buf.data_ptr(), buf._version
+    _flush_caches()
+    assert (buf.data_ptr(), buf._version) == before
+    assert int(buf.count_nonzero()) == 0
