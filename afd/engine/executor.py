@@ -138,7 +138,8 @@ def kv_memory_from_utilization(config, model_path, dtype) -> int:
 
 
 class LocalExecutor:
-    """The whole model in this process (the single-process engine)."""
+    """The whole model in this process (the single-process engine): the workers' path in-process,
+    the driver's plan entries through the attention side's PlanRunner with the MoE computed here."""
 
     num_replicas = 1
 
@@ -150,11 +151,12 @@ class LocalExecutor:
         eos_token_ids=(),
         tokenizer_dir: Path | None = None,
     ):
-        from afd.engine.model_runner import ModelRunner
+        from afd.attention_nodes.plan_runner import PlanRunner
         from afd.kernels.ops import set_kernel_backend
         from afd.loader import load_model
         from afd.models import allocate_kv_cache
         from afd.sampling.sampler import Sampler
+        from afd.timing import StageClock
 
         device, block_size = config.cluster.device, config.cache.block_size
         set_kernel_backend(config.cluster.kernel_backend)
@@ -165,26 +167,41 @@ class LocalExecutor:
         self.num_kv_blocks = num_kv_blocks_for(config, model_config, dtype, model_path)
         kv_caches = allocate_kv_cache(model_config, self.num_kv_blocks, block_size, dtype, device)
         sampler = Sampler(eos_token_ids, tokenizer_dir or model_path)
-        self.runner = ModelRunner(model, kv_caches, block_size, device, sampler)
+        self.runner = PlanRunner(model, kv_caches, block_size, device, sampler)
+        self.clock = StageClock(False)  # no stage times in one process
+        self.sample_errors: dict[int, str] = {}
+        self.prompt_logprobs: dict[int, list] = {}  # seq_id -> [[position, entries], ...]
 
     def execute(self, batches: list[ScheduledBatch]) -> list[Sampled]:
         """Run the batch; a raise in the forward (a kernel, a layer) becomes StepInterrupted,
         so that the engine can find the request that makes it raise and go on without it."""
-        self.runner.sample_errors.clear()
+        self.sample_errors = {}
         try:
-            return self.runner.execute(batches[0])
+            return self._run(batches[0])
         except Exception as e:
             raise StepInterrupted(f"{type(e).__name__}: {e}", set(), set()) from e
 
-    @property
-    def sample_errors(self) -> dict[int, str]:
-        return self.runner.sample_errors
+    def _run(self, batch: ScheduledBatch) -> list[Sampled]:
+        from afd.scheduler.cluster import plan_entry
+
+        # history goes with every entry that needs it: the runner reads it only for a sequence
+        # it holds no sampler state for yet (new, or after a failed step)
+        entries = [
+            plan_entry(seq, n, sample, with_history=True)
+            for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True)
+        ]
+        runner = self.runner
+        out = runner.run([entries], batch.num_steps, runner.full_forward, self.clock)
+        self.sample_errors.update((e.seq_id, e.message) for e in out.errors)
+        for p in out.prompt_logprobs:
+            self.prompt_logprobs.setdefault(p.seq_id, []).append([p.position, p.entries])
+        return [{s.seq_id: (s.token, s.logprobs) for s in step} for step in out.sampled]
 
     def release(self, replica: int, seq_ids: list[int]) -> None:
         self.runner.release(seq_ids)
 
     def take_prompt_logprobs(self) -> dict[int, list]:
-        out, self.runner.prompt_logprobs = self.runner.prompt_logprobs, {}
+        out, self.prompt_logprobs = self.prompt_logprobs, {}
         return out
 
     def stage_times(self) -> dict[str, float]:
