@@ -47,7 +47,9 @@ def run_afd(job: dict) -> dict[str, Any]:
 
     import afd
 
-    return _timed(job, generate, load_s, torch.get_num_threads(), f"afd {afd.__version__}")
+    result = _timed(job, generate, load_s, torch.get_num_threads(), f"afd {afd.__version__}")
+    result["afd_path"] = afd.__file__  # which checkout ran (afd bench offline's two sides)
+    return result
 
 
 def run_vllm(job: dict) -> dict[str, Any]:
