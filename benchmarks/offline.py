@@ -18,7 +18,7 @@ import time
 import tomllib
 from io import BytesIO
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 from typing import Any
 
 from afd.builtin import BUILTIN_MODELS, VOCAB_SIZE
@@ -31,9 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=",".join(BUILTIN_MODELS), help="comma-separated")
     p.add_argument("--baseline", default=None, help="git revision to compare against")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of every side")
-    p.add_argument("--num-prompts", type=int, default=32, help="prompts per generate call")
+    p.add_argument("--repeats", type=int, default=3, help="timed generate calls per process")
+    p.add_argument("--num-prompts", type=int, default=64, help="prompts per generate call")
     p.add_argument("--input-len", type=int, default=64, help="prompt tokens")
-    p.add_argument("--output-len", type=int, default=64, help="output tokens (EOS ignored)")
+    p.add_argument("--output-len", type=int, default=128, help="output tokens (EOS ignored)")
     p.add_argument("--dtype", default="float32", help="of the weights and the KV cache")
     p.add_argument("--seed", type=int, default=0, help="of the prompts")
     p.add_argument("--name", default="offline", help="result name (NAME.json)")
@@ -82,19 +83,20 @@ def one_run(side: str, pythonpath: Path | None, job_path: Path, out: Path) -> di
 
 
 def summarise(runs: list[dict], models: list[str], sides: list[str]) -> list[dict]:
-    """Mean output tok/s and generate seconds per model and side; whether every run's greedy
-    tokens equal the first run's of that model."""
+    """Median (a moment of outside load hits one call, not the figure) and mean output tok/s per
+    model and side over every timed call; whether every call's greedy tokens equal the first's."""
     rows = []
     for model in models:
-        mine = [r for r in runs if r["model"] == model]
-        first = mine[0]["workloads"]["offline"]["tokens"]
-        same = all(r["workloads"]["offline"]["tokens"] == first for r in mine)
+        mine = [w for r in runs if r["model"] == model for w in r["workloads"].values()]
+        same = all(w["tokens"] == mine[0]["tokens"] for w in mine)
         for side in sides:
-            rs = [r["workloads"]["offline"] for r in mine if r["side"] == side]
+            ws = [w for r in runs if r["model"] == model and r["side"] == side
+                  for w in r["workloads"].values()]  # fmt: skip
             rows.append({
-                "model": model, "side": side, "rounds": len(rs),
-                "output_tok_s": mean(w["output_tok_s"] for w in rs),
-                "generate_s": mean(w["generate_s"] for w in rs),
+                "model": model, "side": side, "calls": len(ws),
+                "median_output_tok_s": median(w["output_tok_s"] for w in ws),
+                "mean_output_tok_s": mean(w["output_tok_s"] for w in ws),
+                "median_generate_s": median(w["generate_s"] for w in ws),
                 "tokens_equal_across_runs": same,
             })  # fmt: skip
     return rows
@@ -106,9 +108,11 @@ def run(args: argparse.Namespace) -> int:
 
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in BUILTIN_MODELS]
-    if unknown or not models or args.rounds < 1:
+    if unknown or not models or args.rounds < 1 or args.repeats < 1:
         names = ", ".join(BUILTIN_MODELS)
-        raise ValueError(f"--models: built-in models only ({names}); --rounds: at least 1")
+        raise ValueError(
+            f"--models: built-in models only ({names}); --rounds, --repeats: at least 1"
+        )
     out_path = Path(args.output) if args.output else results_dir() / f"{args.name}.json"
     check_clean(out_path, args.allow_dirty)  # before measuring: a long run must not fail at its end
     workload = {"prompts": prompts(args.num_prompts, args.input_len, args.seed),
@@ -124,22 +128,22 @@ def run(args: argparse.Namespace) -> int:
                 job = Path(tmp) / "job.json"
                 job.write_text(json.dumps({"model": model, "dtype": args.dtype, "seed": 0,
                     "max_model_len": args.input_len + args.output_len + 16,
-                    "workloads": {"offline": workload}}))  # fmt: skip
+                    "workloads": {f"call{i}": workload for i in range(args.repeats)}}))  # fmt: skip
                 got = one_run(side, sides[side], job, Path(tmp) / "out.json")
                 got.update(model=model, round=r)
                 runs.append(got)
-                w = got["workloads"]["offline"]
-                print(f"round {r} {model:18s} {side:8s} {w['output_tok_s']:8.1f} out tok/s  "
-                      f"{w['generate_s']:6.2f} s", flush=True)  # fmt: skip
+                tok_s = " ".join(f"{w['output_tok_s']:7.1f}" for w in got["workloads"].values())
+                print(f"round {r} {model:18s} {side:8s} out tok/s {tok_s}", flush=True)
     summary = summarise(runs, models, list(sides))
     for row in summary:
-        print(f"{row['model']:18s} {row['side']:8s} {row['output_tok_s']:8.1f} out tok/s  "
+        print(f"{row['model']:18s} {row['side']:8s} {row['median_output_tok_s']:8.1f} out tok/s  "
               f"tokens equal: {row['tokens_equal_across_runs']}")  # fmt: skip
     for run_ in runs:  # the tokens were compared above; the file keeps the figures
         for w in run_["workloads"].values():
             w.pop("tokens")
     payload = {"baseline": args.baseline, "models": models, "num_prompts": args.num_prompts,
                "input_len": args.input_len, "output_len": args.output_len, "dtype": args.dtype,
-               "rounds": args.rounds, "runs": runs, "summary": summary}  # fmt: skip
+               "rounds": args.rounds, "repeats": args.repeats, "runs": runs,
+               "summary": summary}  # fmt: skip
     print(f"wrote {write_result(args.name, payload, path=out_path)}")
     return 0
