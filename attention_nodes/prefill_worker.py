@@ -6,12 +6,8 @@ from __future__ import annotations
 import torch
 
 from afd.attention_nodes.kv_transfer import send_kv
-from afd.attention_nodes.worker import (
-    build_micro_batch,
-    entry_prompt_logprobs,
-    injected_fault,
-    sample_entries,
-)
+from afd.attention_nodes.plan_runner import MicroBatch, PlanRunner
+from afd.attention_nodes.worker import injected_fault
 from afd.comm import liveness
 from afd.comm.control import RoleWorker, serve
 from afd.comm.messages import PrefillResult, PrefillStep, WorkerSpec
@@ -25,6 +21,11 @@ def run_prefill_worker(raw_spec: bytes) -> None:
     serve(raw_spec, "prefill", PrefillWorker.build)
 
 
+def _after_forward(mb: MicroBatch) -> None:
+    injected_fault(mb.input_ids)
+    liveness.beat()
+
+
 class PrefillWorker(RoleWorker):
     """One prefill batch per plan, and the KV exports the plan names (torch.distributed)."""
 
@@ -32,7 +33,9 @@ class PrefillWorker(RoleWorker):
 
     def __init__(self, model, caches, block_size: int, device, sampler: Sampler):
         self.model, self.caches, self.block_size, self.device = model, caches, block_size, device
-        self.sampler = sampler
+        # no sampler state is kept here: each sampled entry brings its history
+        self.runner = PlanRunner(model, caches, block_size, device, sampler, keep_states=False,
+                                 after_forward=_after_forward)  # fmt: skip
 
     @classmethod
     def build(cls, spec: WorkerSpec) -> PrefillWorker:
@@ -50,24 +53,13 @@ class PrefillWorker(RoleWorker):
         clock = StageClock(plan.trace, self.device)
         t0 = clock.now()
         sends = [send_kv(self.caches, t.blocks, t.peer, t.seq_id) for t in plan.exports]
-        sampled, prompt_logprobs, errors = [], [], []
-        if plan.entries:
-            mb = build_micro_batch(plan.entries, self.block_size, self.device)
-            with torch.inference_mode():
-                hidden = self.model(mb.input_ids, mb.positions, mb.meta, self.caches)
-                injected_fault(mb.input_ids)
-                liveness.beat()
-                if mb.prompt_entries:
-                    prompt_logprobs = entry_prompt_logprobs(self.model, self.sampler, mb, hidden)
-                if mb.sample_entries:
-                    # no sampler state is kept here: each entry brings its history
-                    sampled = sample_entries(
-                        self.model, self.sampler, mb.sample_entries, hidden[mb.sample_rows], {},
-                        errors,
-                    )  # fmt: skip
+        runner = self.runner
+        batches = [plan.entries] if plan.entries else []
+        # (its sampling is part of the prefill stage, not timed apart)
+        out = runner.run(batches, 1, runner.full_forward, StageClock(False))
         for work, _ in sends:
             liveness.wait_work(work)
         clock.record("prefill", "prefill", t0, clock.now())
-        fields = dict(sampled=sampled, prompt_logprobs=prompt_logprobs, errors=errors,
-                      times=clock.times, events=clock.events)  # fmt: skip
+        fields = dict(sampled=out.sampled[0], prompt_logprobs=out.prompt_logprobs,
+                      errors=out.errors, times=clock.times, events=clock.events)  # fmt: skip
         return PrefillResult, fields

@@ -29,9 +29,9 @@ def run_afd(job: dict) -> dict[str, Any]:
     """afd.LLM (the single-process engine), greedy, EOS ignored."""
     import torch
 
+    import afd.version
     from afd.entrypoints.llm import LLM
     from afd.sampling.params import SamplingParams
-    from afd.version import __version__
 
     t0 = time.perf_counter()
     llm = LLM(
@@ -47,7 +47,11 @@ def run_afd(job: dict) -> dict[str, Any]:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
-    return _timed(job, generate, load_s, torch.get_num_threads(), f"afd {__version__}")
+    result = _timed(
+        job, generate, load_s, torch.get_num_threads(), f"afd {afd.version.__version__}"
+    )
+    result["afd_path"] = afd.version.__file__  # which checkout ran (afd bench offline's two sides)
+    return result
 
 
 def run_vllm(job: dict) -> dict[str, Any]:

@@ -58,6 +58,10 @@ FOLD_RULES: tuple[tuple[str, str, str], ...] = (
     ("dense layers", r"torch/nn/functional\.py$", r""),
     # the host side of a step
     ("sampling", r"(^|/)afd/sampling/", r""),
+    ("sampling", r"(^|/)attention_nodes/plan_runner\.py$", r"sample"),
+    ("input building", r"(^|/)attention_nodes/plan_runner\.py$", r"build_micro_batch"),
+    ("input building", r"(^|/)scheduler/cluster\.py$", r"plan_entry"),
+    # profiles of code before the one input builder (afd/engine/model_runner.py)
     ("sampling", r"(^|/)afd/engine/model_runner\.py$", r"sample"),
     ("sampling", r"(^|/)attention_nodes/worker\.py$", r"sample"),
     ("input building", r"(^|/)afd/engine/model_runner\.py$", r"prepare|ModelInputs"),

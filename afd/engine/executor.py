@@ -11,7 +11,8 @@ from afd.scheduler.core.step import RecoveryStats, StepInterrupted, StepPlan, St
 
 
 class LocalExecutor:
-    """The whole model in this process (the single-process engine)."""
+    """The whole model in this process (the single-process engine): the workers' path in-process,
+    the driver's plan entries through the attention side's PlanRunner with the MoE computed here."""
 
     num_replicas = 1
     num_prefill_replicas = 0
@@ -24,11 +25,12 @@ class LocalExecutor:
         eos_token_ids=(),
         tokenizer_dir: Path | None = None,
     ):
-        from afd.engine.model_runner import ModelRunner
+        from afd.attention_nodes.plan_runner import PlanRunner
         from afd.kernels.ops import set_kernel_backend
         from afd.loader import load_model
         from afd.models import allocate_kv_cache
         from afd.sampling.sampler import Sampler
+        from afd.timing import StageClock
 
         device, block_size = config.cluster.device, config.cache.block_size
         set_kernel_backend(config.cluster.kernel_backend)
@@ -39,19 +41,34 @@ class LocalExecutor:
         self.num_kv_blocks = num_kv_blocks_for(config, model_config, dtype, model_path)
         kv_caches = allocate_kv_cache(model_config, self.num_kv_blocks, block_size, dtype, device)
         sampler = Sampler(eos_token_ids, tokenizer_dir or model_path)
-        self.runner = ModelRunner(model, kv_caches, block_size, device, sampler)
+        self.runner = PlanRunner(model, kv_caches, block_size, device, sampler)
+        self.clock = StageClock(False)  # no stage times in one process
         self.recovery = RecoveryStats()  # stays empty: no worker to replace
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run the batch; a raise in the forward (a kernel, a layer) becomes StepInterrupted,
         so that the engine can find the request that makes it raise and go on without it."""
-        self.runner.sample_errors.clear()
+        from afd.scheduler.cluster.executor import plan_entry
+
+        batch = plan.batches[0]
+        # history goes with every entry that needs it: the runner reads it only for a sequence
+        # it holds no sampler state for yet (new, or after a failed step)
+        entries = [
+            plan_entry(seq, n, sample, with_history=True)
+            for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample, strict=True)
+        ]
         try:
-            steps = self.runner.execute(plan.batches[0])
+            out = self.runner.run([entries], batch.num_steps, self.runner.full_forward, self.clock)
         except Exception as e:
             raise StepInterrupted(f"{type(e).__name__}: {e}", set(), set()) from e
-        lps, self.runner.prompt_logprobs = self.runner.prompt_logprobs, {}
-        return StepResult(steps, sample_errors=dict(self.runner.sample_errors), prompt_logprobs=lps)
+        prompt_logprobs: dict[int, list] = {}
+        for p in out.prompt_logprobs:
+            prompt_logprobs.setdefault(p.seq_id, []).append([p.position, p.entries])
+        return StepResult(
+            [{s.seq_id: (s.token, s.logprobs) for s in step} for step in out.sampled],
+            sample_errors={e.seq_id: e.message for e in out.errors},
+            prompt_logprobs=prompt_logprobs,
+        )
 
     def release(self, replica: int, seq_ids: list[int]) -> None:
         self.runner.release(seq_ids)

@@ -235,7 +235,7 @@ class _LayerBench:
         return _timeit(run, reps, self.reduce)
 
     def prep(self, batch: int, context: int, reps: int) -> float:
-        from afd.attention_nodes.worker import build_micro_batch
+        from afd.attention_nodes.plan_runner import build_micro_batch
 
         entries = decode_entries(decode_sequences(batch, context, self.block_size))
 
@@ -383,16 +383,16 @@ def host_points(path: Path, dtype: str, batches: list[int], threads: int) -> lis
         max_num_batched_tokens=max(512, top * 4),
     )
     eng = llm.engine
-    runner = eng.executor.runner
-    inner, spent = runner.execute, [0.0]
+    executor = eng.executor
+    inner, spent = executor.execute, [0.0]
 
-    def timed(batch):
+    def timed(*args):
         t0 = time.perf_counter()
-        out = inner(batch)
+        out = inner(*args)
         spent[0] += time.perf_counter() - t0
         return out
 
-    runner.execute = timed
+    executor.execute = timed
     params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
     points, added = [], 0
     try:
