@@ -1,7 +1,7 @@
-"""Before/after figures of the engine-core process: `afd serve` in one process (before) and with
---engine-core-process (after), alternating rounds in one run, on colocated and 1P+1A+1F
-tiny-qwen3-moe: `afd bench serve` metrics, start-up seconds (spawn to /health 200) and RSS per
-process. Run under the CPU lock on a clean tree:
+"""Before/after figures of the engine-core process: `afd serve` in one process (before,
+--no-engine-core-process) and with the engine-core process (after, the default), alternating
+rounds in one run, on colocated and 1P+1A+1F tiny-qwen3-moe: `afd bench serve` metrics,
+start-up seconds (spawn to /health 200) and RSS per process. Run under the CPU lock on a clean tree:
 
     flock /tmp/afd-cpu.lock timeout 900 python scripts/bench_core_process.py --output FILE
 """
@@ -27,7 +27,7 @@ TOPOLOGIES = {
     "1p1a1f": ["--num-prefill-workers", "1", "--num-attention-workers", "1",
                "--num-expert-workers", "1"],
 }  # fmt: skip
-MODES = {"one-process": [], "core-process": ["--engine-core-process"]}
+MODES = {"one-process": ["--no-engine-core-process"], "core-process": ["--engine-core-process"]}
 
 
 def _tree(pid: int) -> list[int]:

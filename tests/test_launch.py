@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -38,15 +39,18 @@ def test_startup_line_names_the_transport_auto_chose(server):
 
 
 def test_one_flag_serves_colocated():
-    """`afd serve M --num-attention-workers 0` alone: one process (no worker children), the
-    offline engine's greedy text."""
+    """`afd serve M --num-attention-workers 0` alone: no worker processes (only the engine-core
+    process, the default since issue 19), the offline engine's greedy text."""
     with launched("tiny-qwen3-moe", "--num-attention-workers", "0", "--dtype", "float32",
                   serve=True) as (base, proc):  # fmt: skip
         assert any("plan: single process" in line for line in proc.lines), proc.lines
         body = {"prompt": "Hello there", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
         got = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
-        assert children.stdout.split() == []
+        (core,) = children.stdout.split()  # the engine core, and no worker below it
+        assert "afd.engine.core" in Path(f"/proc/{core}/cmdline").read_text()
+        grandchildren = subprocess.run(["pgrep", "-P", core], capture_output=True, text=True)
+        assert grandchildren.stdout.split() == []
     want = LLM("tiny-qwen3-moe", dtype="float32").generate(
         ["Hello there"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     )
@@ -302,6 +306,18 @@ def test_hostile_inputs_and_a_killed_worker_leave_8_streams_unaffected(server):
     assert any("recovered in" in line for line in proc.lines)
 
 
+def _worker_pids(launcher: int) -> list[int]:
+    """The processes the engine started: the engine core's children (the launcher's only
+    child by default), or the launcher's own under --no-engine-core-process."""
+    out = subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout
+    pids = [int(p) for p in out.split()]
+    cores = [p for p in pids if "afd.engine.core" in Path(f"/proc/{p}/cmdline").read_text()]
+    if cores:
+        out = subprocess.run(["pgrep", "-P", str(cores[0])], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+    return pids
+
+
 def test_killed_worker_makes_health_503_and_requests_fail():
     """Restart budget spent (--max-worker-restarts 0): the old fail-fast behaviour."""
     port = free_port()
@@ -320,8 +336,7 @@ def test_killed_worker_makes_health_503_and_requests_fail():
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
-        workers = [int(p) for p in children.stdout.split()]
+        workers = _worker_pids(proc.pid)
         assert len(workers) >= 2
         import threading
 

@@ -6,12 +6,16 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from afd.config import EngineConfig
-from afd.engine.llm_engine import LLMEngine
 from afd.outputs import RequestOutput
 from afd.sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    from afd.engine.llm_engine import LLMEngine
 
 
 class EngineOverloadedError(RuntimeError):
@@ -26,12 +30,31 @@ class RequestFailedError(RuntimeError):
     """This request failed alone (e.g. its sampling raised on a worker); the engine goes on."""
 
 
+class AddCommand(msgspec.Struct, frozen=True):
+    """Engine thread: admit a tokenized request (already validated by `generate`)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class AbortCommand(msgspec.Struct, frozen=True):
+    """Engine thread: stop a request and free its KV blocks (an unknown id is ignored)."""
+
+    request_id: str
+
+
+EngineCommand = AddCommand | AbortCommand
+
+
 class AsyncEngine:
     """Thread-safe front of LLMEngine: `generate` yields cumulative outputs, `abort` frees; the
     server's afd.entrypoints.protocol.EngineClient."""
 
     def __init__(self, config: EngineConfig, max_queue_len: int = 1024):
-        self.engine = LLMEngine(config)
+        from afd.engine.llm_engine import LLMEngine  # torch: the error classes need none
+
+        self.engine: LLMEngine = LLMEngine(config)
         self.config = config
         self.max_queue_len = max_queue_len
         self.tokenizer = self.engine.tokenizer
@@ -40,7 +63,7 @@ class AsyncEngine:
         # admission counts sequences (a request with n = 8 is 8), running or queued
         self.sequence_capacity = max_queue_len + config.limits.max_num_seqs
         self._num_seqs = 0
-        self._commands: queue.Queue = queue.Queue()
+        self._commands: queue.SimpleQueue[EngineCommand] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stop = False
@@ -84,7 +107,7 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._num_seqs += params.n
-        self._commands.put(("add", request_id, prompt_token_ids, params))
+        self._commands.put(AddCommand(request_id, prompt_token_ids, params))
         self._wake.set()
         try:
             while True:
@@ -97,12 +120,12 @@ class AsyncEngine:
         finally:
             self._num_seqs -= params.n
             if self._streams.pop(request_id, None) is not None:
-                self._commands.put(("abort", request_id))
+                self._commands.put(AbortCommand(request_id))
                 self._wake.set()
 
     async def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self._commands.put(("abort", request_id))
+        self._commands.put(AbortCommand(request_id))
         self._wake.set()
 
     def _deliver(self, request_id: str, item) -> None:
@@ -110,6 +133,15 @@ class AsyncEngine:
         if target is not None:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _apply(self, cmd: EngineCommand) -> None:
+        if isinstance(cmd, AddCommand):
+            try:
+                self.engine.add_request(cmd.prompt_token_ids, cmd.params, request_id=cmd.request_id)
+            except ValueError as e:
+                self._deliver(cmd.request_id, e)
+        else:
+            self.engine.abort_request(cmd.request_id)
 
     def _loop(self) -> None:
         eng = self.engine
@@ -119,14 +151,7 @@ class AsyncEngine:
                     cmd = self._commands.get_nowait()
                 except queue.Empty:
                     break
-                if cmd[0] == "add":
-                    _, rid, ids, params = cmd
-                    try:
-                        eng.add_request(ids, params, request_id=rid)
-                    except ValueError as e:
-                        self._deliver(rid, e)
-                else:
-                    eng.abort_request(cmd[1])
+                self._apply(cmd)
             try:
                 if not eng.has_unfinished_requests():
                     eng.maintain()  # heal a worker that failed while idle

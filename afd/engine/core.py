@@ -19,7 +19,6 @@ import msgspec
 import zmq
 
 from afd.engine import core_records as rec
-from afd.engine.llm_engine import LLMEngine
 from afd.outputs import RequestOutput
 
 logger = logging.getLogger("afd.engine.core")
@@ -60,6 +59,8 @@ class EngineCore:
     """The step loop behind the sockets; `run` returns once told to shut down."""
 
     def __init__(self, spec: rec.CoreSpec):
+        from afd.engine.llm_engine import LLMEngine  # torch: not in the API processes' imports
+
         self.engine = LLMEngine(spec.config, detokenize=False)  # text: the API's
         self.capacity = spec.max_queue_len + spec.config.limits.max_num_seqs
         self.parent_pid = spec.parent_pid
@@ -314,11 +315,13 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     spec = rec.spec_decoder.decode(sys.stdin.buffer.read())
     from afd.process import raise_interrupt, setup_logging
+    from afd.scheduler.cluster.executor import print_plan
 
     setup_logging(os.environ.get("AFD_LOG_LEVEL", "info"))
     # SIGTERM while loading unwinds, so workers and temp folders are cleaned up
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
+        print_plan(spec.config)  # here: the launcher starts this process before it imports
         core = EngineCore(spec)
     except ValueError as e:  # a user error (the model, a setting): exit 2, as the CLI's
         print(f"afd: error: {e}", file=sys.stderr, flush=True)

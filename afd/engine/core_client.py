@@ -296,7 +296,11 @@ class CoreClient:
 
 def start_core_client(config: EngineConfig, max_queue_len: int, log_level: str) -> CoreClient:
     """A core process for `config` and this process's client of it (which stops it)."""
-    core = CoreProcess(config, max_queue_len, log_level)
+    return connect_core(CoreProcess(config, max_queue_len, log_level))
+
+
+def connect_core(core: CoreProcess) -> CoreClient:
+    """This process's client of a started `core`, once it is ready; the client stops it."""
     try:
         client = CoreClient(core.addresses, core.pid)
     except CoreStartError as e:

@@ -29,27 +29,32 @@ from afd.process import raise_interrupt, setup_logging
 
 @dataclass(frozen=True)
 class ProcessConfig:
-    """How `afd serve` splits into processes (vLLM's --api-server-count)."""
+    """How `afd serve` splits into processes (vLLM v1: the engine core in a process of its own,
+    --api-server-count)."""
 
     engine_core_process: bool = option(
-        False,
+        True,
         "run the engine core (scheduler, executor, request state) in a process of its own, "
-        "the HTTP server and tokenization in another, talking over ZMQ",
+        "the HTTP server and tokenization in another, talking over ZMQ; "
+        "--no-engine-core-process keeps it in the HTTP server's process",
         scope="server",
+        negatable=True,
     )
     api_server_count: int = option(
         1,
-        "HTTP API processes sharing the port against one engine core (more than 1 implies "
-        "--engine-core-process)",
+        "HTTP API processes sharing the port against one engine core",
         scope="server",
     )
 
     def __post_init__(self) -> None:
         check_int("--api-server-count", self.api_server_count, 1, 64)
+        if self.api_server_count > 1 and not self.engine_core_process:
+            raise ValueError("--api-server-count > 1 needs the engine-core process "
+                             "(drop --no-engine-core-process)")  # fmt: skip
 
     @property
     def split(self) -> bool:
-        return self.engine_core_process or self.api_server_count > 1
+        return self.engine_core_process
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -163,53 +168,33 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous_term)
 
 
-def transport_label(config) -> str:
-    """The A<->F transport a cluster of `config` uses, as the start-up line names it: `shm
-    (auto)` when --comm-backend auto chose it."""
-    from afd.comm.dispatch import resolve_transport_name
-    from afd.scheduler.cluster.executor import shares_gpus
+def _start_core(config, server_config):
+    """The engine-core process, started before this process imports the HTTP stack and the
+    tokenizer, so its imports and model load run beside them (it prints the plan)."""
+    from afd.engine.core_client import CoreProcess
 
-    cluster = config.cluster
-    one_node = cluster.nnodes == 1
-    name = resolve_transport_name(
-        cluster.comm_backend,
-        cluster.device,
-        "-" if one_node else None,  # shm needs every worker on one host
-        one_node and shares_gpus(config),
-    )
-    return f"{name} (auto)" if cluster.comm_backend == "auto" else name
+    return CoreProcess(config.replace(progress=True), server_config.max_queue_len,
+                       server_config.log_level)  # fmt: skip
 
 
-def _print_plan(config) -> None:
-    cluster, model = config.cluster, config.source.model
-    if cluster.num_attention_workers:
-        a, f, p = (
-            cluster.num_attention_workers,
-            cluster.num_expert_workers,
-            cluster.num_prefill_workers,
-        )
-        print(
-            f"afd: plan: {a} attention worker(s) (ranks 0..{a - 1}), {f} expert worker(s) "
-            f"(ranks {a}..{a + f - 1}), {p} prefill worker(s)"
-            + (f" (ranks {a + f}..{a + f + p - 1})" if p else "")
-            + f"; m={cluster.num_micro_batches}, transport={transport_label(config)}, "
-            f"device={cluster.device}, model={model}",
-            flush=True,
-        )
-    else:
-        print(f"afd: plan: single process, device={cluster.device}, model={model}", flush=True)
+def _preload_api_imports() -> None:
+    """What the API process needs anyway (FastAPI, transformers' tokenizer), imported while
+    the core loads rather than after it is ready."""
+    from transformers import PreTrainedTokenizerFast  # noqa: F401
+
+    import afd.entrypoints.server  # noqa: F401
 
 
-def _start_engine(config, server_config, processes: ProcessConfig):
-    """The EngineClient: the engine in this process, or a core process of its own."""
+def _start_engine(config, server_config, core):
+    """The EngineClient: a client of the started core, or the engine in this process."""
+    if core is not None:
+        from afd.engine.core_client import connect_core
+
+        return connect_core(core)
+    from afd.engine.async_engine import AsyncEngine
+
     config = config.replace(progress=True)
-    if not processes.split:
-        from afd.engine.async_engine import AsyncEngine
-
-        return AsyncEngine(config, max_queue_len=server_config.max_queue_len)
-    from afd.engine.core_client import start_core_client
-
-    return start_core_client(config, server_config.max_queue_len, server_config.log_level)
+    return AsyncEngine(config, max_queue_len=server_config.max_queue_len)
 
 
 def watch_engine(engine, server, failure: list[str]) -> None:
@@ -229,20 +214,29 @@ def watch_engine(engine, server, failure: list[str]) -> None:
 
 
 def _serve(config, server_config, sock, processes: ProcessConfig) -> int:
-    from afd.entrypoints.server import build_app
-    from afd.entrypoints.serving import ServerState, make_server
-
-    _print_plan(config)
-    print("afd: loading model and starting workers ...", flush=True)
     from afd.engine.core_client import CoreStartError
 
+    core = _start_core(config, server_config) if processes.split else None
     try:
-        engine = _start_engine(config, server_config, processes)
+        if core is None:
+            from afd.scheduler.cluster.executor import print_plan
+
+            print_plan(config)
+        else:
+            _preload_api_imports()
+        engine = _start_engine(config, server_config, core)
     except CoreStartError as e:  # the core said why
         return e.exit_code
     except (RuntimeError, TimeoutError) as e:  # a worker failed to start: say which, exit 1
         print(f"afd: error: {e}", file=sys.stderr, flush=True)
         return 1
+    except BaseException:  # Ctrl-C while loading: the core unwinds its workers
+        if core is not None:
+            core.stop(timeout=0)
+        raise
+    from afd.entrypoints.server import build_app
+    from afd.entrypoints.serving import ServerState, make_server
+
     children: list[subprocess.Popen] = []
     try:
         for index in range(1, processes.api_server_count):

@@ -222,6 +222,42 @@ def worker_spec(
     return wire.decode_spec(wire.encode(spec))  # checked here as every worker will check it
 
 
+def transport_label(config) -> str:
+    """The A<->F transport a cluster of `config` uses, as the start-up line names it: `shm
+    (auto)` when --comm-backend auto chose it."""
+    cluster = config.cluster
+    one_node = cluster.nnodes == 1
+    name = resolve_transport_name(
+        cluster.comm_backend,
+        cluster.device,
+        "-" if one_node else None,  # shm needs every worker on one host
+        one_node and shares_gpus(config),
+    )
+    return f"{name} (auto)" if cluster.comm_backend == "auto" else name
+
+
+def print_plan(config) -> None:
+    """The start-up lines: what runs where, then that loading begins."""
+    cluster, model = config.cluster, config.source.model
+    if cluster.num_attention_workers:
+        a, f, p = (
+            cluster.num_attention_workers,
+            cluster.num_expert_workers,
+            cluster.num_prefill_workers,
+        )
+        print(
+            f"afd: plan: {a} attention worker(s) (ranks 0..{a - 1}), {f} expert worker(s) "
+            f"(ranks {a}..{a + f - 1}), {p} prefill worker(s)"
+            + (f" (ranks {a + f}..{a + f + p - 1})" if p else "")
+            + f"; m={cluster.num_micro_batches}, transport={transport_label(config)}, "
+            f"device={cluster.device}, model={model}",
+            flush=True,
+        )
+    else:
+        print(f"afd: plan: single process, device={cluster.device}, model={model}", flush=True)
+    print("afd: loading model and starting workers ...", flush=True)
+
+
 def node_devices(
     layout: ClusterLayout, node: int, device: str, num_gpus: int, gpus_per_node: int | None = None
 ) -> dict[int, str]:
