@@ -491,6 +491,7 @@ def measure_colocated(model: str, args, ks: list[int], longest: int) -> list[dic
         for rnd in range(args.warmup_rounds + args.rounds):
             for k in ks:
                 eng.config = eng.config.replace(num_scheduler_steps=k)
+                eng.scheduler.num_scheduler_steps = k  # the plan's K is read there
                 for _ in range(args.max_micro_batches):
                     t0 = time.perf_counter()
                     eng.step()
