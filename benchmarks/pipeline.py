@@ -189,6 +189,7 @@ def measure(llm, args, ks: list[int], SamplingParams) -> dict:
         for v in variants:
             k, m = v
             eng.config = eng.config.replace(num_scheduler_steps=k)
+            eng.scheduler.num_scheduler_steps = k  # the plan's K is read there
             ex.num_micro_batches = m
             ex.trace = rnd == last
             t0 = time.perf_counter()
