@@ -26,8 +26,24 @@ from afd.benchmarks.profile_serve import Recorder, fold, format_profile, parse_r
 PHASES = {
     "decode-16": (16, 16, 128),
     "decode-64": (64, 16, 64),
-    "prefill-16x128": (64, 128, 1),
+    "prefill-64x128": (64, 128, 1),
 }
+
+
+# the README's columns: a component's own share, the host side (everything but the model's
+# layers) summed
+MODEL_PARTS = {"attention": "attention", "MoE": "moe", "dense layers": "dense"}
+
+
+def summary_row(model: str, phase: str, run: dict) -> dict:
+    """One flat row of a run: tok/s and the shares of attention, MoE, dense layers, sampling and
+    the rest of the host side (scheduling, input building, engine loop, waits, ...)."""
+    shares = {c["component"]: c["share"] for c in run["components"]}
+    row = {"model": model, "phase": phase, "tokens_per_s": run["tokens_per_s"]}
+    row.update({key: shares.get(name, 0.0) for name, key in MODEL_PARTS.items()})
+    row["sampling"] = shares.get("sampling", 0.0)
+    row["host"] = 1.0 - sum(row[k] for k in (*MODEL_PARTS.values(), "sampling"))
+    return row
 
 
 def _model_path(name: str) -> str:
@@ -84,18 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="profile-steps")
     p.add_argument("--allow-dirty", action="store_true")
     args = p.parse_args(argv)
-    runs = {}
+    runs, rows = {}, []
     for model in args.models:
         llm = LLM(model=_model_path(model), dtype="float32", seed=0, max_num_seqs=64)
         for phase in args.phases:
             r = profile_phase(llm, phase, args.rate, seed=1)
             runs[f"{model}/{phase}"] = r
+            rows.append(summary_row(model, phase, r))
             print(f"== {model} {phase}: {r['generate_s']:.2f} s, {r['tokens_per_s']:.0f} tok/s")
             print(format_profile(r, top=8))
         del llm
     out = write_result(
         args.name,
-        {"threads": torch.get_num_threads(), "phases": PHASES, "runs": runs},
+        {"threads": torch.get_num_threads(), "phases": PHASES, "rows": rows, "runs": runs},
         path=results_dir("cpu") / f"{args.name}.json",
         argv=["python", "-m", "afd.benchmarks.profile_steps", *(argv or sys.argv[1:])],
     )
