@@ -2,7 +2,7 @@
 `LLM.generate` (this process, single-process engine) folded by profile_serve's FOLD_RULES, for
 decode at 16 and 64 running streams and for a prefill-only step mix, per model.
 
-    python -m afd.benchmarks.profile_steps [--models tiny-qwen3-moe peer-qwen3-moe] [--name N]
+    afd bench steps [--models tiny-qwen3-moe peer-qwen3-moe] [--phases ...] [--name N]
 
 Writes benchmarks/results/<machine>/<name>.json through write_result (run it on a clean tree,
 under the CPU lock)."""
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -89,17 +88,21 @@ def profile_phase(llm, phase: str, rate_hz: int, seed: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from afd import LLM
-    from afd.benchmarks.results import machine_name, results_dir, write_result
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `afd bench steps`."""
     p.add_argument("--models", nargs="+", default=["tiny-qwen3-moe", "peer-qwen3-moe"])
     p.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
-    p.add_argument("--name", default="profile-steps")
-    p.add_argument("--allow-dirty", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--name", default="profile-steps", help="result name")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Profile each model's phases in this process, print the folds, write the result."""
+    from afd import LLM
+    from afd.benchmarks.results import check_clean, results_dir, write_result
+
+    out = results_dir("cpu") / f"{args.name}.json"
+    check_clean(out, args.allow_dirty)  # before minutes of profiling, not after
     runs, rows = {}, []
     for model in args.models:
         llm = LLM(model=_model_path(model), dtype="float32", seed=0, max_num_seqs=64)
@@ -110,15 +113,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {model} {phase}: {r['generate_s']:.2f} s, {r['tokens_per_s']:.0f} tok/s")
             print(format_profile(r, top=8))
         del llm
-    out = write_result(
-        args.name,
-        {"threads": torch.get_num_threads(), "phases": PHASES, "rows": rows, "runs": runs},
-        path=results_dir("cpu") / f"{args.name}.json",
-        argv=["python", "-m", "afd.benchmarks.profile_steps", *(argv or sys.argv[1:])],
-    )
-    print(f"wrote {out} ({machine_name()})")
+    payload = {"threads": torch.get_num_threads(), "phases": PHASES, "rows": rows, "runs": runs}
+    print(f"wrote {write_result(args.name, payload, path=out)}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _BENCHES = {"kernels": "kernels", "pipeline": "pipeline", "serve": "serve", "chaos": "chaos"}
 _BENCHES["peer"] = "peer"  # AFD against vLLM's CPU build (afd.benchmarks.peer)
+_BENCHES["steps"] = "profile_steps"  # where a colocated step's time goes, per component
 SERVE_COMMANDS = ("serve", "launch")  # launch: the name before vLLM's
 
 
