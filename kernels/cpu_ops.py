@@ -17,10 +17,18 @@ from afd.kernels.metadata import AttentionMetadata
 # A group of sequences padded to its longest costs at most this many times its real work
 # (query rows x keys) before the next length starts a group of its own.
 PAD_WASTE = 1.5
+# MoE experts whose busiest expert has at most this many rows run as one padded bmm whatever the
+# padding (decode: each expert's weights are read once either way, and one bmm is one parallel
+# region where torch._grouped_mm on CPU is one mm per expert).
+MOE_PAD_ROWS = 16
 # Decode gathers a batch's pages once (still 1.5x the reference's page-column loop at 4 x 4096
 # tokens of 8 x 128 heads, 67 MB); above this many bytes the copy would hold too much memory
 # and the reference runs instead.
 DECODE_GATHER_BYTES = 512 << 20
+# From this many KV heads decode runs as one SDPA over the gathered pages (read in place through
+# their strides) instead of two bmm per KV head: 8 KV heads of 64 ran 0.74x the reference as 16
+# small bmm calls on strided slices (kernels-cpu.json of 6d8a4b0).
+SDPA_DECODE_KV_HEADS = 4
 
 Gather = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -45,24 +53,25 @@ def fused_moe(
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k], shard-local; out-of-range ids are skipped
 ) -> torch.Tensor:
-    """(token, slot) pairs sorted by expert, one grouped GEMM per projection (empty experts are
-    empty groups), SiLU-and-mul on the whole batch, each token's k terms added."""
+    """(token, slot) pairs sorted by expert, both projections as one grouped GEMM each (_padded
+    or _grouped, by _use_padded), SiLU-and-mul on the whole batch, each token's k terms added."""
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     flat = topk_ids.reshape(-1)
     # Skipped ids sort last, as one extra expert whose rows are never computed.
     key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
     order = torch.argsort(key, stable=True)
-    ends = torch.cumsum(torch.bincount(key, minlength=num_experts + 1)[:num_experts], 0)
-    routed = int(ends[-1]) if num_experts else 0
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    routed = int(counts.sum()) if num_experts else 0
     if routed == 0:
         return torch.zeros_like(x)
     pairs = order[:routed]
     tok = pairs // top_k
-    offs = ends.to(torch.int32)
-    gate_up = torch._grouped_mm(x.index_select(0, tok), w13.transpose(1, 2), offs=offs)
-    inter = gate_up.shape[1] // 2
-    act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
-    h = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)  # [routed, H]
+    rows = x.index_select(0, tok)
+    most, active = int(counts.max()), int(torch.count_nonzero(counts))
+    if _use_padded(num_experts, most, routed, active):
+        h = _padded(rows, w13, w2, counts, key.index_select(0, pairs), most)
+    else:
+        h = _grouped(rows, w13, w2, torch.cumsum(counts, 0).to(torch.int32))
     h.mul_(topk_weights.reshape(-1)[pairs].to(x.dtype)[:, None])
     # Each token's k terms summed in ascending expert order, as the reference does: in bf16 a
     # different order rounds differently, and the engine's greedy tests see it.
@@ -74,6 +83,45 @@ def fused_moe(
     for term in terms[1:]:
         out = out + term
     return out
+
+
+def _use_padded(num_experts: int, most: int, routed: int, active: int) -> bool:
+    """Padded bmm when the busiest expert has at most MOE_PAD_ROWS rows (the weights' reads
+    dominate) and the empty experts whose weights bmm would read too are at most PAD_WASTE x the
+    active ones (one token of top-4 of 16 ran 0.70x padded). Larger groups keep _grouped: 2048
+    tokens ran 0.78x padded even with little padding (kernels-cpu.json of 06cfd89)."""
+    return most <= MOE_PAD_ROWS and num_experts <= PAD_WASTE * active
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up over [..., 2I] in two in-place passes (no copy of either half)."""
+    inter = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :inter], inplace=True).mul_(gate_up[..., inter:])
+
+
+def _grouped(
+    rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ends: torch.Tensor
+) -> torch.Tensor:
+    """Expert-sorted rows [R, H] through torch._grouped_mm (a GEMM per group) -> [R, H]."""
+    act = _silu_mul(torch._grouped_mm(rows, w13.transpose(1, 2), offs=ends))
+    return torch._grouped_mm(act, w2.transpose(1, 2), offs=ends)
+
+
+def _padded(
+    rows: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    counts: torch.Tensor,  # [E] rows per expert
+    experts: torch.Tensor,  # [R] expert of each sorted row
+    most: int,
+) -> torch.Tensor:
+    """Expert-sorted rows [R, H] padded to [E, most, H], one bmm per projection -> [R, H]."""
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.shape[0], device=rows.device) - starts[experts]
+    xp = rows.new_zeros(w13.shape[0], most, rows.shape[1])
+    xp[experts, pos] = rows
+    act = _silu_mul(torch.bmm(xp, w13.transpose(1, 2)))
+    return torch.bmm(act, w2.transpose(1, 2))[experts, pos]
 
 
 def _length_groups(q_lens: list[int], seq_lens: list[int]) -> list[list[int]]:
@@ -111,6 +159,8 @@ def _decode(
     f32 = torch.float32
     if k.dtype != f32:
         k, v = k.float(), v.float()
+    if hkv >= SDPA_DECODE_KV_HEADS:
+        return _decode_sdpa(q.to(f32), k, v, lens, scale).to(q.dtype)
     qg = (q.to(f32) * scale).view(n, hkv, hq // hkv, d)
     scores = torch.empty(n, hkv, hq // hkv, s, dtype=f32, device=q.device)
     for h in range(hkv):
@@ -121,6 +171,24 @@ def _decode(
     for h in range(hkv):
         out[:, h] = torch.bmm(probs[:, h], v[:, :, h])
     return out.view(n, hq, dv).to(q.dtype)
+
+
+def _decode_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """_decode as one SDPA: the G query heads of a KV head are its G query rows, keys past each
+    sequence's length masked."""
+    n, hq, d = q.shape
+    hkv = k.shape[2]
+    past = torch.arange(k.shape[1], device=q.device) < lens[:, None]  # [n, S] keys to see
+    o = F.scaled_dot_product_attention(
+        q.view(n, hkv, hq // hkv, d),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=past[:, None, None],
+        scale=scale,
+    )  # [n, Hkv, G, Dv]
+    return o.reshape(n, hq, -1)
 
 
 def _prefill(

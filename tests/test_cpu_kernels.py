@@ -38,9 +38,16 @@ def test_rms_norm(dtype, shape):
 # ---- fused MoE --------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["padded", "grouped"])
+def moe_path(request, monkeypatch):
+    """Each test of fused_moe runs through both grouped GEMMs (padded bmm, torch._grouped_mm)."""
+    monkeypatch.setattr(cpu_ops, "_use_padded", lambda *_: request.param == "padded")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens", [1, 19])
-def test_fused_moe_edge_routing(dtype, num_tokens):
+def test_fused_moe_edge_routing(dtype, num_tokens, moe_path):
     """Expert 0 empty, expert 1 one token, ids -1 and E skipped."""
     g = torch.Generator().manual_seed(num_tokens)
     w13, w2 = _moe_weights(4, 48, 40, dtype)
@@ -53,7 +60,7 @@ def test_fused_moe_edge_routing(dtype, num_tokens):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens,top_k,num_experts", [(7, 2, 8), (64, 4, 16), (3, 4, 32)])
-def test_fused_moe_random_routing_and_shards(dtype, num_tokens, top_k, num_experts):
+def test_fused_moe_random_routing_and_shards(dtype, num_tokens, top_k, num_experts, moe_path):
     g = torch.Generator().manual_seed(num_tokens + top_k)
     w13, w2 = _moe_weights(num_experts, 32, 24, dtype, seed=3)
     x = torch.randn(num_tokens, 32, generator=g).to(dtype)
@@ -66,12 +73,18 @@ def test_fused_moe_random_routing_and_shards(dtype, num_tokens, top_k, num_exper
     assert_close(cpu_ops.fused_moe(x, w13[2:], w2[2:], weights, local), ref, dtype)
 
 
-def test_fused_moe_nothing_routed_and_no_tokens():
+def test_fused_moe_nothing_routed_and_no_tokens(moe_path):
     w13, w2 = _moe_weights(2, 16, 16, torch.float32)
     x = torch.randn(3, 16)
     ids = torch.tensor([[-1, 2], [5, -3], [2, 2]])
     assert torch.equal(cpu_ops.fused_moe(x, w13, w2, torch.ones(3, 2), ids), torch.zeros(3, 16))
     assert cpu_ops.fused_moe(x[:0], w13, w2, torch.ones(0, 2), ids[:0]).shape == (0, 16)
+
+
+def test_fused_moe_path_by_shape():
+    assert cpu_ops._use_padded(16, cpu_ops.MOE_PAD_ROWS, 64, 15)  # decode: weight reads dominate
+    assert not cpu_ops._use_padded(16, 1, 4, 4)  # one token: 12 empty experts' weights unread
+    assert not cpu_ops._use_padded(16, 550, 8192, 16)  # prefill: a GEMM per expert
 
 
 # ---- paged attention --------------------------------------------------------------------------
@@ -101,7 +114,8 @@ PREFILL = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (8, 1)])
+# (4, 4) and (16, 8) take the SDPA decode (SDPA_DECODE_KV_HEADS), the others the bmm per KV head
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (16, 8), (8, 2), (8, 1)])
 @pytest.mark.parametrize("seq_lens", DECODE_LENS)
 def test_paged_decode(dtype, num_heads, num_kv_heads, seq_lens):
     meta = _paged_batch(seq_lens, 4, num_blocks=40)

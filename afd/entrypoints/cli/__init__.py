@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 _BENCHES = {"kernels": "kernels", "pipeline": "pipeline", "serve": "serve", "chaos": "chaos"}
 _BENCHES["peer"] = "peer"  # AFD against vLLM's CPU build (afd.benchmarks.peer)
 _BENCHES["offline"] = "offline"  # LLM.generate, this checkout against a git revision
+_BENCHES["steps"] = "profile_steps"  # where a colocated step's time goes, per component
 SERVE_COMMANDS = ("serve", "launch")  # launch: the name before vLLM's
 
 
