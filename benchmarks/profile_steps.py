@@ -90,8 +90,15 @@ def profile_phase(llm, phase: str, rate_hz: int, seed: int) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `afd bench steps`."""
-    p.add_argument("--models", nargs="+", default=["tiny-qwen3-moe", "peer-qwen3-moe"])
-    p.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["tiny-qwen3-moe", "peer-qwen3-moe"],
+        help="models to profile (built-in or peer names)",
+    )
+    p.add_argument(
+        "--phases", nargs="+", default=list(PHASES), choices=list(PHASES), help="step kinds"
+    )
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--name", default="profile-steps", help="result name")
 
