@@ -93,7 +93,9 @@ def sample_entries(
         sp = _sampling_params(_params_of(e))
         params.append(sp)
         position = e.start + len(e.tokens)  # of the token being sampled
-        gens.append(row_generator(sp.seed, e.index, position) if sp.seed is not None else None)
+        # a greedy row never draws: its generator (a hash and a seeding each) is not made
+        seeded = sp.seed is not None and not sp.greedy
+        gens.append(row_generator(sp.seed, e.index, position) if seeded else None)
         num_out.append(position - e.prompt_len)
         seq_states.append(
             sequence_state(states, e.seq_id, sp, e.prompt_len, e.start, e.tokens, e.history)

@@ -230,19 +230,36 @@ def _varlen_attention(
     """Causal varlen attention of q [T, Hq, D] over paged keys, a few ops per length group:
     one gather of the group's pages, then _decode (every query length 1) or _prefill."""
     out = q.new_empty(q.shape[0], q.shape[1], dv)
-    q_lens, seq_lens = meta.query_lens.tolist(), meta.seq_lens.tolist()
-    for group in _length_groups(q_lens, seq_lens):
-        idx = torch.tensor(group, device=q.device)
-        k, v = gather(meta.block_tables.index_select(0, idx), seq_lens[group[0]])
-        starts = meta.query_start_loc.index_select(0, idx).long()
-        lens, ql = meta.seq_lens.index_select(0, idx), meta.query_lens.index_select(0, idx)
-        qmax = max(q_lens[b] for b in group)
+    for tables, length, starts, lens, ql, qmax in _group_inputs(meta):
+        k, v = gather(tables, length)
         if qmax == 1:
             out[starts] = _decode(q.index_select(0, starts), k, v, lens, scale)
         else:
             rows, src = _prefill(q, k, v, ql.long(), starts, (lens - ql).long(), qmax, scale)
             out[src] = rows
     return out
+
+
+def _group_inputs(meta: AttentionMetadata) -> list[tuple]:
+    """Per length group: its block tables, longest context, first query rows, KV lengths, query
+    lengths and longest query. The same for every layer of a forward, so built once (the
+    metadata keeps it)."""
+    groups = meta.derived.get("cpu_length_groups")
+    if groups is None:
+        q_lens, seq_lens = meta.query_lens.tolist(), meta.seq_lens.tolist()
+        groups = []
+        for group in _length_groups(q_lens, seq_lens):
+            idx = torch.tensor(group, device=meta.seq_lens.device)
+            groups.append((
+                meta.block_tables.index_select(0, idx),
+                seq_lens[group[0]],
+                meta.query_start_loc.index_select(0, idx).long(),
+                meta.seq_lens.index_select(0, idx),
+                meta.query_lens.index_select(0, idx),
+                max(q_lens[b] for b in group),
+            ))  # fmt: skip
+        meta.derived["cpu_length_groups"] = groups
+    return groups
 
 
 def _pages(cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:

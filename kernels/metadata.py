@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +17,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, M] int32, padded with 0
     max_query_len: int
     max_seq_len: int
+    # what a kernel derives from the metadata, kept for the other layers of the same forward
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_decode(self) -> bool:

@@ -138,6 +138,18 @@ def test_paged_prefill(dtype, query_lens, seq_lens):
         assert_close(ref, naive_paged_attention(q, k_cache, v_cache, meta, 0.3), dtype)
 
 
+def test_one_metadata_serves_every_layer():
+    """The length groups are derived once per forward and kept on the metadata: the next
+    layer (other queries and caches, the same metadata) still matches the reference."""
+    meta = _prefill_meta([1, 6, 1, 12], [20, 6, 33, 30], 4, num_blocks=40, seed=2)
+    for layer in range(3):
+        k_cache, v_cache = _caches(40, 4, 2, 16, 16, torch.float32, seed=10 + layer)
+        q = torch.randn(20, 6, 16, generator=torch.Generator().manual_seed(layer))
+        ref = torch_ops.paged_attention(q, k_cache, v_cache, meta, 0.3)
+        assert_close(cpu_ops.paged_attention(q, k_cache, v_cache, meta, 0.3), ref, torch.float32)
+        assert "cpu_length_groups" in meta.derived
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("query_lens,seq_lens", [([1] * 4, [1, 6, 16, 23]), *PREFILL])
 def test_mla(dtype, query_lens, seq_lens):
