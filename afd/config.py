@@ -9,10 +9,9 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from afd.choices import DISPATCH_DTYPES, DTYPE_NAMES, KERNEL_BACKENDS, TRANSPORTS
 from afd.options import (
     check_choice,
     check_int,
@@ -23,6 +22,9 @@ from afd.options import (
     option,
 )
 from afd.quantization import QUANTIZATION_MODES, Fp8Config
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 
@@ -183,7 +185,7 @@ class ModelConfig:
         return [(num_blocks, *shape)] * n
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = DTYPE_NAMES  # torch dtypes by these names (torch_dtype); a tuple keeps torch out
 # vLLM's dtype names, as it spells them too
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 DTYPE_CHOICES = ("auto", *DTYPES, *DTYPE_ALIASES)
@@ -199,22 +201,12 @@ def dtype_name(text: str) -> str:
     return value
 
 
-def _kernel_backends() -> tuple[str, ...]:
-    from afd.kernels.ops import KERNEL_BACKENDS
+def _check_transport(name: str) -> None:
+    """A built-in transport is checked without torch; another one asks the registry."""
+    if name not in TRANSPORTS:
+        from afd.comm.dispatch import transport_names
 
-    return KERNEL_BACKENDS
-
-
-def _transports() -> list[str]:
-    from afd.comm.dispatch import transport_names
-
-    return transport_names()
-
-
-def _dispatch_dtypes() -> tuple[str, ...]:
-    from afd.comm.dispatch import DISPATCH_DTYPES
-
-    return DISPATCH_DTYPES
+        check_choice("comm backend", name, transport_names())
 
 
 def _check_optional_text(self: Any, *names: str) -> None:
@@ -431,7 +423,7 @@ class ClusterConfig:
         "auto",
         "auto: Triton kernels for CUDA tensors, the cpu fast paths for CPU tensors; torch: "
         "the references everywhere",
-        choices=_kernel_backends,
+        choices=KERNEL_BACKENDS,
     )
     # Disaggregated decode (0 attention workers = everything in this process). On the command
     # line a pool not given is None until resolve_worker_counts fills it in.
@@ -457,7 +449,7 @@ class ClusterConfig:
     comm_backend: str = option(
         "auto",
         "A<->F transport: shm on one CPU node, torch (gloo/NCCL) across nodes, deepep",
-        choices=_transports,
+        choices=TRANSPORTS,
     )
     # A->F activations on the wire: auto = the compute dtype; fp8 = e4m3 + a float32 scale per
     # 128 channels (DeepEP's low-latency format), dequantized by the expert worker
@@ -465,7 +457,7 @@ class ClusterConfig:
         "auto",
         "A->F activations: the compute dtype (auto) or e4m3 + a float32 scale per 128 "
         "channels (fp8); combine stays in the compute dtype",
-        choices=_dispatch_dtypes,
+        choices=DISPATCH_DTYPES,
     )
     # GPUs a node's workers share (None: one GPU per worker, an error when a node has too few);
     # fewer GPUs than workers puts several workers on one GPU (the world then runs over gloo)
@@ -488,15 +480,15 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, DEVICES)
-        check_choice("kernel backend", self.kernel_backend, _kernel_backends())
+        check_choice("kernel backend", self.kernel_backend, KERNEL_BACKENDS)
         error = worker_count_error(
             self.num_prefill_workers, self.num_attention_workers, self.num_expert_workers
         )
         if error:
             raise ValueError(error)
         check_int("--num-micro-batches", self.num_micro_batches, 1, 1024)
-        check_choice("comm backend", self.comm_backend, _transports())
-        check_choice("dispatch dtype", self.dispatch_dtype, _dispatch_dtypes())
+        _check_transport(self.comm_backend)
+        check_choice("dispatch dtype", self.dispatch_dtype, DISPATCH_DTYPES)
         if self.gpus_per_node is not None:
             check_int("--gpus-per-node", self.gpus_per_node, 1, 1 << 16)
         check_int("--nnodes", self.nnodes, 1, 1 << 16)
@@ -623,9 +615,11 @@ class EngineConfig:
     def torch_dtype(self, model_config: ModelConfig) -> torch.dtype:
         """The compute dtype: --dtype, or for auto the checkpoint's (float32 for float16 on
         CPU: fp16 matmuls on CPU are slow and inexact)."""
+        import torch
+
         if self.source.dtype != "auto":
-            return DTYPES[self.source.dtype]
+            return getattr(torch, self.source.dtype)
         name = model_config.torch_dtype or "float32"
         if self.cluster.device == "cpu" and name == "float16":
             name = "float32"
-        return DTYPES.get(name, torch.float32)
+        return getattr(torch, name if name in DTYPES else "float32")

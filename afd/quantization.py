@@ -13,8 +13,10 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 QUANTIZATION_MODES = ("auto", "fp8", "none")
 SCALE_SUFFIX = "_scale_inv"  # "<linear>.weight_scale_inv" next to "<linear>.weight"
@@ -71,6 +73,8 @@ def resolve_quantization(
         return None
     if mode == "fp8":
         return checkpoint or Fp8Config()
+    import torch  # here: the flags import this module and must not pay for torch
+
     if checkpoint is None or torch.device(device).type != "cuda":
         return None
     from afd.kernels.ops import triton_available

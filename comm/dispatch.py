@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from afd.choices import DISPATCH_DTYPES  # noqa: F401  (re-exported; one list)
+
 MAX_MICRO_BATCHES = 64
-DISPATCH_DTYPES = ("auto", "fp8")
 FP8_GROUP = 128  # channels per scale of an FP8 payload
 # KV handoffs use tags from 2^24 (docs/structures.md); exchange tags x2 + direction stay below.
 MAX_EXCHANGE_TAG = 2**23

@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import torch
 
+from afd.choices import KERNEL_BACKENDS  # noqa: F401  (re-exported; one list)
 from afd.kernels import cpu_ops, torch_ops
 from afd.kernels.metadata import AttentionMetadata
 
-KERNEL_BACKENDS = ("auto", "torch", "cpu", "triton")
 # "auto": triton for CUDA tensors, the cpu fast paths for CPU tensors. "torch" forces the
 # references. "cpu" uses its fast paths on CPU tensors (the references elsewhere and for the
 # kernels it lacks, FP8 among them). "triton" on CPU tensors needs TRITON_INTERPRET=1 (how CI

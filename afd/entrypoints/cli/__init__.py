@@ -127,7 +127,7 @@ def version() -> str:
     return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="afd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"afd {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    for name, module in _BENCHES.items():
+    # the benchmark modules import torch (~2 s): only `afd bench` (or a whole parser) loads them
+    for name, module in _BENCHES.items() if command in (None, "bench") else ():
         if importlib.util.find_spec(f"afd.benchmarks.{module}") is None:
             continue
         b = bench_sub.add_parser(name, help=f"{name} benchmark")
@@ -502,8 +503,8 @@ def _plan_published(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     try:
         if argv and argv[0] in SERVE_COMMANDS:
             from afd.entrypoints.launch import apply_config_file
