@@ -674,3 +674,21 @@ def test_metrics_page(client, tokenizer):
 def test_parse_prometheus_text_refuses_a_bad_page():
     with pytest.raises(ValueError):
         parse_prometheus_text("not a metric line at all {")
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
+)
+def test_lone_surrogate_model_is_a_400_counted_once(engine, path):
+    """Issue 22: {"model": "\\ud800"} was a 500 (its 404 message could not be encoded), counted
+    as both 404 and 500."""
+    body = '{"model": "\\ud800", "prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}'
+    with TestClient(build_app(engine), raise_server_exceptions=False) as c:
+        r = c.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "model" and "UTF-8" in err["message"]
+        assert err["type"] == "invalid_request_error"
+        s = parse_prometheus_text(c.get("/metrics").text)
+        errors = {k[1]: v for k, v in s.items() if k[0] == "afd:request_errors_total" and v}
+    assert list(errors.values()) == [1] and ("status", "400") in next(iter(errors))

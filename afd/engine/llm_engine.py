@@ -119,6 +119,7 @@ class LLMEngine:
             sorted(self.eos_token_ids),
             self.tokenizer_path,
         )
+        self.max_model_len = self._fit_kv(config.limits.max_model_len)
         sched_config = SchedulerConfig(
             max_num_seqs=config.limits.max_num_seqs,
             max_num_batched_tokens=config.limits.max_num_batched_tokens,
@@ -139,6 +140,28 @@ class LLMEngine:
         )
         self._ids = itertools.count()
         self._seeds = itertools.count()  # requests given a seed derived from config.seed
+
+    def _fit_kv(self, asked: int | None) -> int:
+        """max_model_len within one replica's KV cache, so every admitted request can finish:
+        a --max-model-len above it is an error naming both (as vLLM), the model's default is
+        capped with a warning (small CPU caches are normal here)."""
+        capacity = self.executor.num_kv_blocks * self.config.cache.block_size
+        if self.max_model_len <= capacity:
+            return self.max_model_len
+        if asked is not None:
+            self.executor.shutdown()
+            raise ValueError(
+                f"--max-model-len {self.max_model_len} is larger than one replica's KV cache "
+                f"capacity of {capacity} tokens; lower --max-model-len or raise the KV cache "
+                "(--num-kv-blocks / --kv-cache-memory-mb)"
+            )
+        logger.warning(
+            "max_model_len capped at %d tokens, one replica's KV cache capacity "
+            "(the model allows %d)",
+            capacity,
+            self.max_model_len,
+        )
+        return capacity
 
     @property
     def requests(self) -> dict[str, RequestState]:

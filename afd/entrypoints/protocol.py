@@ -293,13 +293,19 @@ def _lone_surrogate(value: Any) -> bool:
     return False
 
 
-def _validate(model: type[BaseModel], body: dict) -> Any:
+def check_text(body: Any) -> None:
+    """400 for a field name or value that is no UTF-8 text; the message names the field only,
+    never the raw input (which could not be encoded into the error body)."""
     if isinstance(body, dict):
         for name, value in body.items():
             if _lone_surrogate(name):
                 raise bad_request("a field name is not valid UTF-8 text (a lone surrogate)")
             if _lone_surrogate(value):
                 raise bad_request(f"'{name}' is not valid UTF-8 text (a lone surrogate)", name)
+
+
+def _validate(model: type[BaseModel], body: dict) -> Any:
+    check_text(body)
     try:
         return model.model_validate(body)
     except ValidationError as e:
@@ -512,7 +518,9 @@ def _max_tokens(value: int | None, name: str) -> int | None:
 
 
 def check_model(body: dict, model_names: list[str]) -> None:
-    """404 unless the body names no model or one of the served names."""
+    """404 unless the body names no model or one of the served names (400 first for text that
+    is no UTF-8: every POST route checks the model before the rest)."""
+    check_text(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request(f"'model' must be a string, got {_show(model)}", "model")
