@@ -8,6 +8,95 @@ from typing import Any
 FAMILIES = ("qwen2-moe", "qwen3-moe", "deepseek-v2", "deepseek-v3")
 
 
+def _qwen3_moe_kwargs() -> dict[str, Any]:
+    """qwen3-moe: the family-specific sizes and routing."""
+    return dict(
+        num_hidden_layers=3,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    )
+
+
+def _qwen2_moe_kwargs() -> dict[str, Any]:
+    """qwen2-moe: the family-specific sizes and routing."""
+    return dict(
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        qkv_bias=True,
+    )
+
+
+def _deepseek_v2_kwargs() -> dict[str, Any]:
+    """deepseek-v2: the family-specific sizes and routing."""
+    return dict(
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.5,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 512,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    )
+
+
+def _deepseek_v3_kwargs() -> dict[str, Any]:
+    """deepseek-v3: the family-specific sizes and routing."""
+    return dict(
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        first_k_dense_replace=1,
+        q_lora_rank=24,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        rope_interleave=True,
+    )
+
+
 def tiny_config(family: str, vocab_size: int = 512, **overrides: Any):
     """A small config that exercises the family's features (shared experts, dense layers, ...)."""
     from transformers import DeepseekV2Config, DeepseekV3Config, Qwen2MoeConfig, Qwen3MoeConfig
@@ -21,89 +110,16 @@ def tiny_config(family: str, vocab_size: int = 512, **overrides: Any):
         tie_word_embeddings=False,
         initializer_range=0.05,
     )
-    if family == "qwen3-moe":
-        kw = dict(
-            num_hidden_layers=3,
-            num_key_value_heads=2,
-            head_dim=16,
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            num_experts=8,
-            num_experts_per_tok=2,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=[1],
-            rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
-        )
-        cls = Qwen3MoeConfig
-    elif family == "qwen2-moe":
-        kw = dict(
-            num_hidden_layers=2,
-            num_key_value_heads=2,
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=48,
-            num_experts=8,
-            num_experts_per_tok=2,
-            norm_topk_prob=False,
-            qkv_bias=True,
-        )
-        cls = Qwen2MoeConfig
-    elif family == "deepseek-v2":
-        kw = dict(
-            num_hidden_layers=3,
-            num_key_value_heads=4,
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
-            first_k_dense_replace=1,
-            q_lora_rank=None,
-            kv_lora_rank=32,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=16,
-            topk_method="group_limited_greedy",
-            n_group=4,
-            topk_group=2,
-            routed_scaling_factor=1.5,
-            rope_parameters={
-                "rope_type": "yarn",
-                "rope_theta": 10000.0,
-                "factor": 4.0,
-                "original_max_position_embeddings": 512,
-                "beta_fast": 32,
-                "beta_slow": 1,
-                "mscale": 1.0,
-                "mscale_all_dim": 1.0,
-            },
-        )
-        cls = DeepseekV2Config
-    elif family == "deepseek-v3":
-        kw = dict(
-            num_hidden_layers=3,
-            num_key_value_heads=4,
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            n_routed_experts=16,
-            n_shared_experts=1,
-            num_experts_per_tok=4,
-            first_k_dense_replace=1,
-            q_lora_rank=24,
-            kv_lora_rank=32,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=16,
-            n_group=4,
-            topk_group=2,
-            norm_topk_prob=True,
-            routed_scaling_factor=2.5,
-            rope_interleave=True,
-        )
-        cls = DeepseekV3Config
-    else:
+    family_kwargs = {
+        "qwen3-moe": (_qwen3_moe_kwargs, Qwen3MoeConfig),
+        "qwen2-moe": (_qwen2_moe_kwargs, Qwen2MoeConfig),
+        "deepseek-v2": (_deepseek_v2_kwargs, DeepseekV2Config),
+        "deepseek-v3": (_deepseek_v3_kwargs, DeepseekV3Config),
+    }
+    if family not in family_kwargs:
         raise ValueError(f"unknown tiny model family {family!r}; choose from {', '.join(FAMILIES)}")
+    kwargs_of, cls = family_kwargs[family]
+    kw = kwargs_of()
     kw = {**common, **kw, **overrides}
     return cls(**kw)
 

@@ -141,6 +141,13 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        self._normalise_fields()
+        for ok, message in self._range_checks() + self._combination_checks():
+            if not ok:
+                raise ValueError(message)
+
+    def _normalise_fields(self) -> None:
+        """Accepted spellings to one form: stop as a list, top_k -1 as 0, dicts to records."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -153,7 +160,10 @@ class SamplingParams:
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self.logit_bias = self._normalise_logit_bias(self.logit_bias)
-        checks = [
+
+    def _range_checks(self) -> list[tuple[bool, str]]:
+        """(valid, message) for each field's own range."""
+        return [
             (_is_int(self.n, 1), f"n must be at least 1, got {self.n}"),
             (
                 _is_number(self.temperature) and self.temperature >= 0,
@@ -197,6 +207,11 @@ class SamplingParams:
                 _is_int(self.min_tokens) and self.min_tokens >= 0,
                 f"min_tokens must be >= 0, got {self.min_tokens}",
             ),
+        ]
+
+    def _combination_checks(self) -> list[tuple[bool, str]]:
+        """(valid, message) for rules that relate fields, then type checks."""
+        return [
             (
                 self.max_tokens is None
                 or not _is_int(self.min_tokens)
@@ -228,9 +243,6 @@ class SamplingParams:
                 "output with an end-of-sequence token",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
     @staticmethod
     def _normalise_logit_bias(bias: Any) -> dict[int, float] | None:

@@ -431,76 +431,94 @@ def _timeline(costs: Costs, cfg: StepConfig, zero_comm: bool = False):
     return ops, starts, ends
 
 
+def _colocated_compute(costs: Costs, cfg: StepConfig) -> float:
+    """One colocated decode step's compute: measured when profiled, else summed per layer."""
+    measured = costs.colocated_step(cfg.batch, cfg.context)
+    if measured is not None:
+        return measured
+    shape = costs.shape
+    return (
+        sum(
+            costs.attention_layer(moe, cfg.batch, cfg.context)
+            + (
+                costs.expert_layer(
+                    cfg.batch * shape.top_k,
+                    active_experts(shape.experts, shape.experts, shape.top_k, cfg.batch),
+                    shape.experts,
+                )
+                if moe
+                else 0.0
+            )
+            for moe in layer_kinds(shape)
+        )
+        + costs.sample(cfg.batch)
+        + costs.prep(cfg.batch, cfg.context)
+    )
+
+
+# (scheduling step, stages, bubbles, exposed comm, bottleneck) of one configuration
+_Stages = tuple[float, dict[str, float], dict[str, float], float, str]
+
+
+def _colocated_stages(costs: Costs, cfg: StepConfig, host: float) -> _Stages:
+    """Stages of a colocated step: K compute steps then the host's share."""
+    k_steps = cfg.scheduler_steps
+    compute = _colocated_compute(costs, cfg)
+    sched = k_steps * compute + host
+    stages = {"compute": compute, "host": host / k_steps}
+    bubbles = {"compute": host / sched}
+    bottleneck = "host" if host / k_steps > compute else "compute"
+    return sched, stages, bubbles, 0.0, bottleneck
+
+
+def _disaggregated_stages(costs: Costs, cfg: StepConfig, host: float, notes: list[str]) -> _Stages:
+    """Stages of an AFD or EP step from its simulated timeline."""
+    k_steps = cfg.scheduler_steps
+    ops, starts, ends = _timeline(costs, cfg)
+    makespan = max(ends)
+    sched = makespan + host
+    busy = {"attention": 0.0, "expert": 0.0, "comm": 0.0}
+    link = {"dispatch": 0.0, "combine": 0.0}
+    for op in ops:
+        busy[op.side] += op.duration
+        if op.resource in link:
+            link[op.resource] += op.duration
+    stages = {"attention": busy["attention"] / k_steps, "expert": busy["expert"] / k_steps}
+    if cfg.kind == "ep":
+        gpu = busy["attention"] + busy["expert"]
+        bubbles = {"gpu": 1.0 - gpu / sched}
+    else:
+        bubbles = {
+            "attention": 1.0 - busy["attention"] / sched,
+            "expert": 1.0 - busy["expert"] / sched,
+        }
+    stages.update({name: v / k_steps for name, v in link.items()})
+    stages["host"] = host / k_steps
+    _, _, ends0 = _timeline(costs, cfg, zero_comm=True)
+    exposed = max(0.0, makespan - max(ends0)) / k_steps
+    sides = {
+        "attention": busy["attention"],
+        "expert": busy["expert"],
+        "comm": max(link.values()),
+        "host": host,
+    }
+    if cfg.kind == "ep":
+        sides = {"gpu": busy["attention"] + busy["expert"], "comm": sides["comm"], "host": host}
+    bottleneck = max(sides, key=sides.get)
+    if costs.device == "cpu" and cfg.workers > costs.cores:
+        notes.append(f"{cfg.workers} workers share {costs.cores} cores")
+    return sched, stages, bubbles, exposed, bottleneck
+
+
 def predict(costs: Costs, cfg: StepConfig) -> StepPrediction:
     """Predicted step time, throughput, bubbles and memory of one configuration."""
-    shape = costs.shape
-    k_steps = cfg.scheduler_steps
     notes: list[str] = []
     host = costs.host(cfg.total_batch, cfg.kind != "colocated", cfg.context)
-    stages: dict[str, float]
     if cfg.kind == "colocated":
-        measured = costs.colocated_step(cfg.batch, cfg.context)
-        if measured is not None:
-            compute = measured
-        else:
-            compute = (
-                sum(
-                    costs.attention_layer(moe, cfg.batch, cfg.context)
-                    + (
-                        costs.expert_layer(
-                            cfg.batch * shape.top_k,
-                            active_experts(shape.experts, shape.experts, shape.top_k, cfg.batch),
-                            shape.experts,
-                        )
-                        if moe
-                        else 0.0
-                    )
-                    for moe in layer_kinds(shape)
-                )
-                + costs.sample(cfg.batch)
-                + costs.prep(cfg.batch, cfg.context)
-            )
-        sched = k_steps * compute + host
-        stages = {"compute": compute, "host": host / k_steps}
-        bubbles = {"compute": host / sched}
-        exposed = 0.0
-        bottleneck = "host" if host / k_steps > compute else "compute"
+        sched, stages, bubbles, exposed, bottleneck = _colocated_stages(costs, cfg, host)
     else:
-        ops, starts, ends = _timeline(costs, cfg)
-        makespan = max(ends)
-        sched = makespan + host
-        busy = {"attention": 0.0, "expert": 0.0, "comm": 0.0}
-        link = {"dispatch": 0.0, "combine": 0.0}
-        for op in ops:
-            busy[op.side] += op.duration
-            if op.resource in link:
-                link[op.resource] += op.duration
-        if cfg.kind == "ep":
-            gpu = busy["attention"] + busy["expert"]
-            stages = {"attention": busy["attention"] / k_steps, "expert": busy["expert"] / k_steps}
-            bubbles = {"gpu": 1.0 - gpu / sched}
-        else:
-            stages = {"attention": busy["attention"] / k_steps, "expert": busy["expert"] / k_steps}
-            bubbles = {
-                "attention": 1.0 - busy["attention"] / sched,
-                "expert": 1.0 - busy["expert"] / sched,
-            }
-        stages.update({name: v / k_steps for name, v in link.items()})
-        stages["host"] = host / k_steps
-        _, _, ends0 = _timeline(costs, cfg, zero_comm=True)
-        exposed = max(0.0, makespan - max(ends0)) / k_steps
-        sides = {
-            "attention": busy["attention"],
-            "expert": busy["expert"],
-            "comm": max(link.values()),
-            "host": host,
-        }
-        if cfg.kind == "ep":
-            sides = {"gpu": busy["attention"] + busy["expert"], "comm": sides["comm"], "host": host}
-        bottleneck = max(sides, key=sides.get)
-        if costs.device == "cpu" and cfg.workers > costs.cores:
-            notes.append(f"{cfg.workers} workers share {costs.cores} cores")
-    step = sched / k_steps
+        sched, stages, bubbles, exposed, bottleneck = _disaggregated_stages(costs, cfg, host, notes)
+    step = sched / cfg.scheduler_steps
     memory = memory_needed(costs, cfg)
     ok = _memory_ok(costs, cfg, memory)
     if not ok:

@@ -354,12 +354,7 @@ def _add_plan(sub) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import json
-    import math
-    from pathlib import Path
-
-    from afd.scheduler.planner import planner
-
+    """afd plan: predict one configuration, or search for the best and write its plan."""
     if args.published:
         return _plan_published(args)
     if args.profile is None and args.hardware is None:
@@ -370,7 +365,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
     error = worker_count_error(args.num_prefill_workers, a, f) if args.predict else None
     if error:
         raise CLIError(error)
-    costs = planner.load_costs(
+    costs = _plan_costs(args, a, f)
+    if args.predict:
+        _plan_predict(args, costs, a, f)
+        return 0
+    req = _plan_request(args, costs)
+    from afd.scheduler.planner import planner
+
+    cands = planner.search(costs, req)
+    if not cands:
+        raise CLIError("no configuration fits in memory; use more workers or a smaller batch")
+    best = next((c for c in cands if c.meets_slo and c.config.kind != "ep"), None)
+    if args.json:
+        _print_plan_json(cands, best)
+    else:
+        _print_plan_table(cands, best)
+    _write_plan_outputs(args, cands, best, req)
+    return 0
+
+
+def _plan_costs(args: argparse.Namespace, a: int, f: int):
+    """The cost model from --profile or --hardware, sized for the workers asked for."""
+    from afd.scheduler.planner import planner
+
+    return planner.load_costs(
         args.profile,
         args.hardware,
         args.model,
@@ -380,44 +398,54 @@ def cmd_plan(args: argparse.Namespace) -> int:
         args.calibrate,
         workers=(a + f) if args.predict else (args.max_workers or 8),
     )
-    if args.predict:
-        from afd.scheduler.planner.step_model import StepConfig, predict
 
-        kind = "colocated" if a == 0 else "afd"
-        cfg = StepConfig(
-            kind=kind,
-            attention_workers=max(1, a),
-            expert_workers=f,
-            micro_batches=args.num_micro_batches,
-            scheduler_steps=args.num_scheduler_steps,
-            batch=args.batch_size,
-            context=args.context_len,
-            prefill_workers=args.num_prefill_workers,
-        )
-        pred = predict(costs, cfg)
-        if args.json:
-            print(json.dumps(pred.to_dict(), indent=2))
-        else:
-            print(
-                f"{cfg.label()} m={cfg.micro_batches} K={cfg.scheduler_steps} batch="
-                f"{cfg.batch} context={cfg.context:g}: step {pred.step_time_s * 1e3:.2f} ms, "
-                f"{pred.decode_tokens_per_s:.0f} tok/s, TPOT {pred.tpot_ms:.2f} ms; "
-                f"bottleneck {pred.bottleneck}"
-            )
-            stages = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in pred.stages_s.items())
-            bubbles = ", ".join(f"{k} {v:.2f}" for k, v in pred.bubble_fraction.items())
-            print(f"  stages (ms per step, one worker): {stages}")
-            print(
-                f"  bubbles: {bubbles}; exposed comm {pred.exposed_comm_s * 1e3:.2f} ms"
-                + (f"; {'; '.join(pred.notes)}" if pred.notes else "")
-            )
-        return 0
+
+def _plan_predict(args: argparse.Namespace, costs, a: int, f: int) -> None:
+    """afd plan --predict: print one configuration's predicted step (text or JSON)."""
+    import json
+
+    from afd.scheduler.planner.step_model import StepConfig, predict
+
+    kind = "colocated" if a == 0 else "afd"
+    cfg = StepConfig(
+        kind=kind,
+        attention_workers=max(1, a),
+        expert_workers=f,
+        micro_batches=args.num_micro_batches,
+        scheduler_steps=args.num_scheduler_steps,
+        batch=args.batch_size,
+        context=args.context_len,
+        prefill_workers=args.num_prefill_workers,
+    )
+    pred = predict(costs, cfg)
+    if args.json:
+        print(json.dumps(pred.to_dict(), indent=2))
+        return
+    print(
+        f"{cfg.label()} m={cfg.micro_batches} K={cfg.scheduler_steps} batch="
+        f"{cfg.batch} context={cfg.context:g}: step {pred.step_time_s * 1e3:.2f} ms, "
+        f"{pred.decode_tokens_per_s:.0f} tok/s, TPOT {pred.tpot_ms:.2f} ms; "
+        f"bottleneck {pred.bottleneck}"
+    )
+    stages = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in pred.stages_s.items())
+    bubbles = ", ".join(f"{k} {v:.2f}" for k, v in pred.bubble_fraction.items())
+    print(f"  stages (ms per step, one worker): {stages}")
+    print(
+        f"  bubbles: {bubbles}; exposed comm {pred.exposed_comm_s * 1e3:.2f} ms"
+        + (f"; {'; '.join(pred.notes)}" if pred.notes else "")
+    )
+
+
+def _plan_request(args: argparse.Namespace, costs):
+    """The search's request: SLOs, worker cap, price and the kinds to compare."""
+    from afd.scheduler.planner import planner
+
     max_workers = args.max_workers or (costs.cores if costs.device == "cpu" else 8)
     price = args.price_per_hour
     if price is None:
         price = costs.hw.price_per_hour if args.hardware else 1.0
     kinds = ("colocated", "afd", "ep") if args.ep else ("colocated", "afd")
-    req = planner.PlanRequest(
+    return planner.PlanRequest(
         input_len=args.input_len,
         output_len=args.output_len,
         ttft_ms=args.ttft_ms,
@@ -428,40 +456,52 @@ def cmd_plan(args: argparse.Namespace) -> int:
         price_per_hour=price,
         kinds=kinds,
     )
-    cands = planner.search(costs, req)
-    if not cands:
-        raise CLIError("no configuration fits in memory; use more workers or a smaller batch")
-    best = next((c for c in cands if c.meets_slo and c.config.kind != "ep"), None)
-    if args.json:
 
-        def clean(row):
-            return {
-                k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()
-            }
 
-        print(
-            json.dumps(
-                {
-                    "best": clean(best.row()) if best else None,
-                    "candidates": [clean(c.row()) for c in cands],
-                },
-                indent=2,
-            )
+def _print_plan_json(cands: list, best) -> None:
+    """The best configuration and every candidate as JSON (infinities as null)."""
+    import json
+    import math
+
+    def clean(row):
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
+
+    print(
+        json.dumps(
+            {
+                "best": clean(best.row()) if best else None,
+                "candidates": [clean(c.row()) for c in cands],
+            },
+            indent=2,
         )
+    )
+
+
+def _print_plan_table(cands: list, best) -> None:
+    """The candidates' table and one line naming the winner."""
+    from afd.scheduler.planner import planner
+
+    print(planner.format_table(cands))
+    if best is None:
+        print("afd plan: no configuration meets the SLOs; the table ranks the closest")
+        return
+    c = best.config
+    if c.kind == "colocated":
+        print("afd plan: the colocated engine (no disaggregation) wins here")
     else:
-        print(planner.format_table(cands))
-        if best is None:
-            print("afd plan: no configuration meets the SLOs; the table ranks the closest")
-        else:
-            c = best.config
-            if c.kind == "colocated":
-                print("afd plan: the colocated engine (no disaggregation) wins here")
-            else:
-                print(
-                    f"afd plan: {c.label()} with m={c.micro_batches}, K={c.scheduler_steps}, "
-                    f"batch {c.batch} per attention worker, {c.prefill_workers} prefill "
-                    f"worker(s)"
-                )
+        print(
+            f"afd plan: {c.label()} with m={c.micro_batches}, K={c.scheduler_steps}, "
+            f"batch {c.batch} per attention worker, {c.prefill_workers} prefill "
+            f"worker(s)"
+        )
+
+
+def _write_plan_outputs(args: argparse.Namespace, cands: list, best, req) -> None:
+    """--output (the winner's cluster YAML) and --frontier (the PNG), when asked for."""
+    from pathlib import Path
+
+    from afd.scheduler.planner import planner
+
     if args.output:
         if best is None:
             raise CLIError("no configuration meets the SLOs: no plan YAML written")
@@ -473,7 +513,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.frontier:
         planner.frontier_png(cands, best, req, args.frontier)
         print(f"wrote {args.frontier}")
-    return 0
 
 
 def _plan_published(args) -> int:
