@@ -22,6 +22,7 @@ from afd.options import (
     option,
 )
 from afd.quantization import QUANTIZATION_MODES, Fp8Config
+from afd.spec import SpeculativeConfig, as_speculative_config, parse_speculative_json
 
 if TYPE_CHECKING:
     import torch
@@ -327,6 +328,13 @@ class SchedulerLimits:
     num_scheduler_steps: int = option(
         1, "decode steps per scheduling step (workers feed sampled tokens back themselves)"
     )
+    speculative_config: SpeculativeConfig | None = option(
+        None,
+        "speculative decoding, vLLM's JSON object: keys method (ngram | mtp), "
+        "num_speculative_tokens, prompt_lookup_max, prompt_lookup_min",
+        parse=parse_speculative_json,
+        metavar="JSON",
+    )
 
     def __post_init__(self) -> None:
         check_int("--max-num-seqs", self.max_num_seqs, 1)
@@ -338,6 +346,9 @@ class SchedulerLimits:
                 )
             check_int("--max-model-len", self.max_model_len, 2)
         check_int("--num-scheduler-steps", self.num_scheduler_steps, 1, 1024)
+        # a dict from LLM(...) or from a decoded record becomes the validated config
+        spec = as_speculative_config(self.speculative_config)
+        object.__setattr__(self, "speculative_config", spec)
 
 
 WORKER_POOLS = ("num_prefill_workers", "num_attention_workers", "num_expert_workers")

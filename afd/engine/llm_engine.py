@@ -25,6 +25,7 @@ from afd.scheduler.cluster.executor import AFDExecutor
 from afd.scheduler.core.scheduler import Scheduler, SchedulerConfig
 from afd.scheduler.core.sequence import Sequence
 from afd.scheduler.core.step import Executor
+from afd.spec import check_speculation
 from afd.tokenizer import IncrementalDetokenizer, Tokenizer, load_chat_template
 
 logger = logging.getLogger("afd.engine")
@@ -104,6 +105,7 @@ class LLMEngine:
         )
         self.model_config = ModelConfig.from_pretrained(self.model_path)
         resolve_quantization(source.quantization, self.model_config.quant, config.cluster.device)
+        check_speculation(config.limits.speculative_config, self.model_config)
         self.tokenizer = Tokenizer.from_pretrained(self.tokenizer_path)
         if source.chat_template is not None:
             self.tokenizer.set_chat_template(load_chat_template(source.chat_template))

@@ -44,7 +44,6 @@ VLLM_FLAGS_NOT_HONOURED = {
     "--swap-space": "preempted sequences are recomputed, never swapped",
     "--enable-lora": "LoRA adapters are not supported",
     "--lora-modules": "LoRA adapters are not supported",
-    "--speculative-config": "speculative decoding is not supported",
     "--load-format": "AFD loads safetensors checkpoints only",
     "--tokenizer-mode": "AFD reads tokenizer.json (Hugging Face tokenizers) only",
     "--enable-auto-tool-choice": "tool calling is not supported",
