@@ -104,11 +104,13 @@ def load_model(
     part: str = "full",
     expert_range: tuple[int, int] | None = None,
     quantization: str = "auto",
+    mtp: bool = False,
 ) -> nn.Module:
     """Build the `part` ('full', 'attention', 'experts') and fill it from the checkpoint.
 
     Block-FP8 weights stay FP8 where `quantization` keeps them (see resolve_quantization) and
-    are otherwise dequantized one tensor at a time as they are read."""
+    are otherwise dequantized one tensor at a time as they are read. `mtp` (part 'full' only)
+    also loads DeepSeek-V3's multi-token-prediction layer as `model.mtp`, outside forward."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
@@ -125,6 +127,8 @@ def load_model(
         if keep is not None:
             fp8 = ckpt.fp8_names() if config.quant is not None else None
             convert_to_fp8(model, keep, lambda n: fp8 is None or n in fp8)  # None: quantize all
+        if mtp:  # after the FP8 switch: the MTP layer stays dense (FP8 weights dequantized)
+            _attach_mtp(model, config, part, dtype, files)
         model = model.to_empty(device=device)
         if hasattr(model, "tie_weights"):
             model.tie_weights()
@@ -212,24 +216,58 @@ def _keep_router_bias_fp32(model: nn.Module) -> None:
             buf.data = buf.data.float()
 
 
+def _attach_mtp(model: nn.Module, config: ModelConfig, part: str, dtype, files) -> None:
+    from afd.models.mtp import MTPLayer, require_mtp
+
+    require_mtp(config)
+    if f"model.layers.{config.num_hidden_layers}.eh_proj.weight" not in files:
+        raise ValueError(
+            f"speculative method 'mtp': the checkpoint declares num_nextn_predict_layers but has "
+            f"no MTP weights (model.layers.{config.num_hidden_layers}.eh_proj.weight)"
+        )
+    if part != "full":
+        raise ValueError(f"the MTP drafter layer loads with part 'full', not {part!r}")
+    with torch.device("meta"):
+        model.mtp = MTPLayer(config).to(dtype)
+
+
+def _mtp_name(name: str, model: nn.Module) -> str | None:
+    """Our name for a tensor of the MTP layer (model.layers.{N}.*), '' to skip (embed_tokens is
+    the main model's; shared_head.head is loaded here), None when `name` is not the MTP layer."""
+    prefix = f"model.layers.{model.config.num_hidden_layers}."
+    if not name.startswith(prefix):
+        return None
+    if not hasattr(model, "mtp"):
+        return ""  # layers past num_hidden_layers are unused without MTP
+    rest = name[len(prefix) :]
+    if rest.startswith("embed_tokens."):
+        return ""
+    if rest.startswith(("enorm.", "hnorm.", "eh_proj.", "shared_head.")):
+        return f"mtp.{rest}"
+    return f"mtp.block.{rest}"
+
+
 def _destination(name: str, model: nn.Module, part: str, targets: dict[str, torch.Tensor]):
     """(our parameter name, tensor, index into a stacked expert tensor or None), or None to skip."""
+    mtp_name = _mtp_name(name, model)
+    if mtp_name == "":
+        return None
     m = _EXPERT_KEY.match(name)
     if m is not None:
         layer, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
-        # layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction layer) are unused
         cfg = model.config
-        if part == "attention" or layer >= cfg.num_hidden_layers or not cfg.is_moe_layer(layer):
+        if part == "attention" or layer > cfg.num_hidden_layers or not cfg.is_moe_layer(layer):
             return None
-        shard = (
-            model.experts[str(layer)]
-            if part == "experts"
-            else model.model.layers[layer].mlp.experts
-        )
+        if part == "experts":
+            shard, prefix = model.experts[str(layer)], f"experts.{layer}"
+        elif mtp_name is not None:
+            shard, prefix = model.mtp.block.mlp.experts, "mtp.block.mlp.experts"
+        else:
+            shard = model.model.layers[layer].mlp.experts
+            prefix = f"model.layers.{layer}.mlp.experts"
         if not shard.start <= expert < shard.end:
             return None
         local = expert - shard.start
-        prefix = f"experts.{layer}" if part == "experts" else f"model.layers.{layer}.mlp.experts"
         if m.group(4):  # a scale: an FP8 shard holds it, others dequantize with the weight
             return None if shard.block is None else _expert_scale(shard, prefix, local, proj)
         inter = shard.w2.shape[-1]
@@ -237,6 +275,7 @@ def _destination(name: str, model: nn.Module, part: str, targets: dict[str, torc
             return f"{prefix}.w2", shard.w2, local
         rows = slice(0, inter) if proj == "gate" else slice(inter, 2 * inter)
         return f"{prefix}.w13", shard.w13, (local, rows)
+    name = mtp_name or name
     if part == "experts" or name not in targets:
         return None  # (a scale of a weight dequantized here is read along with the weight)
     return name, targets[name], None

@@ -153,13 +153,19 @@ class MoEForCausalLM(nn.Module):
         positions: torch.Tensor,  # [T]
         meta: AttentionMetadata,
         kv_caches: list,
-    ) -> torch.Tensor:
-        """Hidden states after the final norm, [T, H] (needs part='full')."""
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states after the final norm, [T, H] (needs part='full'); with return_hidden
+        also the pre-norm last hidden (h + residual), which DeepSeek's MTP drafter takes.
+        kv_caches may hold extra trailing layers (the MTP layer's); they are not used here."""
         h, residual = self.embed(input_ids), None
-        for layer, kv in zip(self.model.layers, kv_caches, strict=True):
+        for layer, kv in zip(self.model.layers, kv_caches[: len(self.model.layers)], strict=True):
             x, residual = layer.attention_part(h, residual, positions, meta, kv)
             h = layer.ffn_part(x)
-        return self.final_norm(h, residual)
+        out = self.final_norm(h, residual)
+        if return_hidden:
+            return out, h if residual is None else h + residual
+        return out
 
     def final_norm(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if residual is None:
@@ -208,12 +214,18 @@ def build_model(
 
 
 def allocate_kv_cache(
-    config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device
+    config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device,
+    extra_layers: int = 0,
 ) -> list:
-    """Per layer: (k_cache, v_cache) [N, bs, Hkv, D] for GQA, one [N, bs, L + R] for MLA."""
+    """Per layer: (k_cache, v_cache) [N, bs, Hkv, D] for GQA, one [N, bs, L + R] for MLA;
+    `extra_layers` more at the end (the MTP drafter's layer), sharing the block tables."""
     shape, n = config.kv_cache_block_shape(block_size)
     caches = []
-    for _ in range(config.num_hidden_layers):
+    for _ in range(config.num_hidden_layers + extra_layers):
         tensors = [torch.zeros(num_blocks, *shape, dtype=dtype, device=device) for _ in range(n)]
         caches.append(tensors[0] if n == 1 else tuple(tensors))
     return caches

@@ -174,8 +174,16 @@ def build_random_checkpoint(
     shapes.update({n: tuple(b.shape) for n, b in model.named_buffers() if "correction" in n})
     if cfg.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
-    gen = torch.Generator().manual_seed(seed)
-    wdtype = getattr(torch, dtype)
+    tensors = _draw_tensors(shapes, torch.Generator().manual_seed(seed), getattr(torch, dtype), std)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2))
+    return out
+
+
+def _draw_tensors(shapes: dict[str, tuple], gen, wdtype, std: float) -> dict:
+    """Random tensors for our parameter shapes, stacked experts split per expert and proj."""
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
 
     def draw(shape, mean=0.0, scale=std, dt=wdtype):
@@ -197,6 +205,42 @@ def build_random_checkpoint(
             tensors[name] = draw(shape, 1.0, 0.1)
         else:
             tensors[name] = draw(shape)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2))
+    return tensors
+
+
+def add_mtp_weights(model_dir: str | Path, seed: int = 0, std: float = 0.05) -> Path:
+    """Add random DeepSeek-V3 MTP weights to a (tiny) checkpoint as DeepSeek lays them out:
+    decoder layer index num_hidden_layers with enorm, hnorm, eh_proj, its block, shared_head and
+    a copy of embed_tokens, in a second shard of a model.safetensors.index.json;
+    num_nextn_predict_layers = 1 in config.json."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from afd.config import ModelConfig
+    from afd.models.mtp import MTPLayer
+
+    out = Path(model_dir)
+    cfg = ModelConfig.from_pretrained(out)
+    with torch.device("meta"):
+        layer = MTPLayer(cfg)
+    shapes = {n: tuple(p.shape) for n, p in layer.named_parameters()}
+    shapes.update({n: tuple(b.shape) for n, b in layer.named_buffers() if "correction" in n})
+    drawn = _draw_tensors(shapes, torch.Generator().manual_seed(seed), torch.float32, std)
+    prefix = f"model.layers.{cfg.num_hidden_layers}."
+    tensors = {prefix + n.removeprefix("block."): t for n, t in drawn.items()}
+    main_file = out / "model.safetensors"
+    main = load_file(str(main_file))
+    tensors[prefix + "embed_tokens.weight"] = main["model.embed_tokens.weight"].clone()
+    # two shards and their index, as DeepSeek ships (transformers reads a lone
+    # model.safetensors before any index, so the main file is renamed)
+    names = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    main_file.rename(out / names[0])
+    save_file(tensors, str(out / names[1]), metadata={"format": "pt"})
+    weight_map = dict.fromkeys(main, names[0]) | dict.fromkeys(tensors, names[1])
+    index = {"metadata": {}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
     return out
