@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from afd.comm import wire
+from afd.comm import auth, wire
 from afd.comm.control import ipc_dir, shm_dir
 from afd.comm.dispatch import resolve_transport_name
 from afd.comm.messages import (
@@ -422,6 +422,7 @@ class AFDExecutor:
         self.attention_ranks = list(range(a))
         self.expert_ranks = list(range(a, a + f))
         self.prefill_ranks = list(range(a + f, a + f + p))
+        auth.install_secret(config.cluster.cluster_secret_file)  # before any worker starts
         self.channel = DriverChannel(layout)
         self.supervisor = node_supervisor(config)
         self.recoverer = ClusterRecovery(
