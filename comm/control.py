@@ -15,8 +15,8 @@ from datetime import timedelta
 
 import zmq
 
+from afd.comm import auth, liveness, wire
 from afd.comm import dist as afd_dist
-from afd.comm import liveness, wire
 from afd.comm.messages import (
     Abort,
     Aborted,
@@ -79,6 +79,13 @@ class WorkerChannel:
         self.outbox = self.ctx.socket(zmq.PUSH)
         self.outbox.setsockopt(zmq.LINGER, 2000)
         self.outbox.connect(spec.driver_addr)
+        self.sealer = auth.Sealer()
+        self.opener = auth.Opener(auth.plan_tag(self.rank))
+
+    def _take(self) -> ToWorker | None:
+        """The waiting driver message; None for one dropped (forged, replayed, unsigned)."""
+        raw = self.opener.open(self.inbox.recv())
+        return None if raw is None else wire.decode_to_worker(raw)
 
     def recv(self) -> ToWorker:
         """The next driver message; waiting for it counts as progress (liveness)."""
@@ -89,21 +96,23 @@ class WorkerChannel:
                     return msg
                 if self.inbox.poll(RECV_SLICE_MS):
                     liveness.beat()
-                    return wire.decode_to_worker(self.inbox.recv())
+                    msg = self._take()
+                    if msg is not None:
+                        return msg
             liveness.beat()
 
     def driver_message(self) -> bool:
         """Whether the driver sent a message (kept for recv()); during a step the driver only
         writes to abort it. Called by the main thread and by liveness's watcher thread."""
         with self.lock:
-            if self.pending is None and self.inbox.poll(0):
-                self.pending = wire.decode_to_worker(self.inbox.recv())
+            while self.pending is None and self.inbox.poll(0):
+                self.pending = self._take()
             return self.pending is not None
 
     def send(self, kind: type[WorkerMessage], **fields) -> None:
         """A message of record type `kind` with this worker's rank, incarnation, generation."""
         msg = kind(rank=self.rank, inc=self.inc, gen=self.gen, **fields)
-        self.outbox.send(wire.encode(msg))
+        self.outbox.send(self.sealer.seal(auth.DRIVER_TAG, wire.encode(msg)))
 
     def report_error(self, exc: BaseException) -> None:
         text = "".join(traceback.format_exception_only(type(exc), exc)).strip()

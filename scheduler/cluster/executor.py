@@ -306,6 +306,11 @@ class DriverChannel:
         self.inbox = self.zctx.socket(zmq.PULL)
         self.inbox.bind(layout.driver_addr())
         self.outboxes: dict[int, zmq.Socket] = {}
+        self.sealer = auth.Sealer()
+        self.opener = auth.Opener(auth.DRIVER_TAG)
+
+    def _frame(self, rank: int, msg: DriverMessage) -> bytes:
+        return self.sealer.seal(auth.plan_tag(rank), wire.encode(msg))
 
     def bind_outboxes(self) -> None:
         for rank in range(self.layout.world_size):
@@ -318,27 +323,28 @@ class DriverChannel:
     def send(self, rank: int, msg: DriverMessage) -> None:
         """A plan or instruction; a worker that cannot take it is a failure."""
         try:
-            self.outboxes[rank].send(wire.encode(msg))
+            self.outboxes[rank].send(self._frame(rank, msg))
         except zmq.Again:
             role = self.layout.role(rank)
             raise _Failure(f"{role} worker {rank} does not take messages") from None
 
     def send_nowait(self, rank: int, msg: DriverMessage) -> None:
         try:
-            self.outboxes[rank].send(wire.encode(msg), flags=zmq.NOBLOCK)
+            self.outboxes[rank].send(self._frame(rank, msg), flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # not connected: gone; its replacement starts fresh
 
     def poll(self, timeout_ms: int) -> bool:
         return bool(self.inbox.poll(timeout_ms))
 
-    def recv(self) -> bytes:
-        return self.inbox.recv()
+    def recv(self) -> bytes | None:
+        """The next worker record's bytes; None for one dropped (forged, replayed, unsigned)."""
+        return self.opener.open(self.inbox.recv())
 
     def announce_shutdown(self) -> None:
-        for sock in self.outboxes.values():
+        for rank, sock in self.outboxes.items():
             try:
-                sock.send(wire.encode(Shutdown()), flags=zmq.NOBLOCK)
+                sock.send(self._frame(rank, Shutdown()), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
 

@@ -318,6 +318,7 @@ class _ControlPair:
 
         import zmq
 
+        from afd.comm import auth
         from afd.comm.control import WorkerChannel
 
         self.folder = tempfile.mkdtemp(prefix="afd-profile-ipc-")
@@ -331,6 +332,17 @@ class _ControlPair:
         spec = SimpleNamespace(rank=0, inbox_addrs={0: inbox}, driver_addr=driver)
         self.channel = WorkerChannel(spec, "attention")
         self.channel.gen = 0
+        self.sealer, self.opener = auth.Sealer(), auth.Opener(auth.DRIVER_TAG)  # as the driver
+
+    def send(self, msg) -> None:
+        from afd.comm import auth, wire
+
+        self.outbox.send(self.sealer.seal(auth.plan_tag(0), wire.encode(msg)))
+
+    def recv(self):
+        from afd.comm import wire
+
+        return wire.decode_from_worker(self.opener.open(self.inbox.recv()))
 
     def close(self) -> None:
         import shutil
@@ -346,18 +358,17 @@ def plan_message_seconds(batch: int, context: int, block_size: int, reps: int) -
     """What the disaggregated driver adds per scheduling step for `batch` sequences: its plan
     entries and `attn_step`, through IPC to the worker's channel, the worker's `attn_result`
     and its way back, each message encoded and checked as driver and worker do."""
-    from afd.comm import wire
     from afd.comm.messages import AttnStep
 
     seqs = decode_sequences(batch, context, block_size)
     worker, pair = _canned_attention_worker(), _ControlPair()
 
     def run():
-        pair.outbox.send(wire.encode(AttnStep(step=1, micro_batches=[decode_entries(seqs)])))
+        pair.send(AttnStep(step=1, micro_batches=[decode_entries(seqs)]))
         plan = pair.channel.recv()
         kind, fields = worker.run(plan)
         pair.channel.send(kind, step=plan.step, **fields)  # as comm/control.serve does
-        wire.decode_from_worker(pair.inbox.recv())
+        pair.recv()
 
     try:
         return _timeit(run, reps)
