@@ -131,3 +131,8 @@ DRIVER_TAG = b"driver"
 def plan_tag(rank: int) -> bytes:
     """The channel tag of worker `rank`'s plan port."""
     return b"plan/%d" % rank
+
+
+def hello_tag(rank: int) -> bytes:
+    """The channel tag of worker `rank`'s hello on its plan port (its claim to the port)."""
+    return b"hello/%d" % rank

@@ -1,6 +1,7 @@
-"""Control plane between the driver (scheduler) and workers: ZMQ PUSH/PULL over IPC or TCP,
-msgpack; and the worker main loop every role shares (start-up, data-plane generations, steps,
-aborts). The driver binds every socket, so a replacement worker connects to the same addresses."""
+"""Control plane between the driver (scheduler) and workers: ZMQ over IPC or TCP, signed
+msgpack (comm/auth); and the worker main loop every role shares (start-up, data-plane
+generations, steps, aborts). The driver binds every socket, so a replacement worker connects to
+the same addresses."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def remove_generation_dirs(shm: str | None, keep: int) -> None:
 
 
 class WorkerChannel:
-    """A worker's two sockets: plans in from the driver, results out to it. Every message out
+    """A worker's two sockets: plans in from the driver (a DEALER that first says a signed
+    hello), results out to it. Every message out
     carries the worker's incarnation (`inc`, new for each process) and data-plane generation
     (`gen`), so the driver can tell a replacement's messages from its predecessor's."""
 
@@ -74,13 +76,16 @@ class WorkerChannel:
         self.pending: ToWorker | None = None  # a driver message that came in mid-step
         self.lock = threading.Lock()  # the inbox is read by the main and the watcher thread
         self.ctx = zmq.Context()
-        self.inbox = self.ctx.socket(zmq.PULL)
+        self.sealer = auth.Sealer()
+        self.opener = auth.Opener(auth.plan_tag(self.rank))
+        # the driver sends plans only to the connection whose signed hello claims this rank
+        self.inbox = self.ctx.socket(zmq.DEALER)
+        self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.connect(spec.inbox_addrs[self.rank])
+        self.inbox.send(self.sealer.seal(auth.hello_tag(self.rank), b""))
         self.outbox = self.ctx.socket(zmq.PUSH)
         self.outbox.setsockopt(zmq.LINGER, 2000)
         self.outbox.connect(spec.driver_addr)
-        self.sealer = auth.Sealer()
-        self.opener = auth.Opener(auth.plan_tag(self.rank))
 
     def _take(self) -> ToWorker | None:
         """The waiting driver message; None for one dropped (forged, replayed, unsigned)."""

@@ -1,7 +1,8 @@
 """Attacks on a real 1A+1F cluster's control sockets while 8 requests stream (issue 22 item 2):
 a forged `ready` (unsigned, and signed with another key) and a replayed worker record to the
 driver's inbox; a replayed plan, another rank's plan and an unsigned `shutdown` down a worker's
-plan port. Nothing changes (no recovery, no replaced worker, the same tokens), and the driver
+plan port; a rogue PULL and a rogue DEALER (with a forged hello) on a plan port get
+nothing. Nothing changes (no recovery, no replaced worker, the same tokens), and the driver
 logs what it dropped."""
 
 from __future__ import annotations
@@ -84,20 +85,28 @@ def test_forged_replayed_and_unsigned_records_change_nothing(cluster, caplog):
     rogue.connect(ex.layout.driver_addr())
     forged = wire.encode(Ready(rank=0, inc=1, gen=0, role="attention", param_bytes=0, pid=1))
     attacker = auth.Sealer(bytes(32))
+    pull, dealer = ctx.socket(zmq.PULL), ctx.socket(zmq.DEALER)  # on worker 0's plan port
+    for sock in (pull, dealer):
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(ex.layout.inbox_addr(0))
+    dealer.send(attacker.seal(auth.hello_tag(0), b""))
     attacks = {
         1: lambda: rogue.send(forged),  # unsigned `ready`
         2: lambda: rogue.send(attacker.seal(auth.DRIVER_TAG, forged)),  # another key
         3: lambda: rogue.send(taken[0]),  # a worker's record again
-        4: lambda: ex.channel.outboxes[0].send(sent[0][0]),  # a plan again, to its worker
-        5: lambda: ex.channel.outboxes[0].send(sent[1][0]),  # the expert's plan to rank 0
-        6: lambda: ex.channel.outboxes[1].send(wire.encode(Shutdown())),  # unsigned
+        4: lambda: ex.channel._deliver(0, sent[0][0], 0),  # a plan again, to its worker
+        5: lambda: ex.channel._deliver(0, sent[1][0], 0),  # the expert's plan to rank 0
+        6: lambda: ex.channel._deliver(1, wire.encode(Shutdown()), 0),  # unsigned
     }
     try:
         with caplog.at_level(logging.WARNING, logger="afd.auth"):
             tokens = run(llm, attacks)
+        stolen = [sock.poll(0) for sock in (pull, dealer)]
     finally:
-        rogue.close()
+        for sock in (rogue, pull, dealer):
+            sock.close(linger=0)
         ctx.term()
+    assert stolen == [0, 0], "a rogue connection to a plan port got a message"
     assert tokens == expected
     assert llm.engine.failure_stats() == stats, "a record that was dropped changed state"
     assert {w.rank: w.process.pid for w in ex.supervisor.workers} == pids

@@ -121,16 +121,22 @@ def worker_channel(monkeypatch):
     folder = tempfile.mkdtemp(prefix="afd-test-auth-")
     inbox, driver = f"ipc://{folder}/w0", f"ipc://{folder}/driver"
     ctx = zmq.Context()
-    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
-    push.bind(inbox)
+    router, pull = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PULL)
+    router.bind(inbox)
     pull.bind(driver)
     channel = WorkerChannel(SimpleNamespace(rank=0, inbox_addrs={0: inbox}, driver_addr=driver),
                             "attention")  # fmt: skip
+    peer, hello = router.recv_multipart()
+    assert auth.Opener(auth.hello_tag(0), KEY).open(hello) == b""  # its signed claim to rank 0
+
+    def push(frame: bytes) -> None:
+        router.send_multipart([peer, frame])
+
     try:
         yield channel, push, pull
     finally:
         channel.close()
-        push.close(linger=0)
+        router.close(linger=0)
         pull.close(linger=0)
         ctx.term()
         shutil.rmtree(folder, ignore_errors=True)
@@ -141,12 +147,12 @@ def test_worker_takes_only_signed_new_driver_records(worker_channel, caplog):
     driver = auth.Sealer(KEY)
     plan = driver.seal(auth.plan_tag(0), wire.encode(Abort(gen=3)))
     with caplog.at_level(logging.WARNING, logger="afd.auth"):
-        push.send(wire.encode(Shutdown()))  # unsigned
-        push.send(auth.Sealer(bytes(32)).seal(auth.plan_tag(0), wire.encode(Shutdown())))
-        push.send(driver.seal(auth.plan_tag(1), wire.encode(Shutdown())))  # rank 1's
-        push.send(plan)
-        push.send(plan)  # replayed
-        push.send(driver.seal(auth.plan_tag(0), wire.encode(Abort(gen=4))))
+        push(wire.encode(Shutdown()))  # unsigned
+        push(auth.Sealer(bytes(32)).seal(auth.plan_tag(0), wire.encode(Shutdown())))
+        push(driver.seal(auth.plan_tag(1), wire.encode(Shutdown())))  # rank 1's
+        push(plan)
+        push(plan)  # replayed
+        push(driver.seal(auth.plan_tag(0), wire.encode(Abort(gen=4))))
         assert channel.recv() == Abort(gen=3)
         assert channel.recv() == Abort(gen=4)
     assert channel.opener.dropped == 4
@@ -163,3 +169,39 @@ def test_driver_takes_only_signed_new_worker_records(worker_channel):
     assert opener.open(forged) is None
     assert opener.open(real) is None  # replayed
     assert opener.open(auth.Sealer(KEY).seal(auth.plan_tag(0), forged)) is None  # a plan tag
+
+
+def test_plans_go_only_to_the_connection_with_a_signed_hello(monkeypatch):
+    """A rogue PULL (the issue's attack: PUSH dealt it every other plan) and a rogue DEALER
+    with a forged hello connect to the plan port first; only the worker gets the plans."""
+    from afd.scheduler.cluster.executor import DriverChannel
+
+    monkeypatch.setenv(auth.ENV, KEY.hex())
+    folder = tempfile.mkdtemp(prefix="afd-test-auth-")
+    inbox, driver_addr = f"ipc://{folder}/w0", f"ipc://{folder}/driver"
+    layout = SimpleNamespace(
+        world_size=1, driver_addr=lambda: driver_addr, inbox_addr=lambda rank: inbox,
+        role=lambda rank: "attention",
+    )  # fmt: skip
+    driver = DriverChannel(layout)
+    driver.bind_outboxes()
+    ctx = zmq.Context()
+    pull, dealer = ctx.socket(zmq.PULL), ctx.socket(zmq.DEALER)
+    for sock in (pull, dealer):
+        sock.connect(inbox)
+    dealer.send(auth.Sealer(bytes(32)).seal(auth.hello_tag(0), b""))
+    spec = SimpleNamespace(rank=0, inbox_addrs={0: inbox}, driver_addr=driver_addr)
+    channel = WorkerChannel(spec, "attention")
+    try:
+        for gen in range(4):
+            driver.send(0, Abort(gen=gen))
+        assert [channel.recv() for _ in range(4)] == [Abort(gen=g) for g in range(4)]
+        assert pull.poll(200) == 0 and dealer.poll(0) == 0
+        assert driver._hellos[0].dropped == 1  # the forged hello
+    finally:
+        for sock in (pull, dealer):
+            sock.close(linger=0)
+        ctx.term()
+        channel.close()
+        driver.close()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -309,48 +309,42 @@ def _canned_attention_worker():
 
 
 class _ControlPair:
-    """The driver's two sockets to one attention worker and that worker's own channel
+    """The driver's channel to one attention worker and that worker's own channel
     (comm/control.WorkerChannel), over IPC as the disaggregated executor binds them."""
 
     def __init__(self):
         import tempfile
         from types import SimpleNamespace
 
-        import zmq
-
-        from afd.comm import auth
         from afd.comm.control import WorkerChannel
+        from afd.scheduler.cluster.executor import DriverChannel
 
         self.folder = tempfile.mkdtemp(prefix="afd-profile-ipc-")
         inbox, driver = f"ipc://{self.folder}/w0", f"ipc://{self.folder}/driver"
-        self.ctx = zmq.Context()
-        self.outbox, self.inbox = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.PULL)
-        self.outbox.setsockopt(zmq.LINGER, 0)
-        self.outbox.bind(inbox)
-        self.inbox.bind(driver)
-        # the three WorkerSpec fields a channel reads
+        # the layout fields a driver channel reads, the WorkerSpec fields a worker channel reads
+        layout = SimpleNamespace(
+            world_size=1, driver_addr=lambda: driver, inbox_addr=lambda rank: inbox,
+            role=lambda rank: "attention",
+        )  # fmt: skip
+        self.driver = DriverChannel(layout)
+        self.driver.bind_outboxes()
         spec = SimpleNamespace(rank=0, inbox_addrs={0: inbox}, driver_addr=driver)
         self.channel = WorkerChannel(spec, "attention")
         self.channel.gen = 0
-        self.sealer, self.opener = auth.Sealer(), auth.Opener(auth.DRIVER_TAG)  # as the driver
 
     def send(self, msg) -> None:
-        from afd.comm import auth, wire
-
-        self.outbox.send(self.sealer.seal(auth.plan_tag(0), wire.encode(msg)))
+        self.driver.send(0, msg)
 
     def recv(self):
         from afd.comm import wire
 
-        return wire.decode_from_worker(self.opener.open(self.inbox.recv()))
+        return wire.decode_from_worker(self.driver.recv())
 
     def close(self) -> None:
         import shutil
 
         self.channel.close()
-        self.outbox.close()
-        self.inbox.close(linger=0)
-        self.ctx.term()
+        self.driver.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
