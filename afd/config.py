@@ -486,6 +486,13 @@ class ClusterConfig:
         "prefill and attention, the others experts)",
         scope="nodes",
     )
+    # the HMAC key of every control message (comm/auth); generated when one node runs alone
+    cluster_secret_file: str | None = option(
+        None,
+        "file holding the cluster's secret (the same on every node; needed with --nnodes > 1; "
+        "one node generates one)",
+        scope="nodes",
+    )
     worker_threads: int = 1  # torch threads of each worker process
     progress: bool = False  # print each worker's start-up (the launcher's start-up lines)
 
@@ -507,6 +514,10 @@ class ClusterConfig:
         self._check_nodes()
 
     def _check_nodes(self) -> None:
+        if self.cluster_secret_file is not None:
+            from afd.comm.auth import read_secret_file
+
+            read_secret_file(self.cluster_secret_file)  # missing, unreadable, empty: now
         if self.nnodes == 1:
             return
         if self.comm_backend == "shm":

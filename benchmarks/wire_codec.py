@@ -1,7 +1,8 @@
 """Encode + decode of one attention step plan (N plan entries) with the control plane's msgspec
-records, against the two codecs they replaced: the `@message` dataclass records and the
-`SCHEMAS` messages with positional entries (both loaded from the `comm/wire.py` of a git
-revision before the change). Run: `python -m afd.benchmarks.wire_codec [--rev REV]`; writes
+records, unsigned and signed as they travel (comm/auth: HMAC-SHA256 and its check), against the
+two codecs they replaced: the `@message` dataclass records and the `SCHEMAS` messages with
+positional entries (both loaded from the `comm/wire.py` of a git revision before the change).
+Run: `python -m afd.benchmarks.wire_codec [--rev REV]`; writes
 `benchmarks/results/<machine>/wire-codec.json`."""
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def median_us(fn, reps: int) -> float:
 
 
 def measure(entries: int, blocks: int, reps: int, rev: str) -> dict:
-    from afd.comm import wire
+    from afd.comm import auth, wire
     from afd.comm.messages import AttnStep, PlanEntry, SampleSpec
 
     old = old_wire(rev)
@@ -104,8 +105,14 @@ def measure(entries: int, blocks: int, reps: int, rev: str) -> dict:
     positional = [[i, [5], start, table[i], True, params] for i in range(entries)]
     schema = dict(step=1, micro_batches=[positional], release=[], imports=[], num_steps=1,
                   trace=False)  # fmt: skip
+    key, tag = bytes(32), auth.plan_tag(0)
+    sealer, opener = auth.Sealer(key), auth.Opener(tag, key)
     runs = {
         "msgspec_us": lambda: wire.decode_to_worker(wire.encode(new_plan)),
+        # as the control plane sends it: signed (HMAC-SHA256, comm/auth) and checked
+        "msgspec_signed_us": lambda: wire.decode_to_worker(
+            opener.open(sealer.seal(tag, wire.encode(new_plan)))
+        ),
         "message_dataclass_us": lambda: old.decode(old.encode(old_plan)),
         "schema_positional_us": lambda: old.decode(old.encode("attn_step", **schema)),
     }
@@ -113,6 +120,7 @@ def measure(entries: int, blocks: int, reps: int, rev: str) -> dict:
     out["plan_bytes"] = len(wire.encode(new_plan))
     for name, fn in runs.items():
         out[name] = round(median_us(fn, reps), 1)
+    out["signing_us"] = round(out["msgspec_signed_us"] - out["msgspec_us"], 1)
     out["dataclass_over_msgspec"] = round(out["message_dataclass_us"] / out["msgspec_us"], 1)
     return out
 

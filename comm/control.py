@@ -1,6 +1,7 @@
-"""Control plane between the driver (scheduler) and workers: ZMQ PUSH/PULL over IPC or TCP,
-msgpack; and the worker main loop every role shares (start-up, data-plane generations, steps,
-aborts). The driver binds every socket, so a replacement worker connects to the same addresses."""
+"""Control plane between the driver (scheduler) and workers: ZMQ over IPC or TCP, signed
+msgpack (comm/auth); and the worker main loop every role shares (start-up, data-plane
+generations, steps, aborts). The driver binds every socket, so a replacement worker connects to
+the same addresses."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from datetime import timedelta
 
 import zmq
 
+from afd.comm import auth, liveness, wire
 from afd.comm import dist as afd_dist
-from afd.comm import liveness, wire
 from afd.comm.messages import (
     Abort,
     Aborted,
@@ -63,7 +64,8 @@ def remove_generation_dirs(shm: str | None, keep: int) -> None:
 
 
 class WorkerChannel:
-    """A worker's two sockets: plans in from the driver, results out to it. Every message out
+    """A worker's two sockets: plans in from the driver (a DEALER that first says a signed
+    hello), results out to it. Every message out
     carries the worker's incarnation (`inc`, new for each process) and data-plane generation
     (`gen`), so the driver can tell a replacement's messages from its predecessor's."""
 
@@ -74,11 +76,21 @@ class WorkerChannel:
         self.pending: ToWorker | None = None  # a driver message that came in mid-step
         self.lock = threading.Lock()  # the inbox is read by the main and the watcher thread
         self.ctx = zmq.Context()
-        self.inbox = self.ctx.socket(zmq.PULL)
+        self.sealer = auth.Sealer()
+        self.opener = auth.Opener(auth.plan_tag(self.rank))
+        # the driver sends plans only to the connection whose signed hello claims this rank
+        self.inbox = self.ctx.socket(zmq.DEALER)
+        self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.connect(spec.inbox_addrs[self.rank])
+        self.inbox.send(self.sealer.seal(auth.hello_tag(self.rank), b""))
         self.outbox = self.ctx.socket(zmq.PUSH)
         self.outbox.setsockopt(zmq.LINGER, 2000)
         self.outbox.connect(spec.driver_addr)
+
+    def _take(self) -> ToWorker | None:
+        """The waiting driver message; None for one dropped (forged, replayed, unsigned)."""
+        raw = self.opener.open(self.inbox.recv())
+        return None if raw is None else wire.decode_to_worker(raw)
 
     def recv(self) -> ToWorker:
         """The next driver message; waiting for it counts as progress (liveness)."""
@@ -89,21 +101,23 @@ class WorkerChannel:
                     return msg
                 if self.inbox.poll(RECV_SLICE_MS):
                     liveness.beat()
-                    return wire.decode_to_worker(self.inbox.recv())
+                    msg = self._take()
+                    if msg is not None:
+                        return msg
             liveness.beat()
 
     def driver_message(self) -> bool:
         """Whether the driver sent a message (kept for recv()); during a step the driver only
         writes to abort it. Called by the main thread and by liveness's watcher thread."""
         with self.lock:
-            if self.pending is None and self.inbox.poll(0):
-                self.pending = wire.decode_to_worker(self.inbox.recv())
+            while self.pending is None and self.inbox.poll(0):
+                self.pending = self._take()
             return self.pending is not None
 
     def send(self, kind: type[WorkerMessage], **fields) -> None:
         """A message of record type `kind` with this worker's rank, incarnation, generation."""
         msg = kind(rank=self.rank, inc=self.inc, gen=self.gen, **fields)
-        self.outbox.send(wire.encode(msg))
+        self.outbox.send(self.sealer.seal(auth.DRIVER_TAG, wire.encode(msg)))
 
     def report_error(self, exc: BaseException) -> None:
         text = "".join(traceback.format_exception_only(type(exc), exc)).strip()

@@ -388,7 +388,10 @@ def test_two_nodes_on_loopback(tmp_path):
     Node 1's launcher replaces its expert worker when it is killed, and the cluster re-forms."""
     init = f"127.0.0.1:{free_port()}"
     port = free_port()
-    common = ["--nnodes", "2", "--dist-init-addr", init, "--dtype", "float32"]
+    secret = tmp_path / "secret"
+    secret.write_text(os.urandom(32).hex())
+    common = ["--nnodes", "2", "--dist-init-addr", init, "--dtype", "float32",
+              "--cluster-secret-file", str(secret)]  # fmt: skip
     node1 = subprocess.Popen(
         [sys.executable, "-m", "afd", "launch", "--node-rank", "1", *common],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

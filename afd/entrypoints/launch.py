@@ -148,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
     nnodes = config.cluster.nnodes
     if not 0 <= args.node_rank < nnodes:
         raise ValueError(f"--node-rank must be in 0..{nnodes - 1}")
+    if nnodes > 1 and config.cluster.cluster_secret_file is None:
+        # a generated secret cannot reach the other nodes; without one any host could join
+        raise ValueError("--nnodes > 1 needs --cluster-secret-file PATH (the same on every node)")
     if args.node_rank > 0:
         return run_worker_node(config, args.node_rank)
     # the port first: a busy one fails now, in one line, not after the model loaded
@@ -358,6 +361,7 @@ def run_worker_node(config, node_rank: int) -> int:
     import time
 
     from afd.builtin import resolve_model, resolve_tokenizer
+    from afd.comm.auth import install_secret
     from afd.config import ModelConfig
     from afd.scheduler.cluster.executor import (
         layout_for,
@@ -375,6 +379,7 @@ def run_worker_node(config, node_rank: int) -> int:
     layout = layout_for(config, model_config)
     tokenizer = resolve_tokenizer(source.tokenizer, source.download_dir, path)
     spec = worker_spec(config, path, model_config, layout, tokenizer)
+    install_secret(cluster.cluster_secret_file)  # the workers inherit it (environment)
     supervisor = node_supervisor(config)  # replaces this node's workers when they fail
     spawn_node_workers(supervisor, spec, layout, node_rank)
     supervisor.enable_restarts()

@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from afd.comm import wire
+from afd.comm import auth, wire
 from afd.comm.control import ipc_dir, shm_dir
 from afd.comm.dispatch import resolve_transport_name
 from afd.comm.messages import (
@@ -298,7 +298,9 @@ def spawn_node_workers(supervisor: Supervisor, spec: WorkerSpec, layout: Cluster
 
 
 class DriverChannel:
-    """The driver's control sockets: one inbox every worker pushes to, one outbox per rank."""
+    """The driver's control sockets: one inbox every worker pushes to, one plan socket per rank
+    (ROUTER). A plan goes only to the connection whose signed hello claimed worker `rank`'s
+    port, so another connection to a plan port gets nothing."""
 
     def __init__(self, layout: ClusterLayout):
         self.layout = layout
@@ -306,41 +308,69 @@ class DriverChannel:
         self.inbox = self.zctx.socket(zmq.PULL)
         self.inbox.bind(layout.driver_addr())
         self.outboxes: dict[int, zmq.Socket] = {}
+        self.peers: dict[int, bytes] = {}  # rank -> the ZMQ routing id of its signed hello
+        self.sealer = auth.Sealer()
+        self.opener = auth.Opener(auth.DRIVER_TAG)
+        self._hellos: dict[int, auth.Opener] = {}
+
+    def _frame(self, rank: int, msg: DriverMessage) -> bytes:
+        return self.sealer.seal(auth.plan_tag(rank), wire.encode(msg))
 
     def bind_outboxes(self) -> None:
         for rank in range(self.layout.world_size):
-            sock = self.zctx.socket(zmq.PUSH)
+            sock = self.zctx.socket(zmq.ROUTER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone peer is an error, not a drop
             sock.bind(self.layout.inbox_addr(rank))
             self.outboxes[rank] = sock
+            self._hellos[rank] = auth.Opener(auth.hello_tag(rank))
+
+    def _take_hellos(self, rank: int, wait_ms: int) -> None:
+        """Adopt the newest well-signed hello on rank's plan port (a replacement's), waiting up
+        to wait_ms while there is none; drop the rest (logged by the opener)."""
+        sock, deadline = self.outboxes[rank], time.monotonic() + wait_ms / 1000
+        while True:
+            left = 0 if rank in self.peers else max(0, round((deadline - time.monotonic()) * 1e3))
+            if not sock.poll(left):
+                return
+            parts = sock.recv_multipart()
+            if len(parts) == 2 and self._hellos[rank].open(parts[1]) is not None:
+                self.peers[rank] = parts[0]
+
+    def _deliver(self, rank: int, frame: bytes, wait_ms: int) -> bool:
+        """Send `frame` to worker rank's connection; False if it has none that takes it."""
+        for _ in range(2):  # after a failed send, a replacement's hello may be on its way
+            self._take_hellos(rank, wait_ms)
+            peer = self.peers.get(rank)
+            if peer is None:
+                return False
+            try:
+                self.outboxes[rank].send_multipart([peer, frame], 0 if wait_ms else zmq.NOBLOCK)
+                return True
+            except zmq.ZMQError:  # gone (EHOSTUNREACH) or not reading (EAGAIN)
+                del self.peers[rank]
+        return False
 
     def send(self, rank: int, msg: DriverMessage) -> None:
         """A plan or instruction; a worker that cannot take it is a failure."""
-        try:
-            self.outboxes[rank].send(wire.encode(msg))
-        except zmq.Again:
+        if not self._deliver(rank, self._frame(rank, msg), SEND_TIMEOUT_MS):
             role = self.layout.role(rank)
-            raise _Failure(f"{role} worker {rank} does not take messages") from None
+            raise _Failure(f"{role} worker {rank} does not take messages")
 
     def send_nowait(self, rank: int, msg: DriverMessage) -> None:
-        try:
-            self.outboxes[rank].send(wire.encode(msg), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # not connected: gone; its replacement starts fresh
+        self._deliver(rank, self._frame(rank, msg), 0)  # gone: its replacement starts fresh
 
     def poll(self, timeout_ms: int) -> bool:
         return bool(self.inbox.poll(timeout_ms))
 
-    def recv(self) -> bytes:
-        return self.inbox.recv()
+    def recv(self) -> bytes | None:
+        """The next worker record's bytes; None for one dropped (forged, replayed, unsigned)."""
+        return self.opener.open(self.inbox.recv())
 
     def announce_shutdown(self) -> None:
-        for sock in self.outboxes.values():
-            try:
-                sock.send(wire.encode(Shutdown()), flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+        for rank in self.outboxes:
+            self.send_nowait(rank, Shutdown())
 
     def close(self) -> None:
         for sock in self.outboxes.values():
@@ -422,6 +452,7 @@ class AFDExecutor:
         self.attention_ranks = list(range(a))
         self.expert_ranks = list(range(a, a + f))
         self.prefill_ranks = list(range(a + f, a + f + p))
+        auth.install_secret(config.cluster.cluster_secret_file)  # before any worker starts
         self.channel = DriverChannel(layout)
         self.supervisor = node_supervisor(config)
         self.recoverer = ClusterRecovery(

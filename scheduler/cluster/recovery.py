@@ -111,8 +111,11 @@ class ClusterRecovery:
 
     def receive(self) -> FromWorker | None:
         """The worker message waiting in the inbox; None (and a log line) if it is malformed."""
+        raw = self.channel.recv()  # None: dropped and logged by the channel (comm/auth)
+        if raw is None:
+            return None
         try:
-            return wire.decode_from_worker(self.channel.recv())
+            return wire.decode_from_worker(raw)
         except wire.WireError as e:
             log(f"dropped a worker message: {e}")
             return None

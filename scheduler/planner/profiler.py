@@ -309,36 +309,42 @@ def _canned_attention_worker():
 
 
 class _ControlPair:
-    """The driver's two sockets to one attention worker and that worker's own channel
+    """The driver's channel to one attention worker and that worker's own channel
     (comm/control.WorkerChannel), over IPC as the disaggregated executor binds them."""
 
     def __init__(self):
         import tempfile
         from types import SimpleNamespace
 
-        import zmq
-
         from afd.comm.control import WorkerChannel
+        from afd.scheduler.cluster.executor import DriverChannel
 
         self.folder = tempfile.mkdtemp(prefix="afd-profile-ipc-")
         inbox, driver = f"ipc://{self.folder}/w0", f"ipc://{self.folder}/driver"
-        self.ctx = zmq.Context()
-        self.outbox, self.inbox = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.PULL)
-        self.outbox.setsockopt(zmq.LINGER, 0)
-        self.outbox.bind(inbox)
-        self.inbox.bind(driver)
-        # the three WorkerSpec fields a channel reads
+        # the layout fields a driver channel reads, the WorkerSpec fields a worker channel reads
+        layout = SimpleNamespace(
+            world_size=1, driver_addr=lambda: driver, inbox_addr=lambda rank: inbox,
+            role=lambda rank: "attention",
+        )  # fmt: skip
+        self.driver = DriverChannel(layout)
+        self.driver.bind_outboxes()
         spec = SimpleNamespace(rank=0, inbox_addrs={0: inbox}, driver_addr=driver)
         self.channel = WorkerChannel(spec, "attention")
         self.channel.gen = 0
+
+    def send(self, msg) -> None:
+        self.driver.send(0, msg)
+
+    def recv(self):
+        from afd.comm import wire
+
+        return wire.decode_from_worker(self.driver.recv())
 
     def close(self) -> None:
         import shutil
 
         self.channel.close()
-        self.outbox.close()
-        self.inbox.close(linger=0)
-        self.ctx.term()
+        self.driver.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -346,18 +352,17 @@ def plan_message_seconds(batch: int, context: int, block_size: int, reps: int) -
     """What the disaggregated driver adds per scheduling step for `batch` sequences: its plan
     entries and `attn_step`, through IPC to the worker's channel, the worker's `attn_result`
     and its way back, each message encoded and checked as driver and worker do."""
-    from afd.comm import wire
     from afd.comm.messages import AttnStep
 
     seqs = decode_sequences(batch, context, block_size)
     worker, pair = _canned_attention_worker(), _ControlPair()
 
     def run():
-        pair.outbox.send(wire.encode(AttnStep(step=1, micro_batches=[decode_entries(seqs)])))
+        pair.send(AttnStep(step=1, micro_batches=[decode_entries(seqs)]))
         plan = pair.channel.recv()
         kind, fields = worker.run(plan)
         pair.channel.send(kind, step=plan.step, **fields)  # as comm/control.serve does
-        wire.decode_from_worker(pair.inbox.recv())
+        pair.recv()
 
     try:
         return _timeit(run, reps)
