@@ -341,101 +341,128 @@ def _paged_meta(shape: dict, device: torch.device):
     return meta, len(pool)
 
 
+def _rms_norm_case(kernel: str, shape: dict, kw: dict, elt: int, impls: dict) -> Case:
+    x = torch.randn(shape["tokens"], shape["hidden"], **kw)
+    res = torch.randn_like(x)
+    w = (1 + 0.1 * torch.randn(shape["hidden"], device=kw["device"])).to(kw["dtype"])
+    return Case(kernel, shape, (x, w, 1e-6, res), impls, bytes_moved=4 * x.numel() * elt)
+
+
+def _rotary_case(kernel: str, shape: dict, kw: dict, elt: int, impls: dict) -> Case:
+    t, d = shape["tokens"], shape["head_dim"]
+    q = torch.randn(t, shape["q_heads"], d, **kw)
+    k = torch.randn(t, shape["kv_heads"], d, **kw)
+    angles = torch.rand(t, d // 2, device=kw["device"]) * 100  # positions x frequencies
+    cos, sin = angles.cos().to(kw["dtype"]), angles.sin().to(kw["dtype"])
+    moved = 2 * (q.numel() + k.numel()) * elt + 2 * cos.numel() * elt
+    inputs = (q, k, cos, sin, bool(shape["interleaved"]))
+    return Case(kernel, shape, inputs, impls, bytes_moved=moved)
+
+
+def _paged_attention_case(kernel: str, shape: dict, kw: dict, elt: int, impls: dict) -> Case:
+    bs, hq, hkv, d = shape["block_size"], shape["q_heads"], shape["kv_heads"], shape["head_dim"]
+    meta, num_blocks = _paged_meta(shape, kw["device"])
+    q = torch.randn(meta.slot_mapping.shape[0], hq, d, **kw)
+    k_cache = torch.randn(num_blocks, bs, hkv, d, **kw)
+    v_cache = torch.randn(num_blocks, bs, hkv, d, **kw)
+    if "splits" in shape and "triton" in impls:
+        from afd.kernels.triton_attention import paged_decode_attention
+
+        impls["triton"] = lambda q, k, v, meta, scale: paged_decode_attention(
+            q, k, v, meta.block_tables, meta.seq_lens, scale, num_splits=shape["splits"]
+        )
+    kv_bytes = 2 * int(meta.seq_lens.sum()) * hkv * d * elt
+    inputs = (q, k_cache, v_cache, meta, d**-0.5)
+    return Case(kernel, shape, inputs, impls, bytes_moved=kv_bytes + 2 * q.numel() * elt)
+
+
+def _mla_attention_case(kernel: str, shape: dict, kw: dict, elt: int, impls: dict) -> Case:
+    bs, h, lat, r = shape["block_size"], shape["q_heads"], shape["latent"], shape["rope"]
+    meta, num_blocks = _paged_meta(shape, kw["device"])
+    t = meta.slot_mapping.shape[0]
+    q_latent = torch.randn(t, h, lat, **kw)
+    q_rope = torch.randn(t, h, r, **kw)
+    kv_cache = torch.randn(num_blocks, bs, lat + r, **kw)
+    if "splits" in shape and "triton" in impls:
+        from afd.kernels.triton_attention import mla_decode_attention
+
+        impls["triton"] = lambda ql, qr, kv, meta, scale: mla_decode_attention(
+            ql, qr, kv, meta.block_tables, meta.seq_lens, scale, num_splits=shape["splits"]
+        )
+    kv_bytes = int(meta.seq_lens.sum()) * (lat + r) * elt
+    inputs = (q_latent, q_rope, kv_cache, meta, (128 + r) ** -0.5)
+    moved = kv_bytes + t * h * (2 * lat + r) * elt
+    return Case(kernel, shape, inputs, impls, bytes_moved=moved)
+
+
+def _fp8_linear_case(kernel: str, shape: dict, kw: dict, elt: int, impls: dict) -> Case:
+    """Weights quantized in 128 x 128 blocks, as checkpoints hold them."""
+    from afd.kernels.torch_ops import quant_fp8_blocks
+
+    t, k, n = shape["tokens"], shape["in_features"], shape["out_features"]
+    x = torch.randn(t, k, **kw)
+    wq, ws = quant_fp8_blocks(torch.randn(n, k, device=kw["device"]) * k**-0.5, (128, 128))
+    moved = n * k + ws.numel() * 4 + t * (k + n) * elt
+    inputs = (x, wq, ws, (128, 128))
+    return Case(kernel, shape, inputs, impls, bytes_moved=moved, flops=2 * t * k * n)
+
+
+def _fused_moe_case(kernel: str, shape: dict, kw: dict, elt: int, impls: dict) -> Case:
+    device, dtype = kw["device"], kw["dtype"]
+    t, hid, inter = shape["tokens"], shape["hidden"], shape["inter"]
+    experts, top_k, shard = shape["experts"], shape["top_k"], shape["shard"]
+    local = experts // shard
+    x = torch.randn(t, hid, **kw)
+    w13 = (torch.randn(local, 2 * inter, hid, device=device) * hid**-0.5).to(dtype)
+    w2 = (torch.randn(local, hid, inter, device=device) * inter**-0.5).to(dtype)
+    scores = torch.rand(t, experts, device=device)
+    weights, ids = scores.topk(top_k, dim=-1)
+    ids = torch.where(ids < local, ids, -1)  # this shard holds experts [0, local)
+    routed = int((ids >= 0).sum())
+    active = int(torch.unique(ids[ids >= 0]).numel())
+    inputs, weight_elt, floors = (x, w13, w2, weights, ids), elt, None
+    if kernel == "fused_moe_fp8":
+        from afd.kernels.torch_ops import quant_fp8_experts
+
+        w13q, w13s, w2q, w2s = quant_fp8_experts(w13.float(), w2.float())
+        inputs, weight_elt = (x, w13q, w13s, w2q, w2s, weights, ids, (128, 128)), 1
+        # The SiLU-and-mul output is quantized to e4m3 again: a last-bit difference in the
+        # fp32 sums before it can round an element to the neighbouring e4m3 value (1/16 to
+        # 1/8 of it), which no reference reproduces. Measured under the interpreter at fp32:
+        # 1.4e-4 norm-wise, 5.4e-4 max-wise over 20 seeds; a wrong scale or index errs by ~1.
+        floors = (2**-10, 2**-7)
+    return Case(
+        kernel,
+        shape,
+        inputs,
+        impls,
+        flops=2 * routed * 3 * hid * inter,
+        bytes_moved=active * 3 * hid * inter * weight_elt,
+        extra={"routed_tokens": routed, "active_experts": active},
+        floors=floors,
+    )
+
+
+_CASE_BUILDERS = {
+    "rms_norm": _rms_norm_case,
+    "rotary_embedding": _rotary_case,
+    "paged_attention": _paged_attention_case,
+    "mla_attention": _mla_attention_case,
+    "fp8_linear": _fp8_linear_case,
+    "fused_moe": _fused_moe_case,
+    "fused_moe_fp8": _fused_moe_case,
+}
+
+
 def make_case(kernel: str, shape: dict, device: torch.device, dtype: torch.dtype) -> Case:
     """Allocate inputs for one shape and count its bytes or FLOPs. A `splits` key in an
     attention shape forces that many split-K partitions on the Triton side."""
     elt = torch.finfo(dtype).bits // 8
-    kw = dict(device=device, dtype=dtype)
     impls = _impls(kernel)
-    if kernel == "rms_norm":
-        x = torch.randn(shape["tokens"], shape["hidden"], **kw)
-        res = torch.randn_like(x)
-        w = (1 + 0.1 * torch.randn(shape["hidden"], device=device)).to(dtype)
-        return Case(kernel, shape, (x, w, 1e-6, res), impls, bytes_moved=4 * x.numel() * elt)
-    if kernel == "rotary_embedding":
-        t, d = shape["tokens"], shape["head_dim"]
-        q = torch.randn(t, shape["q_heads"], d, **kw)
-        k = torch.randn(t, shape["kv_heads"], d, **kw)
-        angles = torch.rand(t, d // 2, device=device) * 100  # positions x frequencies
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-        moved = 2 * (q.numel() + k.numel()) * elt + 2 * cos.numel() * elt
-        inputs = (q, k, cos, sin, bool(shape["interleaved"]))
-        return Case(kernel, shape, inputs, impls, bytes_moved=moved)
-    if kernel == "paged_attention":
-        bs, hq, hkv, d = shape["block_size"], shape["q_heads"], shape["kv_heads"], shape["head_dim"]
-        meta, num_blocks = _paged_meta(shape, device)
-        q = torch.randn(meta.slot_mapping.shape[0], hq, d, **kw)
-        k_cache = torch.randn(num_blocks, bs, hkv, d, **kw)
-        v_cache = torch.randn(num_blocks, bs, hkv, d, **kw)
-        if "splits" in shape and "triton" in impls:
-            from afd.kernels.triton_attention import paged_decode_attention
-
-            impls["triton"] = lambda q, k, v, meta, scale: paged_decode_attention(
-                q, k, v, meta.block_tables, meta.seq_lens, scale, num_splits=shape["splits"]
-            )
-        kv_bytes = 2 * int(meta.seq_lens.sum()) * hkv * d * elt
-        inputs = (q, k_cache, v_cache, meta, d**-0.5)
-        return Case(kernel, shape, inputs, impls, bytes_moved=kv_bytes + 2 * q.numel() * elt)
-    if kernel == "mla_attention":
-        bs, h, lat, r = shape["block_size"], shape["q_heads"], shape["latent"], shape["rope"]
-        meta, num_blocks = _paged_meta(shape, device)
-        t = meta.slot_mapping.shape[0]
-        q_latent = torch.randn(t, h, lat, **kw)
-        q_rope = torch.randn(t, h, r, **kw)
-        kv_cache = torch.randn(num_blocks, bs, lat + r, **kw)
-        if "splits" in shape and "triton" in impls:
-            from afd.kernels.triton_attention import mla_decode_attention
-
-            impls["triton"] = lambda ql, qr, kv, meta, scale: mla_decode_attention(
-                ql, qr, kv, meta.block_tables, meta.seq_lens, scale, num_splits=shape["splits"]
-            )
-        kv_bytes = int(meta.seq_lens.sum()) * (lat + r) * elt
-        inputs = (q_latent, q_rope, kv_cache, meta, (128 + r) ** -0.5)
-        moved = kv_bytes + t * h * (2 * lat + r) * elt
-        return Case(kernel, shape, inputs, impls, bytes_moved=moved)
-    if kernel == "fp8_linear":  # weights quantized in 128 x 128 blocks, as checkpoints hold them
-        from afd.kernels.torch_ops import quant_fp8_blocks
-
-        t, k, n = shape["tokens"], shape["in_features"], shape["out_features"]
-        x = torch.randn(t, k, **kw)
-        wq, ws = quant_fp8_blocks(torch.randn(n, k, device=device) * k**-0.5, (128, 128))
-        moved = n * k + ws.numel() * 4 + t * (k + n) * elt
-        inputs = (x, wq, ws, (128, 128))
-        return Case(kernel, shape, inputs, impls, bytes_moved=moved, flops=2 * t * k * n)
-    if kernel in ("fused_moe", "fused_moe_fp8"):
-        t, hid, inter = shape["tokens"], shape["hidden"], shape["inter"]
-        experts, top_k, shard = shape["experts"], shape["top_k"], shape["shard"]
-        local = experts // shard
-        x = torch.randn(t, hid, **kw)
-        w13 = (torch.randn(local, 2 * inter, hid, device=device) * hid**-0.5).to(dtype)
-        w2 = (torch.randn(local, hid, inter, device=device) * inter**-0.5).to(dtype)
-        scores = torch.rand(t, experts, device=device)
-        weights, ids = scores.topk(top_k, dim=-1)
-        ids = torch.where(ids < local, ids, -1)  # this shard holds experts [0, local)
-        routed = int((ids >= 0).sum())
-        active = int(torch.unique(ids[ids >= 0]).numel())
-        inputs, weight_elt, floors = (x, w13, w2, weights, ids), elt, None
-        if kernel == "fused_moe_fp8":
-            from afd.kernels.torch_ops import quant_fp8_experts
-
-            w13q, w13s, w2q, w2s = quant_fp8_experts(w13.float(), w2.float())
-            inputs, weight_elt = (x, w13q, w13s, w2q, w2s, weights, ids, (128, 128)), 1
-            # The SiLU-and-mul output is quantized to e4m3 again: a last-bit difference in the
-            # fp32 sums before it can round an element to the neighbouring e4m3 value (1/16 to
-            # 1/8 of it), which no reference reproduces. Measured under the interpreter at fp32:
-            # 1.4e-4 norm-wise, 5.4e-4 max-wise over 20 seeds; a wrong scale or index errs by ~1.
-            floors = (2**-10, 2**-7)
-        return Case(
-            kernel,
-            shape,
-            inputs,
-            impls,
-            flops=2 * routed * 3 * hid * inter,
-            bytes_moved=active * 3 * hid * inter * weight_elt,
-            extra={"routed_tokens": routed, "active_experts": active},
-            floors=floors,
-        )
-    raise ValueError(f"unknown kernel {kernel!r}; choose from {', '.join(KERNELS)}")
+    build = _CASE_BUILDERS.get(kernel)
+    if build is None:
+        raise ValueError(f"unknown kernel {kernel!r}; choose from {', '.join(KERNELS)}")
+    return build(kernel, shape, dict(device=device, dtype=dtype), elt, impls)
 
 
 def _has_triton() -> bool:

@@ -7,6 +7,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from afd.builtin import resolve_model
@@ -158,80 +159,111 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure(llm, args, ks: list[int], SamplingParams) -> dict:
+def _prefill_batch(eng, total: int, context_len: int, SamplingParams) -> None:
+    """Queue `total` seeded random prompts of `context_len` tokens and prefill them all."""
     import torch
 
-    from afd.scheduler.cluster.executor import shares_gpus
-
-    eng, ex = llm.engine, llm.engine.executor
     g = torch.Generator().manual_seed(0)
     vocab = eng.model_config.vocab_size
-    total = args.batch_size * args.num_attention_workers
     params = SamplingParams(temperature=0, max_tokens=1_000_000, ignore_eos=True)
     for _ in range(total):
-        prompt = torch.randint(3, vocab, (args.context_len,), generator=g).tolist()
+        prompt = torch.randint(3, vocab, (context_len,), generator=g).tolist()
         eng.add_request(prompt, params, stream=False)
     # Prefill everything so that every measured step is a pure decode step of the whole batch.
     while any(s.num_waiting for s in eng.schedulers) or any(
         seq.num_output_tokens == 0 for s in eng.schedulers for seq in s.running
     ):
         eng.step()
+
+
+def _set_k(eng, k: int) -> None:
+    eng.config = eng.config.replace(num_scheduler_steps=k)
+    eng.scheduler.num_scheduler_steps = k  # the plan's K is read there
+
+
+@dataclass
+class _Tally:
+    """What the measured rounds of one (K, m) variant add up to."""
+
+    walls: list[float] = field(default_factory=list)
+    stage_sums: dict[str, float] = field(default_factory=dict)
+    loads: list = field(default_factory=list)
+    wire: dict[str, int] = field(default_factory=dict)
+    events: list = field(default_factory=list)
+
+    def add(self, wall: float, last, traced: bool) -> None:
+        self.walls.append(wall)
+        for name, sec in last.times.items():
+            self.stage_sums[name] = self.stage_sums.get(name, 0.0) + sec
+        self.loads.append(last.load)
+        for key, n in last.wire.items():
+            self.wire[key] = self.wire.get(key, 0) + n
+        if traced:
+            self.events = last.events
+
+
+def _step_variant(eng, ex, k: int, m: int, trace: bool) -> float:
+    """One scheduling step at K = k over m micro-batches; its wall time."""
+    _set_k(eng, k)
+    ex.num_micro_batches = m
+    ex.trace = trace
+    t0 = time.perf_counter()
+    eng.step()
+    return time.perf_counter() - t0
+
+
+def _check_decode_step(eng, ex, k: int, total: int) -> None:
+    running = sum(len(s.running) for s in eng.schedulers)
+    if running != total or ex.last.num_steps != k:
+        raise RuntimeError(
+            f"{running} of {total} sequences ran {ex.last.num_steps} decode steps in a "
+            f"scheduling step, not {k}"
+        )
+
+
+def _run_rounds(eng, ex, args, variants: list[tuple], total: int) -> dict[tuple, _Tally]:
     # Rounds take turns over every (K, m) on the same batch: every variant sees the same context
     # lengths (attention cost grows with them) and the same slow drifts of the machine.
-    variants = [(k, m) for k in ks for m in range(1, args.max_micro_batches + 1)]
-    walls: dict[tuple, list[float]] = {v: [] for v in variants}
-    stage_sums: dict[tuple, dict[str, float]] = {v: {} for v in variants}
-    events: dict[tuple, list] = {}
-    loads: dict[tuple, list] = {v: [] for v in variants}
-    wire: dict[tuple, dict[str, int]] = {v: {} for v in variants}
+    tallies = {v: _Tally() for v in variants}
     last = args.warmup_rounds + args.rounds - 1
     for rnd in range(args.warmup_rounds + args.rounds):
         for v in variants:
             k, m = v
-            eng.config = eng.config.replace(num_scheduler_steps=k)
-            eng.scheduler.num_scheduler_steps = k  # the plan's K is read there
-            ex.num_micro_batches = m
-            ex.trace = rnd == last
-            t0 = time.perf_counter()
-            eng.step()
-            wall = time.perf_counter() - t0
+            wall = _step_variant(eng, ex, k, m, rnd == last)
             if rnd < args.warmup_rounds:
                 continue
-            running = sum(len(s.running) for s in eng.schedulers)
-            if running != total or ex.last.num_steps != k:
-                raise RuntimeError(
-                    f"{running} of {total} sequences ran {ex.last.num_steps} decode steps in a "
-                    f"scheduling step, not {k}"
-                )
-            walls[v].append(wall)
-            for name, sec in ex.last.times.items():
-                stage_sums[v][name] = stage_sums[v].get(name, 0.0) + sec
-            loads[v].append(ex.last.load)
-            for key, n in ex.last.wire.items():
-                wire[v][key] = wire[v].get(key, 0) + n
-            if ex.trace:
-                events[v] = ex.last.events
+            _check_decode_step(eng, ex, k, total)
+            tallies[v].add(wall, ex.last, ex.trace)
     ex.trace = False
-    runs = [
-        summarise(
-            walls[v],
-            stage_sums[v],
-            loads[v],
-            wire[v],
-            m=v[1],
-            k=v[0],
+    return tallies
+
+
+def _summarise_variants(args, ks: list[int], tallies: dict[tuple, _Tally], total: int) -> list:
+    """One summary row per (K, m), with its speedups over m = 1 and over the first K."""
+    runs = []
+    for (k, m), t in tallies.items():
+        r = summarise(
+            t.walls,
+            t.stage_sums,
+            t.loads,
+            t.wire,
+            m=m,
+            k=k,
             num_attention=args.num_attention_workers,
             num_expert=args.num_expert_workers,
             total=total,
         )
-        for v in variants
-    ]
-    for r, v in zip(runs, variants, strict=True):
-        r["events"] = events.get(v, [])
-        k, m = v
-        add_speedup(r, "m1", walls[v], k, walls[(k, 1)], k)
+        r["events"] = t.events
+        add_speedup(r, "m1", t.walls, k, tallies[(k, 1)].walls, k)
         if len(ks) > 1:
-            add_speedup(r, "first_k", walls[v], k, walls[(ks[0], m)], ks[0])
+            add_speedup(r, "first_k", t.walls, k, tallies[(ks[0], m)].walls, ks[0])
+        runs.append(r)
+    return runs
+
+
+def _run_header(llm, args, ks: list[int]) -> dict:
+    from afd.scheduler.cluster.executor import shares_gpus
+
     return {
         "topology": {
             "attention_workers": args.num_attention_workers,
@@ -249,8 +281,16 @@ def measure(llm, args, ks: list[int], SamplingParams) -> dict:
         ),
         "dispatch_dtype": args.dispatch_dtype,
         "model": args.model,
-        "runs": runs,
     }
+
+
+def measure(llm, args, ks: list[int], SamplingParams) -> dict:
+    eng, ex = llm.engine, llm.engine.executor
+    total = args.batch_size * args.num_attention_workers
+    _prefill_batch(eng, total, args.context_len, SamplingParams)
+    variants = [(k, m) for k in ks for m in range(1, args.max_micro_batches + 1)]
+    tallies = _run_rounds(eng, ex, args, variants, total)
+    return {**_run_header(llm, args, ks), "runs": _summarise_variants(args, ks, tallies, total)}
 
 
 # Each side's plan time splits into compute, exposed transfers and waiting for the other side;
@@ -475,24 +515,12 @@ def measure_colocated(model: str, args, ks: list[int], longest: int) -> list[dic
     )
     try:
         eng = llm.engine
-        import torch
-
-        g = torch.Generator().manual_seed(0)
-        params = SamplingParams(temperature=0, max_tokens=1_000_000, ignore_eos=True)
-        vocab = eng.model_config.vocab_size
-        for _ in range(total):
-            prompt = torch.randint(3, vocab, (args.context_len,), generator=g).tolist()
-            eng.add_request(prompt, params, stream=False)
-        while any(s.num_waiting for s in eng.schedulers) or any(
-            seq.num_output_tokens == 0 for s in eng.schedulers for seq in s.running
-        ):
-            eng.step()
+        _prefill_batch(eng, total, args.context_len, SamplingParams)
         walls: dict[int, list[float]] = {k: [] for k in ks}
         # as many decode steps per round as the disaggregated variants took: same contexts
         for rnd in range(args.warmup_rounds + args.rounds):
             for k in ks:
-                eng.config = eng.config.replace(num_scheduler_steps=k)
-                eng.scheduler.num_scheduler_steps = k  # the plan's K is read there
+                _set_k(eng, k)
                 for _ in range(args.max_micro_batches):
                     t0 = time.perf_counter()
                     eng.step()

@@ -5,6 +5,7 @@ merge. Prefill batches go to the torch reference; flash-attn serves GQA decode w
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -218,35 +219,29 @@ def _pick_num_splits(programs: int, max_seq_len: int, device: torch.device) -> i
     return max(1, min(want, triton.cdiv(max_seq_len, 256), 32))
 
 
-def _decode(
-    q: torch.Tensor,  # [B, Hq, D]
-    q_rope: torch.Tensor | None,  # [B, Hq, R]
-    k: torch.Tensor,  # [N, bs, Hkv, D] (a view: the K part of the cache)
-    k_rope: torch.Tensor | None,  # [N, bs, Hkv, R], same strides as k
-    v: torch.Tensor,  # [N, bs, Hkv, Dv]
-    block_tables: torch.Tensor,  # [B, M]
-    seq_lens: torch.Tensor,  # [B]
-    scale: float,
-    max_seq_len: int | None,
+@dataclass(frozen=True)
+class _DecodeTiling:
+    """Head block, KV block and split-K partition of one paged decode launch."""
+
+    block_h: int
+    head_blocks: int
+    block_n: int
+    num_splits: int
+    tokens_per_split: int
+    big: bool  # head dims over 256: smaller KV blocks, more warps
+
+
+def _decode_tiling(
+    q: torch.Tensor,
+    num_kv_heads: int,
+    dim_v: int,
+    max_seq_len: int,
     num_splits: int | None,
     block_n: int | None,
     block_h: int | None,
-) -> torch.Tensor:
+) -> _DecodeTiling:
     bsz, num_heads, dim_k = q.shape
-    num_kv_heads, dim_v = k.shape[2], v.shape[-1]
     group = num_heads // num_kv_heads
-    dim_r = q_rope.shape[-1] if q_rope is not None else 0
-    out = torch.empty(bsz, num_heads, dim_v, dtype=q.dtype, device=q.device)
-    if bsz == 0:
-        return out
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if q_rope is not None and q_rope.stride(-1) != 1:
-        q_rope = q_rope.contiguous()
-    block_tables = block_tables.contiguous()
-    seq_lens = seq_lens.contiguous()
-    if max_seq_len is None:
-        max_seq_len = int(seq_lens.max())
     block_h = block_h or max(16, min(64, next_pow2(group)))
     head_blocks = triton.cdiv(group, block_h)
     big = max(dim_k, dim_v) > 256
@@ -255,22 +250,24 @@ def _decode(
         num_splits = _pick_num_splits(bsz * num_kv_heads * head_blocks, max_seq_len, q.device)
     num_splits = max(1, min(num_splits, triton.cdiv(max(1, max_seq_len), block_n)))
     tokens_per_split = triton.cdiv(triton.cdiv(max(1, max_seq_len), num_splits), block_n) * block_n
-    split = num_splits > 1
-    if split:
-        partial = torch.empty(
-            bsz, num_heads, num_splits, dim_v, dtype=torch.float32, device=q.device
-        )
-        lse = torch.empty(bsz, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        o_target, o_strides = partial, (partial.stride(0), partial.stride(1), partial.stride(2))
-    else:
-        lse = out  # unused
-        o_target, o_strides = out, (out.stride(0), out.stride(1), 0)
+    return _DecodeTiling(block_h, head_blocks, block_n, num_splits, tokens_per_split, big)
+
+
+def _launch_paged_decode(
+    t: _DecodeTiling, q, q_rope, k, k_rope, v, block_tables, seq_lens, o_target, o_strides, lse,
+    scale: float,
+) -> None:  # fmt: skip
+    bsz, num_heads, dim_k = q.shape
+    num_kv_heads, dim_v = k.shape[2], v.shape[-1]
+    dim_r = q_rope.shape[-1] if q_rope is not None else 0
+    split = t.num_splits > 1
     qr = q_rope if q_rope is not None else q
     kr = k_rope if k_rope is not None else k
-    gpu_opts = {} if INTERPRET else {"num_warps": 8 if big else 4, "num_stages": 2}
-    heads_fastest = num_kv_heads == 1 and head_blocks > 1
-    grid = (num_kv_heads * head_blocks, bsz) if heads_fastest else (bsz, num_kv_heads * head_blocks)
-    _paged_decode_kernel[(*grid, num_splits)](
+    gpu_opts = {} if INTERPRET else {"num_warps": 8 if t.big else 4, "num_stages": 2}
+    heads_fastest = num_kv_heads == 1 and t.head_blocks > 1
+    rows = num_kv_heads * t.head_blocks
+    grid = (rows, bsz) if heads_fastest else (bsz, rows)
+    _paged_decode_kernel[(*grid, t.num_splits)](
         q,
         qr,
         k,
@@ -281,13 +278,13 @@ def _decode(
         o_target,
         lse,
         float(scale),
-        group,
-        head_blocks,
+        num_heads // num_kv_heads,
+        t.head_blocks,
         k.shape[1],
         dim_k,
         dim_r,
         dim_v,
-        tokens_per_split,
+        t.tokens_per_split,
         q.stride(0),
         q.stride(1),
         qr.stride(0),
@@ -302,8 +299,8 @@ def _decode(
         *o_strides,
         lse.stride(0) if split else 0,
         lse.stride(1) if split else 0,
-        BLOCK_H=block_h,
-        BLOCK_N=block_n,
+        BLOCK_H=t.block_h,
+        BLOCK_N=t.block_n,
         BLOCK_D=max(16, next_pow2(dim_k)),
         BLOCK_R=max(16, next_pow2(max(1, dim_r))),
         BLOCK_DV=max(16, next_pow2(dim_v)),
@@ -314,23 +311,69 @@ def _decode(
         HEADS_FASTEST=heads_fastest,
         **gpu_opts,
     )
+
+
+def _launch_merge_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
+    bsz, num_heads, num_splits, dim_v = partial.shape
+    _merge_splits_kernel[(bsz, num_heads)](
+        partial,
+        lse,
+        out,
+        num_splits,
+        dim_v,
+        partial.stride(0),
+        partial.stride(1),
+        partial.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_S=max(2, next_pow2(num_splits)),
+        BLOCK_DV=max(16, next_pow2(dim_v)),
+    )
+
+
+def _decode(
+    q: torch.Tensor,  # [B, Hq, D]
+    q_rope: torch.Tensor | None,  # [B, Hq, R]
+    k: torch.Tensor,  # [N, bs, Hkv, D] (a view: the K part of the cache)
+    k_rope: torch.Tensor | None,  # [N, bs, Hkv, R], same strides as k
+    v: torch.Tensor,  # [N, bs, Hkv, Dv]
+    block_tables: torch.Tensor,  # [B, M]
+    seq_lens: torch.Tensor,  # [B]
+    scale: float,
+    max_seq_len: int | None,
+    num_splits: int | None,
+    block_n: int | None,
+    block_h: int | None,
+) -> torch.Tensor:
+    bsz, num_heads, _ = q.shape
+    num_kv_heads, dim_v = k.shape[2], v.shape[-1]
+    out = torch.empty(bsz, num_heads, dim_v, dtype=q.dtype, device=q.device)
+    if bsz == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if q_rope is not None and q_rope.stride(-1) != 1:
+        q_rope = q_rope.contiguous()
+    block_tables = block_tables.contiguous()
+    seq_lens = seq_lens.contiguous()
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    t = _decode_tiling(q, num_kv_heads, dim_v, max_seq_len, num_splits, block_n, block_h)
+    split = t.num_splits > 1
     if split:
-        _merge_splits_kernel[(bsz, num_heads)](
-            partial,
-            lse,
-            out,
-            num_splits,
-            dim_v,
-            partial.stride(0),
-            partial.stride(1),
-            partial.stride(2),
-            lse.stride(0),
-            lse.stride(1),
-            out.stride(0),
-            out.stride(1),
-            BLOCK_S=max(2, next_pow2(num_splits)),
-            BLOCK_DV=max(16, next_pow2(dim_v)),
-        )
+        f32 = dict(dtype=torch.float32, device=q.device)
+        partial = torch.empty(bsz, num_heads, t.num_splits, dim_v, **f32)
+        lse = torch.empty(bsz, num_heads, t.num_splits, **f32)
+        o_target, o_strides = partial, (partial.stride(0), partial.stride(1), partial.stride(2))
+    else:
+        lse = out  # unused
+        o_target, o_strides = out, (out.stride(0), out.stride(1), 0)
+    args = (q, q_rope, k, k_rope, v, block_tables, seq_lens, o_target, o_strides, lse, scale)
+    _launch_paged_decode(t, *args)
+    if split:
+        _launch_merge_splits(partial, lse, out)
     return out
 
 

@@ -32,7 +32,7 @@ def _compile(fn, ptr_types: dict[str, str], floats=(), const: dict | None = None
 
 def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> list[str]:
     """Compile each kernel for each activation dtype; returns the names compiled."""
-    from afd.kernels import triton_attention, triton_moe, triton_norm, triton_rope
+    from afd.kernels import triton_moe, triton_norm, triton_rope
     from afd.kernels.triton_utils import INTERPRET
 
     if INTERPRET:
@@ -46,36 +46,7 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> l
             ["eps"],
             dict(HAS_RESIDUAL=True, BLOCK_H=4096),
         )
-        ie = dt == "fp32"
-        _compile(
-            triton_moe._moe_gate_up_kernel,
-            {
-                "x_ptr": f"*{dt}",
-                "w13_ptr": f"*{dt}",
-                "inter_ptr": f"*{dt}",
-                "sorted_ids_ptr": "*i32",
-                "block_experts_ptr": "*i32",
-                "xs_ptr": f"*{dt}",
-                "ws_ptr": f"*{dt}",
-            },
-            (),
-            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UPCAST=False, IEEE=ie, FP8=False),
-        )
-        _compile(
-            triton_moe._moe_down_kernel,
-            {
-                "inter_ptr": f"*{dt}",
-                "w2_ptr": f"*{dt}",
-                "out_ptr": f"*{dt}",
-                "weights_ptr": "*fp32",
-                "sorted_ids_ptr": "*i32",
-                "block_experts_ptr": "*i32",
-                "is_ptr": f"*{dt}",
-                "ws_ptr": f"*{dt}",
-            },
-            (),
-            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UPCAST=False, IEEE=ie, FP8=False),
-        )
+        _compile_moe_gemms(dt)
         _compile_fp8(dt)
         _compile(
             triton_moe._moe_combine_kernel,
@@ -83,40 +54,7 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> l
             (),
             dict(TOP_K=8, BLOCK_N=1024),
         )
-        for rope, bd, bdv, split in ((False, 128, 128, True), (True, 512, 512, False)):
-            _compile(
-                triton_attention._paged_decode_kernel,
-                {
-                    "q_ptr": f"*{dt}",
-                    "qr_ptr": f"*{dt}",
-                    "k_ptr": f"*{dt}",
-                    "kr_ptr": f"*{dt}",
-                    "v_ptr": f"*{dt}",
-                    "block_tables_ptr": "*i32",
-                    "seq_lens_ptr": "*i32",
-                    "out_ptr": "*fp32" if split else f"*{dt}",
-                    "lse_ptr": "*fp32",
-                },
-                ["scale"],
-                dict(
-                    BLOCK_H=16,
-                    BLOCK_N=32 if rope else 64,
-                    BLOCK_D=bd,
-                    BLOCK_R=64,
-                    BLOCK_DV=bdv,
-                    HAS_ROPE=rope,
-                    SPLIT=split,
-                    UPCAST=dt == "fp32",
-                    IEEE=ie,
-                    HEADS_FASTEST=rope,
-                ),
-            )
-        _compile(
-            triton_attention._merge_splits_kernel,
-            {"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dt}"},
-            (),
-            dict(BLOCK_S=8, BLOCK_DV=512),
-        )
+        _compile_attention(dt)
         _compile(
             triton_rope._rotary_kernel,
             {"x_ptr": f"*{dt}", "cos_ptr": f"*{dt}", "sin_ptr": f"*{dt}", "out_ptr": f"*{dt}"},
@@ -124,6 +62,83 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> l
             dict(INTERLEAVED=True, BLOCK_H=16, BLOCK_F=32),
         )
     return list(_compiled)
+
+
+def _compile_moe_gemms(dt: str) -> None:
+    """The fused-MoE gate/up and down GEMMs with `dt` activations and weights."""
+    from afd.kernels import triton_moe
+
+    ie = dt == "fp32"
+    _compile(
+        triton_moe._moe_gate_up_kernel,
+        {
+            "x_ptr": f"*{dt}",
+            "w13_ptr": f"*{dt}",
+            "inter_ptr": f"*{dt}",
+            "sorted_ids_ptr": "*i32",
+            "block_experts_ptr": "*i32",
+            "xs_ptr": f"*{dt}",
+            "ws_ptr": f"*{dt}",
+        },
+        (),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UPCAST=False, IEEE=ie, FP8=False),
+    )
+    _compile(
+        triton_moe._moe_down_kernel,
+        {
+            "inter_ptr": f"*{dt}",
+            "w2_ptr": f"*{dt}",
+            "out_ptr": f"*{dt}",
+            "weights_ptr": "*fp32",
+            "sorted_ids_ptr": "*i32",
+            "block_experts_ptr": "*i32",
+            "is_ptr": f"*{dt}",
+            "ws_ptr": f"*{dt}",
+        },
+        (),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, UPCAST=False, IEEE=ie, FP8=False),
+    )
+
+
+def _compile_attention(dt: str) -> None:
+    """Paged decode (split-K without RoPE, MLA with RoPE) and the split merge, `dt` activations."""
+    from afd.kernels import triton_attention
+
+    ie = dt == "fp32"
+    for rope, bd, bdv, split in ((False, 128, 128, True), (True, 512, 512, False)):
+        _compile(
+            triton_attention._paged_decode_kernel,
+            {
+                "q_ptr": f"*{dt}",
+                "qr_ptr": f"*{dt}",
+                "k_ptr": f"*{dt}",
+                "kr_ptr": f"*{dt}",
+                "v_ptr": f"*{dt}",
+                "block_tables_ptr": "*i32",
+                "seq_lens_ptr": "*i32",
+                "out_ptr": "*fp32" if split else f"*{dt}",
+                "lse_ptr": "*fp32",
+            },
+            ["scale"],
+            dict(
+                BLOCK_H=16,
+                BLOCK_N=32 if rope else 64,
+                BLOCK_D=bd,
+                BLOCK_R=64,
+                BLOCK_DV=bdv,
+                HAS_ROPE=rope,
+                SPLIT=split,
+                UPCAST=dt == "fp32",
+                IEEE=ie,
+                HEADS_FASTEST=rope,
+            ),
+        )
+    _compile(
+        triton_attention._merge_splits_kernel,
+        {"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dt}"},
+        (),
+        dict(BLOCK_S=8, BLOCK_DV=512),
+    )
 
 
 def _compile_fp8(dt: str) -> None:

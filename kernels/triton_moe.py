@@ -4,6 +4,8 @@ then a top-k combine. Same semantics as torch_ops.fused_moe (out-of-range ids co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -267,6 +269,105 @@ def fused_moe_fp8(
     return _fused_moe(x, w13, w2, topk_weights, topk_ids, block_m, (w13_scale, w2_scale, block))
 
 
+@dataclass(frozen=True)
+class _GemmLaunch:
+    """What the gate/up and down GEMM launches share: the expert-sorted slots and the tiling."""
+
+    sorted_ids: torch.Tensor
+    block_experts: torch.Tensor
+    num_slots: int
+    hidden: int
+    inter_size: int
+    block_m: int
+    block_k: int
+    group_n: int
+    group_k: int
+    fp8: bool
+    upcast: bool
+    ieee: bool
+    block_n: int = 64
+
+    def grid(self, cols: int) -> tuple[int, int]:
+        return (self.block_experts.shape[0], triton.cdiv(cols, self.block_n))
+
+    def meta(self) -> dict:
+        gpu_opts = {} if INTERPRET else {"num_warps": 4, "num_stages": 3}
+        tiles = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k)
+        return dict(**tiles, UPCAST=self.upcast, IEEE=self.ieee, FP8=self.fp8, **gpu_opts)
+
+
+def _launch_gate_up(g: _GemmLaunch, a, w13, inter, a_scale, w13_scale, top_k, up_block_row) -> None:
+    _moe_gate_up_kernel[g.grid(g.inter_size)](
+        a,
+        w13,
+        inter,
+        g.sorted_ids,
+        g.block_experts,
+        a_scale,
+        w13_scale,
+        g.num_slots,
+        top_k,
+        g.hidden,
+        g.inter_size,
+        a.stride(0),
+        a.stride(1),
+        w13.stride(0),
+        w13.stride(1),
+        w13.stride(2),
+        inter.stride(0),
+        a_scale.stride(0),
+        w13_scale.stride(0),
+        w13_scale.stride(1),
+        g.group_n,
+        g.group_k,
+        up_block_row,
+        **g.meta(),
+    )
+
+
+def _launch_down(g: _GemmLaunch, inter, w2, partial, weights, inter_scale, w2_scale) -> None:
+    _moe_down_kernel[g.grid(g.hidden)](
+        inter,
+        w2,
+        partial,
+        weights,
+        g.sorted_ids,
+        g.block_experts,
+        inter_scale,
+        w2_scale,
+        g.num_slots,
+        g.hidden,
+        g.inter_size,
+        inter.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        w2.stride(2),
+        partial.stride(0),
+        inter_scale.stride(0),
+        w2_scale.stride(0),
+        w2_scale.stride(1),
+        g.group_n,
+        g.group_k,
+        **g.meta(),
+    )
+
+
+def _launch_combine(partial, ids, out, num_experts: int, top_k: int) -> None:
+    num_tokens, hidden = out.shape
+    combine_n = min(1024, next_pow2(hidden))
+    _moe_combine_kernel[(num_tokens, triton.cdiv(hidden, combine_n))](
+        partial,
+        ids,
+        out,
+        hidden,
+        num_experts,
+        partial.stride(0),
+        out.stride(0),
+        TOP_K=top_k,
+        BLOCK_N=combine_n,
+    )
+
+
 def _fused_moe(x, w13, w2, topk_weights, topk_ids, block_m, fp8=None) -> torch.Tensor:
     check_tensor(x, "fused_moe")
     num_tokens, hidden = x.shape
@@ -286,11 +387,7 @@ def _fused_moe(x, w13, w2, topk_weights, topk_ids, block_m, fp8=None) -> torch.T
     alloc = torch.zeros if fp8 is not None and INTERPRET else torch.empty
     inter = alloc(num_slots, inter_size, dtype=x.dtype, device=x.device)
     partial = torch.empty(num_slots, hidden, dtype=x.dtype, device=x.device)  # [T*k, H]
-    upcast = INTERPRET  # the interpreter gets bf16 arithmetic wrong; compute in fp32 there
-    ieee = x.dtype == torch.float32 and not INTERPRET
-    block_n, block_k = 64, 64
-    num_blocks = block_experts.shape[0]
-    gpu_opts = {} if INTERPRET else {"num_warps": 4, "num_stages": 3}
+    block_k = 64
     if fp8 is not None:
         from afd.kernels.triton_fp8 import quant_fp8
 
@@ -302,82 +399,25 @@ def _fused_moe(x, w13, w2, topk_weights, topk_ids, block_m, fp8=None) -> torch.T
         w13_scale = w2_scale = a_scale = x  # unused pointers
         group_n = group_k = up_block_row = 1
         a = x
-    _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter_size, block_n))](
-        a,
-        w13,
-        inter,
+    g = _GemmLaunch(
         sorted_ids,
         block_experts,
-        a_scale,
-        w13_scale,
         num_slots,
-        top_k,
         hidden,
         inter_size,
-        a.stride(0),
-        a.stride(1),
-        w13.stride(0),
-        w13.stride(1),
-        w13.stride(2),
-        inter.stride(0),
-        a_scale.stride(0),
-        w13_scale.stride(0),
-        w13_scale.stride(1),
+        block_m,
+        block_k,
         group_n,
         group_k,
-        up_block_row,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        UPCAST=upcast,
-        IEEE=ieee,
-        FP8=fp8 is not None,
-        **gpu_opts,
+        fp8=fp8 is not None,
+        upcast=INTERPRET,  # the interpreter gets bf16 arithmetic wrong; compute in fp32 there
+        ieee=x.dtype == torch.float32 and not INTERPRET,
     )
+    _launch_gate_up(g, a, w13, inter, a_scale, w13_scale, top_k, up_block_row)
     if fp8 is not None:
         inter, inter_scale = quant_fp8(inter, group_k)  # [T*k, I] fp8, [T*k, Ib]
     else:
         inter_scale = inter
-    _moe_down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
-        inter,
-        w2,
-        partial,
-        weights,
-        sorted_ids,
-        block_experts,
-        inter_scale,
-        w2_scale,
-        num_slots,
-        hidden,
-        inter_size,
-        inter.stride(0),
-        w2.stride(0),
-        w2.stride(1),
-        w2.stride(2),
-        partial.stride(0),
-        inter_scale.stride(0),
-        w2_scale.stride(0),
-        w2_scale.stride(1),
-        group_n,
-        group_k,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        UPCAST=upcast,
-        IEEE=ieee,
-        FP8=fp8 is not None,
-        **gpu_opts,
-    )
-    combine_n = min(1024, next_pow2(hidden))
-    _moe_combine_kernel[(num_tokens, triton.cdiv(hidden, combine_n))](
-        partial,
-        ids,
-        out,
-        hidden,
-        num_experts,
-        partial.stride(0),
-        out.stride(0),
-        TOP_K=top_k,
-        BLOCK_N=combine_n,
-    )
+    _launch_down(g, inter, w2, partial, weights, inter_scale, w2_scale)
+    _launch_combine(partial, ids, out, num_experts, top_k)
     return out

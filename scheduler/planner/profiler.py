@@ -622,6 +622,51 @@ def _layer_points(
     return raw
 
 
+def _fit_layers(
+    fits: dict, bench: Any, pts: list, reps: int, has_dense: bool, cores: int, quick: bool, bar: Any
+) -> None:
+    """Fit attention, sample, expert (and prep) times at 1 thread and at `cores` threads."""
+    import torch
+
+    for suffix, threads in (("", 1), ("_mt", cores)):
+        torch.set_num_threads(threads)
+        layer_reps, bench.reduce, passes = layer_timing(threads, reps)
+        bar.set_postfix_str(f"layers, {threads} thread(s)")
+        raw = fastest(
+            [
+                _layer_points(bench, pts, layer_reps, has_dense, not suffix, quick)
+                for _ in range(passes)
+            ]
+        )
+        fits[f"attention_moe{suffix}"] = fit("attention", raw["attention_moe"])
+        if has_dense:
+            fits[f"attention_dense{suffix}"] = fit("attention", raw["attention_dense"])
+        fits[f"sample{suffix}"] = fit("sample", raw["sample"])
+        fits[f"expert{suffix}"] = fit("expert", raw["expert"])
+        if not suffix:
+            fits["prep"] = fit("prep", raw["prep"])
+        bar.update(1)
+
+
+def _fit_transfers(fits: dict, pair: dict) -> None:
+    """Fit dispatch, combine and link times per byte from the two-process measurements."""
+    for part in ("dispatch", "combine", "link"):
+        points = [{"bytes": t["bytes"], "seconds": t[part]} for t in pair["transfers"]]
+        fits[f"transfer_{part}"] = fit("transfer", points)
+
+
+def _fit_host(fits: dict, path: Path, dtype: str, cores: int, reps: int, quick: bool) -> None:
+    """Fit the engine's host time and the plan message's cost per batch and context."""
+    batches = [8, 64, 256] if quick else [8, 64, 256, 512]
+    fits["host"] = fit("host", host_points(path, dtype, batches, cores))
+    plan = [
+        {"batch": b, "context": c, "seconds": plan_message_seconds(b, c, 16, reps)}
+        for b in batches
+        for c in (64, 1024)
+    ]
+    fits["plan"] = fit("plan", plan)
+
+
 def run_profile(
     model: str,
     device: str = "cpu",
@@ -663,40 +708,14 @@ def run_profile(
     fits: dict[str, dict] = {}
     try:
         bench = _LayerBench(path, dtype, max_tokens)
-        for suffix, threads in (("", 1), ("_mt", cores)):
-            torch.set_num_threads(threads)
-            layer_reps, bench.reduce, passes = layer_timing(threads, reps)
-            bar.set_postfix_str(f"layers, {threads} thread(s)")
-            raw = fastest(
-                [
-                    _layer_points(bench, pts, layer_reps, has_dense, not suffix, quick)
-                    for _ in range(passes)
-                ]
-            )
-            fits[f"attention_moe{suffix}"] = fit("attention", raw["attention_moe"])
-            if has_dense:
-                fits[f"attention_dense{suffix}"] = fit("attention", raw["attention_dense"])
-            fits[f"sample{suffix}"] = fit("sample", raw["sample"])
-            fits[f"expert{suffix}"] = fit("expert", raw["expert"])
-            if not suffix:
-                fits["prep"] = fit("prep", raw["prep"])
-            bar.update(1)
+        _fit_layers(fits, bench, pts, reps, has_dense, cores, quick, bar)
         torch.set_num_threads(1)
         bar.set_postfix_str("transfers + interference (2 processes)")
         pair = pair_measurements(path, dtype, comm_backend, max_tokens, quick)
-        for part in ("dispatch", "combine", "link"):
-            points = [{"bytes": t["bytes"], "seconds": t[part]} for t in pair["transfers"]]
-            fits[f"transfer_{part}"] = fit("transfer", points)
+        _fit_transfers(fits, pair)
         bar.update(1)
         bar.set_postfix_str("host time (engine)")
-        batches = [8, 64, 256] if quick else [8, 64, 256, 512]
-        fits["host"] = fit("host", host_points(path, dtype, batches, cores))
-        plan = [
-            {"batch": b, "context": c, "seconds": plan_message_seconds(b, c, 16, reps)}
-            for b in batches
-            for c in (64, 1024)
-        ]
-        fits["plan"] = fit("plan", plan)
+        _fit_host(fits, path, dtype, cores, reps, quick)
         bar.update(1)
         torch.set_num_threads(1)
         bar.set_postfix_str("prefill")
@@ -710,6 +729,21 @@ def run_profile(
     finally:
         torch.set_num_threads(threads0)
         bar.close()
+    return _profile_record(model, shape, device, cores, dtype, bench, pair, fits, start)
+
+
+def _profile_record(
+    model: str,
+    shape: ModelShape,
+    device: str,
+    cores: int,
+    dtype: str,
+    bench: Any,
+    pair: dict,
+    fits: dict,
+    start: float,
+) -> dict:
+    """The profile file's record from the fits and the two-process measurements."""
     from dataclasses import asdict
 
     from afd.results import machine_info
