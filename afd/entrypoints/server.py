@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP API over an EngineClient, as three module-level routers: generation
 (/v1/completions, /v1/chat/completions), the tokenizer (/tokenize, /detokenize,
-/tokenizer_info when enabled) and the rest (/health, /version, /metrics, /v1/models). Each route
+/tokenizer_info when enabled) and the rest (/health, /version, /metrics, /v1/models, and
+/openapi.json and /docs, which document the request models of afd.entrypoints.protocol). Each route
 reads the engine and settings from `app.state.afd` (an AppState); `build_app` assembles the
 routers behind the HTTP guard of afd.entrypoints.serving. Errors have OpenAI's shape (never
 FastAPI's 422), and a request whose client went away is aborted in the engine so its KV blocks
@@ -17,13 +18,20 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afd.comm.net import listen_socket
 from afd.entrypoints.protocol import (
     APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
     EngineClient,
+    TokenizeRequest,
     parse_chat_request,
     parse_completion_request,
     parse_detokenize_request,
@@ -84,6 +92,23 @@ async def parse_body(request: Request, app: AppState, parser: Callable) -> Any:
     return await anyio.to_thread.run_sync(run, limiter=app.parse_limiter)
 
 
+# the routes parse their bodies themselves (OpenAI-shaped errors, checks beyond the schema), so
+# FastAPI cannot see the request models: each POST route names its model for the OpenAPI page
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    CompletionRequest,
+    ChatCompletionRequest,
+    TokenizeRequest,
+    DetokenizeRequest,
+)
+_SCHEMA_REF = "#/components/schemas/{model}"
+
+
+def body_of(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route whose JSON body is `model`."""
+    ref = {"$ref": _SCHEMA_REF.format(model=model.__name__)}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
 # -- OpenAI generation ------------------------------------------------------------------------
 
 # routes returning a dict carry no return annotation: FastAPI would take it for a response
@@ -92,7 +117,7 @@ async def parse_body(request: Request, app: AppState, parser: Callable) -> Any:
 openai_router = APIRouter()
 
 
-@openai_router.post("/v1/completions")
+@openai_router.post("/v1/completions", openapi_extra=body_of(CompletionRequest))
 async def create_completion(request: Request, app: App) -> Response:
     check_api_key(request, app)
     check_healthy(app)
@@ -100,7 +125,7 @@ async def create_completion(request: Request, app: App) -> Response:
     return await CompletionServing(app, request, req).respond()
 
 
-@openai_router.post("/v1/chat/completions")
+@openai_router.post("/v1/chat/completions", openapi_extra=body_of(ChatCompletionRequest))
 async def create_chat_completion(request: Request, app: App) -> Response:
     check_api_key(request, app)
     check_healthy(app)
@@ -113,13 +138,13 @@ async def create_chat_completion(request: Request, app: App) -> Response:
 tokenizer_router = APIRouter()
 
 
-@tokenizer_router.post("/tokenize")
+@tokenizer_router.post("/tokenize", openapi_extra=body_of(TokenizeRequest))
 async def tokenize(request: Request, app: App):
     check_api_key(request, app)
     return await parse_body(request, app, parse_tokenize_request)
 
 
-@tokenizer_router.post("/detokenize")
+@tokenizer_router.post("/detokenize", openapi_extra=body_of(DetokenizeRequest))
 async def detokenize(request: Request, app: App):
     check_api_key(request, app)
     return await parse_body(request, app, parse_detokenize_request)
@@ -196,6 +221,38 @@ async def get_model(request: Request, app: App, model: str):
     return model_card(app, model)
 
 
+# -- the API's own description --------------------------------------------------------------
+
+docs_router = APIRouter()
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document with the request models the routes name (built once)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=__version__, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in REQUEST_MODELS:
+            model_schema = model.model_json_schema(ref_template=_SCHEMA_REF)
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+@docs_router.get("/openapi.json", include_in_schema=False)
+async def openapi_page(request: Request, app: App) -> JSONResponse:
+    check_api_key(request, app)
+    return JSONResponse(openapi_schema(request.app))
+
+
+@docs_router.get("/docs", include_in_schema=False)
+async def docs_page(request: Request, app: App) -> HTMLResponse:
+    check_api_key(request, app)
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{request.app.title} API")
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 
@@ -238,7 +295,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
 # -- the app ----------------------------------------------------------------------------------
 
-ROUTERS = (openai_router, tokenizer_router, admin_router)
+ROUTERS = (openai_router, tokenizer_router, admin_router, docs_router)
 
 
 def build_app(
@@ -253,7 +310,15 @@ def build_app(
     fields as keywords, e.g. api_key="...") sets the limits, the key and the served names."""
     config = dataclasses.replace(config or ServerConfig(), **settings)
     shared = AppState.create(engine, config, state, disconnect_poll_s)
-    app = FastAPI(title="AFD", docs_url=None, redoc_url=None, openapi_url=None)
+    # FastAPI's own /openapi.json and /docs would skip the API key: docs_router serves them
+    app = FastAPI(
+        title="AFD",
+        description="OpenAI-compatible API of AFD (attention-FFN disaggregated MoE serving)",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.openapi = lambda: openapi_schema(app)
     app.state.afd = shared
     app.add_middleware(
         HTTPGuard, config=config, state=shared.server, on_error=shared.metrics.count_error
