@@ -4,6 +4,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -15,7 +16,10 @@ import time
 # Must be set before any @triton.jit is defined (Triton reads it at decoration time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Built-in models are generated once per test session, never into the user's cache.
+# Built-in models are generated once per test session, never into the user's cache. xdist workers
+# inherit the controller's folder (builds into it are atomic renames under a file lock); whoever
+# made the folder removes it when its session ends.
+_OWN_CACHE = "AFD_CACHE_DIR" not in os.environ
 os.environ.setdefault("AFD_CACHE_DIR", tempfile.mkdtemp(prefix="afd-test-cache-"))
 # Benchmarks run by tests never write into the checkout's benchmarks/results/.
 os.environ.setdefault("AFD_RESULTS_DIR", os.path.join(os.environ["AFD_CACHE_DIR"], "results"))
@@ -27,6 +31,20 @@ import afd  # noqa: E402, F401  (takes the checkout off sys.path: its kernels/ h
 from afd.comm.net import free_port
 
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under `pytest -n N --dist loadgroup` the slow multi-process tests share one xdist worker:
+    clusters never start side by side on a small machine, while single-process tests fill the
+    other workers."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("multi-process"))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["AFD_CACHE_DIR"], ignore_errors=True)
 
 
 def hf_greedy(model_dir, prompts: list[list[int]], new_tokens: int):
