@@ -28,18 +28,18 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import afd  # noqa: E402, F401  (takes the checkout off sys.path: its kernels/ hides a pip package)
-from afd.comm.net import free_port
+from afd.comm.net import free_port  # noqa: E402
 
 torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under `pytest -n N --dist loadgroup` the slow multi-process tests share one xdist worker:
-    clusters never start side by side on a small machine, while single-process tests fill the
-    other workers."""
+    """Under `pytest -n N --dist loadgroup` the slow multi-process tests share one xdist worker,
+    so clusters never start side by side on a small machine; every other test stays with its
+    module, whose module-scoped servers and engines then start once, as in a serial run."""
     for item in items:
-        if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("multi-process"))
+        slow = item.get_closest_marker("slow") is not None
+        item.add_marker(pytest.mark.xdist_group("multi-process" if slow else item.module.__name__))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
