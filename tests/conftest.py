@@ -34,12 +34,14 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under `pytest -n N --dist loadgroup` the slow multi-process tests share one xdist worker,
-    so clusters never start side by side on a small machine; every other test stays with its
-    module, whose module-scoped servers and engines then start once, as in a serial run."""
+    """Under `pytest -n N --dist loadgroup` every module runs whole on one xdist worker, in file
+    order (README blocks build on earlier ones; module-scoped servers start once), and all
+    modules with a slow multi-process test share one worker, so clusters never start side by
+    side on a small machine."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
     for item in items:
-        slow = item.get_closest_marker("slow") is not None
-        item.add_marker(pytest.mark.xdist_group("multi-process" if slow else item.module.__name__))
+        name = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("multi-process" if name in slow else name))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
