@@ -4,6 +4,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -15,7 +16,10 @@ import time
 # Must be set before any @triton.jit is defined (Triton reads it at decoration time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Built-in models are generated once per test session, never into the user's cache.
+# Built-in models are generated once per test session, never into the user's cache. xdist workers
+# inherit the controller's folder (builds into it are atomic renames under a file lock); whoever
+# made the folder removes it when its session ends.
+_OWN_CACHE = "AFD_CACHE_DIR" not in os.environ
 os.environ.setdefault("AFD_CACHE_DIR", tempfile.mkdtemp(prefix="afd-test-cache-"))
 # Benchmarks run by tests never write into the checkout's benchmarks/results/.
 os.environ.setdefault("AFD_RESULTS_DIR", os.path.join(os.environ["AFD_CACHE_DIR"], "results"))
@@ -24,9 +28,25 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import afd  # noqa: E402, F401  (takes the checkout off sys.path: its kernels/ hides a pip package)
-from afd.comm.net import free_port
+from afd.comm.net import free_port  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under `pytest -n N --dist loadgroup` every module runs whole on one xdist worker, in file
+    order (README blocks build on earlier ones; module-scoped servers start once), and all
+    modules with a slow multi-process test share one worker, so clusters never start side by
+    side on a small machine."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    for item in items:
+        name = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("multi-process" if name in slow else name))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["AFD_CACHE_DIR"], ignore_errors=True)
 
 
 def hf_greedy(model_dir, prompts: list[list[int]], new_tokens: int):
