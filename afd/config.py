@@ -532,6 +532,10 @@ class FailurePolicy:
     worker_timeout_s: float = option(
         60.0, "a worker without progress (or heartbeat) this long is killed and replaced"
     )
+    # A node > 0 whose node 0 stops answering this long stops its workers and exits.
+    node_timeout_s: float = option(
+        60.0, "a node whose node 0 does not answer this long stops its workers", scope="nodes"
+    )
 
     def __post_init__(self) -> None:
         n = self.max_worker_restarts
@@ -540,6 +544,7 @@ class FailurePolicy:
         check_int("--max-worker-restarts", n, 0)
         check_seconds("--restart-window-s", self.restart_window_s)
         check_seconds("--worker-timeout-s", self.worker_timeout_s)
+        check_seconds("--node-timeout-s", self.node_timeout_s)
 
 
 # EngineConfig's parts: attribute -> type, in the order their flags are listed

@@ -383,12 +383,12 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path, capsys):
     assert "unknown setting 'no_such_flag'" in capsys.readouterr().err
 
 
-def test_two_nodes_on_loopback(tmp_path):
-    """Node 1 hosts the expert worker, node 0 the rest and the API; one torch.distributed world.
-    Node 1's launcher replaces its expert worker when it is killed, and the cluster re-forms."""
+def start_two_nodes(*extra: str):
+    """Node 1 (expert worker) and node 0 (the rest and the API) on loopback, once /health is 200;
+    each started in its own session so a test can kill a whole node."""
     init = f"127.0.0.1:{free_port()}"
     port = free_port()
-    common = ["--nnodes", "2", "--dist-init-addr", init, "--dtype", "float32"]
+    common = ["--nnodes", "2", "--dist-init-addr", init, "--dtype", "float32", *extra]
     node1 = subprocess.Popen(
         [sys.executable, "-m", "afd", "launch", "--node-rank", "1", *common],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -410,6 +410,26 @@ def test_two_nodes_on_loopback(tmp_path):
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
+        else:
+            raise AssertionError("the 2-node cluster did not become healthy in 180 s")
+    except BaseException:
+        kill_nodes(node0, node1)
+        raise
+    return node0, node1, base
+
+
+def kill_nodes(*nodes) -> None:
+    for proc in nodes:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    """Node 1 hosts the expert worker, node 0 the rest and the API; one torch.distributed world.
+    Node 1's launcher replaces its expert worker when it is killed, and the cluster re-forms."""
+    node0, node1, base = start_two_nodes()
+    try:
         body = {"prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
         got = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
         want = LLM("tiny-qwen3-moe", dtype="float32").generate(
@@ -425,10 +445,29 @@ def test_two_nodes_on_loopback(tmp_path):
         assert node0.wait(timeout=30) in (0, 130)  # 130: stopped by Ctrl-C
         assert node1.wait(timeout=30) == 0  # node 1 follows node 0 down
     finally:
-        for proc in (node0, node1):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        kill_nodes(node0, node1)
+
+
+def test_node_1_exits_when_node_0_is_lost():
+    """SIGKILL of all of node 0: node 1's launcher and workers are gone within --node-timeout-s
+    (plus the time to stop its workers), not left running."""
+    node0, node1, _ = start_two_nodes("--node-timeout-s", "3")
+    try:
+        os.killpg(node0.pid, signal.SIGKILL)
+        node0.wait()
+        lost = time.monotonic()
+        assert node1.wait(timeout=3 + 20) == 1, "".join(node1.lines)
+        while time.monotonic() - lost < 3 + 25:  # its workers follow their parent
+            try:
+                os.killpg(node1.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("node 1's workers outlived it")
+        assert any("node 0 lost" in line for line in node1.lines), "".join(node1.lines)
+    finally:
+        kill_nodes(node0, node1)
 
 
 def test_bench_serve_against_the_cluster(server, tmp_path, capsys):
