@@ -532,9 +532,13 @@ class FailurePolicy:
     worker_timeout_s: float = option(
         60.0, "a worker without progress (or heartbeat) this long is killed and replaced"
     )
-    # A node > 0 whose node 0 stops answering this long stops its workers and exits.
+    # Both directions of node loss: a node > 0 whose node 0 stops answering this long stops its
+    # workers and exits; node 0 stops serving when a node's workers leave it waiting this long.
     node_timeout_s: float = option(
-        60.0, "a node whose node 0 does not answer this long stops its workers", scope="nodes"
+        60.0,
+        "a node silent this long is lost: node 0 stops serving (HTTP 503), another node stops "
+        "its workers",
+        scope="nodes",
     )
 
     def __post_init__(self) -> None:

@@ -470,6 +470,54 @@ def test_node_1_exits_when_node_0_is_lost():
         kill_nodes(node0, node1)
 
 
+def test_node_1_lost_during_16_streams_ends_them_all_with_an_error(bound):
+    """SIGKILL of all of node 1 (the expert worker) during 16 streams: node 0 declares it lost
+    after --node-timeout-s, /health turns 503, every stream ends with an error (no hang)."""
+    timeout_s = 3.0
+    limit = timeout_s + bound(10)
+    node0, node1, base = start_two_nodes("--node-timeout-s", str(timeout_s))
+    endings: list[str] = []
+    started = threading.Barrier(17)
+
+    def stream(i: int) -> None:
+        body = {"prompt": f"stream {i}", "max_tokens": 1900, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+                lines = (line for line in r.iter_lines() if line.startswith("data: "))
+                assert "error" not in next(lines)
+                started.wait(timeout=60)
+                endings.append(" ".join(list(lines)[-2:]))
+        except httpx.TransportError as e:  # the server went away mid-stream: also an end
+            endings.append(f"transport error: {e!r}")
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+    try:
+        for t in threads:
+            t.start()
+        started.wait(timeout=60)
+        os.killpg(node1.pid, signal.SIGKILL)
+        node1.wait()
+        lost = time.monotonic()
+        health = None
+        while health != 503 and time.monotonic() - lost < limit:
+            try:
+                health = httpx.get(f"{base}/health", timeout=5).status_code
+            except httpx.TransportError:  # node 0 exited before this poll saw the 503
+                break
+            time.sleep(0.1)
+        for t in threads:
+            t.join(timeout=max(0.0, lost + limit - time.monotonic()))
+        ended = time.monotonic() - lost
+        assert health == 503, "".join(node0.lines[-20:])
+        assert not any(t.is_alive() for t in threads), f"streams hang {ended:.1f} s after the loss"
+        assert len(endings) == 16 and all("error" in e for e in endings), endings
+        assert any("node 1 lost" in line for line in node0.lines), "".join(node0.lines[-20:])
+    finally:
+        kill_nodes(node0, node1)
+        for t in threads:
+            t.join(timeout=10)
+
+
 def test_bench_serve_against_the_cluster(server, tmp_path, capsys):
     from afd.entrypoints.cli import main
 
