@@ -546,6 +546,14 @@ class FailurePolicy:
     worker_timeout_s: float = option(
         60.0, "a worker without progress (or heartbeat) this long is killed and replaced"
     )
+    # Both directions of node loss: a node > 0 whose node 0 stops answering this long stops its
+    # workers and exits; node 0 stops serving when a node's workers leave it waiting this long.
+    node_timeout_s: float = option(
+        60.0,
+        "a node silent this long is lost: node 0 stops serving (HTTP 503), another node stops "
+        "its workers",
+        scope="nodes",
+    )
 
     def __post_init__(self) -> None:
         n = self.max_worker_restarts
@@ -554,6 +562,7 @@ class FailurePolicy:
         check_int("--max-worker-restarts", n, 0)
         check_seconds("--restart-window-s", self.restart_window_s)
         check_seconds("--worker-timeout-s", self.worker_timeout_s)
+        check_seconds("--node-timeout-s", self.node_timeout_s)
 
 
 # EngineConfig's parts: attribute -> type, in the order their flags are listed

@@ -103,6 +103,7 @@ BIG, NAN, INF = 2**64, math.nan, math.inf
         ({"restart_window_s": 0}, "--restart-window-s must be a positive number of seconds"),
         ({"restart_window_s": NAN}, "--restart-window-s must be a positive"),
         ({"worker_timeout_s": INF}, "--worker-timeout-s must be a positive"),
+        ({"node_timeout_s": 0}, "--node-timeout-s must be a positive"),
         ({"seed": BIG}, "--seed must be at most"),
         ({"model": ""}, "--model must not be empty"),
         ({"tokenizer": " "}, "--tokenizer must not be empty"),

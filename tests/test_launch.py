@@ -383,15 +383,15 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path, capsys):
     assert "unknown setting 'no_such_flag'" in capsys.readouterr().err
 
 
-def test_two_nodes_on_loopback(tmp_path):
-    """Node 1 hosts the expert worker, node 0 the rest and the API; one torch.distributed world.
-    Node 1's launcher replaces its expert worker when it is killed, and the cluster re-forms."""
+def start_two_nodes(tmp_path, *extra: str):
+    """Node 1 (expert worker) and node 0 (the rest and the API) on loopback, once /health is 200;
+    each started in its own session so a test can kill a whole node."""
     init = f"127.0.0.1:{free_port()}"
     port = free_port()
     secret = tmp_path / "secret"
     secret.write_text(os.urandom(32).hex())
     common = ["--nnodes", "2", "--dist-init-addr", init, "--dtype", "float32",
-              "--cluster-secret-file", str(secret)]  # fmt: skip
+              "--cluster-secret-file", str(secret), *extra]  # fmt: skip
     node1 = subprocess.Popen(
         [sys.executable, "-m", "afd", "launch", "--node-rank", "1", *common],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -413,6 +413,26 @@ def test_two_nodes_on_loopback(tmp_path):
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
+        else:
+            raise AssertionError("the 2-node cluster did not become healthy in 180 s")
+    except BaseException:
+        kill_nodes(node0, node1)
+        raise
+    return node0, node1, base
+
+
+def kill_nodes(*nodes) -> None:
+    for proc in nodes:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    """Node 1 hosts the expert worker, node 0 the rest and the API; one torch.distributed world.
+    Node 1's launcher replaces its expert worker when it is killed, and the cluster re-forms."""
+    node0, node1, base = start_two_nodes(tmp_path)
+    try:
         body = {"prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
         got = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
         want = LLM("tiny-qwen3-moe", dtype="float32").generate(
@@ -428,10 +448,77 @@ def test_two_nodes_on_loopback(tmp_path):
         assert node0.wait(timeout=30) in (0, 130)  # 130: stopped by Ctrl-C
         assert node1.wait(timeout=30) == 0  # node 1 follows node 0 down
     finally:
-        for proc in (node0, node1):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        kill_nodes(node0, node1)
+
+
+def test_node_1_exits_when_node_0_is_lost(tmp_path):
+    """SIGKILL of all of node 0: node 1's launcher and workers are gone within --node-timeout-s
+    (plus the time to stop its workers), not left running."""
+    node0, node1, _ = start_two_nodes(tmp_path, "--node-timeout-s", "3")
+    try:
+        os.killpg(node0.pid, signal.SIGKILL)
+        node0.wait()
+        lost = time.monotonic()
+        assert node1.wait(timeout=3 + 20) == 1, "".join(node1.lines)
+        while time.monotonic() - lost < 3 + 25:  # its workers follow their parent
+            try:
+                os.killpg(node1.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("node 1's workers outlived it")
+        assert any("node 0 lost" in line for line in node1.lines), "".join(node1.lines)
+    finally:
+        kill_nodes(node0, node1)
+
+
+def test_node_1_lost_during_16_streams_ends_them_all_with_an_error(tmp_path, bound):
+    """SIGKILL of all of node 1 (the expert worker) during 16 streams: node 0 declares it lost
+    after --node-timeout-s, /health turns 503, every stream ends with an error (no hang)."""
+    timeout_s = 3.0
+    limit = timeout_s + bound(10)
+    node0, node1, base = start_two_nodes(tmp_path, "--node-timeout-s", str(timeout_s))
+    endings: list[str] = []
+    started = threading.Barrier(17)
+
+    def stream(i: int) -> None:
+        body = {"prompt": f"stream {i}", "max_tokens": 1900, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+                lines = (line for line in r.iter_lines() if line.startswith("data: "))
+                assert "error" not in next(lines)
+                started.wait(timeout=60)
+                endings.append(" ".join(list(lines)[-2:]))
+        except httpx.TransportError as e:  # the server went away mid-stream: also an end
+            endings.append(f"transport error: {e!r}")
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+    try:
+        for t in threads:
+            t.start()
+        started.wait(timeout=60)
+        os.killpg(node1.pid, signal.SIGKILL)
+        node1.wait()
+        lost = time.monotonic()
+        health = None
+        while health != 503 and time.monotonic() - lost < limit:
+            try:
+                health = httpx.get(f"{base}/health", timeout=5).status_code
+            except httpx.TransportError:  # node 0 exited before this poll saw the 503
+                break
+            time.sleep(0.1)
+        for t in threads:
+            t.join(timeout=max(0.0, lost + limit - time.monotonic()))
+        ended = time.monotonic() - lost
+        assert health == 503, "".join(node0.lines[-20:])
+        assert not any(t.is_alive() for t in threads), f"streams hang {ended:.1f} s after the loss"
+        assert len(endings) == 16 and all("error" in e for e in endings), endings
+        assert any("node 1 lost" in line for line in node0.lines), "".join(node0.lines[-20:])
+    finally:
+        kill_nodes(node0, node1)
+        for t in threads:
+            t.join(timeout=10)
 
 
 def test_bench_serve_against_the_cluster(server, tmp_path, capsys):

@@ -58,7 +58,8 @@ def test_tokenizer_router_alone(engine, tokenizer):  # noqa: F811 (fixtures)
 def test_admin_router_reads_the_engine_through_the_protocol(engine):  # noqa: F811
     class Recovering(FakeEngine):
         def failure_stats(self) -> dict:
-            return {"worker_restarts": {"expert": 2}, "requests_recomputed": 3}
+            return {"worker_restarts": {"expert": 2}, "requests_recomputed": 3,
+                    "nodes_lost": {"1": 1}}  # fmt: skip
 
     engine = Recovering(engine.tokenizer)
     engine.model_root = "/models/fake-moe"
@@ -73,6 +74,7 @@ def test_admin_router_reads_the_engine_through_the_protocol(engine):  # noqa: F8
     m = ("model_name", MODEL)
     assert s[("afd:worker_restarts_total", (m, ("role", "expert")))] == 2
     assert s[("afd:requests_recomputed_total", (m,))] == 3
+    assert s[("afd:nodes_lost_total", (m, ("node", "1")))] == 1
     engine.healthy = (False, "restart budget spent")
     assert c.get("/health").status_code == 503
     assert c.post("/tokenize", json={"prompt": "x"}).status_code == 404

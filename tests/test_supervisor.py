@@ -234,3 +234,27 @@ def test_only_live_messages_are_failures():
     assert driver.failure_in(replace(failed, inc=6)) is None  # from a replaced process
     error = Error(rank=0, inc=7, gen=2, role="attention", message="lost")
     assert driver.failure_in(error) is not None
+
+
+def test_a_silent_worker_of_another_node_makes_its_node_lost():
+    """Node 0 declares node 1 lost once a rank it awaits there has been silent past the node
+    timeout (counted from the later of the wait's start and its last message); node 0's own
+    workers are its supervisor's business, not this check's."""
+    from afd.scheduler.cluster.executor import ClusterLayout
+    from afd.scheduler.cluster.recovery import ClusterRecovery, NodeLostError
+    from afd.scheduler.core.step import RecoveryStats
+
+    layout = ClusterLayout(1, 1, 0, nnodes=2, node_roles={0: ["attention"], 1: ["expert"]})
+    stats = RecoveryStats()
+    driver = ClusterRecovery(None, None, layout, stats, node_timeout_s=3.0)
+    long_ago = time.monotonic() - 10
+    driver.check_nodes({0}, long_ago)  # rank 0 lives on node 0
+    driver.last_heard[1] = time.monotonic()
+    driver.check_nodes({1}, long_ago)  # heard from recently
+    driver.check_nodes({1}, time.monotonic())
+    driver.last_heard[1] = long_ago
+    with pytest.raises(NodeLostError, match="node 1 lost: its expert worker 1 sent nothing"):
+        driver.check_nodes({0, 1}, long_ago)
+    assert stats.nodes_lost == {"1": 1}
+    single = ClusterRecovery(None, None, ClusterLayout(1, 1, 0), RecoveryStats())
+    single.check_nodes({1}, long_ago)  # one node: nothing to declare lost

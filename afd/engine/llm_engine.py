@@ -281,10 +281,12 @@ class LLMEngine:
         self.runner.maintain()
 
     def failure_stats(self) -> dict:
-        """Worker replacements per role, recovery durations (s), requests recomputed."""
+        """Worker replacements per role, recovery durations (s), requests recomputed, nodes
+        lost."""
         rec = self.executor.recovery
         return {
             "worker_restarts": dict(rec.restarts),
+            "nodes_lost": dict(rec.nodes_lost),
             "recovery_seconds": list(rec.seconds),
             "requests_recomputed": self.requests_recomputed,
         }

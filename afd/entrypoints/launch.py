@@ -369,6 +369,7 @@ def run_worker_node(config, node_rank: int) -> int:
         spawn_node_workers,
         worker_spec,
     )
+    from afd.scheduler.cluster.lease import DriverLease
     from afd.scheduler.cluster.supervisor import WorkerDiedError
 
     cluster, source = config.cluster, config.source
@@ -387,9 +388,17 @@ def run_worker_node(config, node_rank: int) -> int:
     print(f"afd: node {node_rank}: workers {', '.join(roles) or 'none'}; "
           f"cluster at {cluster.dist_init_addr}", flush=True)  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    lease = DriverLease(layout.host, layout.port, config.failure.node_timeout_s)
     code = 0
     try:
         while True:
+            if not lease.probe() and (silent := lease.lapsed()) is not None:
+                print(f"afd: node {node_rank}: node 0 lost: no answer at {cluster.dist_init_addr} "
+                      f"for {silent:.1f} s (--node-timeout-s "
+                      f"{config.failure.node_timeout_s:g}); stopping", file=sys.stderr,
+                      flush=True)  # fmt: skip
+                code = 1
+                break
             try:
                 supervisor.check()
             except WorkerDiedError as e:  # told to stop by node 0, or out of restarts

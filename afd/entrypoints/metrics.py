@@ -87,21 +87,30 @@ class _EngineCollector:
                 family = GaugeMetricFamily(name, help_text, labels=["model_name"])
             family.add_metric([m], value)
             families.append(family)
-        restarts = CounterMetricFamily(
-            "afd:worker_restarts",
-            "Workers replaced after they died or hung, by role.",
-            labels=["model_name", "role"],
+        restarts = self._per_label(
+            "afd:worker_restarts", "Workers replaced after they died or hung, by role.", "role"
         )
-        for role, n in self.failures.get("worker_restarts", {}).items():
-            restarts.add_metric([m, str(role)], float(n))
         recomputed = CounterMetricFamily(
             "afd:requests_recomputed",
             "Requests whose KV died with a worker and were recomputed from their tokens.",
             labels=["model_name"],
         )
         recomputed.add_metric([m], float(self.failures.get("requests_recomputed", 0)))
-        families += [restarts, recomputed, self._recoveries()]
+        lost = self._per_label(
+            "afd:nodes_lost",
+            "Nodes declared lost (their workers silent past --node-timeout-s), by node rank.",
+            "node",
+        )
+        families += [restarts, recomputed, lost, self._recoveries()]
         return families
+
+    def _per_label(self, name: str, help_text: str, label: str) -> CounterMetricFamily:
+        """A failure counter per `label` value, from failure_stats()[<name without afd:>]."""
+        family = CounterMetricFamily(name, help_text, labels=["model_name", label])
+        key = name.removeprefix("afd:")
+        for value, n in self.failures.get(key, {}).items():
+            family.add_metric([self.model_name, str(value)], float(n))
+        return family
 
     def _recoveries(self) -> HistogramMetricFamily:
         seconds = [float(s) for s in self.failures.get("recovery_seconds", [])]

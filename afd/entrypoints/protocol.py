@@ -55,7 +55,8 @@ class EngineClient(Protocol):
         ...
 
     def failure_stats(self) -> dict[str, Any]:
-        """worker_restarts (per role), requests_recomputed, recovery_seconds (a list)."""
+        """worker_restarts (per role), requests_recomputed, recovery_seconds (a list),
+        nodes_lost (per node rank)."""
         ...
 
 

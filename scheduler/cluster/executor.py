@@ -455,8 +455,14 @@ class AFDExecutor:
         auth.install_secret(config.cluster.cluster_secret_file)  # before any worker starts
         self.channel = DriverChannel(layout)
         self.supervisor = node_supervisor(config)
+        node_timeout_s = config.failure.node_timeout_s if layout.nnodes > 1 else None
         self.recoverer = ClusterRecovery(
-            self.supervisor, self.channel, layout, self.recovery, config.cluster.progress
+            self.supervisor,
+            self.channel,
+            layout,
+            self.recovery,
+            config.cluster.progress,
+            node_timeout_s,
         )
         try:
             self._start(spec)
@@ -627,11 +633,13 @@ class AFDExecutor:
     def _gather(self, got: _Gathered, waiting: set[int], exports_only: set[int], active: bool):
         """Wait for the decode side and for export-only prefill plans; long prefills only when
         nothing else is running (otherwise their results are collected when they arrive)."""
-        rec, deadline = self.recoverer, time.monotonic() + STEP_TIMEOUT_S
+        rec, since = self.recoverer, time.monotonic()
+        deadline = since + STEP_TIMEOUT_S
         while waiting or exports_only or (not active and not self._prefill_done
                                            and self._prefill_busy):  # fmt: skip
             msg = rec.next(deadline, f"step {self._step}")
             rec.check_failures()
+            rec.check_nodes(waiting, since)
             if msg is None:
                 continue
             failure = rec.failure_in(msg)

@@ -52,6 +52,11 @@ class _Failure(Exception):
         self.rank = rank
 
 
+class NodeLostError(RuntimeError):
+    """A node's workers left the driver waiting past --node-timeout-s: the node is lost, and
+    with a fixed shard layout the survivors cannot hold its part of the model (fatal)."""
+
+
 class ClusterRecovery:
     """Notices failures (supervisor deaths, replacements saying ready, failed steps) and
     re-forms the data plane as a new generation; keeps which process of each rank is live."""
@@ -63,9 +68,14 @@ class ClusterRecovery:
         layout: ClusterLayout,
         stats: RecoveryStats,
         progress: bool = False,
+        node_timeout_s: float | None = None,
     ):
         self.supervisor, self.channel, self.layout, self.stats = supervisor, channel, layout, stats
         self.progress = progress  # print each worker's start-up
+        # workers on other nodes have no local supervisor here: silence while awaited is all
+        # node 0 sees of a lost node (None: single node)
+        self.node_timeout_s = node_timeout_s
+        self.last_heard: dict[int, float] = {}  # rank -> when its last message arrived
         self.ranks = list(range(layout.world_size))
         self.generation = -1  # of the data plane; -1 until the cluster first formed
         self.incarnations: dict[int, int] = {}  # rank -> incarnation of its current process
@@ -115,10 +125,28 @@ class ClusterRecovery:
         if raw is None:
             return None
         try:
-            return wire.decode_from_worker(raw)
+            msg = wire.decode_from_worker(raw)
         except wire.WireError as e:
             log(f"dropped a worker message: {e}")
             return None
+        self.last_heard[msg.rank] = time.monotonic()
+        return msg
+
+    def check_nodes(self, awaiting: set[int], since: float) -> None:
+        """Raise NodeLostError when a rank on a node > 0 that the driver has awaited since
+        `since` has sent nothing for --node-timeout-s."""
+        if self.node_timeout_s is None:
+            return
+        now = time.monotonic()
+        for rank in sorted(awaiting):
+            node = self.layout.node_of(rank)
+            silent = now - max(since, self.last_heard.get(rank, since))
+            if node != 0 and silent > self.node_timeout_s:
+                self.stats.nodes_lost[str(node)] = self.stats.nodes_lost.get(str(node), 0) + 1
+                raise NodeLostError(
+                    f"node {node} lost: its {self.role(rank)} worker {rank} sent nothing for "
+                    f"{silent:.1f} s (--node-timeout-s {self.node_timeout_s:g})"
+                )
 
     def next(self, deadline: float, what: str) -> FromWorker | None:
         """The next worker message, or None after 0.1 s; raises WorkerDiedError when a worker
@@ -145,9 +173,10 @@ class ClusterRecovery:
             os.makedirs(folder, exist_ok=True)
         for rank in self.ranks:
             self.channel.send(rank, Reform(gen=gen))
-        pending = set(self.ranks)
+        pending, since = set(self.ranks), time.monotonic()
         while pending:
             msg = self.next(deadline, f"forming generation {gen}")
+            self.check_nodes(pending, since)
             if len(self.supervisor.failures) > self._failures_seen:
                 return False
             if msg is None:
@@ -212,11 +241,12 @@ class ClusterRecovery:
     def _abort_generation(self, gen: int, deadline: float) -> None:
         """Every living worker abandons its step; replacements say ready."""
         self._failures_seen = len(self.supervisor.failures)
-        pending = set(self.ranks)
+        pending, since = set(self.ranks), time.monotonic()
         for rank in self.ranks:
             self.channel.send_nowait(rank, Abort(gen=gen))
         while pending:
             msg = self.next(deadline, "recovery")
+            self.check_nodes(pending, since)
             if msg is None:
                 continue
             if isinstance(msg, Ready) and not self.current(msg):

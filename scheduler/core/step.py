@@ -71,10 +71,12 @@ class StepResult:
 
 @dataclass
 class RecoveryStats:
-    """What the cluster went through: replacements per role and how long each recovery took."""
+    """What the cluster went through: replacements per role, how long each recovery took, and
+    the nodes declared lost (node rank as a string -> times)."""
 
     restarts: dict[str, int] = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)
+    nodes_lost: dict[str, int] = field(default_factory=dict)
 
 
 class StepInterrupted(RuntimeError):
