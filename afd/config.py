@@ -22,6 +22,7 @@ from afd.options import (
     option,
 )
 from afd.quantization import QUANTIZATION_MODES, Fp8Config
+from afd.threads import MAX_THREADS
 
 if TYPE_CHECKING:
     import torch
@@ -475,7 +476,14 @@ class ClusterConfig:
         "prefill and attention, the others experts)",
         scope="nodes",
     )
-    worker_threads: int = 1  # torch threads of each worker process
+    # torch intra-op threads (vLLM and SGLang leave them to OMP_NUM_THREADS and
+    # *_CPU_OMP_THREADS_BIND); None: chosen from the cores by afd.threads.thread_plan
+    num_threads_per_worker: int | None = option(
+        None,
+        "torch intra-op threads of each process running the model: the colocated engine, each "
+        "worker (default: colocated all cores; a cluster splits the cores evenly among a "
+        "node's workers; the API server and a cluster's driver run 1)",
+    )
     progress: bool = False  # print each worker's start-up (the launcher's start-up lines)
 
     def __post_init__(self) -> None:
@@ -492,7 +500,8 @@ class ClusterConfig:
         if self.gpus_per_node is not None:
             check_int("--gpus-per-node", self.gpus_per_node, 1, 1 << 16)
         check_int("--nnodes", self.nnodes, 1, 1 << 16)
-        check_int("worker_threads", self.worker_threads, 1, 1 << 16)
+        if self.num_threads_per_worker is not None:
+            check_int("--num-threads-per-worker", self.num_threads_per_worker, 1, MAX_THREADS)
         self._check_nodes()
 
     def _check_nodes(self) -> None:
