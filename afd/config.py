@@ -23,6 +23,7 @@ from afd.options import (
 )
 from afd.quantization import QUANTIZATION_MODES, Fp8Config
 from afd.spec import SpeculativeConfig, as_speculative_config, parse_speculative_json
+from afd.threads import MAX_THREADS
 
 if TYPE_CHECKING:
     import torch
@@ -493,7 +494,14 @@ class ClusterConfig:
         "one node generates one)",
         scope="nodes",
     )
-    worker_threads: int = 1  # torch threads of each worker process
+    # torch intra-op threads (vLLM and SGLang leave them to OMP_NUM_THREADS and
+    # *_CPU_OMP_THREADS_BIND); None: chosen from the cores by afd.threads.thread_plan
+    num_threads_per_worker: int | None = option(
+        None,
+        "torch intra-op threads of each process running the model: the colocated engine, each "
+        "worker (default: colocated all cores; a cluster splits the cores evenly among a "
+        "node's workers; the API server and a cluster's driver run 1)",
+    )
     progress: bool = False  # print each worker's start-up (the launcher's start-up lines)
 
     def __post_init__(self) -> None:
@@ -510,7 +518,8 @@ class ClusterConfig:
         if self.gpus_per_node is not None:
             check_int("--gpus-per-node", self.gpus_per_node, 1, 1 << 16)
         check_int("--nnodes", self.nnodes, 1, 1 << 16)
-        check_int("worker_threads", self.worker_threads, 1, 1 << 16)
+        if self.num_threads_per_worker is not None:
+            check_int("--num-threads-per-worker", self.num_threads_per_worker, 1, MAX_THREADS)
         self._check_nodes()
 
     def _check_nodes(self) -> None:

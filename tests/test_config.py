@@ -115,7 +115,10 @@ BIG, NAN, INF = 2**64, math.nan, math.inf
         ({"dispatch_dtype": "fp4"}, "unknown dispatch dtype"),
         ({"kernel_backend": "cuda"}, "unknown kernel backend"),
         ({"device": "tpu"}, "unknown device"),
-        ({"worker_threads": 0}, "worker_threads must be at least 1"),
+        ({"num_threads_per_worker": 0}, "--num-threads-per-worker must be at least 1"),
+        ({"num_threads_per_worker": -2}, "--num-threads-per-worker must be at least 1"),
+        ({"num_threads_per_worker": 10**6}, "--num-threads-per-worker must be at most 1024"),
+        ({"num_threads_per_worker": 1.5}, "--num-threads-per-worker must be an integer"),
     ],
 )  # fmt: skip
 def test_bad_values_are_refused_where_declared(settings, words):

@@ -316,13 +316,15 @@ def main() -> int:
     spec = rec.spec_decoder.decode(sys.stdin.buffer.read())
     from afd.process import raise_interrupt, setup_logging
     from afd.scheduler.cluster.executor import print_plan
+    from afd.threads import set_torch_threads, thread_plan
 
     setup_logging(os.environ.get("AFD_LOG_LEVEL", "info"))
     # SIGTERM while loading unwinds, so workers and temp folders are cleaned up
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         print_plan(spec.config)  # here: the launcher starts this process before it imports
-        core = EngineCore(spec)
+        set_torch_threads(thread_plan(spec.config.cluster).engine)  # the API server's are not
+        core = EngineCore(spec)  # taken from it: it runs 1 (see afd.threads)
     except ValueError as e:  # a user error (the model, a setting): exit 2, as the CLI's
         print(f"afd: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -26,6 +26,7 @@ from afd.scheduler.core.scheduler import Scheduler, SchedulerConfig
 from afd.scheduler.core.sequence import Sequence
 from afd.scheduler.core.step import Executor
 from afd.spec import check_speculation
+from afd.threads import set_torch_threads, thread_plan
 from afd.tokenizer import IncrementalDetokenizer, Tokenizer, load_chat_template
 
 logger = logging.getLogger("afd.engine")
@@ -310,6 +311,9 @@ def build_executor(
     `eos_token_ids` are where min_tokens and structured outputs need the end of a sequence;
     `tokenizer_dir` is the tokenizer grammar masks are built from (default: the model's)."""
     args = (config, model_path, model_config, eos_token_ids, tokenizer_dir)
+    threads = thread_plan(config.cluster)
+    if threads.given or threads.workers:  # a colocated engine keeps its process's threads
+        set_torch_threads(threads.engine)  # (the core process sets all cores: core.main)
     if config.cluster.num_attention_workers <= 0 and config.cluster.num_expert_workers <= 0:
         return LocalExecutor(*args)
     return AFDExecutor(*args)

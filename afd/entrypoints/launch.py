@@ -25,6 +25,7 @@ from afd.entrypoints.flags import (
 from afd.entrypoints.serving import ServerConfig
 from afd.options import check_int, option
 from afd.process import raise_interrupt, setup_logging
+from afd.threads import API_THREADS, set_torch_threads
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,8 @@ def _preload_api_imports() -> None:
 
     import afd.entrypoints.server  # noqa: F401
 
+    set_torch_threads(API_THREADS)  # they import torch; its threads would take the core's cores
+
 
 def _start_engine(config, server_config, core):
     """The EngineClient: a client of the started core, or the engine in this process."""
@@ -337,6 +340,7 @@ def api_process_main() -> int:
     spec = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=APIProcessSpec)
     config = spec.server
     setup_logging(config.log_level)
+    set_torch_threads(API_THREADS)
     sock = socket.socket(fileno=spec.socket_fd)
     engine = CoreClient(CoreAddresses.at(spec.core_folder), spec.core_pid, spec.index)
     try:

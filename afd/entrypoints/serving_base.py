@@ -38,7 +38,7 @@ logger = logging.getLogger("afd.entrypoints.server")
 
 # nginx's "client closed request": nobody reads it, but access logs should not say 200
 STATUS_CLIENT_CLOSED = 499
-_NOT_FINGERPRINTED = ("progress", "worker_threads")
+_NOT_FINGERPRINTED = ("progress", "num_threads_per_worker")
 
 
 def auth_digest(value: str | bytes) -> bytes:

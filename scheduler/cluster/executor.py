@@ -47,6 +47,7 @@ from afd.scheduler.cluster.supervisor import Supervisor, WorkerDiedError
 from afd.scheduler.core.kv_capacity import num_kv_blocks_for
 from afd.scheduler.core.scheduler import ScheduledBatch
 from afd.scheduler.core.step import RecoveryStats, Sampled, StepInterrupted, StepPlan, StepResult
+from afd.threads import thread_plan
 
 STEP_TIMEOUT_S = 600.0
 SEND_TIMEOUT_MS = 5000  # a plan to a worker that is gone must not block the driver
@@ -215,7 +216,7 @@ def worker_spec(
         dispatch_dtype=cluster.dispatch_dtype,
         quantization=config.source.quantization,
         shm_dir=layout.shm,
-        threads=cluster.worker_threads,
+        threads=thread_plan(cluster).worker,
         dist_timeout_s=REFORM_TIMEOUT_S,
         eos_token_ids=sorted(eos_token_ids),
     )
@@ -239,6 +240,7 @@ def transport_label(config) -> str:
 def print_plan(config) -> None:
     """The start-up lines: what runs where, then that loading begins."""
     cluster, model = config.cluster, config.source.model
+    threads = thread_plan(cluster).describe()
     if cluster.num_attention_workers:
         a, f, p = (
             cluster.num_attention_workers,
@@ -250,11 +252,12 @@ def print_plan(config) -> None:
             f"(ranks {a}..{a + f - 1}), {p} prefill worker(s)"
             + (f" (ranks {a + f}..{a + f + p - 1})" if p else "")
             + f"; m={cluster.num_micro_batches}, transport={transport_label(config)}, "
-            f"device={cluster.device}, model={model}",
+            f"device={cluster.device}, {threads}, model={model}",
             flush=True,
         )
     else:
-        print(f"afd: plan: single process, device={cluster.device}, model={model}", flush=True)
+        print(f"afd: plan: single process, device={cluster.device}, {threads}, model={model}",
+              flush=True)  # fmt: skip
     print("afd: loading model and starting workers ...", flush=True)
 
 
