@@ -41,12 +41,20 @@ class ThreadPlan:
                 "driver 1, API 1)")  # fmt: skip
 
 
+def omp_threads() -> int | None:
+    """OMP_NUM_THREADS when set to a positive integer: torch's own default honours it, so a
+    choice made here does too (a test suite pins 1 so that every process sums alike)."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def thread_plan(cluster: Any, cores: int | None = None) -> ThreadPlan:
     """The threads of each process for a ClusterConfig on `cores` cores (default: this
     process's): an even split among the workers of a node, since in the ping-pong every role
     computes at once; --num-threads-per-worker overrides the model-running processes."""
     cores = available_cores() if cores is None else cores
     given = cluster.num_threads_per_worker
+    cores = min(cores, omp_threads() or cores) if given is None else cores
     pools = cluster.num_prefill_workers + cluster.num_attention_workers + cluster.num_expert_workers
     if not cluster.num_attention_workers:
         return ThreadPlan(cores, given or cores, 0, 0, given is not None)

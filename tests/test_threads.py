@@ -11,6 +11,20 @@ from afd.entrypoints.cli import main
 from afd.threads import available_cores, thread_plan
 
 
+@pytest.fixture(autouse=True)
+def _no_omp_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # conftest pins 1 for the suite
+
+
+def test_omp_num_threads_caps_the_choice_and_the_flag_overrides_it(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert thread_plan(_cluster(), cores=16).engine == 1
+    assert thread_plan(_cluster(1, 1, 1), cores=16).worker == 1
+    assert thread_plan(_cluster(num_threads_per_worker=4), cores=16).engine == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "0")  # not a count: ignored, as torch ignores it
+    assert thread_plan(_cluster(), cores=16).engine == 16
+
+
 def _cluster(p: int = 0, a: int = 0, f: int = 0, **kw) -> ClusterConfig:
     return ClusterConfig(num_prefill_workers=p, num_attention_workers=a, num_expert_workers=f,
                          **kw)  # fmt: skip
