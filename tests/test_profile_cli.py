@@ -52,7 +52,10 @@ def test_every_part_is_measured_and_fitted(profile):
         kind = FITS[name.removesuffix("_mt")]
         assert f["features"] == list(FEATURES[kind]), name
         assert f["points"] and all(c >= 0 for c in f["coef"]), name
-        assert all(0 < p["seconds"] < 10 for p in f["points"]), name
+        # the link is what a round trip spends beyond both copies, clamped at 0: on loopback
+        # shared memory that can be all of it
+        low = 0 if name == "transfer_link" else 1e-12
+        assert all(low <= p["seconds"] < 10 for p in f["points"]), name
         assert any(c > 0 for c in f["coef"]), name
     # host time: the engine's step at each batch; plan messages at each (batch, context)
     assert [p["batch"] for p in fits["host"]["points"]] == [8, 64, 256]
