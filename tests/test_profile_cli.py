@@ -56,7 +56,7 @@ def test_every_part_is_measured_and_fitted(profile):
         # shared memory that can be all of it
         low = 0 if name == "transfer_link" else 1e-12
         assert all(low <= p["seconds"] < 10 for p in f["points"]), name
-        assert any(c > 0 for c in f["coef"]), name
+        assert name == "transfer_link" or any(c > 0 for c in f["coef"]), name
     # host time: the engine's step at each batch; plan messages at each (batch, context)
     assert [p["batch"] for p in fits["host"]["points"]] == [8, 64, 256]
     assert len(fits["plan"]["points"]) == 6
