@@ -1,8 +1,9 @@
 """Per-cluster temp folders (IPC sockets, shared-memory segments, the engine core's sockets)
-named after the process that owns them: `afd-<kind>-<pid>-<start time>-<random>`. A process
-killed with SIGKILL cannot remove its folders, so every start removes those whose owner no
-longer runs. The start time (field 22 of /proc/<pid>/stat) tells a reused pid from the owner;
-folders of live owners, of other users and without such a name are never touched."""
+that say which process owns them: `afd-<kind>-<random>/.afd-owner` holds its pid and start time.
+A process killed with SIGKILL cannot remove its folders, so every start removes those whose
+owner no longer runs. The start time (field 22 of /proc/<pid>/stat) tells a reused pid from the
+owner; folders of live owners, of other users and without a marker are never touched. (The
+marker, not the name: ZMQ's IPC socket paths must stay under 108 bytes.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import tempfile
 
 SHM = "/dev/shm"
 KINDS = ("ipc", "shm", "core", "profile-ipc")
-_NAME = re.compile(r"^afd-(?:ipc|shm|core|profile-ipc)-(\d+)-(\d+)-[a-z0-9_]+$")
+_NAME = re.compile(r"^afd-(?:ipc|shm|core|profile-ipc)-[a-z0-9_]+$")
+MARKER = ".afd-owner"
 
 log = logging.getLogger("afd.cleanup")
 
@@ -37,8 +39,20 @@ def owned_dir(kind: str, folder: str | None = None) -> str:
     the folders of dead owners, so a start cleans up after a crashed cluster."""
     assert kind in KINDS, kind
     remove_stale()
-    pid = os.getpid()
-    return tempfile.mkdtemp(prefix=f"afd-{kind}-{pid}-{start_time(pid)}-", dir=folder)
+    path = tempfile.mkdtemp(prefix=f"afd-{kind}-", dir=folder)
+    with open(os.path.join(path, MARKER), "w") as f:
+        f.write(f"{os.getpid()} {start_time(os.getpid())}\n")
+    return path
+
+
+def owner(path: str) -> tuple[int, int] | None:
+    """(pid, start time) from a folder's marker; None without a readable one."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            pid, started = f.read().split()
+        return int(pid), int(started)
+    except (OSError, ValueError):
+        return None
 
 
 def shm_parent() -> str | None:
@@ -57,8 +71,7 @@ def stale_dirs(parents: list[str] | None = None) -> list[str]:
         except OSError:
             continue
         for name in names:
-            match = _NAME.match(name)
-            if match is None:
+            if _NAME.match(name) is None:
                 continue
             path = os.path.join(parent, name)
             try:
@@ -67,8 +80,8 @@ def stale_dirs(parents: list[str] | None = None) -> list[str]:
                 continue
             if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
                 continue
-            pid, started = int(match[1]), int(match[2])
-            if start_time(pid) != started:
+            owned = owner(path)
+            if owned is not None and start_time(owned[0]) != owned[1]:
                 found.append(path)
     return found
 

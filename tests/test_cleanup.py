@@ -23,10 +23,12 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _folder(parent: Path, name: str) -> Path:
+def _folder(parent: Path, name: str, owner: str | None) -> Path:
     path = parent / name
     path.mkdir()
     (path / "segment").write_bytes(b"x" * 64)
+    if owner is not None:
+        (path / cleanup.MARKER).write_text(owner)
     return path
 
 
@@ -34,19 +36,20 @@ def test_folders_of_dead_owners_go_and_live_or_foreign_ones_stay(tmp_path):
     me, dead = os.getpid(), _dead_pid()
     started = cleanup.start_time(me)
     stale = [
-        _folder(tmp_path, f"afd-ipc-{dead}-{started}-abc123"),
-        _folder(tmp_path, f"afd-shm-{dead}-1-x_y"),
-        _folder(tmp_path, f"afd-core-{dead}-77-q"),
-        _folder(tmp_path, f"afd-profile-ipc-{dead}-5-z"),
-        _folder(tmp_path, f"afd-shm-{me}-{started + 1}-reused"),  # pid reused by this process
+        _folder(tmp_path, "afd-ipc-abc123", f"{dead} {started}"),
+        _folder(tmp_path, "afd-shm-x_y", f"{dead} 1"),
+        _folder(tmp_path, "afd-core-q", f"{dead} 77\n"),
+        _folder(tmp_path, "afd-profile-ipc-z", f"{dead} 5"),
+        _folder(tmp_path, "afd-shm-reused", f"{me} {started + 1}"),  # pid reused by this process
     ]
     kept = [
-        _folder(tmp_path, f"afd-ipc-{me}-{started}-live"),  # a live cluster's
-        _folder(tmp_path, "afd-ipc-j2nunw0v"),  # no owner in the name (an older AFD)
-        _folder(tmp_path, f"afd-test-cache-{dead}-1-x"),
-        _folder(tmp_path, f"other-ipc-{dead}-1-x"),
+        _folder(tmp_path, "afd-ipc-live", f"{me} {started}"),  # a live cluster's
+        _folder(tmp_path, "afd-ipc-j2nunw0v", None),  # no marker (an older AFD, or being made)
+        _folder(tmp_path, "afd-ipc-garbled", "not a pid"),
+        _folder(tmp_path, "afd-test-cache-x", f"{dead} 1"),
+        _folder(tmp_path, "other-ipc-x", f"{dead} 1"),
     ]
-    plain = tmp_path / f"afd-shm-{dead}-1-file"  # a file, not a folder
+    plain = tmp_path / "afd-shm-file"  # a file, not a folder
     plain.write_text("")
     removed = cleanup.remove_stale([str(tmp_path)])
     assert sorted(removed) == sorted(map(str, stale))
@@ -55,7 +58,7 @@ def test_folders_of_dead_owners_go_and_live_or_foreign_ones_stay(tmp_path):
 
 
 def test_another_users_folders_stay(tmp_path, monkeypatch):
-    path = _folder(tmp_path, f"afd-ipc-{_dead_pid()}-1-theirs")
+    path = _folder(tmp_path, "afd-ipc-theirs", f"{_dead_pid()} 1")
     monkeypatch.setattr(cleanup.os, "getuid", lambda: os.stat(path).st_uid + 1)
     assert cleanup.remove_stale([str(tmp_path)]) == []
     assert path.exists()
@@ -63,10 +66,11 @@ def test_another_users_folders_stay(tmp_path, monkeypatch):
 
 def test_owned_dir_names_its_owner_and_first_sweeps(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    stale = _folder(tmp_path, f"afd-core-{_dead_pid()}-1-old")
-    made = Path(cleanup.owned_dir("ipc"))
-    assert made.parent == tmp_path and not stale.exists()
-    assert made.name.startswith(f"afd-ipc-{os.getpid()}-{cleanup.start_time(os.getpid())}-")
+    stale = _folder(tmp_path, "afd-core-old", f"{_dead_pid()} 1")
+    made = cleanup.owned_dir("ipc")
+    assert Path(made).parent == tmp_path and not stale.exists()
+    assert Path(made).name.startswith("afd-ipc-")
+    assert cleanup.owner(made) == (os.getpid(), cleanup.start_time(os.getpid()))
     assert cleanup.stale_dirs([str(tmp_path)]) == []
 
 
@@ -85,7 +89,7 @@ def _owned_by(pids: list[int], parents: list[Path]) -> list[Path]:
         path
         for parent in parents
         for path in parent.iterdir()
-        if (m := cleanup._NAME.match(path.name)) and int(m[1]) in pids
+        if (owner := cleanup.owner(str(path))) is not None and owner[0] in pids
     ]
 
 
@@ -104,7 +108,7 @@ def test_a_start_after_sigkill_removes_what_the_killed_cluster_left(tmp_path):
         while any(cleanup.start_time(p) is not None for p in pids):
             assert time.monotonic() < deadline, "processes outlived SIGKILL"
             time.sleep(0.2)
-    kinds = {cleanup._NAME.match(p.name)[0].split("-")[1] for p in left}
+    kinds = {p.name.split("-")[1] for p in left}
     assert kinds == {"core", "ipc", "shm"}, left
     assert all(p.exists() for p in left), "nothing to clean: the test would prove nothing"
     args = ("tiny-qwen3-moe", "--num-attention-workers", "0", "--dtype", "float32")
