@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -175,8 +176,11 @@ def summarize(runs: list[dict]) -> list[dict]:
                 if all(key in r["bench"] for r in rs):
                     row[key] = _mean([r["bench"][key] for r in rs])
             row["startup_s"] = _mean([r["startup_s"] for r in rs])
+            # medians too: the first start of a round is often cold (page cache, imports)
+            row["startup_s_median"] = statistics.median(r["startup_s"] for r in rs)
             if all("first_token_ms" in r for r in rs):
                 row["first_token_ms"] = _mean([r["first_token_ms"] for r in rs])
+                row["first_token_ms_median"] = statistics.median(r["first_token_ms"] for r in rs)
             row["rss_total_mb"] = _mean([r["rss_total_mb"] for r in rs])
             row["rss_http_mb"] = _mean([r["rss_mb"][0]["mb"] for r in rs])
             second = [r["rss_mb"][1]["mb"] for r in rs if len(r["rss_mb"]) > 1]
