@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import os
 import signal
 import subprocess
@@ -92,22 +93,112 @@ def fuzz_operation(operation: Any, mode: Any, base: str, max_examples: int, seed
     }
 
 
+# The served schema bounds integers by int64 and leaves most values free, so nearly every
+# example it allows is a 400 (a temperature of -1e300, 10^18 max_tokens) and none generates.
+# The "generate" run draws from these ranges instead (what the server accepts, kept short so
+# that a CPU server answers hundreds): its examples reach the scheduler and the model.
+_BOOL = {"type": "boolean"}
+_ID = {"type": "integer", "minimum": 0, "maximum": 99}
+_TEXT = {"type": "string", "minLength": 1, "maxLength": 48}
+_TOP = {"type": "integer", "minimum": 0, "maximum": 5}
+_SAMPLING = {
+    "n": {"type": "integer", "minimum": 1, "maximum": 2},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": -1, "maximum": 50},
+    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 2},
+    "max_tokens": {"type": "integer", "minimum": 1, "maximum": 8},
+    "min_tokens": {"type": "integer", "minimum": 0, "maximum": 1},
+    "stop": {"type": "array", "items": {**_TEXT, "maxLength": 8}, "maxItems": 4},
+    "stop_token_ids": {"type": "array", "items": _ID, "maxItems": 4},
+    "stream": _BOOL,
+    "ignore_eos": _BOOL,
+    "skip_special_tokens": _BOOL,
+    "include_stop_str_in_output": _BOOL,
+    "user": {"type": "string", "maxLength": 16},
+}
+_MESSAGE = {
+    "type": "object",
+    "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": _TEXT},
+    "required": ["role", "content"],
+    "additionalProperties": False,
+}
+_PROMPT = {"anyOf": [_TEXT, {"type": "array", "items": _ID, "minItems": 1, "maxItems": 32}]}
+GENERATE = {  # request schema: (properties, required)
+    "CompletionRequest": (
+        {**_SAMPLING, "prompt": _PROMPT, "echo": _BOOL, "logprobs": _TOP, "prompt_logprobs": _TOP},
+        ["prompt", "max_tokens"],
+    ),
+    "ChatCompletionRequest": (
+        {
+            **_SAMPLING,
+            "messages": {"type": "array", "items": _MESSAGE, "minItems": 1, "maxItems": 3},
+            "logprobs": _BOOL,
+        },
+        ["messages", "max_tokens"],
+    ),
+    "TokenizeRequest": ({"prompt": _TEXT, "add_special_tokens": _BOOL}, ["prompt"]),
+    "DetokenizeRequest": ({"tokens": {"type": "array", "items": _ID, "maxItems": 32}}, ["tokens"]),
+}
+
+
+def pin_model(document: dict, served: str) -> dict:
+    """A copy of an OpenAPI document in which every request's `model` (body field or path
+    parameter) is the served name: a random name is a 404 before anything else is checked."""
+    document = copy.deepcopy(document)
+    for schema in document.get("components", {}).get("schemas", {}).values():
+        if "model" in schema.get("properties", {}):
+            schema["properties"]["model"] = {"enum": [served]}
+    for path in document["paths"].values():
+        for operation in path.values():
+            for param in operation.get("parameters", []):
+                if param.get("name") == "model":
+                    param["schema"] = {"enum": [served]}
+    return document
+
+
+def generating(document: dict, served: str) -> dict:
+    """pin_model, and the request bodies narrowed to GENERATE (fields not named there left out)."""
+    document = pin_model(document, served)
+    schemas = document["components"]["schemas"]
+    for name, (properties, required) in GENERATE.items():
+        if name in schemas:
+            schemas[name]["properties"] = {"model": {"enum": [served]}, **properties}
+            schemas[name]["required"] = required
+    return document
+
+
 def fuzz_all(base: str, max_examples: int, seed: int) -> dict[str, dict[str, dict]]:
-    """{"METHOD /path": {mode: fuzz_operation(...)}} over the server's /openapi.json."""
+    """{"METHOD /path": {run: fuzz_operation(...)}} over the server's /openapi.json, `model`
+    pinned to the served name; runs: positive and negative (the served schema), generate
+    (positive, from GENERATE)."""
+    import httpx
     import schemathesis
     from schemathesis import GenerationMode
 
-    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
-    report: dict[str, dict[str, dict]] = {}
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        label = f"{operation.method.upper()} {operation.path}"
-        report[label] = {
-            mode.value: fuzz_operation(operation, mode, base, max_examples, seed)
-            for mode in GenerationMode
-        }
-        print(f"fuzz: {label}: {report[label]}", flush=True)
-    return report
+    document = httpx.get(f"{base}/openapi.json", timeout=30).json()
+    served = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+    served_schema = schemathesis.openapi.from_dict(pin_model(document, served))
+    runs = {
+        "positive": (served_schema, GenerationMode.POSITIVE),
+        "negative": (served_schema, GenerationMode.NEGATIVE),
+        "generate": (
+            schemathesis.openapi.from_dict(generating(document, served)),
+            GenerationMode.POSITIVE,
+        ),
+    }
+    report: dict[str, dict[str, dict]] = collections.defaultdict(dict)
+    for run_name, (schema, mode) in runs.items():
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            label = f"{operation.method.upper()} {operation.path}"
+            report[label][run_name] = fuzz_operation(operation, mode, base, max_examples, seed)
+            print(f"fuzz: {label} {run_name}: {report[label][run_name]}", flush=True)
+    return dict(report)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import traceback
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from datetime import timedelta
 
 import zmq
 
-from afd.comm import auth, liveness, wire
+from afd.comm import auth, cleanup, liveness, wire
 from afd.comm import dist as afd_dist
 from afd.comm.messages import (
     Abort,
@@ -38,14 +37,13 @@ RECV_SLICE_MS = 100
 
 
 def ipc_dir() -> str:
-    return tempfile.mkdtemp(prefix="afd-ipc-")
+    """A folder for the control sockets (removed by a later start if this process dies)."""
+    return cleanup.owned_dir("ipc")
 
 
 def shm_dir() -> str:
     """A folder for the shm transport's segments: in /dev/shm (RAM) where there is one."""
-    ram = "/dev/shm"
-    folder = ram if os.path.isdir(ram) and os.access(ram, os.W_OK) else None
-    return tempfile.mkdtemp(prefix="afd-shm-", dir=folder)
+    return cleanup.owned_dir("shm", cleanup.shm_parent())
 
 
 def generation_dir(shm: str | None, generation: int) -> str | None:

@@ -86,6 +86,19 @@ def test_hostile_values_in_the_single_process_engine():
         llm.shutdown()
 
 
+def test_repetition_penalties_near_zero_or_huge_still_sample():
+    """5e-324 is 0 in float32: a repeated token's logit became inf and its row NaN, so the
+    request failed (a 500, found by `afd bench fuzz`); every accepted penalty samples."""
+    llm = LLM("tiny-qwen3-moe", dtype="float32")
+    try:
+        params = [SamplingParams(repetition_penalty=p, max_tokens=4, ignore_eos=True, seed=1)
+                  for p in (5e-324, 1e-300, 1e-38, 1e300)]  # fmt: skip
+        outs = llm.generate([[5, 6, 7, 5, 6]] * len(params), params, use_tqdm=False)
+        assert [o.outputs[0].finish_reason for o in outs] == ["length"] * len(params)
+    finally:
+        llm.shutdown()
+
+
 def test_a_request_whose_sampling_raises_fails_alone(monkeypatch):
     """Second line of isolation: whatever slips past validation and makes the sampler raise
     fails only the request whose row raised (finish_reason "abort", an error), never the step."""

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from afd.comm import cleanup
 from afd.config import EngineConfig
 from afd.engine import core_records as rec
 from afd.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestFailedError
@@ -50,7 +50,7 @@ class CoreAddresses:
 
     @classmethod
     def in_new_folder(cls) -> CoreAddresses:
-        return cls.at(tempfile.mkdtemp(prefix="afd-core-"))
+        return cls.at(cleanup.owned_dir("core"))
 
     def output(self, client: int) -> str:
         return f"ipc://{self.folder}/output-{client}"

@@ -148,7 +148,7 @@ class LLMEngine:
         """max_model_len within one replica's KV cache, so every admitted request can finish:
         a --max-model-len above it is an error naming both (as vLLM), the model's default is
         capped with a warning (small CPU caches are normal here)."""
-        capacity = self.executor.num_kv_blocks * self.config.cache.block_size
+        capacity = self.kv_capacity = self.executor.num_kv_blocks * self.config.cache.block_size
         if self.max_model_len <= capacity:
             return self.max_model_len
         if asked is not None:
@@ -192,10 +192,13 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         stream: bool = True,
+        whole: bool = False,
     ) -> str:
         """Tokenize (if needed) and queue a request; raises ValueError on invalid input. With
         stream=False, step() returns its output only when it finishes (cheaper: the text of a
-        request without stop strings is decoded once at the end)."""
+        request without stop strings is decoded once at the end). With whole=True, a request
+        whose prompt + max_tokens does not fit one replica's KV cache is refused rather than
+        cut at the cache's end (the offline API; the server refuses it at max_model_len)."""
         params = params or SamplingParams()
         if params.seed is None and self.config.source.seed is not None:
             params = dataclasses.replace(
@@ -210,6 +213,8 @@ class LLMEngine:
             text, token_ids = None, [int(t) for t in prompt]
         self.validate_prompt(token_ids)
         self.validate_params(params)
+        if whole:
+            self.check_kv_fit(len(token_ids), params)
         seqs = [Sequence(request_id, i, token_ids, params) for i in range(params.n)]
         state = RequestState(
             request_id,
@@ -237,6 +242,17 @@ class LLMEngine:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens, but this model allows at most "
                 f"{self.max_model_len - 1} prompt tokens (max_model_len={self.max_model_len})"
+            )
+
+    def check_kv_fit(self, n_prompt: int, params: SamplingParams) -> None:
+        """ValueError naming the capacity if prompt + max_tokens cannot fit one replica's KV."""
+        wanted = n_prompt + (params.max_tokens or 0)
+        if wanted > self.kv_capacity:
+            raise ValueError(
+                f"the prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) = {wanted} "
+                f"tokens do not fit one replica's KV cache capacity of {self.kv_capacity} "
+                "tokens; lower max_tokens or raise the KV cache (num_kv_blocks / "
+                "kv_cache_memory_mb)"
             )
 
     def validate_params(self, params: SamplingParams) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from afd.comm import cleanup
 from afd.entrypoints.flags import (
     CLIError,
     add_engine_args,
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     server_config = server_config_from_args(args)
     processes = ProcessConfig(**flag_values(ProcessConfig, args))
     setup_logging(server_config.log_level)
+    cleanup.remove_stale()  # what crashed clusters left in /dev/shm and the temp folder
     config = engine_config_from_args(args)
     nnodes = config.cluster.nnodes
     if not 0 <= args.node_rank < nnodes:

@@ -88,7 +88,7 @@ class LLM:
         ids: list[str] = []
         try:
             for p, sp in zip(inputs, params, strict=True):
-                ids.append(self.engine.add_request(p, sp, stream=False))
+                ids.append(self.engine.add_request(p, sp, stream=False, whole=True))
             return self._run(ids, use_tqdm)
         except BaseException:
             for rid in ids:

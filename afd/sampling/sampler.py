@@ -187,7 +187,9 @@ class Sampler:
         pres[index] = torch.tensor([params[i].presence_penalty for i in rows], device=device)
         r, t = seen // vocab, seen % vocab
         x = logits[r, t]
-        logits[r, t] = torch.where(x > 0, x / rep[r], x * rep[r])
+        # a penalty near 0 (5e-324 is 0 in float32) would make a logit inf and the row NaN
+        top = torch.finfo(logits.dtype).max
+        logits[r, t] = torch.where(x > 0, x / rep[r], x * rep[r]).clamp(max=top)
         r, t = out_keys // vocab, out_keys % vocab
         logits[r, t] -= freq[r] * counts.to(logits.dtype) + pres[r]
 

@@ -313,13 +313,13 @@ class _ControlPair:
     (comm/control.WorkerChannel), over IPC as the disaggregated executor binds them."""
 
     def __init__(self):
-        import tempfile
         from types import SimpleNamespace
 
+        from afd.comm import cleanup
         from afd.comm.control import WorkerChannel
         from afd.scheduler.cluster.executor import DriverChannel
 
-        self.folder = tempfile.mkdtemp(prefix="afd-profile-ipc-")
+        self.folder = cleanup.owned_dir("profile-ipc")
         inbox, driver = f"ipc://{self.folder}/w0", f"ipc://{self.folder}/driver"
         # the layout fields a driver channel reads, the WorkerSpec fields a worker channel reads
         layout = SimpleNamespace(
