@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -205,3 +206,27 @@ def test_plans_go_only_to_the_connection_with_a_signed_hello(monkeypatch):
         channel.close()
         driver.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_plan_port_that_cannot_bind_fails_the_start_and_close_returns(monkeypatch):
+    """A socket path over the IPC limit (a long TMPDIR) fails bind_outboxes; close must still
+    return: it hung in Context.term on the socket whose bind had failed."""
+    from afd.scheduler.cluster.executor import DriverChannel
+
+    monkeypatch.setenv(auth.ENV, KEY.hex())
+    folder = tempfile.mkdtemp(prefix="afd-test-auth-")
+    layout = SimpleNamespace(
+        world_size=1, driver_addr=lambda: f"ipc://{folder}/driver",
+        inbox_addr=lambda rank: f"ipc://{folder}/{'x' * 200}", role=lambda rank: "attention",
+    )  # fmt: skip
+    driver = DriverChannel(layout)
+    closer = threading.Thread(target=driver.close, daemon=True)
+    try:
+        driver.bind_outboxes()
+    except zmq.ZMQError:  # closed while handling it, as the executor's start does
+        closer.start()
+        closer.join(timeout=10)
+        hung = closer.is_alive()  # here: leaving the except frees the socket and unblocks it
+    shutil.rmtree(folder, ignore_errors=True)
+    assert closer.ident is not None, "the bind did not fail"
+    assert not hung, "DriverChannel.close hung after a failed bind"

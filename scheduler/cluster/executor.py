@@ -379,7 +379,9 @@ class DriverChannel:
         for sock in self.outboxes.values():
             sock.close(linger=0)
         self.inbox.close(linger=0)
-        self.zctx.term()
+        # destroy, not term: a socket whose bind failed is in no attribute, and term would wait
+        # for it forever (a start that cannot bind must fail, not hang)
+        self.zctx.destroy(linger=0)
 
 
 @dataclass
