@@ -407,7 +407,8 @@ def start_two_nodes(tmp_path, *extra: str):
             except httpx.HTTPError:
                 time.sleep(0.5)
         else:
-            raise AssertionError("the 2-node cluster did not become healthy in 180 s")
+            raise AssertionError("the 2-node cluster did not become healthy in 180 s:\n"
+                                 + "".join(node0.lines[-10:] + node1.lines[-10:]))  # fmt: skip
     except BaseException:
         kill_nodes(node0, node1)
         raise
