@@ -12,11 +12,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import os
-import signal
-import subprocess
-import threading
-import time
 from typing import Any
 
 from afd.comm.net import free_port
@@ -38,23 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         help="extra `afd launch` argument, e.g. --launch-arg=--api-key=sk-x",
     )
-
-
-def wait_healthy(proc: subprocess.Popen, base: str, lines: list[str], timeout_s: float) -> None:
-    """Return once GET /health is 200; RuntimeError with the log tail if the server died or
-    did not get there in `timeout_s`."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start:\n" + "".join(lines[-20:]))
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
 
 
 def fuzz_operation(operation: Any, mode: Any, base: str, max_examples: int, seed: int) -> dict:
@@ -203,7 +181,7 @@ def fuzz_all(base: str, max_examples: int, seed: int) -> dict[str, dict[str, dic
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `afd bench fuzz`; 0 when no answer was a 5xx."""
-    from afd.benchmarks.chaos import _launch_argv
+    from afd.benchmarks.server import launch_argv, start_server
     from afd.entrypoints.flags import engine_config_from_args
     from afd.results import write_result
 
@@ -211,26 +189,12 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.max_examples <= 100_000:
         raise ValueError("--max-examples must be between 1 and 100000")
     port = free_port()
-    proc = subprocess.Popen(
-        _launch_argv(config, port, args.launch_arg),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    base = f"http://127.0.0.1:{port}"
+    server = start_server(launch_argv(config, port, args.launch_arg), port)
     try:
-        wait_healthy(proc, base, lines, args.startup_timeout)
-        report = fuzz_all(base, args.max_examples, args.seed or 0)
+        server.wait_healthy(args.startup_timeout)
+        report = fuzz_all(server.base, args.max_examples, args.seed or 0)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        server.stop()
     errors = sum(m["server_errors"] for modes in report.values() for m in modes.values())
     payload = {
         "fuzz": {

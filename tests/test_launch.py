@@ -392,33 +392,36 @@ def start_two_nodes(tmp_path, *extra: str):
     secret.write_text(os.urandom(32).hex())
     common = ["--nnodes", "2", "--dist-init-addr", init, "--dtype", "float32",
               "--cluster-secret-file", str(secret), *extra]  # fmt: skip
-    node1 = subprocess.Popen(
-        [sys.executable, "-m", "afd", "launch", "--node-rank", "1", *common],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    node0 = subprocess.Popen(
-        [sys.executable, "-m", "afd", "launch", "--node-rank", "0", "--port", str(port), *common],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    for proc in (node0, node1):
-        proc.lines = []
-        threading.Thread(target=lambda p=proc: p.lines.extend(p.stdout), daemon=True).start()
+    launch = [sys.executable, "-m", "afd", "launch"]
+    node1 = start_node([*launch, "--node-rank", "1", *common])
+    node0 = start_node([*launch, "--node-rank", "0", "--port", str(port), *common])
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            assert node0.poll() is None and node1.poll() is None
+            assert node0.poll() is None and node1.poll() is None, "".join(
+                node0.lines[-10:] + node1.lines[-10:])  # fmt: skip
             try:
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
         else:
-            raise AssertionError("the 2-node cluster did not become healthy in 180 s")
+            raise AssertionError("the 2-node cluster did not become healthy in 180 s:\n"
+                                 + "".join(node0.lines[-10:] + node1.lines[-10:]))  # fmt: skip
     except BaseException:
         kill_nodes(node0, node1)
         raise
     return node0, node1, base
+
+
+def start_node(argv: list[str]) -> subprocess.Popen:
+    """One node's `afd launch`, in a session of its own, its output lines collected."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    proc.lines = []
+    threading.Thread(target=lambda: proc.lines.extend(proc.stdout), daemon=True).start()
+    return proc
 
 
 def kill_nodes(*nodes) -> None:
@@ -473,9 +476,11 @@ def test_node_1_exits_when_node_0_is_lost(tmp_path):
         kill_nodes(node0, node1)
 
 
-def test_node_1_lost_during_16_streams_ends_them_all_with_an_error(tmp_path, bound):
+def test_node_1_lost_during_16_streams_ends_them_with_an_error_then_rejoins(tmp_path, bound):
     """SIGKILL of all of node 1 (the expert worker) during 16 streams: node 0 declares it lost
-    after --node-timeout-s, /health turns 503, every stream ends with an error (no hang)."""
+    after --node-timeout-s, /health turns 503, every stream ends with an error (no hang), and
+    node 0 stays up. Node 1 started again (same --node-rank) is taken back: /health 200 and
+    the fault-free greedy text."""
     timeout_s = 3.0
     limit = timeout_s + bound(10)
     node0, node1, base = start_two_nodes(tmp_path, "--node-timeout-s", str(timeout_s))
@@ -515,6 +520,20 @@ def test_node_1_lost_during_16_streams_ends_them_all_with_an_error(tmp_path, bou
         assert not any(t.is_alive() for t in threads), f"streams hang {ended:.1f} s after the loss"
         assert len(endings) == 16 and all("error" in e for e in endings), endings
         assert any("node 1 lost" in line for line in node0.lines), "".join(node0.lines[-20:])
+        waiting = httpx.get(f"{base}/health", timeout=5)
+        assert waiting.status_code == 503 and "waiting for node 1" in waiting.json()["reason"]
+        body = {"prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        assert httpx.post(f"{base}/v1/completions", json=body, timeout=30).status_code == 503
+        node1 = start_node(node1.args)  # the same command: same rank, secret, address
+        assert wait_for(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200,
+                        bound(120)), "".join(node0.lines[-20:])  # fmt: skip
+        got = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        want = LLM("tiny-qwen3-moe", dtype="float32").generate(
+            [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        )
+        assert got.status_code == 200, got.text
+        assert got.json()["choices"][0]["text"] == want[0].outputs[0].text
+        assert any("node 1 rejoined" in line for line in node0.lines), "".join(node0.lines[-20:])
     finally:
         kill_nodes(node0, node1)
         for t in threads:

@@ -258,3 +258,61 @@ def test_a_silent_worker_of_another_node_makes_its_node_lost():
     assert stats.nodes_lost == {"1": 1}
     single = ClusterRecovery(None, None, ClusterLayout(1, 1, 0), RecoveryStats())
     single.check_nodes({1}, long_ago)  # one node: nothing to declare lost
+
+
+class _Inbox:
+    """The driver channel as ClusterRecovery uses it: queued worker records in, sends kept."""
+
+    def __init__(self):
+        self.queued: list[bytes] = []
+        self.sent: list[tuple[int, object]] = []
+
+    def put(self, msg) -> None:
+        from afd.comm import wire
+
+        self.queued.append(wire.encode(msg))
+
+    def poll(self, timeout_ms: int) -> bool:
+        return bool(self.queued)
+
+    def recv(self) -> bytes:
+        return self.queued.pop(0)
+
+    def send_nowait(self, rank: int, msg) -> None:
+        self.sent.append((rank, msg))
+
+
+class _NoFailures:
+    failures: list = []
+
+    def check(self) -> None:
+        pass
+
+
+def test_a_lost_node_is_awaited_and_taken_back_when_its_ranks_are_heard_again():
+    """After node 1 is declared lost, node 0's workers abandon their step, health names the
+    wait (not fatal), and the node is back once each of its ranks said ready (a new process,
+    adopted) or spoke again."""
+    from afd.comm.messages import Abort, Aborted, Ready
+    from afd.scheduler.cluster.executor import ClusterLayout
+    from afd.scheduler.cluster.recovery import ClusterRecovery, NodeLostError
+    from afd.scheduler.core.step import RecoveryStats, waiting_for_node
+
+    layout = ClusterLayout(1, 2, 0, nnodes=2, node_roles={0: ["attention", "expert"],
+                                                          1: ["expert"]})  # fmt: skip
+    inbox = _Inbox()
+    driver = ClusterRecovery(_NoFailures(), inbox, layout, RecoveryStats(), node_timeout_s=3.0)
+    driver.incarnations, driver.generation = {0: 1, 1: 2, 2: 3}, 0
+    assert [layout.node_of(r) for r in range(3)] == [0, 0, 1]
+    inbox.put(Aborted(rank=0, inc=1, gen=1))
+    inbox.put(Aborted(rank=1, inc=2, gen=1))
+    driver.lose(NodeLostError("node 1 lost: its expert worker 2 sent nothing", 1))
+    assert {r for r, m in inbox.sent if isinstance(m, Abort) and m.gen == 1} == {0, 1, 2}
+    why = driver.health()
+    assert why.startswith("waiting for node 1 to rejoin") and waiting_for_node(why)
+    assert not waiting_for_node("expert worker 2 was killed by SIGKILL")
+    assert not driver.rejoined()
+    inbox.put(Aborted(rank=0, inc=1, gen=1))  # node 0's own ranks say nothing of node 1
+    assert not driver.rejoined()
+    inbox.put(Ready(rank=2, inc=9, gen=-1, role="expert", param_bytes=10, pid=4242))
+    assert driver.rejoined() and driver.incarnations[2] == 9 and driver.pids[2] == 4242

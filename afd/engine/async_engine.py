@@ -74,11 +74,8 @@ class AsyncEngine:
     def health(self) -> tuple[bool, str]:
         """(can serve, reason): a worker being replaced is still healthy ("recovering: ...");
         a cluster that cannot heal (restart budget spent) is not, also while no request runs."""
-        if self.error is None:
-            ok, reason = self.engine.executor.health()
-            if not ok:
-                self.error = reason
-            return ok, reason
+        if self.error is None:  # not kept: a cluster waiting for a lost node may serve again
+            return self.engine.executor.health()
         return False, self.error
 
     def stats(self) -> dict[str, float]:

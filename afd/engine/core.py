@@ -273,11 +273,8 @@ class EngineCore:
 
     # ---- status -----------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
-        if self.error is None:
-            ok, reason = self.engine.executor.health()
-            if not ok:
-                self.error = reason
-            return ok, reason
+        if self.error is None:  # not kept: a cluster waiting for a lost node may serve again
+            return self.engine.executor.health()
         return False, self.error
 
     def _publish(self) -> None:

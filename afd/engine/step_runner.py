@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 
 from afd.engine.engine_scheduler import EngineScheduler
 from afd.scheduler.core.scheduler import ScheduledBatch
-from afd.scheduler.core.step import Executor, StepInterrupted, StepPlan, StepResult
+from afd.scheduler.core.step import (
+    ClusterUnavailable,
+    Executor,
+    StepInterrupted,
+    StepPlan,
+    StepResult,
+)
 
 logger = logging.getLogger("afd.engine")
 
@@ -45,7 +51,11 @@ class StepRunner:
         lost and run the step again (the same batches: a replay writes the same KV slots). A
         step that keeps raising with no worker lost is bisected (`_isolate`)."""
         self._tries = tries = _Attempts()
-        steps, done = self._execute(plan)
+        try:
+            steps, done = self._execute(plan)
+        except ClusterUnavailable as e:  # a node is lost: every request ends now, not later
+            self._fail(dict.fromkeys(self.scheduler.replica_of, str(e)), plan)
+            steps, done = [{}], []
         for p in done:
             self._prefill_raises.pop(p, None)
         return StepResult(steps, done, tries.sample_errors, tries.prompt_logprobs, tries.failed,

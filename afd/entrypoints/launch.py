@@ -207,10 +207,13 @@ def _start_engine(config, server_config, core):
 
 def watch_engine(engine, server, failure: list[str]) -> None:
     """A dead cluster: /health says 503 and requests fail at once; after a grace period in
-    which clients can see that, the server stops and its process exits non-zero."""
+    which clients can see that, the server stops and its process exits non-zero. A cluster
+    waiting for a lost node to rejoin is not dead: the server stays up (503 meanwhile)."""
+    from afd.scheduler.core.step import waiting_for_node
+
     while not server.should_exit:
         ok, reason = engine.health()
-        if not ok:
+        if not ok and not waiting_for_node(reason):
             failure.append(reason)
             print(f"afd: error: {reason}; stopping in {DEATH_GRACE_S:.0f} s",
                   file=sys.stderr, flush=True)  # fmt: skip

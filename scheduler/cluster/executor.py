@@ -39,6 +39,7 @@ from afd.config import ModelConfig, parse_node_roles
 from afd.scheduler.cluster.recovery import (
     REFORM_TIMEOUT_S,
     ClusterRecovery,
+    NodeLostError,
     _Failure,
     node_supervisor,
 )
@@ -46,7 +47,14 @@ from afd.scheduler.cluster.recovery import log as recovery_log
 from afd.scheduler.cluster.supervisor import Supervisor, WorkerDiedError
 from afd.scheduler.core.kv_capacity import num_kv_blocks_for
 from afd.scheduler.core.scheduler import ScheduledBatch
-from afd.scheduler.core.step import RecoveryStats, Sampled, StepInterrupted, StepPlan, StepResult
+from afd.scheduler.core.step import (
+    ClusterUnavailable,
+    RecoveryStats,
+    Sampled,
+    StepInterrupted,
+    StepPlan,
+    StepResult,
+)
 from afd.threads import thread_plan
 
 STEP_TIMEOUT_S = 600.0
@@ -527,11 +535,16 @@ class AFDExecutor:
         cluster cannot be healed."""
         if self.fatal is not None:
             raise WorkerDiedError(self.fatal)
+        waiting = self.recoverer.health()
+        if waiting is not None:
+            raise ClusterUnavailable(waiting)
         try:
             self._drain()
             return self._execute(plan)
         except _Failure as f:
             raise self._guarded(self._interrupted, f) from None
+        except NodeLostError as e:
+            raise self._lose_node(e) from None
         except Exception as e:
             self._die(e)
 
@@ -713,12 +726,43 @@ class AFDExecutor:
         if self.fatal is not None:
             raise WorkerDiedError(self.fatal)
         try:
+            return self._poll()
+        except ClusterUnavailable:
+            return None  # lost while idle: nothing ran; the engine sees it in health()
+
+    def _poll(self) -> StepInterrupted | None:
+        try:
+            if self.recoverer.lost is not None:
+                return self._rejoin()
             self._drain()
         except _Failure as f:
             return self._guarded(self._interrupted, f)
+        except NodeLostError as e:
+            raise self._lose_node(e) from None
         except Exception as e:
             self._die(e)
         return None
+
+    def _rejoin(self) -> StepInterrupted | None:
+        """While a node is lost: once all its ranks are back, re-form with them (as after a
+        replacement: the engine resets the replicas that were there)."""
+        lost = self.recoverer.lost
+        if not self.recoverer.rejoined():
+            return None
+        return self._guarded(self._interrupted, _Failure(f"{lost.name} rejoined"))
+
+    def _lose_node(self, e: NodeLostError) -> ClusterUnavailable:
+        """A node is lost: abandon what ran (every request in flight fails), keep the living
+        workers and wait for the node to rejoin."""
+        self._prefill_busy, self._prefill_done, self._attempt_prefill = set(), {}, set()
+        self._has_history.clear()  # a rejoined worker, or a replay after the wait, has none
+        try:
+            self.recoverer.lose(e)
+        except NodeLostError as again:  # another node went silent meanwhile: that one too
+            return self._lose_node(again)
+        except Exception as err:
+            self._die(err)
+        return ClusterUnavailable(self.recoverer.health())
 
     def _drain(self) -> None:
         """Read what the workers sent while no step ran: failures raise _Failure; finished
@@ -736,6 +780,8 @@ class AFDExecutor:
     def _guarded(self, fn, *args):
         try:
             return fn(*args)
+        except NodeLostError as e:
+            raise self._lose_node(e) from None
         except Exception as e:
             self._die(e)
 
@@ -757,6 +803,9 @@ class AFDExecutor:
             return False, self.fatal
         if self.supervisor.fatal is not None:
             return False, self.supervisor.fatal.describe()
+        waiting = self.recoverer.health()
+        if waiting is not None:
+            return False, waiting
         if self.recoverer.recovering is not None:
             return True, f"recovering: {self.recoverer.recovering}"
         return True, "ok"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from afd.comm import wire
@@ -24,7 +25,7 @@ from afd.comm.messages import (
     StepFailed,
 )
 from afd.scheduler.cluster.supervisor import RestartPolicy, Supervisor
-from afd.scheduler.core.step import RecoveryStats
+from afd.scheduler.core.step import WAITING_FOR_NODE, RecoveryStats
 
 if TYPE_CHECKING:
     from afd.scheduler.cluster.executor import ClusterLayout, DriverChannel
@@ -54,7 +55,28 @@ class _Failure(Exception):
 
 class NodeLostError(RuntimeError):
     """A node's workers left the driver waiting past --node-timeout-s: the node is lost, and
-    with a fixed shard layout the survivors cannot hold its part of the model (fatal)."""
+    with a fixed shard layout the survivors cannot hold its part of the model; the cluster
+    waits for it to rejoin (`ClusterRecovery.lose`)."""
+
+    def __init__(self, reason: str, node: int):
+        super().__init__(reason)
+        self.node = node
+
+
+@dataclass
+class LostNodes:
+    """The nodes declared lost: their ranks, why, and when (a rank heard from after that is
+    back)."""
+
+    nodes: list[int]
+    ranks: set[int]
+    reason: str
+    since: float
+
+    @property
+    def name(self) -> str:
+        many = len(self.nodes) > 1
+        return f"node{'s' if many else ''} {', '.join(map(str, self.nodes))}"
 
 
 class ClusterRecovery:
@@ -82,6 +104,7 @@ class ClusterRecovery:
         self.pids: dict[int, int] = {}  # rank -> pid of its current process (any node)
         self.param_bytes: dict[tuple[str, int], int] = {}  # (role, rank) -> bytes of weights
         self.recovering: str | None = None  # what is being recovered (for /health)
+        self.lost: LostNodes | None = None  # nodes the cluster waits for (503 meanwhile)
         self._replaced: set[int] = set()  # ranks seen with a new incarnation, not yet handled
         self._failures_seen = 0
 
@@ -145,7 +168,8 @@ class ClusterRecovery:
                 self.stats.nodes_lost[str(node)] = self.stats.nodes_lost.get(str(node), 0) + 1
                 raise NodeLostError(
                     f"node {node} lost: its {self.role(rank)} worker {rank} sent nothing for "
-                    f"{silent:.1f} s (--node-timeout-s {self.node_timeout_s:g})"
+                    f"{silent:.1f} s (--node-timeout-s {self.node_timeout_s:g})",
+                    node,
                 )
 
     def next(self, deadline: float, what: str) -> FromWorker | None:
@@ -236,12 +260,54 @@ class ClusterRecovery:
         log(f"recovered in {took:.2f} s: data-plane generation {gen}; "
             f"replaced: {names or 'none'}")  # fmt: skip
         self.recovering = None
+        if self.lost is not None:
+            log(f"{self.lost.name} rejoined: serving again")
+            self.lost = None
         return replaced
 
-    def _abort_generation(self, gen: int, deadline: float) -> None:
-        """Every living worker abandons its step; replacements say ready."""
+    def lose(self, e: NodeLostError) -> None:
+        """Node e.node is lost: the living workers abandon their step (and data plane), and the
+        cluster waits for the node to come back (`rejoined`); until then it cannot serve."""
+        ranks = {r for r in self.ranks if self.layout.node_of(r) == e.node}
+        before = self.lost
+        if before is not None:  # lost while another was awaited (or re-forming with it)
+            ranks |= before.ranks
+        nodes = sorted({self.layout.node_of(r) for r in ranks})
+        self.lost = LostNodes(nodes, ranks, str(e), time.monotonic())
+        self.recovering = None
+        log(f"{e}; not serving (HTTP 503) until node {e.node} is started again with "
+            f"--node-rank {e.node}")  # fmt: skip
+        self.generation += 1
+        living = [r for r in self.ranks if r not in ranks]
+        self._abort_generation(self.generation, time.monotonic() + REFORM_TIMEOUT_S, living)
+
+    def rejoined(self) -> bool:
+        """While a node is lost: read what the workers sent (a new process of a rank is adopted);
+        True once every rank of the lost node was heard from since it was lost."""
+        lost = self.lost
+        assert lost is not None
+        self.supervisor.check()  # a worker of this node gone for good is fatal even now
+        while self.channel.poll(0):
+            msg = self.receive()
+            if isinstance(msg, Ready) and not self.current(msg):
+                self.adopt(msg)
+                if msg.rank in lost.ranks:
+                    node = self.layout.node_of(msg.rank)
+                    log(f"node {node}: {msg.role} worker {msg.rank} is back (pid {msg.pid})")
+        return all(self.last_heard.get(r, lost.since) > lost.since for r in lost.ranks)
+
+    def health(self) -> str | None:
+        """Why the cluster cannot serve now but may again (a lost node), else None."""
+        lost = self.lost
+        if lost is None:
+            return None
+        return f"{WAITING_FOR_NODE}{lost.name.removeprefix('node')} to rejoin ({lost.reason})"
+
+    def _abort_generation(self, gen: int, deadline: float, ranks: list[int] | None = None) -> None:
+        """Every living worker abandons its step; replacements say ready. `ranks`: those to
+        wait for (default every rank)."""
         self._failures_seen = len(self.supervisor.failures)
-        pending, since = set(self.ranks), time.monotonic()
+        pending, since = set(self.ranks if ranks is None else ranks), time.monotonic()
         for rank in self.ranks:
             self.channel.send_nowait(rank, Abort(gen=gen))
         while pending:

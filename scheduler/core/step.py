@@ -110,6 +110,22 @@ class StepInterrupted(RuntimeError):
         return bool(self.lost_attention or self.lost_prefill or self.lost_expert)
 
 
+# The start of /health's reason while the cluster waits for a lost node to come back: 503 and
+# every request fails at once, but the server stays up (the launcher's watchdog keeps it).
+WAITING_FOR_NODE = "waiting for node"
+
+
+def waiting_for_node(reason: str) -> bool:
+    """Whether an unhealthy reason is the wait for a lost node (it may end) rather than fatal."""
+    return reason.startswith(WAITING_FOR_NODE)
+
+
+class ClusterUnavailable(RuntimeError):
+    """The executor cannot run steps now but may later (a lost node may rejoin): every request
+    in flight ends with this error; the engine stays up and new requests fail until health()
+    is ok again."""
+
+
 class Executor(Protocol):
     """Everything the engine uses of whatever runs the model; every executor implements all."""
 
