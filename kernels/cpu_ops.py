@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from afd.kernels import torch_ops
+from afd.kernels import native, torch_ops
 from afd.kernels.metadata import AttentionMetadata
 
 # A group of sequences padded to its longest costs at most this many times its real work
@@ -47,6 +47,18 @@ def rms_norm(
 
 
 def fused_moe(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k], shard-local; out-of-range ids are skipped
+) -> torch.Tensor:
+    """The native kernel (kernels/native.py: fp32) where it applies, else fused_moe_torch."""
+    out = native.fused_moe(x, w13, w2, topk_weights, topk_ids)
+    return out if out is not None else fused_moe_torch(x, w13, w2, topk_weights, topk_ids)
+
+
+def fused_moe_torch(
     x: torch.Tensor,  # [T, H]
     w13: torch.Tensor,  # [E, 2I, H]
     w2: torch.Tensor,  # [E, H, I]
@@ -319,3 +331,5 @@ CPU_IMPLS: dict[str, Callable] = {
     "paged_attention": paged_attention,
     "mla_attention": mla_attention,
 }
+# The fast paths without native code (what `afd bench kernels` times as its cpu rows).
+TORCH_IMPLS: dict[str, Callable] = {**CPU_IMPLS, "fused_moe": fused_moe_torch}

@@ -42,6 +42,7 @@ def test_rms_norm(dtype, shape):
 def moe_path(request, monkeypatch):
     """Each test of fused_moe runs through both grouped GEMMs (padded bmm, torch._grouped_mm)."""
     monkeypatch.setattr(cpu_ops, "_use_padded", lambda *_: request.param == "padded")
+    monkeypatch.setenv("AFD_NATIVE_KERNELS", "0")  # the torch path (native: test_native_kernels)
     return request.param
 
 
