@@ -33,11 +33,19 @@ MAX_TOP_K = 64
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None once tried; "build_s": build seconds
 _logged: set[str] = set()
+_enabled = True  # set_enabled (the engine's --no-native-kernels)
+
+
+def set_enabled(on: bool) -> None:
+    """Turn the native kernels on or off for this process (AFD_NATIVE_KERNELS=0 still wins)."""
+    global _enabled
+    _enabled = on
 
 
 def enabled() -> bool:
-    """False when AFD_NATIVE_KERNELS=0 (read at each call, so a test or bench can flip it)."""
-    return os.environ.get("AFD_NATIVE_KERNELS", "1") != "0"
+    """False after set_enabled(False) or with AFD_NATIVE_KERNELS=0 (read at each call, so a test
+    or bench can flip it)."""
+    return _enabled and os.environ.get("AFD_NATIVE_KERNELS", "1") != "0"
 
 
 def _log_once(reason: str) -> None:

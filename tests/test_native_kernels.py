@@ -192,3 +192,30 @@ def test_bench_kernels_times_native_beside_cpu_and_torch(tmp_path):
     rows = report["results"]
     assert [r["backend"] for r in rows] == ["native", "cpu", "torch"]
     assert all(r["check"]["passed"] for r in rows) and "speedup_vs_torch" in rows[0]
+
+
+def test_engine_greedy_tokens_with_and_without_native(monkeypatch):
+    """The engine's greedy tokens with the native MoE on (and called) equal those without it
+    (tests/test_engine.py checks the native run against transformers)."""
+    from afd import LLM, SamplingParams
+
+    calls = []  # the native kernel's results (None where it fell back)
+    real = native.fused_moe
+
+    def counted(*args):
+        out = real(*args)
+        if out is not None:
+            calls.append(out)
+        return out
+
+    monkeypatch.setattr(native, "fused_moe", counted)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = ["The capital of France is", "1, 2, 3,"]
+    tokens = {}
+    for on in (True, False):
+        llm = LLM("tiny-qwen3-moe", dtype="float32", native_kernels=on)
+        tokens[on] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert bool(calls) == on and native.enabled() == on
+        calls.clear()
+    native.set_enabled(True)
+    assert tokens[True] == tokens[False]
