@@ -312,13 +312,13 @@ def device_limits(device: torch.device, dtype: torch.dtype) -> dict:
 def _impls(name: str) -> dict[str, Callable]:
     """The backends that implement kernel `name` (cpu and triton only where they have one)."""
     from afd.kernels import native, torch_ops
-    from afd.kernels.cpu_ops import TORCH_IMPLS
+    from afd.kernels.cpu_ops import NATIVE_IMPLS, TORCH_IMPLS
 
     impls = {"torch": getattr(torch_ops, name)}
     if name in TORCH_IMPLS:
         impls["cpu"] = TORCH_IMPLS[name]
-    if name in native.NATIVE_IMPLS and native.available():
-        impls["native"] = native.NATIVE_IMPLS[name]
+    if name in NATIVE_IMPLS and native.available():
+        impls["native"] = NATIVE_IMPLS[name]
     if _has_triton():
         from afd.kernels.triton_ops import TRITON_IMPLS
 

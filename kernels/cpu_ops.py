@@ -288,6 +288,14 @@ def _gather_too_big(meta: AttentionMetadata, *caches: torch.Tensor) -> bool:
     return meta.is_decode and meta.num_seqs * meta.max_seq_len * row > DECODE_GATHER_BYTES
 
 
+def _native_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    """The native decode kernel (pages read in place; kernels/native.py) for a decode batch,
+    else None."""
+    if not meta.is_decode or q.shape[0] != meta.num_seqs:
+        return None
+    return native.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D]
     k_cache: torch.Tensor,  # [N, bs, Hkv, D]
@@ -296,6 +304,9 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Causal varlen attention over the paged cache, decode and prefill alike."""
+    out = _native_decode(q, k_cache, v_cache, meta, scale)
+    if out is not None:
+        return out
     if _gather_too_big(meta, k_cache, v_cache):
         return torch_ops.paged_attention(q, k_cache, v_cache, meta, scale)
 
@@ -313,9 +324,15 @@ def mla_attention(
     scale: float,
 ) -> torch.Tensor:
     """Absorbed MLA: one KV head, K = [latent, rope key], V = K's latent part (gathered once)."""
+    latent = q_latent.shape[-1]
+    if meta.is_decode:
+        k = kv_cache[:, :, None]  # [N, bs, 1, L + R]
+        q = torch.cat([q_latent, q_rope], dim=-1)
+        out = _native_decode(q, k, k[..., :latent], meta, scale)
+        if out is not None:
+            return out
     if _gather_too_big(meta, kv_cache):
         return torch_ops.mla_attention(q_latent, q_rope, kv_cache, meta, scale)
-    latent = q_latent.shape[-1]
 
     def gather(tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         k = _pages(kv_cache, tables, length)[:, :, None]  # [n, S, 1, L + R]
@@ -331,5 +348,27 @@ CPU_IMPLS: dict[str, Callable] = {
     "paged_attention": paged_attention,
     "mla_attention": mla_attention,
 }
+
+
+def _without_native(fn: Callable) -> Callable:
+    def run(*args):
+        with native.disabled():
+            return fn(*args)
+
+    return run
+
+
 # The fast paths without native code (what `afd bench kernels` times as its cpu rows).
-TORCH_IMPLS: dict[str, Callable] = {**CPU_IMPLS, "fused_moe": fused_moe_torch}
+TORCH_IMPLS: dict[str, Callable] = {
+    "rms_norm": rms_norm,
+    "fused_moe": fused_moe_torch,
+    "paged_attention": _without_native(paged_attention),
+    "mla_attention": _without_native(mla_attention),
+}
+# With the native kernels (the bench's native rows): fused_moe always native (raises where it
+# would fall back), attention native at decode and the torch fast path at prefill.
+NATIVE_IMPLS: dict[str, Callable] = {
+    "fused_moe": native.fused_moe_or_raise,
+    "paged_attention": paged_attention,
+    "mla_attention": mla_attention,
+}

@@ -9,6 +9,7 @@ reason is logged once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -24,7 +25,8 @@ import torch
 
 logger = logging.getLogger("afd.kernels.native")
 
-SOURCE = Path(__file__).parent / "csrc" / "moe.c"
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = (_CSRC / "moe.c", _CSRC / "attention.c")  # one library
 COMPILER = os.environ.get("AFD_CC", "gcc")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # The top-k a token may have (moe.c sorts a token's slots in a fixed-size array).
@@ -40,6 +42,17 @@ def set_enabled(on: bool) -> None:
     """Turn the native kernels on or off for this process (AFD_NATIVE_KERNELS=0 still wins)."""
     global _enabled
     _enabled = on
+
+
+@contextlib.contextmanager
+def disabled():
+    """The native kernels off inside the block (for this process; not thread-safe)."""
+    before = _enabled
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(before)
 
 
 def enabled() -> bool:
@@ -72,10 +85,14 @@ def _library_path(compiler: str) -> Path:
         [compiler, "--version"], capture_output=True, text=True, timeout=30
     ).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(CFLAGS).encode()):
+    for part in (
+        *(src.read_bytes() for src in SOURCES),
+        version.encode(),
+        " ".join(CFLAGS).encode(),
+    ):
         key.update(part)
     key.update(_cpu_flags().encode())
-    return cache_dir() / "kernels" / f"moe-{key.hexdigest()[:20]}.so"
+    return cache_dir() / "kernels" / f"afd-{key.hexdigest()[:20]}.so"
 
 
 def build() -> Path:
@@ -93,7 +110,7 @@ def build() -> Path:
     start = time.perf_counter()
     try:
         proc = subprocess.run(
-            [compiler, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"],
+            [compiler, *CFLAGS, "-o", tmp, *map(str, SOURCES), "-lm"],
             capture_output=True,
             text=True,
             timeout=300,
@@ -118,6 +135,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.afd_moe_panel.argtypes = []
     lib.afd_moe_panel.restype = ctypes.c_int
     lib.panel = lib.afd_moe_panel()  # output columns per packed panel (vector width x 2 or 4)
+    lib.afd_paged_decode_f32.argtypes = [ptr] * 6 + [i64] + [ptr] * 2 + [i64] * 6
+    lib.afd_paged_decode_f32.argtypes += [ctypes.c_float, ctypes.c_int]
+    lib.afd_paged_decode_f32.restype = ctypes.c_int
     return lib
 
 
@@ -133,7 +153,7 @@ def library() -> ctypes.CDLL | None:
                     _state["lib"] = _declare(ctypes.CDLL(str(build())))
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                     _state["lib"] = None
-                    _log_once(f"could not build or load {SOURCE.name} ({e})")
+                    _log_once(f"could not build or load the native kernels ({e})")
     return _state["lib"]
 
 
@@ -215,12 +235,56 @@ def fused_moe(
     return out
 
 
+def _decode_unsupported(q, k_cache, v_cache, block_tables, seq_lens) -> str | None:
+    if any(t.device.type != "cpu" for t in (q, k_cache, v_cache)):
+        return "non-CPU tensors"
+    if any(t.dtype != torch.float32 for t in (q, k_cache, v_cache)):
+        return f"{q.dtype} queries or {k_cache.dtype} caches (fp32 only)"
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.dim() != 4 or not q.is_contiguous():
+        return "decode queries or caches of unexpected rank or layout"
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.shape[1] % k_cache.shape[2]:
+        return "caches with strided heads or query heads not a multiple of the KV heads"
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        return "block tables or lengths not int32"
+    return None
+
+
+def paged_decode(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_cache: torch.Tensor,  # [N, bs, Hkv, D] (any strides but the last)
+    v_cache: torch.Tensor,  # [N, bs, Hkv, Dv]
+    block_tables: torch.Tensor,  # [B, M] int32
+    seq_lens: torch.Tensor,  # [B] int32, each >= 1
+    scale: float,
+) -> torch.Tensor | None:
+    """torch_ops.paged_decode_attention in native code (the pages read in place) for fp32 CPU
+    tensors; None where it does not apply (the reason logged once)."""
+    reason = _decode_unsupported(q, k_cache, v_cache, block_tables, seq_lens)
+    if reason is not None:
+        _log_once(reason)
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    n, hq, d = q.shape
+    tables, lens = block_tables.contiguous(), seq_lens.contiguous()
+    kstr = torch.tensor(k_cache.stride()[:3], dtype=torch.int64)
+    vstr = torch.tensor(v_cache.stride()[:3], dtype=torch.int64)
+    out = q.new_empty(n, hq, v_cache.shape[-1])
+    rc = lib.afd_paged_decode_f32(
+        q.data_ptr(), k_cache.data_ptr(), kstr.data_ptr(), v_cache.data_ptr(), vstr.data_ptr(),
+        tables.data_ptr(), tables.shape[1], lens.data_ptr(), out.data_ptr(), n, hq,
+        k_cache.shape[2], d, v_cache.shape[-1], k_cache.shape[1], scale, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        _log_once("out of memory for the attention buffers")
+        return None
+    return out
+
+
 def fused_moe_or_raise(*args: torch.Tensor) -> torch.Tensor:
     """fused_moe that raises where it would fall back (what `afd bench kernels` times)."""
     out = fused_moe(*args)
     if out is None:
         raise RuntimeError("the native fused_moe does not apply to these inputs")
     return out
-
-
-NATIVE_IMPLS = {"fused_moe": fused_moe_or_raise}

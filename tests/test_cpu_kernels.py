@@ -18,6 +18,13 @@ from test_kernels import (
 from afd.kernels import cpu_ops, ops, torch_ops
 from afd.kernels.metadata import AttentionMetadata
 
+
+@pytest.fixture(autouse=True)
+def _torch_fast_paths(monkeypatch):
+    """This file tests the torch fast paths; test_native_kernels.py the native ones."""
+    monkeypatch.setenv("AFD_NATIVE_KERNELS", "0")
+
+
 # ---- RMSNorm ----------------------------------------------------------------------------------
 
 
@@ -42,7 +49,6 @@ def test_rms_norm(dtype, shape):
 def moe_path(request, monkeypatch):
     """Each test of fused_moe runs through both grouped GEMMs (padded bmm, torch._grouped_mm)."""
     monkeypatch.setattr(cpu_ops, "_use_padded", lambda *_: request.param == "padded")
-    monkeypatch.setenv("AFD_NATIVE_KERNELS", "0")  # the torch path (native: test_native_kernels)
     return request.param
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels import _edge_case_routing, _moe_weights
+from test_cpu_kernels import DECODE_LENS, _caches
+from test_kernels import _edge_case_routing, _moe_weights, _paged_batch
 
 from afd.kernels import cpu_ops, native, torch_ops
 
@@ -118,6 +119,55 @@ def test_unsupported_inputs_fall_back(what):
     torch.testing.assert_close(cpu_ops.fused_moe(x, w13, w2, weights, ids), ref, **tol)
 
 
+# ---- paged decode attention ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 4, 16), (8, 2, 32), (6, 1, 20)])
+@pytest.mark.parametrize("seq_lens", [*DECODE_LENS, [1000, 3]])
+def test_paged_decode(threads, num_heads, num_kv_heads, head_dim, seq_lens):
+    """Batch 1, ragged and page-crossing lengths, GQA/MHA/MQA, head_dim off the vector width."""
+    blocks = sum(-(-s // 4) for s in seq_lens) + 3
+    meta = _paged_batch(seq_lens, 4, num_blocks=blocks)
+    k_cache, v_cache = _caches(blocks, 4, num_kv_heads, head_dim, 24, torch.float32, seed=2)
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(1))
+    out = native.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.25)
+    assert out is not None
+    ref = torch_ops.paged_attention(q, k_cache, v_cache, meta, 0.25)
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(cpu_ops.paged_attention(q, k_cache, v_cache, meta, 0.25), ref)
+
+
+def test_mla_decode_reads_values_as_a_slice_of_the_keys(threads):
+    latent, rope, seq_lens = 32, 8, [9, 1, 17]
+    meta = _paged_batch(seq_lens, 4, num_blocks=12)
+    g = torch.Generator().manual_seed(6)
+    kv_cache = torch.randn(12, 4, latent + rope, generator=g)
+    q_latent = torch.randn(3, 5, latent, generator=g)
+    q_rope = torch.randn(3, 5, rope, generator=g)
+    ref = torch_ops.mla_attention(q_latent, q_rope, kv_cache, meta, 0.2)
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        real = native.paged_decode
+        mp.setattr(native, "paged_decode", lambda *a: calls.append(1) or real(*a))
+        out = cpu_ops.mla_attention(q_latent, q_rope, kv_cache, meta, 0.2)
+    assert calls
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_decode_fallbacks():
+    meta = _paged_batch([5, 9], 4, num_blocks=6)
+    k_cache, v_cache = _caches(6, 4, 2, 16, 16, torch.float32, seed=0)
+    q = torch.randn(2, 4, 16)
+    args = (meta.block_tables, meta.seq_lens, 0.3)
+    assert native.paged_decode(q, k_cache, v_cache, *args) is not None
+    assert native.paged_decode(q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), *args) is None
+    assert (
+        native.paged_decode(torch.randn(4, 2, 16).transpose(0, 1), k_cache, v_cache, *args) is None
+    )
+    assert native.paged_decode(torch.randn(2, 3, 16), k_cache, v_cache, *args) is None  # 3 % 2
+    assert native.paged_decode(q, k_cache, v_cache, meta.block_tables.long(), *args[1:]) is None
+
+
 @pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
     """The library not yet loaded, built into an empty cache."""
@@ -143,7 +193,7 @@ def test_no_compiler_falls_back_once_logged(fresh_native, monkeypatch, caplog):
 def test_failed_build_falls_back(fresh_native, monkeypatch, tmp_path):
     bad = tmp_path / "bad.c"
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setattr(native, "SOURCES", (*native.SOURCES, bad))
     assert native.library() is None
     assert not list((fresh_native / "kernels").glob("*"))  # no partial library left behind
 
@@ -195,27 +245,33 @@ def test_bench_kernels_times_native_beside_cpu_and_torch(tmp_path):
 
 
 def test_engine_greedy_tokens_with_and_without_native(monkeypatch):
-    """The engine's greedy tokens with the native MoE on (and called) equal those without it
-    (tests/test_engine.py checks the native run against transformers)."""
+    """The engine's greedy tokens with the native kernels on (and called) equal those without
+    them (tests/test_engine.py checks the native run against transformers)."""
     from afd import LLM, SamplingParams
 
-    calls = []  # the native kernel's results (None where it fell back)
-    real = native.fused_moe
+    calls = []  # the native kernels that ran (not those that fell back)
 
-    def counted(*args):
-        out = real(*args)
-        if out is not None:
-            calls.append(out)
-        return out
+    def counted(name):
+        real = getattr(native, name)
 
-    monkeypatch.setattr(native, "fused_moe", counted)
+        def run(*args):
+            out = real(*args)
+            if out is not None:
+                calls.append(name)
+            return out
+
+        return run
+
+    for name in ("fused_moe", "paged_decode"):
+        monkeypatch.setattr(native, name, counted(name))
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = ["The capital of France is", "1, 2, 3,"]
     tokens = {}
     for on in (True, False):
         llm = LLM("tiny-qwen3-moe", dtype="float32", native_kernels=on)
         tokens[on] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        assert bool(calls) == on and native.enabled() == on
+        assert set(calls) == ({"fused_moe", "paged_decode"} if on else set())
+        assert native.enabled() == on
         calls.clear()
     native.set_enabled(True)
     assert tokens[True] == tokens[False]
