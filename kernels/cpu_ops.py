@@ -30,6 +30,11 @@ DECODE_GATHER_BYTES = 512 << 20
 # small bmm calls on strided slices (kernels-cpu.json of 6d8a4b0).
 SDPA_DECODE_KV_HEADS = 4
 
+# Native decode keeps a KV head's scaled queries in L1 while its keys stream past; wider ones
+# (MLA's 16 heads of 576, 36 KB) ran no faster than the torch path, which they keep
+# (kernels-cpu-native-attention.json of eb569ee).
+NATIVE_DECODE_QUERY_BYTES = 16 << 10
+
 Gather = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -292,6 +297,9 @@ def _native_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
     """The native decode kernel (pages read in place; kernels/native.py) for a decode batch,
     else None."""
     if not meta.is_decode or q.shape[0] != meta.num_seqs:
+        return None
+    group = q.shape[1] // max(k_cache.shape[2], 1)
+    if group * q.shape[2] * q.element_size() > NATIVE_DECODE_QUERY_BYTES:
         return None
     return native.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
 

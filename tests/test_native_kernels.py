@@ -154,6 +154,16 @@ def test_mla_decode_reads_values_as_a_slice_of_the_keys(threads):
     torch.testing.assert_close(out, ref, **TOL)
 
 
+def test_wide_query_groups_keep_the_torch_path(monkeypatch):
+    """MLA's 16 heads of 576 (36 KB of queries per KV head) run the torch fast path."""
+    meta = _paged_batch([5, 9], 4, num_blocks=6)
+    kv_cache = torch.randn(6, 4, 576)
+    q_latent, q_rope = torch.randn(2, 16, 512), torch.randn(2, 16, 64)
+    monkeypatch.setattr(native, "paged_decode", lambda *a: pytest.fail("native decode ran"))
+    out = cpu_ops.mla_attention(q_latent, q_rope, kv_cache, meta, 0.1)
+    torch.testing.assert_close(out, torch_ops.mla_attention(q_latent, q_rope, kv_cache, meta, 0.1))
+
+
 def test_decode_fallbacks():
     meta = _paged_batch([5, 9], 4, num_blocks=6)
     k_cache, v_cache = _caches(6, 4, 2, 16, 16, torch.float32, seed=0)
