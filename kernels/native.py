@@ -27,6 +27,7 @@ logger = logging.getLogger("afd.kernels.native")
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = (_CSRC / "moe.c", _CSRC / "attention.c")  # one library
+HEADERS = (_CSRC / "vexp.h",)
 COMPILER = os.environ.get("AFD_CC", "gcc")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # The top-k a token may have (moe.c sorts a token's slots in a fixed-size array).
@@ -86,7 +87,7 @@ def _library_path(compiler: str) -> Path:
     ).stdout
     key = hashlib.sha256()
     for part in (
-        *(src.read_bytes() for src in SOURCES),
+        *(src.read_bytes() for src in (*SOURCES, *HEADERS)),
         version.encode(),
         " ".join(CFLAGS).encode(),
     ):

@@ -11,6 +11,8 @@
 #include <immintrin.h>
 #endif
 
+#include "vexp.h"
+
 #if defined(__AVX512F__)
 #define AVW 16
 #else
@@ -70,10 +72,9 @@ static void decode_item(const float *q, const float *kc, strides_t ks, const flo
     for (int64_t g = 0; g < G; g++) {
         float *sg = s + g * len, m = -INFINITY, sum = 0.0f;
         for (int64_t j = 0; j < len; j++) m = sg[j] > m ? sg[j] : m;
-        for (int64_t j = 0; j < len; j++) {
-            sg[j] = expf(sg[j] - m);
-            sum += sg[j];
-        }
+        for (int64_t j = 0; j < len; j++) sg[j] -= m;
+        exp_array(sg, len, 1.0f);
+        for (int64_t j = 0; j < len; j++) sum += sg[j];
         for (int64_t j = 0; j < len; j++) sg[j] /= sum;
     }
     memset(out, 0, G * Dv * sizeof(float));

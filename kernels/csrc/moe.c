@@ -19,6 +19,8 @@
 #include <immintrin.h>
 #endif
 
+#include "vexp.h"
+
 #if defined(__AVX512F__)
 #define VW 16 /* floats per vector */
 #define NV 4  /* vectors per panel */
@@ -154,8 +156,6 @@ static int64_t make_items(const int64_t *counts, const int64_t *starts, int64_t 
     return n;
 }
 
-static inline float silu(float g) { return g / (1.0f + expf(-g)); }
-
 /* gate and up panels of one item's rows, then SiLU(gate) * up into act's columns. */
 static void gate_up_item(const item_t *it, const float *xs, const float *w13p, int64_t H,
                          int64_t I, float *act) {
@@ -167,8 +167,10 @@ static void gate_up_item(const item_t *it, const float *xs, const float *w13p, i
     gemm_panel(m, a, H, gate, H, nc, g, PW);
     gemm_panel(m, a, H, up, H, nc, u, PW);
     for (int64_t r = 0; r < m; r++) {
-        float *dst = act + (it->r0 + r) * I + it->p * PW;
-        for (int64_t i = 0; i < nc; i++) dst[i] = silu(g[r * PW + i]) * u[r * PW + i];
+        float *dst = act + (it->r0 + r) * I + it->p * PW, *gr = g + r * PW, *ur = u + r * PW;
+        memcpy(dst, gr, nc * sizeof(float));
+        exp_array(dst, nc, -1.0f); /* SiLU(g) = g / (1 + exp(-g)) */
+        for (int64_t i = 0; i < nc; i++) dst[i] = gr[i] / (1.0f + dst[i]) * ur[i];
     }
 }
 
