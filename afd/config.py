@@ -437,6 +437,12 @@ class ClusterConfig:
         "the references everywhere",
         choices=KERNEL_BACKENDS,
     )
+    native_kernels: bool = option(
+        True,
+        "the compiled CPU kernels (fp32 fused MoE; gcc at first use) where they apply; "
+        "--no-native-kernels: the torch fast paths (as AFD_NATIVE_KERNELS=0)",
+        negatable=True,
+    )
     # Disaggregated decode (0 attention workers = everything in this process). On the command
     # line a pool not given is None until resolve_worker_counts fills it in.
     num_prefill_workers: int = option(  # 0: attention workers prefill too

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-BACKENDS = ("torch", "cpu", "triton")
+# native: kernels/native.py's compiled CPU kernels; cpu: the torch fast paths without them.
+BACKENDS = ("torch", "cpu", "native", "triton")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KERNELS = (
     "rms_norm",
@@ -131,7 +132,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backends",
         default="auto",
-        help=f"comma list of {','.join(BACKENDS)}; auto: triton,torch on CUDA, cpu,torch on CPU",
+        help=f"comma list of {','.join(BACKENDS)}; auto: triton,torch on CUDA, "
+        "native,cpu,torch on CPU",
     )
     p.add_argument("--kernels", default="all", help=f"comma list of {','.join(KERNELS)}")
     p.add_argument("--quick", action="store_true", help="tiny sweep (CPU-friendly, seconds)")
@@ -309,12 +311,14 @@ def device_limits(device: torch.device, dtype: torch.dtype) -> dict:
 
 def _impls(name: str) -> dict[str, Callable]:
     """The backends that implement kernel `name` (cpu and triton only where they have one)."""
-    from afd.kernels import torch_ops
-    from afd.kernels.cpu_ops import CPU_IMPLS
+    from afd.kernels import native, torch_ops
+    from afd.kernels.cpu_ops import NATIVE_IMPLS, TORCH_IMPLS
 
     impls = {"torch": getattr(torch_ops, name)}
-    if name in CPU_IMPLS:
-        impls["cpu"] = CPU_IMPLS[name]
+    if name in TORCH_IMPLS:
+        impls["cpu"] = TORCH_IMPLS[name]
+    if name in NATIVE_IMPLS and native.available():
+        impls["native"] = NATIVE_IMPLS[name]
     if _has_triton():
         from afd.kernels.triton_ops import TRITON_IMPLS
 
@@ -483,14 +487,15 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, list[
     else:
         dtype = DTYPES[args.dtype]
     if args.backends == "auto":
-        backends = ["triton", "torch"] if device.type == "cuda" else ["cpu", "torch"]
+        backends = ["triton", "torch"] if device.type == "cuda" else ["native", "cpu", "torch"]
     else:
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends or any(b not in BACKENDS for b in backends):
         choices = ", ".join(BACKENDS)
         raise ValueError(f"--backends: a comma list of {choices}, got {args.backends!r}")
-    if "cpu" in backends and device.type != "cpu":
-        raise ValueError("--backends cpu times the CPU fast paths: it needs --device cpu")
+    for be in ("cpu", "native"):
+        if be in backends and device.type != "cpu":
+            raise ValueError(f"--backends {be} times the CPU fast paths: it needs --device cpu")
     if "triton" in backends:
         from afd.kernels import ops
 

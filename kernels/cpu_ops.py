@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from afd.kernels import torch_ops
+from afd.kernels import native, torch_ops
 from afd.kernels.metadata import AttentionMetadata
 
 # A group of sequences padded to its longest costs at most this many times its real work
@@ -30,6 +30,11 @@ DECODE_GATHER_BYTES = 512 << 20
 # small bmm calls on strided slices (kernels-cpu.json of 6d8a4b0).
 SDPA_DECODE_KV_HEADS = 4
 
+# Native decode keeps a KV head's scaled queries in L1 while its keys stream past; wider ones
+# (MLA's 16 heads of 576, 36 KB) ran no faster than the torch path, which they keep
+# (kernels-cpu-native-attention.json of eb569ee).
+NATIVE_DECODE_QUERY_BYTES = 16 << 10
+
 Gather = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -47,6 +52,18 @@ def rms_norm(
 
 
 def fused_moe(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k], shard-local; out-of-range ids are skipped
+) -> torch.Tensor:
+    """The native kernel (kernels/native.py: fp32) where it applies, else fused_moe_torch."""
+    out = native.fused_moe(x, w13, w2, topk_weights, topk_ids)
+    return out if out is not None else fused_moe_torch(x, w13, w2, topk_weights, topk_ids)
+
+
+def fused_moe_torch(
     x: torch.Tensor,  # [T, H]
     w13: torch.Tensor,  # [E, 2I, H]
     w2: torch.Tensor,  # [E, H, I]
@@ -276,6 +293,17 @@ def _gather_too_big(meta: AttentionMetadata, *caches: torch.Tensor) -> bool:
     return meta.is_decode and meta.num_seqs * meta.max_seq_len * row > DECODE_GATHER_BYTES
 
 
+def _native_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    """The native decode kernel (pages read in place; kernels/native.py) for a decode batch,
+    else None."""
+    if not meta.is_decode or q.shape[0] != meta.num_seqs:
+        return None
+    group = q.shape[1] // max(k_cache.shape[2], 1)
+    if group * q.shape[2] * q.element_size() > NATIVE_DECODE_QUERY_BYTES:
+        return None
+    return native.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D]
     k_cache: torch.Tensor,  # [N, bs, Hkv, D]
@@ -284,6 +312,9 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Causal varlen attention over the paged cache, decode and prefill alike."""
+    out = _native_decode(q, k_cache, v_cache, meta, scale)
+    if out is not None:
+        return out
     if _gather_too_big(meta, k_cache, v_cache):
         return torch_ops.paged_attention(q, k_cache, v_cache, meta, scale)
 
@@ -301,9 +332,15 @@ def mla_attention(
     scale: float,
 ) -> torch.Tensor:
     """Absorbed MLA: one KV head, K = [latent, rope key], V = K's latent part (gathered once)."""
+    latent = q_latent.shape[-1]
+    if meta.is_decode:
+        k = kv_cache[:, :, None]  # [N, bs, 1, L + R]
+        q = torch.cat([q_latent, q_rope], dim=-1)
+        out = _native_decode(q, k, k[..., :latent], meta, scale)
+        if out is not None:
+            return out
     if _gather_too_big(meta, kv_cache):
         return torch_ops.mla_attention(q_latent, q_rope, kv_cache, meta, scale)
-    latent = q_latent.shape[-1]
 
     def gather(tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         k = _pages(kv_cache, tables, length)[:, :, None]  # [n, S, 1, L + R]
@@ -316,6 +353,30 @@ def mla_attention(
 CPU_IMPLS: dict[str, Callable] = {
     "rms_norm": rms_norm,
     "fused_moe": fused_moe,
+    "paged_attention": paged_attention,
+    "mla_attention": mla_attention,
+}
+
+
+def _without_native(fn: Callable) -> Callable:
+    def run(*args):
+        with native.disabled():
+            return fn(*args)
+
+    return run
+
+
+# The fast paths without native code (what `afd bench kernels` times as its cpu rows).
+TORCH_IMPLS: dict[str, Callable] = {
+    "rms_norm": rms_norm,
+    "fused_moe": fused_moe_torch,
+    "paged_attention": _without_native(paged_attention),
+    "mla_attention": _without_native(mla_attention),
+}
+# With the native kernels (the bench's native rows): fused_moe always native (raises where it
+# would fall back), attention native at decode and the torch fast path at prefill.
+NATIVE_IMPLS: dict[str, Callable] = {
+    "fused_moe": native.fused_moe_or_raise,
     "paged_attention": paged_attention,
     "mla_attention": mla_attention,
 }

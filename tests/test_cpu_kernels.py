@@ -18,6 +18,13 @@ from test_kernels import (
 from afd.kernels import cpu_ops, ops, torch_ops
 from afd.kernels.metadata import AttentionMetadata
 
+
+@pytest.fixture(autouse=True)
+def _torch_fast_paths(monkeypatch):
+    """This file tests the torch fast paths; test_native_kernels.py the native ones."""
+    monkeypatch.setenv("AFD_NATIVE_KERNELS", "0")
+
+
 # ---- RMSNorm ----------------------------------------------------------------------------------
 
 

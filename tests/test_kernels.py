@@ -553,7 +553,7 @@ def test_bench_kernels_times_the_cpu_backend_in_alternating_rounds(tmp_path, mon
     monkeypatch.setattr(bench.Case, "call", lambda self, be: order.append(be) or real(self, be))
     out = tmp_path / "kernels.json"
     args = _bench_args("--kernels", "fused_moe,rotary_embedding", "--rounds", "3", "--threads",
-                       "1", "--output", str(out))  # fmt: skip
+                       "1", "--backends", "cpu,torch", "--output", str(out))  # fmt: skip
     assert bench.run(args) == 0
     report = json.loads(out.read_text())
     assert report["backends"] == ["cpu", "torch"] and report["threads"] == 1

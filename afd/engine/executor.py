@@ -26,6 +26,7 @@ class LocalExecutor:
         tokenizer_dir: Path | None = None,
     ):
         from afd.attention_nodes.plan_runner import PlanRunner
+        from afd.kernels import native
         from afd.kernels.ops import set_kernel_backend
         from afd.loader import load_model
         from afd.models import allocate_kv_cache
@@ -34,6 +35,7 @@ class LocalExecutor:
 
         device, block_size = config.cluster.device, config.cache.block_size
         set_kernel_backend(config.cluster.kernel_backend)
+        native.set_enabled(config.cluster.native_kernels)
         dtype = config.torch_dtype(model_config)
         model = load_model(
             model_path, dtype=dtype, device=device, quantization=config.source.quantization
