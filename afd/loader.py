@@ -166,6 +166,9 @@ def load_model(
                     tensor = _convert(tensor, name, dest[1], block, ckpt, store)
                 store(name, tensor)
     _check_complete(model, targets, loaded, part)
+    for module in model.modules():
+        if hasattr(module, "fuse_qkv"):
+            module.fuse_qkv()
     return model.eval()
 
 

@@ -84,6 +84,7 @@ class Side:
     label: str
     engine: str
     args: list[str] = field(default_factory=list)
+    python: str | None = None  # the interpreter of `-m afd serve` (None: this one)
 
 
 # ---- arguments ---------------------------------------------------------------------------------
@@ -110,6 +111,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="LABEL=ARGS",
         help="an `afd serve` side: LABEL=its topology flags (repeat; default: colocated, "
         "1p1a1f, 1a1f-m2)",
+    )
+    p.add_argument(
+        "--afd-python",
+        action="append",
+        default=[],
+        help="LABEL=PYTHON: run that --afd side's `-m afd serve` with another interpreter (e.g. "
+        "one importing another checkout, for before/after in the same run)",
     )
     p.add_argument("--vllm-arg", action="append", default=[], help="extra `vllm serve` argument")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of every side")
@@ -394,6 +402,41 @@ def _wait_group(pgid: int, timeout_s: float) -> bool:
     return True
 
 
+def group_cpu_s(pgid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (its command line, CPU seconds so far: user + system) of every live process of
+    process group `pgid` (Linux /proc; empty elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    found: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        if int(fields[2]) == pgid:  # fields: state ppid pgrp ... utime(11) stime(12)
+            found[int(entry.name)] = (cmdline.strip(), (int(fields[11]) + int(fields[12])) / tick)
+    return found
+
+
+def cpu_use(before: dict, after: dict, figures: dict, leader: int) -> dict[str, Any]:
+    """The CPU seconds each server process spent during the timed run and per 1000 output
+    tokens; the group leader (the API process of `afd serve`) first."""
+    tokens = figures.get("total_output_tokens") or 0
+    procs = []
+    for pid, (cmd, cpu) in sorted(after.items(), key=lambda item: (item[0] != leader, item[0])):
+        spent = cpu - before.get(pid, (cmd, 0.0))[1]
+        per_k = spent / tokens * 1000 if tokens else None
+        procs.append({"pid": pid, "leader": pid == leader, "command": cmd[:200],
+                      "cpu_s": spent, "cpu_s_per_1k_tokens": per_k})  # fmt: skip
+    total = sum(p["cpu_s"] for p in procs)
+    return {
+        "processes": procs,
+        "total_cpu_s": total,
+        "total_cpu_s_per_1k_tokens": total / tokens * 1000 if tokens else None,
+    }
+
+
 def run_bounded(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float) -> None:
     """Run `cmd` to completion (output to `log`), in its own group, killed with it at
     `timeout_s`; RuntimeError with the log's tail if it fails."""
@@ -453,7 +496,7 @@ class Peer:
         common += ["--max-model-len", str(self.max_model_len)]
         if side.engine == "vllm":
             return [self.vllm_bin("vllm"), "serve", str(self.model_dir), *common, *side.args]
-        afd = [sys.executable, "-m", "afd", "serve", str(self.model_dir), *common]
+        afd = [side.python or sys.executable, "-m", "afd", "serve", str(self.model_dir), *common]
         return afd + ["--disable-log-requests", *side.args]
 
     def shown(self, cmd: list[str], engine: str) -> str:
@@ -577,9 +620,12 @@ def serve_round(peer: Peer, side: Side, r: int, with_parity: float | None) -> di
     try:
         row["startup_s"] = server.start(peer.startup_timeout)
         _warm(peer, server.base_url, tag)
+        before = group_cpu_s(server.proc.pid)
         row["figures"], row["client_command"] = run_client(
             peer, peer.client, server.base_url, peer.load, tag
         )
+        after = group_cpu_s(server.proc.pid)
+        row["server_cpu"] = cpu_use(before, after, row["figures"], server.proc.pid)
         if with_parity is not None:
             other = "afd" if peer.client == "vllm" else "vllm"
             figs, shown = run_client(peer, other, server.base_url, peer.load, f"{tag}-parity")
@@ -843,6 +889,12 @@ def build_peer(args: argparse.Namespace, logs: Path) -> Peer:
     sides = [parse_side(s) for s in (args.afd or DEFAULT_AFD_SIDES)]
     if len({s.label for s in sides}) != len(sides):
         raise ValueError("--afd labels must differ")
+    for text in args.afd_python:
+        label, sep, python = text.partition("=")
+        side = next((s for s in sides if s.label == label), None)
+        if not sep or side is None or not Path(python).is_file():
+            raise ValueError(f"--afd-python expects LABEL=PYTHON of an --afd side, got {text!r}")
+        side.python = python
     venv = Path(args.vllm_venv).expanduser()
     needs_vllm = not args.no_vllm and not args.profile
     needs_vllm = needs_vllm or (args.client == "vllm" and args.mode != "offline")

@@ -25,11 +25,6 @@ MOE_PAD_ROWS = 16
 # tokens of 8 x 128 heads, 67 MB); above this many bytes the copy would hold too much memory
 # and the reference runs instead.
 DECODE_GATHER_BYTES = 512 << 20
-# From this many KV heads decode runs as one SDPA over the gathered pages (read in place through
-# their strides) instead of two bmm per KV head: 8 KV heads of 64 ran 0.74x the reference as 16
-# small bmm calls on strided slices (kernels-cpu.json of 6d8a4b0).
-SDPA_DECODE_KV_HEADS = 4
-
 # Native decode keeps a KV head's scaled queries in L1 while its keys stream past; wider ones
 # (MLA's 16 heads of 576, 36 KB) ran no faster than the torch path, which they keep
 # (kernels-cpu-native-attention.json of eb569ee).
@@ -168,44 +163,24 @@ def _decode(
     lens: torch.Tensor,  # [n]
     scale: float,
 ) -> torch.Tensor:
-    """One query per sequence against its gathered keys, in fp32 like the reference: a bmm per
-    KV head over the whole batch and context (a head's [n, S, D] slice is a strided matrix BLAS
-    reads in place, where one matmul over all heads copied it first)."""
+    """One query per sequence against its gathered keys as one SDPA in fp32 like the reference:
+    the G query heads of a KV head are its G query rows, keys past each sequence's length
+    masked. One SDPA read the strided pages in place and ran 1.3-5x the former bmm per KV head
+    at 1-2 KV heads (16-64 streams, one thread), where the per-head calls were op overhead."""
     n, hq, d = q.shape
-    s, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    s, hkv = k.shape[1], k.shape[2]
     f32 = torch.float32
     if k.dtype != f32:
         k, v = k.float(), v.float()
-    if hkv >= SDPA_DECODE_KV_HEADS:
-        return _decode_sdpa(q.to(f32), k, v, lens, scale).to(q.dtype)
-    qg = (q.to(f32) * scale).view(n, hkv, hq // hkv, d)
-    scores = torch.empty(n, hkv, hq // hkv, s, dtype=f32, device=q.device)
-    for h in range(hkv):
-        scores[:, h] = torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2))
-    past = torch.arange(s, device=q.device) >= lens[:, None]  # [n, S]
-    probs = torch.softmax(scores.masked_fill_(past[:, None, None], float("-inf")), dim=-1)
-    out = torch.empty(n, hkv, hq // hkv, dv, dtype=f32, device=q.device)
-    for h in range(hkv):
-        out[:, h] = torch.bmm(probs[:, h], v[:, :, h])
-    return out.view(n, hq, dv).to(q.dtype)
-
-
-def _decode_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """_decode as one SDPA: the G query heads of a KV head are its G query rows, keys past each
-    sequence's length masked."""
-    n, hq, d = q.shape
-    hkv = k.shape[2]
-    past = torch.arange(k.shape[1], device=q.device) < lens[:, None]  # [n, S] keys to see
+    seen = torch.arange(s, device=q.device) < lens[:, None]  # [n, S] keys to see
     o = F.scaled_dot_product_attention(
-        q.view(n, hkv, hq // hkv, d),
+        q.to(f32).view(n, hkv, hq // hkv, d),
         k.transpose(1, 2),
         v.transpose(1, 2),
-        attn_mask=past[:, None, None],
+        attn_mask=seen[:, None, None],
         scale=scale,
     )  # [n, Hkv, G, Dv]
-    return o.reshape(n, hq, -1)
+    return o.reshape(n, hq, -1).to(q.dtype)
 
 
 def _prefill(
@@ -246,9 +221,13 @@ def _varlen_attention(
 ) -> torch.Tensor:
     """Causal varlen attention of q [T, Hq, D] over paged keys, a few ops per length group:
     one gather of the group's pages, then _decode (every query length 1) or _prefill."""
+    groups = _group_inputs(meta)
+    if len(groups) == 1 and groups[0][6]:  # decode of the whole batch in its own order
+        cols, length, _, lens, _, _, _ = groups[0]
+        return _decode(q, *gather(cols, length), lens, scale)
     out = q.new_empty(q.shape[0], q.shape[1], dv)
-    for tables, length, starts, lens, ql, qmax in _group_inputs(meta):
-        k, v = gather(tables, length)
+    for cols, length, starts, lens, ql, qmax, _ in groups:
+        k, v = gather(cols, length)
         if qmax == 1:
             out[starts] = _decode(q.index_select(0, starts), k, v, lens, scale)
         else:
@@ -258,31 +237,38 @@ def _varlen_attention(
 
 
 def _group_inputs(meta: AttentionMetadata) -> list[tuple]:
-    """Per length group: its block tables, longest context, first query rows, KV lengths, query
-    lengths and longest query. The same for every layer of a forward, so built once (the
-    metadata keeps it)."""
+    """Per length group: its block tables (int64, the gather's index), longest context, first
+    query rows, KV lengths, query lengths, longest query, and whether it is a decode of the
+    whole batch in order. The same for every layer of a forward, so built once (the metadata
+    keeps it)."""
     groups = meta.derived.get("cpu_length_groups")
     if groups is None:
         q_lens, seq_lens = meta.query_lens.tolist(), meta.seq_lens.tolist()
         groups = []
+        tables = meta.block_tables.long()
         for group in _length_groups(q_lens, seq_lens):
+            group.sort()  # the batch's own order: a whole-batch group needs no row shuffles
+            qmax = max(q_lens[b] for b in group)
+            whole = qmax == 1 and len(group) == len(q_lens) == meta.slot_mapping.shape[0]
             idx = torch.tensor(group, device=meta.seq_lens.device)
             groups.append((
-                meta.block_tables.index_select(0, idx),
-                seq_lens[group[0]],
+                tables.index_select(0, idx),
+                max(seq_lens[b] for b in group),
                 meta.query_start_loc.index_select(0, idx).long(),
                 meta.seq_lens.index_select(0, idx),
                 meta.query_lens.index_select(0, idx),
-                max(q_lens[b] for b in group),
+                qmax,
+                whole,
             ))  # fmt: skip
         meta.derived["cpu_length_groups"] = groups
     return groups
 
 
 def _pages(cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
-    """[N, bs, ...] pages of n sequences -> [n, length, ...] (one gather for the whole group)."""
+    """[N, bs, ...] pages of n sequences (int64 tables) -> [n, length, ...] (one gather for the
+    whole group)."""
     bs = cache.shape[1]
-    cols = tables[:, : -(-length // bs)].long()
+    cols = tables[:, : -(-length // bs)]
     pages = cache.index_select(0, cols.reshape(-1))
     return pages.view(cols.shape[0], -1, *cache.shape[2:])[:, :length]
 

@@ -193,6 +193,7 @@ def test_cli_rejects_bad_values_in_one_line(capsys, tmp_path):
                  ["--kv-cache-gib", "nan"], ["--profile-rate", "0"],
                  ["--random-input-len", "1000", "--max-model-len", "1024"],
                  ["--afd", "bad label=x"], ["--model", "no-such-model"],
+                 ["--afd-python", f"nosuchside={sys.executable}"],
                  ["--vllm-venv", str(tmp_path)]):  # fmt: skip
         assert main(["bench", "peer", *argv]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
@@ -307,6 +308,33 @@ def test_server_stop_leaves_no_process_of_its_group(tmp_path):
     server.stop()  # stopping twice is harmless
 
 
+def test_group_cpu_counts_every_process_of_the_server_group(tmp_path):
+    port = peer.free_port()
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE_SERVER)
+    server = peer.Server([sys.executable, str(script), str(port)], dict(os.environ), port,
+                         tmp_path / "fake.log")  # fmt: skip
+    try:
+        server.start(60)
+        leader = server.proc.pid
+        deadline = time.monotonic() + 30
+        while "child" not in server.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(server.log.read_text().split()[1])
+        before = peer.group_cpu_s(leader)
+        assert {leader, child} <= set(before) and str(script) in before[leader][0]
+        after = {pid: (cmd, cpu + 0.5) for pid, (cmd, cpu) in before.items()}
+        after[12345678] = ("late", 1.0)  # started during the run: all its CPU counts
+        use = peer.cpu_use(before, after, {"total_output_tokens": 500}, leader)
+    finally:
+        server.stop()
+    first = use["processes"][0]
+    assert first["pid"] == leader and first["leader"] and first["cpu_s"] == pytest.approx(0.5)
+    assert first["cpu_s_per_1k_tokens"] == pytest.approx(1.0)
+    assert use["total_cpu_s"] == pytest.approx(0.5 * len(before) + 1.0)
+    assert peer.cpu_use({}, {}, {"total_output_tokens": 0}, 1)["total_cpu_s_per_1k_tokens"] is None
+
+
 def test_server_that_exits_fails_start_with_its_log(tmp_path):
     port = peer.free_port()
     cmd = [sys.executable, "-c", "import sys; print('cannot load model'); sys.exit(3)"]
@@ -342,6 +370,7 @@ def test_bench_peer_afd_side_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("AFD_ALLOW_DIRTY", "1")  # results of a test name no commit
     out = tmp_path / "peer.json"
     argv = ["bench", "peer", *TINY, "--mode", "both", "--afd", COLOCATED,
+            "--afd-python", f"colo={sys.executable}",
             "--offline-workload", "p=3:5-20:4", "--offline-engines", "afd,transformers",
             "--output", str(out), "--log-dir", str(tmp_path / "logs")]  # fmt: skip
     assert main(argv) == 0
@@ -352,6 +381,8 @@ def test_bench_peer_afd_side_end_to_end(tmp_path, monkeypatch, capsys):
         assert r["figures"]["completed"] == 4 and r["figures"]["failed"] == 0
         assert r["figures"]["total_output_tokens"] == 16
         assert r["torch_threads"]["torch_default"] >= 1
+        cpu = r["server_cpu"]  # the API process first, then the engine core
+        assert cpu["processes"][0]["leader"] and cpu["total_cpu_s"] > 0
     (row,) = data["serve"]["table"]
     assert row["side"] == "colo" and row["rounds"] == 2 and row["output_tok_s"] > 0
     assert "afd serve" in row["command"] and "--num-attention-workers 0" in row["command"]

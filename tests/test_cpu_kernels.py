@@ -121,7 +121,7 @@ PREFILL = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-# (4, 4) and (16, 8) take the SDPA decode (SDPA_DECODE_KV_HEADS), the others the bmm per KV head
+# MHA, GQA ratios 2-8 and one KV head (the SDPA folds a KV head's query heads into its rows)
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (16, 8), (8, 2), (8, 1)])
 @pytest.mark.parametrize("seq_lens", DECODE_LENS)
 def test_paged_decode(dtype, num_heads, num_kv_heads, seq_lens):

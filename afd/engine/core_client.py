@@ -234,20 +234,26 @@ class CoreClient:
             self._status_at = time.monotonic()
 
     def _read_outputs(self) -> None:
+        """Every frame waiting; their snapshots reach each event loop in one callback (one
+        wake-up per step, where one per stream and step woke the API process's loop 16 times
+        at 16 streams)."""
+        ready: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         while True:
             try:
                 frame = self._pull.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             try:
                 msg = rec.from_core.decode(frame)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
             if isinstance(msg, rec.Outputs):
                 for delta in msg.requests:
-                    self._apply(delta)
+                    self._apply(delta, ready)
+        for loop, items in ready.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
-    def _apply(self, delta: rec.RequestDelta) -> None:
+    def _apply(self, delta: rec.RequestDelta, ready: dict) -> None:
         stream = self._streams.get(delta.request_id)
         if stream is None or stream.done:
             return  # aborted or finished here meanwhile, or not ours
@@ -264,7 +270,7 @@ class CoreClient:
                 )
             item = _advance(stream, delta)
         stream.done = delta.finished or delta.error is not None or item.finished
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        ready.setdefault(stream.loop, []).append((stream.queue, item))
 
     def _check_core(self) -> None:
         if not pid_alive(self.core_pid):
@@ -312,6 +318,11 @@ def connect_core(core: CoreProcess) -> CoreClient:
         raise
     client.core = core
     return client
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def _error(delta: rec.RequestDelta) -> BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from afd.config import ModelConfig
@@ -30,6 +31,40 @@ class GQAAttention(nn.Module):
         self.k_norm = RMSNorm(d, config.rms_norm_eps) if qk_norm else None
         self.rotary = RotaryEmbedding(config.hf, d, interleaved=False)
         self.scale = d**-0.5
+        self._fused: tuple | None = None  # (weight, bias, sizes, parameter pointers)
+
+    def _projs(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.q_proj, self.k_proj, self.v_proj
+
+    def _pointers(self) -> tuple[int, ...]:
+        tensors = [t for p in self._projs() for t in (p.weight, p.bias) if t is not None]
+        return tuple(t.data_ptr() for t in tensors)
+
+    def fuse_qkv(self) -> None:
+        """Concatenate the q, k and v weights (and biases) into one tensor and point the three
+        layers' parameters at its rows: one GEMM per layer instead of three, no extra memory.
+        Layers that are not plain nn.Linear (FP8) keep three."""
+        projs = self._projs()
+        if any(type(p) is not nn.Linear or (p.bias is None) != (projs[0].bias is None)
+               for p in projs):  # fmt: skip
+            return
+        sizes = [p.out_features for p in projs]
+        with torch.no_grad():
+            weight = torch.cat([p.weight for p in projs])
+            bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])
+            for i, p in enumerate(projs):
+                p.weight = nn.Parameter(weight.split(sizes)[i], requires_grad=False)
+                if bias is not None:
+                    p.bias = nn.Parameter(bias.split(sizes)[i], requires_grad=False)
+        self._fused = (weight, bias, sizes, self._pointers())
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k and v projections of x: one GEMM while the fused weight still backs the three
+        parameters (any of them replaced or moved since fuse_qkv: three)."""
+        fused = self._fused
+        if fused is not None and fused[3] == self._pointers():
+            return F.linear(x, fused[0], fused[1]).split(fused[2], dim=-1)
+        return tuple(p(x) for p in self._projs())
 
     def forward(
         self,
@@ -39,12 +74,13 @@ class GQAAttention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self._qkv(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(positions, q, k, meta.derived)
         k_cache, v_cache = kv_cache
         ops.store_kv(k, k_cache, meta.slot_mapping, v, v_cache)
         o = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]

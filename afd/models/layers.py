@@ -66,9 +66,21 @@ class RotaryEmbedding(nn.Module):
         sin = (freqs.sin() * self.attention_scaling).to(dtype)
         return cos[:, None, :], sin[:, None, :]  # [T, 1, d/2]
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos, sin = self.cos_sin(positions, q.dtype)
-        return ops.rotary_embedding(q, k, cos[:, 0], sin[:, 0], self.interleaved)
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cache: dict | None = None
+    ):
+        """Rotate q and k; `cache` (a forward's AttentionMetadata.derived) keeps cos/sin for the
+        other layers of the forward: the same positions and rope everywhere."""
+        key = ("rope", self.dim, self.interleaved, q.dtype)
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None and hit[0] is positions:
+            cos, sin = hit[1], hit[2]
+        else:
+            cos, sin = self.cos_sin(positions, q.dtype)
+            cos, sin = cos[:, 0], sin[:, 0]
+            if cache is not None:
+                cache[key] = (positions, cos, sin)
+        return ops.rotary_embedding(q, k, cos, sin, self.interleaved)
 
 
 class DenseMLP(nn.Module):
