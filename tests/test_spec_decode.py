@@ -473,3 +473,33 @@ def test_spec_decode_counters_on_metrics():
     per_pos = "afd:spec_decode_num_accepted_tokens_per_pos_total"
     got = {dict(k[1])["position"]: v for k, v in samples.items() if k[0] == per_pos}
     assert got == {"0": 1, "1": 1, "2": 0, "3": 0}
+
+
+# ---- every topology ----------------------------------------------------------------------------
+
+# (prefill workers, attention workers, expert workers, micro-batches)
+TOPOLOGIES = [(0, 1, 1, 1), (0, 2, 1, 2), (0, 2, 2, 3), (1, 1, 1, 1), (1, 2, 1, 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p,a,f,m", TOPOLOGIES)
+def test_drafts_verified_across_processes_keep_the_tokens(engines, p, a, f, m):
+    """Attention workers verify the drafts against their paged KV (expert workers see the extra
+    rows), with and without a prefill pool: greedy tokens are transformers', seeded ones those
+    of the single process without speculation."""
+    model = "tiny-qwen3-moe"
+    plain, _ = engines(model)
+    prompts = [LOOPING[model], NOT_REPEATING, LOOPING[model][2:], [7, 8, 9, 7, 8, 9, 7]]
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.5, seed=11, max_tokens=12, ignore_eos=True)
+    with LLM(model, dtype="float32", block_size=4, num_prefill_workers=p,
+             num_attention_workers=a, num_expert_workers=f,
+             speculative_config=NGRAM) as llm:  # fmt: skip
+        llm.engine.executor.num_micro_batches = m
+        outs = generate(llm, prompts, greedy)
+        assert_transformers_greedy(model, prompts, [o.outputs[0].token_ids for o in outs])
+        for x, y in zip(generate(plain, prompts, seeded), generate(llm, prompts, seeded),
+                        strict=True):  # fmt: skip
+            assert y.outputs[0].token_ids == x.outputs[0].token_ids
+        assert spec_counts(llm)["spec_decode_num_accepted_tokens_total"] > 0
+        assert_kv_free(llm)
