@@ -255,10 +255,10 @@ def test_seeded_sampling_gives_the_same_tokens_with_and_without_drafts(engines):
 SEMANTICS = {
     # the stop token is held back past the loop's start: it ends an accepted run
     "stop_token": lambda toks: {"stop_token_ids": [toks[-1]], "min_tokens": 12},
-    "max_tokens_mid_run": lambda toks: {"max_tokens": 11},
+    "max_tokens_mid_run": lambda toks: {"max_tokens": 17},
     "min_tokens_and_eos": lambda toks: {"ignore_eos": False, "min_tokens": 5},
     # mild: a stronger penalty breaks the loop, and with it every draft
-    "penalties": lambda toks: {"frequency_penalty": 0.1},
+    "penalties": lambda toks: {"frequency_penalty": 0.05},
     "repetition_penalty": lambda toks: {"repetition_penalty": 1.05},
     "logit_bias": lambda toks: {"logit_bias": {toks[5]: 5.0, toks[2]: -3.0}},
     "logprobs": lambda toks: {"logprobs": 3},
@@ -410,11 +410,16 @@ def test_a_sequence_whose_drafts_keep_failing_pauses_drafting():
     seq = SimpleNamespace(sampling_params=SamplingParams(max_tokens=None), token_ids=[1, 2] * 5,
                           num_output_tokens=0, draft_state=None)  # fmt: skip
     assert drafter.propose(seq, 8)
-    for _ in range(4):
-        drafter.observe(seq, 4, 0)
+    drafter.observe(seq, 4, 0)
+    assert seq.draft_state.pause == 0  # one miss is no pattern yet
+    drafter.observe(seq, 4, 0)
     assert seq.draft_state.pause == PAUSE_STEPS
     assert [drafter.propose(seq, 8) for _ in range(PAUSE_STEPS)] == [[]] * PAUSE_STEPS
-    assert drafter.propose(seq, 8)  # tried again after the pause
+    assert drafter.propose(seq, 8)  # tried again after the pause ...
+    drafter.observe(seq, 4, 0)
+    assert seq.draft_state.pause == 2 * PAUSE_STEPS  # ... and paused twice as long
+    drafter.observe(seq, 4, 4)  # (an accepted draft resets the pause's length)
+    assert seq.draft_state.next_pause == PAUSE_STEPS
 
 
 def test_multi_step_scheduling_turns_speculation_off(engines):
@@ -503,3 +508,27 @@ def test_drafts_verified_across_processes_keep_the_tokens(engines, p, a, f, m):
             assert y.outputs[0].token_ids == x.outputs[0].token_ids
         assert spec_counts(llm)["spec_decode_num_accepted_tokens_total"] > 0
         assert_kv_free(llm)
+
+
+@pytest.mark.slow
+def test_bench_serve_reports_acceptance_from_a_speculating_server(tmp_path, capsys):
+    import argparse
+
+    from conftest import launched
+
+    from afd.benchmarks import serve
+
+    with launched("tiny-qwen3-moe", "--speculative-config", json.dumps(NGRAM)) as (url, _):
+        parser = argparse.ArgumentParser()
+        serve.add_arguments(parser)
+        args = parser.parse_args(["--base-url", url, "--num-prompts", "4",
+                                  "--random-input-len", "8", "--random-output-len", "32",
+                                  "--result-file", str(tmp_path / "serve.json")])  # fmt: skip
+        assert serve.run(args) == 0
+    m = json.loads((tmp_path / "serve.json").read_text())["spec_decode"]
+    assert m["num_drafts"] > 0 and 0 <= m["acceptance_rate"] <= 1
+    assert m["mean_acceptance_length"] == pytest.approx(
+        1 + m["num_accepted_tokens"] / m["num_drafts"]
+    )
+    out = capsys.readouterr().out
+    assert "Speculative Decoding" in out and "Acceptance rate (%)" in out

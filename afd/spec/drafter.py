@@ -11,8 +11,11 @@ from afd.spec.config import SpeculativeConfig
 from afd.spec.ngram import propose_ngram
 
 # a sequence whose recent acceptance rate (accepted / drafted tokens, an exponential average)
-# falls below LOW_ACCEPTANCE pauses drafting for PAUSE_STEPS decode steps, doubling each time
+# falls below LOW_ACCEPTANCE pauses drafting for PAUSE_STEPS decode steps, doubling each time;
+# it starts at START_RATE (two drafts wholly rejected pause it) and comes back from a pause just
+# above the line (one more wholly rejected draft pauses it again, for twice as long)
 LOW_ACCEPTANCE = 0.3
+START_RATE = 0.5
 EMA_WEIGHT = 0.3
 PAUSE_STEPS = 8
 MAX_PAUSE_STEPS = 256
@@ -22,7 +25,7 @@ MAX_PAUSE_STEPS = 256
 class DraftState:
     """One sequence's drafting history."""
 
-    rate: float = 1.0  # optimistic: a new sequence drafts
+    rate: float = START_RATE
     pause: int = 0  # decode steps left without drafting
     next_pause: int = PAUSE_STEPS
 
@@ -55,6 +58,34 @@ class SpecCounts:
         for i, n in enumerate(self.accepted_per_pos):
             out[f"spec_decode_num_accepted_tokens_per_pos_{i}_total"] = float(n)
         return out
+
+    def summary(self) -> dict[str, Any]:
+        """What `vllm bench serve` prints: acceptance rate (accepted / draft tokens), mean
+        acceptance length (1 + accepted / drafts: tokens per verification), per position."""
+        d, t, a = self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens
+        return {
+            "num_drafts": d,
+            "num_draft_tokens": t,
+            "num_accepted_tokens": a,
+            "acceptance_rate": a / t if t else None,
+            "mean_acceptance_length": 1 + a / d if d else None,
+            "acceptance_rate_per_position": [n / d for n in self.accepted_per_pos] if d else [],
+        }
+
+    @classmethod
+    def from_stats(cls, stats: dict[str, float]) -> SpecCounts:
+        """Back from stats() keys (or /metrics samples renamed to them)."""
+        per_pos = sorted(
+            (int(k.split("_")[-2]), int(v))
+            for k, v in stats.items()
+            if k.startswith("spec_decode_num_accepted_tokens_per_pos_")
+        )
+        return cls(
+            int(stats.get("spec_decode_num_drafts_total", 0)),
+            int(stats.get("spec_decode_num_draft_tokens_total", 0)),
+            int(stats.get("spec_decode_num_accepted_tokens_total", 0)),
+            [n for _, n in per_pos],
+        )
 
 
 class Sequence(Protocol):
@@ -96,7 +127,7 @@ class NgramDrafter:
         state = seq.draft_state
         state.rate = (1 - EMA_WEIGHT) * state.rate + EMA_WEIGHT * accepted / drafted
         if state.rate < LOW_ACCEPTANCE:
-            state.pause, state.rate = state.next_pause, 2 * LOW_ACCEPTANCE
+            state.pause, state.rate = state.next_pause, LOW_ACCEPTANCE + 0.05
             state.next_pause = min(2 * state.next_pause, MAX_PAUSE_STEPS)
         elif accepted:
             state.next_pause = PAUSE_STEPS
