@@ -1,7 +1,9 @@
 """`afd bench spec`: offline decode throughput with speculative decoding off and on, side by side
 in one process (rounds alternate which side goes first, so outside load falls on both), per
-topology and workload: `repetitive` (greedy: the built-in random models fall into loops over
-their own output, which n-gram lookup predicts) and `random` (temperature 1: little repeats).
+topology and workload: `repetitive` (greedy, on the prompts whose greedy output repeats itself
+most: the best `--num-prompts` of 8x as many random prompts, scored by how often n-gram lookup
+predicts the next output token, untimed) and `random` (random prompts at temperature 1: little
+repeats).
 Reports output tokens/s of each side, the speed-up, the acceptance on the speculative side, and
 whether greedy tokens were the same."""
 
@@ -61,6 +63,25 @@ def _timed(llm, prompts: list[list[int]], params) -> tuple[float, float, list[li
     return seconds, sum(rates) / len(rates), [o.outputs[0].token_ids for o in outs]
 
 
+def repetitive_prompts(llm, candidates: list[list[int]], n: int, spec) -> tuple[list, float]:
+    """The n candidates whose greedy outputs n-gram lookup predicts best, and their mean score
+    (the fraction of output tokens after the first that lookup predicted)."""
+    from afd import SamplingParams
+    from afd.spec.ngram import propose_ngram
+
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in candidates], params, use_tqdm=False)
+    scored = []
+    for p, o in zip(candidates, outs, strict=True):
+        t = o.outputs[0].token_ids
+        hits = [propose_ngram(p + t[:j], 1, spec.prompt_lookup_min, spec.prompt_lookup_max)
+                == [t[j]] for j in range(1, len(t))]  # fmt: skip
+        scored.append((sum(hits) / len(hits), p))
+    scored.sort(key=lambda x: -x[0])
+    best = scored[:n]
+    return [p for _, p in best], sum(s for s, _ in best) / len(best)
+
+
 def _spec_stats(llm) -> dict[str, float]:
     return {k: v for k, v in llm.engine.stats().items() if k.startswith("spec_decode")}
 
@@ -109,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
     path = args.output or results_dir() / f"{args.name}.json"
     check_clean(path, getattr(args, "allow_dirty", False))
     rng = random.Random(args.seed)
-    prompts = [[rng.randrange(16, 500) for _ in range(args.input_len)]
-               for _ in range(args.num_prompts)]  # fmt: skip
+    candidates = [[rng.randrange(16, 500) for _ in range(args.input_len)]
+                  for _ in range(8 * args.num_prompts)]  # fmt: skip
     rows = []
     for topo in topologies:
         a, f = TOPOLOGIES[topo]
@@ -120,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
             for wl in workloads:
                 params = SamplingParams(temperature=WORKLOADS[wl], seed=args.seed,
                                         max_tokens=args.output_len, ignore_eos=True)  # fmt: skip
-                row = {"topology": topo, "workload": wl,
+                prompts, score = candidates[: args.num_prompts], None
+                if wl == "repetitive":
+                    prompts, score = repetitive_prompts(llms["off"], candidates,
+                                                        args.num_prompts, spec)  # fmt: skip
+                row = {"topology": topo, "workload": wl, "lookup_predictability": score,
                        **compare(llms, prompts, params, args.rounds)}  # fmt: skip
                 s = row["spec_decode"]
                 print(f"{topo:10s} {wl:10s} decode tok/s per request: off "
