@@ -22,6 +22,7 @@ from typing import Any
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 # a server's spec-decode counters on /metrics: AFD's afd: names or vLLM's vllm: ones
+SPEC_POLL_S = 0.25  # a little over the engine core's status interval
 _SPEC_RE = re.compile(r"^(?:afd|vllm):(spec_decode_num_\w+?)_total$")
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 LATENCY_METRICS = (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st)"))
@@ -343,6 +344,19 @@ async def spec_counters(client, base_url: str, headers: dict) -> dict[str, float
     return out
 
 
+async def settled_spec_counters(client, base_url: str, headers: dict) -> dict[str, float]:
+    """The counters once the server has published its last step's (an engine core reports its
+    numbers periodically): polled until two reads agree, for at most a couple of seconds."""
+    now = await spec_counters(client, base_url, headers)
+    for _ in range(8) if now else ():
+        await asyncio.sleep(SPEC_POLL_S)
+        again = await spec_counters(client, base_url, headers)
+        if again == now:
+            break
+        now = again
+    return now
+
+
 def spec_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
     """Acceptance over the run (counters after minus before); None without speculation."""
     from afd.spec.drafter import SpecCounts
@@ -467,7 +481,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         bar.close()
-        spec = spec_summary(spec_before, await spec_counters(client, base_url, headers))
+        spec = spec_summary(spec_before, await settled_spec_counters(client, base_url, headers))
 
     metrics = compute_metrics(specs, list(results), duration, slos, percentiles)
     if spec is not None:
