@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import msgspec
 import torch
 
+from afd.attention_nodes.verify import accept, check_draft, forked_state
 from afd.comm.messages import PlanEntry, PromptLogprobs, Sampled, SampleError, SampleSpec
 from afd.kernels.metadata import AttentionMetadata
 from afd.sampling.params import SamplingParams
@@ -24,7 +25,7 @@ class MicroBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata | None  # None for an empty micro-batch
-    sample_rows: torch.Tensor  # [S]
+    sample_rows: torch.Tensor  # [S]: one per sampled entry, 1 + len(draft) for a drafted one
     sample_entries: list[PlanEntry]  # of sampled sequences, in row order
     # prompt_logprobs: the rows of the entries that compute them
     prompt_rows: list[int] = field(default_factory=list)
@@ -36,7 +37,7 @@ def build_micro_batch(entries: list[PlanEntry], block_size: int, device) -> Micr
     ids, pos, q_lens, seq_lens, tables, rows, sampled = [], [], [], [], [], [], []
     prompt_rows, prompt_entries = [], []
     for e in entries:
-        tokens, start = e.tokens, e.start
+        tokens, start = e.tokens + e.draft if e.draft else e.tokens, e.start
         if e.prompt_targets:
             prompt_rows += range(len(ids), len(ids) + len(e.prompt_targets))
             prompt_entries.append(e)
@@ -46,7 +47,7 @@ def build_micro_batch(entries: list[PlanEntry], block_size: int, device) -> Micr
         seq_lens.append(start + len(tokens))
         tables.append(e.block_table)
         if e.sample:
-            rows.append(len(ids) - 1)
+            rows += range(len(ids) - 1 - len(e.draft), len(ids))
             sampled.append(e)
     meta = (
         AttentionMetadata.build(q_lens, seq_lens, tables, block_size, device) if entries else None
@@ -82,32 +83,34 @@ def sample_entries(
     states: dict,
     errors: list[SampleError] | None = None,
 ) -> list[Sampled]:
-    """Sample one token per plan entry from its final hidden row. Seeded sequences draw from
+    """Sample one token per sampled row (an entry's last, and each draft position of a drafted
+    one: afd.attention_nodes.verify), from its final hidden rows. Seeded sequences draw from
     a generator derived from (seed, index, position), never from worker state; requests that
     need their history keep a SequenceState per seq_id in `states` (rebuilt from the plan's
     history on a new worker). A sequence whose sampling fails gets token -1 and its reason in
     `errors`."""
     logits = model.compute_logits(hidden)
-    params, gens, seq_states, num_out = [], [], [], []
+    params, gens, seq_states, num_out, row_entries = [], [], [], [], []
     for e in entries:
         sp = _sampling_params(_params_of(e))
-        params.append(sp)
-        position = e.start + len(e.tokens)  # of the token being sampled
+        state = sequence_state(states, e.seq_id, sp, e.prompt_len, e.start, e.tokens, e.history)
         # a greedy row never draws: its generator (a hash and a seeding each) is not made
         seeded = sp.seed is not None and not sp.greedy
-        gens.append(row_generator(sp.seed, e.index, position) if seeded else None)
-        num_out.append(position - e.prompt_len)
-        seq_states.append(
-            sequence_state(states, e.seq_id, sp, e.prompt_len, e.start, e.tokens, e.history)
-        )
+        for j in range(len(e.draft) + 1):
+            position = e.start + len(e.tokens) + j  # of the token being sampled
+            params.append(sp)
+            gens.append(row_generator(sp.seed, e.index, position) if seeded else None)
+            num_out.append(position - e.prompt_len)
+            seq_states.append(forked_state(state, e.draft[:j]))
+            row_entries.append(e)
     out = sampler.sample_isolated(
-        logits, params, gens, seq_states, num_out, [f"seq {e.seq_id}" for e in entries]
+        logits, params, gens, seq_states, num_out, [f"seq {e.seq_id}" for e in row_entries]
     )
     if errors is not None:
-        errors.extend(SampleError(entries[j].seq_id, msg) for j, msg in out.errors.items())
+        errors.extend(SampleError(row_entries[j].seq_id, msg) for j, msg in out.errors.items())
     return [
         Sampled(e.seq_id, tok, out.logprobs[j] if out.logprobs is not None else None)
-        for j, (e, tok) in enumerate(zip(entries, out.token_ids, strict=True))
+        for j, (e, tok) in enumerate(zip(row_entries, out.token_ids, strict=True))
     ]
 
 
@@ -133,7 +136,8 @@ Forward = Callable[[list[MicroBatch], int, StageClock, OnDone], None]
 
 @dataclass
 class PlanOutput:
-    """What a plan made: sampled tokens per decode step, prompt logprobs, sampling errors."""
+    """What a plan made: sampled tokens per decode step (a drafted sequence's k-th token in
+    step k: its accepted drafts, then its sampled token), prompt logprobs, sampling errors."""
 
     sampled: list[list[Sampled]]
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
@@ -193,6 +197,7 @@ class PlanRunner:
         out = PlanOutput([[] for _ in range(num_steps)])
         if not micro_batches:
             return out
+        drafted = self._check_drafts(micro_batches, num_steps)
         entries = list(micro_batches)  # replaced per step, the plan's own lists untouched
         mbs = [build_micro_batch(e, self.block_size, self.device) for e in entries]
         states = self.states if self.keep_states else {}
@@ -210,7 +215,13 @@ class PlanRunner:
                 self.model, self.sampler, mb.sample_entries, hidden[mb.sample_rows], states,
                 out.errors,
             )  # fmt: skip
-            out.sampled[step] += got
+            if drafted:  # one token per step for each token emitted (num_steps is 1)
+                for run in accept(mb.sample_entries, got, states):
+                    for k, s in enumerate(run):
+                        out.sampled += [[] for _ in range(k + 1 - len(out.sampled))]
+                        out.sampled[k].append(s)
+            else:
+                out.sampled[step] += got
             nxt = None
             if step + 1 < num_steps:
                 # a sequence whose sampling failed has finished: any valid id keeps it going
@@ -224,3 +235,14 @@ class PlanRunner:
 
         forward(mbs, num_steps, clock, on_done)
         return out
+
+    def _check_drafts(self, micro_batches: list[list[PlanEntry]], num_steps: int) -> bool:
+        """Whether the plan verifies drafts; ValueError for a draft that cannot be verified."""
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        drafted = False
+        for e in (e for mb in micro_batches for e in mb if e.draft):
+            check_draft(e, vocab)
+            drafted = True
+        if drafted and num_steps > 1:
+            raise ValueError("drafts in a multi-step plan: speculation runs one step per plan")
+        return drafted

@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import random
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+# a server's spec-decode counters on /metrics: AFD's afd: names or vLLM's vllm: ones
+SPEC_POLL_S = 0.25  # a little over the engine core's status interval
+_SPEC_RE = re.compile(r"^(?:afd|vllm):(spec_decode_num_\w+?)_total$")
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 LATENCY_METRICS = (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st)"))
 LATENCY_METRICS += (("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency"))
@@ -320,6 +324,47 @@ def compute_metrics(
     return metrics
 
 
+async def spec_counters(client, base_url: str, headers: dict) -> dict[str, float]:
+    """The server's spec-decode counters as engine.stats() keys; {} when it has none (or no
+    /metrics)."""
+    from afd.entrypoints.metrics import parse_prometheus_text
+
+    try:
+        resp = await client.get(f"{base_url}/metrics", headers=headers)
+        samples = parse_prometheus_text(resp.text) if resp.status_code == 200 else {}
+    except Exception:  # noqa: BLE001 (a server without metrics still gets its load test)
+        return {}
+    out: dict[str, float] = {}
+    for (name, labels), value in samples.items():
+        m = _SPEC_RE.match(name)
+        if m is not None:
+            pos = dict(labels).get("position")
+            key = f"{m.group(1)}_{pos}_total" if pos is not None else f"{m.group(1)}_total"
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
+async def settled_spec_counters(client, base_url: str, headers: dict) -> dict[str, float]:
+    """The counters once the server has published its last step's (an engine core reports its
+    numbers periodically): polled until two reads agree, for at most a couple of seconds."""
+    now = await spec_counters(client, base_url, headers)
+    for _ in range(8) if now else ():
+        await asyncio.sleep(SPEC_POLL_S)
+        again = await spec_counters(client, base_url, headers)
+        if again == now:
+            break
+        now = again
+    return now
+
+
+def spec_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
+    """Acceptance over the run (counters after minus before); None without speculation."""
+    from afd.spec.drafter import SpecCounts
+
+    counts = SpecCounts.from_stats({k: v - before.get(k, 0.0) for k, v in after.items()})
+    return counts.summary() if counts.num_drafts else None
+
+
 def format_table(m: dict[str, Any], percentiles: list[float]) -> str:
     """The human-readable summary printed at the end of a run."""
     lines = ["{s:{c}^60}".format(s=" Serving Benchmark Result ", c="=")]
@@ -347,6 +392,14 @@ def format_table(m: dict[str, Any], percentiles: list[float]) -> str:
         row(f"Std {key.upper()} (ms):", m[f"std_{key}_ms"], ".2f")
         for p in percentiles:
             row(f"P{p:g} {key.upper()} (ms):", m[f"p{p:g}_{key}_ms"], ".2f")
+    spec = m.get("spec_decode")
+    if spec:
+        lines.append("{s:{c}^60}".format(s=" Speculative Decoding ", c="-"))
+        row("Acceptance rate (%):", 100 * spec["acceptance_rate"], ".2f")
+        row("Acceptance length:", spec["mean_acceptance_length"], ".2f")
+        row("Drafts:", spec["num_drafts"])
+        row("Draft tokens:", spec["num_draft_tokens"])
+        row("Accepted tokens:", spec["num_accepted_tokens"])
     if m["errors"]:
         lines.append("{s:{c}^60}".format(s=" Errors (first 5) ", c="-"))
         lines.extend(f"  {e}" for e in m["errors"][:5])
@@ -392,6 +445,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         except httpx.HTTPError as e:
             raise ValueError(f"cannot list models at {base_url}/v1/models: {e}") from None
         url = base_url + args.endpoint
+        spec_before = await spec_counters(client, base_url, headers)
         gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 
         async def limited(spec: RequestSpec) -> RequestResult:
@@ -427,8 +481,11 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         bar.close()
+        spec = spec_summary(spec_before, await settled_spec_counters(client, base_url, headers))
 
     metrics = compute_metrics(specs, list(results), duration, slos, percentiles)
+    if spec is not None:
+        metrics["spec_decode"] = spec
     config = {
         "backend": "openai",
         "base_url": base_url,

@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Meta, Struct, field
 
 from afd.sampling.params import SamplingParams
+from afd.spec.config import MAX_SPECULATIVE_TOKENS
 
 I64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Index = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # ids, positions, counts, block numbers
@@ -101,7 +102,8 @@ class PlanEntry(Record):
     with it `index` (the request's sequence index, for seeded draws) and `prompt_len`;
     `prompt_targets`: the prompt tokens the chunk's positions predict (prompt logprobs);
     `history`: the tokens before `start`, for a worker that holds no sampler state for it yet
-    and a request that needs it (penalties, structured outputs)."""
+    and a request that needs it (penalties, structured outputs); `draft`: speculative tokens
+    after `tokens`, verified in the same forward (afd.attention_nodes.verify)."""
 
     seq_id: Index
     tokens: list[I64]
@@ -113,6 +115,7 @@ class PlanEntry(Record):
     prompt_len: Index = 0
     prompt_targets: list[I64] = []
     history: list[I64] | None = None
+    draft: Annotated[list[Index], Meta(max_length=MAX_SPECULATIVE_TOKENS)] = []
 
 
 class KvTransfer(Record, array_like=True):
@@ -261,7 +264,7 @@ class StepResult(WorkerMessage):
 
 
 class AttnResult(StepResult, tag="attn_result"):
-    sampled: list[list[Sampled]] = []  # one list per decode step of the plan
+    sampled: list[list[Sampled]] = []  # per decode step of the plan (+ accepted drafts')
     errors: list[SampleError] = []
     prompt_logprobs: list[PromptLogprobs] = []
     wire: WireBytes = field(default_factory=WireBytes)

@@ -108,6 +108,11 @@ ADAPT: tuple[Adapt, ...] = (
         sub=(("--rounds 3", "--rounds 3 --quick"),),
     ),
     Adapt(
+        "bench spec --topologies colocated,1A1F --rounds 3",
+        "minutes of timed rounds; one short round per side shows the command works",
+        sub=(("--rounds 3", "--rounds 1 --output-len 8"),),
+    ),
+    Adapt(
         "afd profile",
         "minutes of measuring; --quick is the same parts on fewer points",
         sub=(("afd profile", "afd profile --quick"),),

@@ -4,6 +4,7 @@ step."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from afd.engine.prefill_router import PrefillRouter
@@ -24,8 +25,14 @@ class EngineScheduler:
         num_prefill_replicas: int,
         num_scheduler_steps: int = 1,
     ):
-        self.schedulers = [Scheduler(config) for _ in range(num_replicas)]
-        self.prefill_schedulers = [Scheduler(config) for _ in range(num_prefill_replicas)]
+        if config.speculative is not None and num_scheduler_steps > 1:
+            # a multi-step plan feeds each step's one token to the next: no room for a draft
+            logger.warning("speculative decoding is off with --num-scheduler-steps > 1")
+        no_spec = dataclasses.replace(config, speculative=None)  # prefill replicas never decode
+        decode = config if num_scheduler_steps <= 1 else no_spec
+        self.speculative = decode.speculative is not None
+        self.schedulers = [Scheduler(decode) for _ in range(num_replicas)]
+        self.prefill_schedulers = [Scheduler(no_spec) for _ in range(num_prefill_replicas)]
         self.router = PrefillRouter(self.schedulers, self.prefill_schedulers, config.block_size)
         self.num_scheduler_steps = num_scheduler_steps
         self.replica_of: dict[str, tuple[int, int | None]] = {}  # (decode, prefill)
@@ -143,7 +150,17 @@ class EngineScheduler:
             "num_preemptions_total": float(sum(s.num_preemptions for s in every)),
             "prefix_cache_queries_total": float(sum(s.prefix_cache_queries for s in every)),
             "prefix_cache_hits_total": float(sum(s.prefix_cache_hits for s in every)),
+            **self.spec_stats(),
         }
+
+    def spec_stats(self) -> dict[str, float]:
+        """vLLM's spec-decode counters summed over replicas; {} with speculation off."""
+        out: dict[str, float] = {}
+        for s in self.schedulers:
+            if s.drafter is not None:
+                for k, v in s.drafter.counts.stats().items():
+                    out[k] = out.get(k, 0.0) + v
+        return out
 
 
 def pick_replica(schedulers: list[Scheduler], seq: Sequence) -> int:

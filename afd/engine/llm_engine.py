@@ -130,6 +130,7 @@ class LLMEngine:
             block_size=config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching,
             max_model_len=self.max_model_len,
+            speculative=config.limits.speculative_config,
         )
         self.scheduler = EngineScheduler(
             sched_config,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from afd.engine.core_output import TokenTexts, add_text, stopped_by_token
@@ -84,8 +85,13 @@ class StepOutputs:
         self._apply_prompt_logprobs(result.prompt_logprobs)
         for k, sampled in enumerate(result.steps):
             self._with_logprob_objects(sampled)
-            pairs_k = [(s, b) for s, b in pairs if k < b.num_steps]
+            # past a batch's own steps come the tokens of sequences that accepted drafts
+            pairs_k = [(s, b if k < b.num_steps else b.draft_run(sampled)) for s, b in pairs]
             self._apply_sampled(pairs_k, sampled, result.sample_errors, touched)
+        if self.scheduler.speculative:
+            emitted = Counter(seq_id for step in result.steps for seq_id in step)
+            for scheduler, batch in pairs[: len(plan.batches)]:
+                scheduler.settle_drafts(batch, emitted)
         replica_of = self.scheduler.replica_of
         self.scheduler.router.hand_off(prefill_batches, result.steps[0], lambda r: replica_of[r][0])
         for state in touched.values():

@@ -45,8 +45,12 @@ ENGINE_COUNTERS = {
     "num_preemptions_total": "Sequences preempted (their KV dropped, to be recomputed).",
     "prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache.",
     "prefix_cache_hits_total": "Prompt tokens found in the prefix cache.",
+    "spec_decode_num_drafts_total": "Speculative verifications of a draft (sequence-steps).",
+    "spec_decode_num_draft_tokens_total": "Draft tokens proposed.",
+    "spec_decode_num_accepted_tokens_total": "Draft tokens accepted.",
 }
 _STAGE_RE = re.compile(r"^afd_stage_(.+)_seconds$")
+_PER_POS_RE = re.compile(r"^spec_decode_num_accepted_tokens_per_pos_(\d+)_total$")
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_PLAIN_0_0_4
 
 
@@ -69,7 +73,12 @@ class _EngineCollector:
             "Cumulative seconds spent in each AFD pipeline stage (attention, expert, comm ...).",
             labels=["model_name", "stage"],
         )
-        families: list = [stages]
+        per_pos = CounterMetricFamily(
+            "afd:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by position in the draft.",
+            labels=["model_name", "position"],
+        )
+        families: list = [stages, per_pos]
         for key, value in self.stats.items():
             try:
                 value = float(value)
@@ -78,6 +87,10 @@ class _EngineCollector:
             stage = _STAGE_RE.match(key)
             if stage is not None:
                 stages.add_metric([m, stage.group(1)], value)
+                continue
+            pos = _PER_POS_RE.match(key)
+            if pos is not None:
+                per_pos.add_metric([m, pos.group(1)], value)
                 continue
             help_text = ENGINE_GAUGES.get(key) or ENGINE_COUNTERS.get(key) or f"engine stat {key}"
             name = _metric_name(key)

@@ -91,10 +91,10 @@ def parse_speculative_json(text: str) -> SpeculativeConfig | None:
 
 
 def check_speculation(spec: SpeculativeConfig | None, model_config: Any) -> None:
-    """Start-up check against the checkpoint: MTP needs the checkpoint's MTP layer
-    (`num_nextn_predict_layers`); the verifying engine is not built yet, so a valid config
-    is refused here with that reason rather than accepted and ignored."""
-    if spec is None:
+    """Start-up check against the checkpoint: n-gram drafting runs in every topology; MTP needs
+    the checkpoint's MTP layer (`num_nextn_predict_layers`), and its drafter is not wired into
+    the engine yet, so it is refused here with that reason rather than accepted and ignored."""
+    if spec is None or spec.method == "ngram":
         return
     if spec.method == "mtp":
         hf = getattr(model_config, "hf", None)
@@ -106,6 +106,6 @@ def check_speculation(spec: SpeculativeConfig | None, model_config: Any) -> None
             )
         # hook: the MTP drafter (afd/models/mtp.py, i21-mtp) plugs in here
     raise ValueError(
-        f"speculative_config: method {spec.method} is validated, but draft verification "
-        "is not built into the engine yet (issue 21)"
+        "speculative_config: method mtp is validated, but its drafter is not built into the "
+        "engine yet (issue 21); method ngram is"
     )

@@ -79,7 +79,7 @@ def plan_entry(seq, n: int, sample: bool, with_history: bool = False) -> PlanEnt
     """The next `n` tokens of a sequence as a plan entry. Its sampler params go with entries
     that sample or compute prompt logprobs; `history` (the tokens before start) only when the
     worker has not seen the sequence yet and its request needs its history (penalties,
-    structured outputs)."""
+    structured outputs); the sequence's draft (speculation) goes with a sampling entry."""
     start = seq.num_computed_tokens
     tokens, table = seq.token_ids[start : start + n], list(seq.block_table)
     p = seq.sampling_params
@@ -91,6 +91,7 @@ def plan_entry(seq, n: int, sample: bool, with_history: bool = False) -> PlanEnt
         seq.seq_id, tokens, start, table, sample, SampleSpec.of(p), index=seq.index,
         prompt_len=seq.num_prompt_tokens, prompt_targets=targets,
         history=seq.token_ids[:start] if needs_history else None,
+        draft=list(seq.draft) if sample else [],
     )  # fmt: skip
 
 
@@ -681,7 +682,9 @@ class AFDExecutor:
                 wire_bytes = got.stats.wire
                 wire_bytes["dispatch"] = wire_bytes.get("dispatch", 0) + msg.wire.dispatch
                 wire_bytes["combine"] = wire_bytes.get("combine", 0) + msg.wire.combine
-                for sampled, step in zip(got.steps, msg.sampled, strict=True):
+                # past the plan's steps: tokens of sequences that accepted drafts
+                got.steps += [{} for _ in range(len(msg.sampled) - len(got.steps))]
+                for sampled, step in zip(got.steps, msg.sampled, strict=False):
                     sampled.update((s.seq_id, (s.token, s.logprobs)) for s in step)
                 got.errors.update((e.seq_id, e.message) for e in msg.errors)
             else:

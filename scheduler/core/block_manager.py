@@ -99,6 +99,12 @@ class BlockManager:
         for _ in range(self.blocks_to_append(seq, num_new_tokens)):
             seq.block_table.append(self._take_free())
 
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past the sequence's computed tokens (the KV of rejected drafts)."""
+        keep = self._blocks_needed(seq.num_computed_tokens)
+        self.free_table(seq.block_table[keep:])
+        del seq.block_table[keep:]
+
     def mark_computed(self, seq: Sequence) -> None:
         """Publish the hashes of blocks that are now full and computed."""
         if not self.enable_prefix_caching:

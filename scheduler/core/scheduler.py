@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from afd.scheduler.core.block_manager import BlockManager
 from afd.scheduler.core.sequence import Sequence, SequenceStatus
+from afd.spec.config import SpeculativeConfig
+from afd.spec.drafter import NgramDrafter
 
 
 @dataclass
@@ -17,6 +19,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
     max_model_len: int = 4096
+    speculative: SpeculativeConfig | None = None  # n-gram drafts for decoding sequences
 
 
 @dataclass
@@ -46,6 +49,15 @@ class ScheduledBatch:
         self.num_new_tokens.append(n)
         self.sample.append(seq.num_computed_tokens + n == seq.num_tokens)
 
+    def draft_run(self, sampled: dict) -> ScheduledBatch:
+        """The drafted sequences that emitted another token in `sampled` (a result step past the
+        batch's own): each has computed one more token, its accepted draft, and samples."""
+        run = ScheduledBatch()
+        for seq in self.seqs:
+            if seq.draft and seq.seq_id in sampled:
+                run.add(seq, 1)
+        return run
+
 
 class Scheduler:
     """Owns the waiting and running queues of one KV cache (one attention replica)."""
@@ -58,6 +70,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[int, Sequence] = {}
+        spec = config.speculative
+        self.drafter = NgramDrafter(spec) if spec is not None and spec.method == "ngram" else None
         # cumulative, for /metrics
         self.num_preemptions = 0
         self.prefix_cache_queries = 0
@@ -110,7 +124,7 @@ class Scheduler:
                 break
             bm.append_slots(seq, n)
             batch.add(seq, n)
-            budget -= n
+            budget -= n + len(self._draft(seq, n, budget - n))
             i += 1
         # Then admit waiting sequences while budget, seats and blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -130,6 +144,30 @@ class Scheduler:
             batch.add(seq, n)
             budget -= n
         return batch
+
+    def _draft(self, seq: Sequence, n: int, budget: int) -> list[int]:
+        """A decoding sequence's draft, its KV slots taken (none when the blocks are short)."""
+        if self.drafter is None or n != 1:
+            return []
+        room = min(budget, self.config.max_model_len - seq.num_tokens - 1)
+        draft = self.drafter.propose(seq, room)
+        if draft and self.block_manager.can_append(seq, 1 + len(draft)):
+            self.block_manager.append_slots(seq, 1 + len(draft))
+            seq.draft = draft
+        return seq.draft
+
+    def settle_drafts(self, batch: ScheduledBatch, emitted: dict[int, int]) -> None:
+        """After a step's tokens were applied: count each draft's accepted tokens (`emitted`:
+        tokens per sequence, the accepted drafts + 1) and give back the KV slots of rejected
+        ones; only accepted tokens were marked computed, so only they reach the prefix cache."""
+        for seq in batch.seqs:
+            if not seq.draft:
+                continue
+            accepted = max(0, min(emitted.get(seq.seq_id, 0) - 1, len(seq.draft)))
+            self.drafter.observe(seq, len(seq.draft), accepted)
+            seq.draft = []
+            if seq.status == SequenceStatus.RUNNING:
+                self.block_manager.trim(seq)
 
     def max_decode_steps(self, batch: ScheduledBatch, limit: int) -> int:
         """How many decode steps in a row (at most `limit`) the batch can run: 1 unless it is
@@ -163,6 +201,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free_seq(seq)
         seq.num_computed_tokens = 0
+        seq.draft = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
@@ -251,7 +290,7 @@ class Scheduler:
 
     def requeue(self, seq: Sequence, front: bool = True) -> None:
         """Queue a sequence to be computed again from its first token (its KV is gone)."""
-        seq.block_table = []
+        seq.block_table, seq.draft = [], []
         seq.num_computed_tokens = seq.num_cached_tokens = 0
         seq.status = SequenceStatus.WAITING
         if front:

@@ -43,6 +43,8 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.output_logprobs: list[dict[int, float]] = []
         self.arrival_time = time.monotonic()
+        self.draft: list[int] = []  # speculative tokens verified in this step (afd.spec)
+        self.draft_state = None  # afd.spec.drafter.DraftState, made when it first drafts
 
     @property
     def num_tokens(self) -> int:

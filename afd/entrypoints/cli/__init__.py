@@ -164,6 +164,7 @@ _BENCHES["peer"] = "peer"  # AFD against vLLM's CPU build (afd.benchmarks.peer)
 _BENCHES["offline"] = "offline"  # LLM.generate, this checkout against a git revision
 _BENCHES["steps"] = "profile_steps"  # where a colocated step's time goes, per component
 _BENCHES["fuzz"] = "fuzz"  # schemathesis against a served model (afd.benchmarks.fuzz)
+_BENCHES["spec"] = "spec"  # speculative decoding off and on, side by side (issue 21)
 SERVE_COMMANDS = ("serve", "launch")  # launch: the name before vLLM's
 
 
