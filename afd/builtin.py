@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from afd.cache import cache_dir
+
 BUILTIN_MODELS = {
     "tiny-qwen3-moe": "qwen3-moe",
     "tiny-qwen2-moe": "qwen2-moe",
@@ -29,11 +31,6 @@ VOCAB_SIZE = 512
 MAX_POSITION_EMBEDDINGS = 2048
 # A temp build folder older than this was left by a killed process and may be removed.
 _STALE_BUILD_S = 3600.0
-
-
-def cache_dir() -> Path:
-    """Root of AFD's cache: `$AFD_CACHE_DIR` or `~/.cache/afd`."""
-    return Path(os.environ.get("AFD_CACHE_DIR") or Path.home() / ".cache" / "afd").expanduser()
 
 
 def builtin_model_dir(name: str) -> Path:

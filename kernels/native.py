@@ -80,7 +80,7 @@ def _cpu_flags() -> str:
 
 def _library_path(compiler: str) -> Path:
     """Cache path keyed by the source, the compiler's version, its flags and the CPU's flags."""
-    from afd.builtin import cache_dir
+    from afd.cache import cache_dir
 
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, timeout=30
