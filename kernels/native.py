@@ -158,6 +158,15 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]
 
 
+def _library_unless(reason: str | None) -> ctypes.CDLL | None:
+    """The library for a kernel call, or None where `reason` says the inputs do not apply
+    (logged once) or the library is unavailable."""
+    if reason is not None:
+        _log_once(reason)
+        return None
+    return library()
+
+
 def available() -> bool:
     """True when the library is enabled and builds (building it now if needed)."""
     return library() is not None
@@ -213,11 +222,7 @@ def fused_moe(
 ) -> torch.Tensor | None:
     """torch_ops.fused_moe in native code for fp32 CPU tensors; None where it does not apply
     (the reason logged once)."""
-    reason = _unsupported(x, w13, w2, topk_weights, topk_ids)
-    if reason is not None:
-        _log_once(reason)
-        return None
-    lib = library()
+    lib = _library_unless(_unsupported(x, w13, w2, topk_weights, topk_ids))
     if lib is None:
         return None
     w13p, w2p = _packed(lib, w13, w2)
@@ -260,11 +265,7 @@ def paged_decode(
 ) -> torch.Tensor | None:
     """torch_ops.paged_decode_attention in native code (the pages read in place) for fp32 CPU
     tensors; None where it does not apply (the reason logged once)."""
-    reason = _decode_unsupported(q, k_cache, v_cache, block_tables, seq_lens)
-    if reason is not None:
-        _log_once(reason)
-        return None
-    lib = library()
+    lib = _library_unless(_decode_unsupported(q, k_cache, v_cache, block_tables, seq_lens))
     if lib is None:
         return None
     n, hq, d = q.shape
